@@ -1,0 +1,299 @@
+"""The run manifest: one YAML file that describes a whole run, validated before any work starts.
+
+Every stage reads its own section; every setting has a default except `name` and `output_dir`.
+An unknown key or a bad value is a `ManifestError` that names the field (e.g. `shard.max_side`).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ManifestError(ValueError):
+    """A run manifest that cannot be used; the message names the field and the fix."""
+
+
+class Section(BaseModel):
+    # extra="forbid" turns a typo ("max_sied") into an error that names the field.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class SynthConfig(Section):
+    """The synthetic open-vocabulary world (tests, the demo, the quality benchmark)."""
+    seed: int = 0
+    num_images: int = Field(400, ge=1, description="captioned training images (the caption corpus)")
+    num_val_images: int = Field(100, ge=0, description="held-out images with all categories boxed")
+    min_side: int = Field(160, ge=32)
+    max_side: int = Field(320, ge=32)
+    max_objects: int = Field(4, ge=1, le=8)
+    num_novel: int = Field(6, ge=0, description="categories held out as novel (never boxed in train)")
+
+
+class CorpusConfig(Section):
+    format: Literal["cc3m_tsv", "img2dataset", "coco_captions", "folder", "synthetic"] = "synthetic"
+    path: Optional[str] = Field(
+        None, description="input file or folder; for `synthetic`, where the world is written "
+        "(default <output_dir>/synth)")
+    images_root: Optional[str] = Field(
+        None, description="base folder for relative image paths (cc3m_tsv, coco_captions)")
+    caption_column: str = "caption"
+    url_column: str = "url"
+    max_rows: Optional[int] = Field(None, ge=1, description="read at most this many rows (smoke runs)")
+
+
+class RayConfig(Section):
+    address: Optional[str] = Field(
+        None, description="null: start a local Ray in this process; 'auto' or host:port: an existing "
+        "cluster (RAY_ADDRESS is honoured too)")
+    num_cpus: Optional[int] = Field(None, ge=1, description="CPUs for a local Ray (default: all)")
+    include_dashboard: bool = False
+    dashboard_host: str = "127.0.0.1"
+
+    @model_validator(mode="after")
+    def _dashboard_on_localhost(self):
+        if self.dashboard_host not in ("127.0.0.1", "localhost", "::1"):
+            raise ValueError("dashboard_host must be a loopback address (127.0.0.1); expose a cluster "
+                             "dashboard with an SSH tunnel instead")
+        return self
+
+
+class ShardConfig(Section):
+    samples_per_shard: int = Field(1000, ge=1)
+    max_side: int = Field(1333, ge=16, description="images whose longest side exceeds this are resized")
+    max_pixels: int = Field(89_478_485, ge=1, description="decompression-bomb limit (PIL's default)")
+    min_side: int = Field(8, ge=1, description="smaller images are rejected")
+    jpeg_quality: int = Field(95, ge=1, le=100)
+    max_caption_chars: int = Field(2000, ge=1)
+
+
+class ConceptsConfig(Section):
+    parser: Literal["auto", "spacy_model", "lookups"] = Field(
+        "auto", description="auto: a trained spaCy English pipeline if installed, else the offline "
+        "lookups extractor")
+    spacy_model: str = "en_core_web_sm"
+    min_count: int = Field(100, ge=1)
+    max_concepts: Optional[int] = Field(None, ge=1)
+    stopwords: list[str] = Field(default_factory=list, description="non-object nouns to drop (added to "
+                                 "the built-in list)")
+    vocabulary: Optional[str] = Field(None, description="class names merged into the pool: a text file, "
+                                      "a COCO/LVIS JSON, or a comma list")
+    batch_size: int = Field(256, ge=1)
+
+
+class ModelRef(Section):
+    """A CLIP model: an open_clip architecture name or one of our JSON configs, plus local weights."""
+    arch: str = "RN50"
+    checkpoint: Optional[str] = Field(None, description="local weights file (OpenAI TorchScript/state "
+                                      "dict or open_clip checkpoint); null: use train-teacher's output")
+    allow_partial: bool = False
+
+
+class EmbedConfig(Section):
+    ensemble: Literal["mean_unnormalized", "normalize_mean_normalize"] = "mean_unnormalized"
+    batch_size: int = Field(256, ge=1)
+    device: str = "auto"
+
+
+class TrainTeacherConfig(Section):
+    enabled: bool = Field(False, description="train an image-level CLIP on the shards (no weights here)")
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    warmup_steps: int = Field(50, ge=0)
+    image_size: Optional[int] = None
+    device: str = "auto"
+    num_workers: int = Field(0, ge=0)
+
+
+class TrainRpnConfig(Section):
+    enabled: bool = Field(False, description="train a class-agnostic RPN on base-category boxes")
+    annotations: Optional[str] = Field(None, description="COCO-format train set (default: the synthetic "
+                                       "world's instances_train.json)")
+    val_annotations: Optional[str] = None
+    backbone: Literal["resnet50_fpn", "clip_res4"] = "resnet50_fpn"
+    backbone_weights: Optional[str] = None
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(4, ge=1)
+    lr: float = Field(0.01, gt=0)
+    min_size: int = Field(800, ge=32)
+    max_size: int = Field(1333, ge=32)
+    device: str = "auto"
+
+
+class RpnInferenceConfig(Section):
+    checkpoint: Optional[str] = Field(None, description="a class-agnostic RPN checkpoint; null: "
+                                      "train-rpn's output")
+    min_size: int = Field(800, ge=32, description="canonical short side")
+    max_size: int = Field(1333, ge=32, description="canonical long-side cap")
+    nms_thresh: float = Field(0.5, gt=0, le=1)
+    pre_nms_top_n: int = Field(1000, ge=1)
+    post_nms_top_n: int = Field(300, ge=1)
+    batch_size: int = Field(8, ge=1)
+    num_gpus_per_actor: float = Field(1.0, ge=0)
+    num_actors: Optional[int] = Field(None, ge=1)
+
+
+class LabelConfig(Section):
+    codec: Literal["pq", "topk", "fp16"] = "pq"
+    pq_subquantizers: int = Field(64, ge=1)
+    pq_bits: int = Field(8, ge=1, le=16)
+    pq_train_regions: int = Field(20000, ge=256)
+    topk: int = Field(64, ge=1)
+    keep_threshold: float = Field(0.1, ge=0, le=1)
+    temperature: float = Field(0.01, gt=0)
+    store_flipped: bool = False
+    faiss_threshold: int = Field(100_000, ge=1, description="use FAISS search above this pool size")
+    region_index: bool = False
+    batch_size: int = Field(8, ge=1)
+    num_gpus_per_actor: float = Field(1.0, ge=0)
+    num_actors: Optional[int] = Field(None, ge=1)
+
+
+class PretrainConfig(Section):
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(16, ge=1, description="images per optimizer step (global)")
+    grad_accum: int = Field(1, ge=1)
+    regions_per_image: int = Field(100, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.002, gt=0)
+    momentum: float = 0.9
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    lr_steps: list[int] = Field(default_factory=list)
+    grad_clip: Optional[float] = 5.0
+    loss_region_concept: float = 1.0
+    loss_distill: float = 1.0
+    loss_image_caption: float = 1.0
+    temperature: float = Field(0.01, gt=0)
+    flip: bool = True
+    online_teacher: bool = False
+    checkpoint_every: int = Field(500, ge=1)
+    num_workers: int = Field(0, ge=0)
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+
+
+class TransferConfig(Section):
+    init: Literal["pretrain", "teacher"] = "pretrain"
+    annotations: Optional[str] = None
+    val_annotations: Optional[str] = None
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(4, ge=1)
+    lr: float = Field(0.002, gt=0)
+    focal_gamma: Optional[float] = 0.5
+    background_weight: float = 0.2
+    min_sizes: list[int] = Field(default_factory=lambda: [640, 672, 704, 736, 768, 800])
+    max_size: int = 1333
+    device: str = "auto"
+
+
+class EvaluateConfig(Section):
+    score_threshold: float = 0.001
+    detections_per_image: int = 100
+    objectness: Literal["sigmoid", "raw"] = "sigmoid"
+
+
+class RunManifest(Section):
+    name: str = Field(..., min_length=1)
+    output_dir: str
+    seed: int = 0
+    corpus: CorpusConfig = Field(default_factory=CorpusConfig)
+    synth: SynthConfig = Field(default_factory=SynthConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    shard: ShardConfig = Field(default_factory=ShardConfig)
+    concepts: ConceptsConfig = Field(default_factory=ConceptsConfig)
+    teacher: ModelRef = Field(default_factory=ModelRef)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    train_teacher: TrainTeacherConfig = Field(default_factory=TrainTeacherConfig)
+    train_rpn: TrainRpnConfig = Field(default_factory=TrainRpnConfig)
+    proposals: RpnInferenceConfig = Field(default_factory=RpnInferenceConfig)
+    label: LabelConfig = Field(default_factory=LabelConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    transfer: TransferConfig = Field(default_factory=TransferConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    # Where the manifest file lives; relative paths inside it are resolved against this folder.
+    source_path: Optional[str] = Field(None, exclude=True)
+
+    def resolve(self, path: Optional[str]) -> Optional[Path]:
+        """A path from the manifest, relative to the manifest's folder (or absolute), or None."""
+        if path is None:
+            return None
+        p = Path(os.path.expanduser(path))
+        if not p.is_absolute() and self.source_path:
+            p = Path(self.source_path).parent / p
+        return p
+
+    @property
+    def output_path(self) -> Path:
+        return self.resolve(self.output_dir)
+
+    def section_dict(self, name: str) -> dict:
+        """The settings of one section as plain data (the input to a stage's fingerprint)."""
+        return getattr(self, name).model_dump(mode="json")
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = [f"{origin}: invalid run manifest"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {field}: unknown key; check its spelling against manifests/demo.yaml "
+                         "or docs/manifests.md")
+        elif e["type"] == "missing":
+            lines.append(f"  {field}: required; add it to the manifest")
+        else:
+            lines.append(f"  {field}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_manifest(data: dict, origin: str = "<manifest>", source_path: Optional[str] = None) -> RunManifest:
+    if not isinstance(data, dict):
+        raise ManifestError(f"{origin}: a run manifest is a YAML mapping, got {type(data).__name__}")
+    try:
+        manifest = RunManifest(**data)
+    except ValidationError as err:
+        raise ManifestError(_format_errors(err, origin)) from None
+    manifest.source_path = source_path
+    return manifest
+
+
+def load_manifest(path: str | os.PathLike, overrides: Optional[list[str]] = None) -> RunManifest:
+    """Read and validate a YAML run manifest. `overrides` are `section.key=value` strings (YAML values)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: no such manifest file")
+    try:
+        # safe_load: a manifest can never construct Python objects (!!python/object tags are refused).
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ManifestError(f"{path}: not valid YAML (only plain YAML is accepted, no object tags): "
+                            f"{err}") from None
+    data = data or {}
+    for item in overrides or []:
+        apply_override(data, item)
+    return parse_manifest(data, str(path), source_path=str(path.resolve()))
+
+
+def apply_override(data: dict, item: str) -> None:
+    """Set `a.b.c=value` inside nested dict `data` (the value is parsed as YAML)."""
+    if "=" not in item:
+        raise ManifestError(f"override {item!r}: expected section.key=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ManifestError(f"override {item!r}: value is not valid YAML: {err}") from None
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ManifestError(f"override {item!r}: {part} is not a section")
+    node[parts[-1]] = value

@@ -1,0 +1,131 @@
+"""The run directory: the one place that knows file names. Every other module asks here.
+
+<output_dir>/
+  synth/       the synthetic world (when corpus.format is synthetic)
+  shards/      00000.tar  00000.parquet  00000_stats.json ...  sizes.json  manifest.json
+  concepts/    concepts.parquet  concept_embeddings.npy  concepts.faiss  captions/00000.parquet  manifest.json
+  proposals/   00000.parquet  00000_stats.json ...  manifest.json
+  labels/      00000.parquet  00000_stats.json ...  (codec files)  manifest.json
+  checkpoints/ teacher/ rpn/ pretrain/ transfer/
+  eval/        metrics json, COCO-format detections, pictures
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+SHARD_ID_DIGITS = 5
+
+
+def shard_name(shard_id: int) -> str:
+    return f"{shard_id:0{SHARD_ID_DIGITS}d}"
+
+
+def sample_key(shard_id: int, index: int, index_digits: int = 4) -> str:
+    """img2dataset's key convention: shard id and index inside the shard, zero-padded."""
+    return f"{shard_id:0{SHARD_ID_DIGITS}d}{index:0{index_digits}d}"
+
+
+@dataclass(frozen=True)
+class StageDir:
+    """A stage's output folder with per-shard files `<shard><suffix>` and a stage manifest."""
+    root: Path
+    manifest_name: str = "manifest.json"
+
+    def shard_file(self, shard_id: int, suffix: str) -> Path:
+        return self.root / f"{shard_name(shard_id)}{suffix}"
+
+    def stats(self, shard_id: int) -> Path:
+        """Per-shard completion marker: written last, so its presence means the shard is done."""
+        return self.shard_file(shard_id, "_stats.json")
+
+    def parquet(self, shard_id: int) -> Path:
+        return self.shard_file(shard_id, ".parquet")
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / self.manifest_name
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    root: Path
+
+    @classmethod
+    def of(cls, manifest) -> "RunLayout":
+        return cls(Path(manifest.output_path))
+
+    # -- synthetic world ---------------------------------------------------------------------
+    @property
+    def synth(self) -> Path:
+        return self.root / "synth"
+
+    # -- stage folders -------------------------------------------------------------------------
+    def stage(self, name: str) -> StageDir:
+        """The folder (and stage manifest) of a stage. `embed` shares concepts/ with its own manifest."""
+        if name == "embed":
+            return StageDir(self.root / "concepts", "embed_manifest.json")
+        folder = {"shard": "shards", "label": "labels"}.get(name, name)
+        return StageDir(self.root / folder)
+
+    @property
+    def shards(self) -> StageDir:
+        return StageDir(self.root / "shards")
+
+    def shard_tar(self, shard_id: int) -> Path:
+        return self.shards.shard_file(shard_id, ".tar")
+
+    @property
+    def sizes_json(self) -> Path:
+        return self.shards.root / "sizes.json"
+
+    @property
+    def concepts(self) -> StageDir:
+        return StageDir(self.root / "concepts")
+
+    @property
+    def concepts_parquet(self) -> Path:
+        return self.concepts.root / "concepts.parquet"
+
+    @property
+    def concept_embeddings(self) -> Path:
+        return self.concepts.root / "concept_embeddings.npy"
+
+    @property
+    def concepts_faiss(self) -> Path:
+        return self.concepts.root / "concepts.faiss"
+
+    @property
+    def caption_concepts(self) -> StageDir:
+        """Per-shard caption sidecars: concept ids of each caption (concepts), caption embedding (embed)."""
+        return StageDir(self.concepts.root / "captions")
+
+    @property
+    def caption_embeddings(self) -> StageDir:
+        return StageDir(self.concepts.root / "caption_embeddings")
+
+    @property
+    def proposals(self) -> StageDir:
+        return StageDir(self.root / "proposals")
+
+    @property
+    def labels(self) -> StageDir:
+        return StageDir(self.root / "labels")
+
+    # -- checkpoints and evaluation ------------------------------------------------------------
+    def checkpoints(self, kind: str) -> Path:
+        if kind not in ("teacher", "rpn", "pretrain", "transfer"):
+            raise ValueError(f"unknown checkpoint kind {kind!r}")
+        return self.root / "checkpoints" / kind
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def summary_json(self) -> Path:
+        return self.eval / "summary.json"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
