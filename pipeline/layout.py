@@ -65,7 +65,9 @@ class RunLayout:
         """The folder (and stage manifest) of a stage. `embed` shares concepts/ with its own manifest."""
         if name == "embed":
             return StageDir(self.root / "concepts", "embed_manifest.json")
-        folder = {"shard": "shards", "label": "labels"}.get(name, name)
+        folder = {"shard": "shards", "label": "labels", "train-teacher": "checkpoints/teacher",
+                  "train-rpn": "checkpoints/rpn", "pretrain": "checkpoints/pretrain",
+                  "transfer": "checkpoints/transfer", "evaluate": "eval"}.get(name, name)
         return StageDir(self.root / folder)
 
     @property

@@ -1,0 +1,27 @@
+# Two entry points for a fresh machine: `make demo` and `make test` (each creates .venv if missing).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+MANIFEST ?= manifests/demo.yaml
+
+.PHONY: demo test venv bench clean
+
+$(BIN)/regionclip: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@
+
+venv: $(BIN)/regionclip
+
+demo: venv
+	$(BIN)/regionclip run $(MANIFEST)
+
+test: venv
+	$(BIN)/python -m pytest -q tests
+
+bench: venv
+	$(BIN)/python bench/report.py
+
+clean:
+	rm -rf runs

@@ -1,0 +1,99 @@
+"""Safe image decoding and resizing.
+
+Every way an image can be bad becomes an `ImageError` with a short reason code that ends up in the
+shard's Parquet `error` column; nothing here raises anything else for bad bytes.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# We enforce our own pixel limit before decoding; PIL's global one would raise a different error type.
+Image.MAX_IMAGE_PIXELS = None
+
+
+class ImageError(ValueError):
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass
+class DecodedImage:
+    image: Image.Image          # RGB, EXIF orientation applied
+    format: str                 # PIL's name of the source format, e.g. "JPEG"
+    original_size: tuple        # (width, height) as stored, before orientation
+    needs_reencode: bool        # the source bytes do not equal an RGB JPEG of `image`
+
+
+def decode_image(data: bytes, max_pixels: int, min_side: int = 1) -> DecodedImage:
+    """Decode bytes into an RGB image, refusing empty, non-image, truncated and oversized input."""
+    if not data:
+        raise ImageError("empty_file", "zero bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > max_pixels:
+                # Checked from the header, before any pixel is decoded.
+                raise ImageError("too_many_pixels", f"{width}x{height} exceeds the limit of {max_pixels} pixels")
+            fmt = img.format or "unknown"
+            img.load()
+    except ImageError:
+        raise
+    except UnidentifiedImageError as err:
+        raise ImageError("not_an_image", str(err)) from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        msg = str(err)
+        reason = "truncated_image" if "truncated" in msg or "broken data stream" in msg else "decode_error"
+        raise ImageError(reason, msg) from None
+    if min(width, height) < min_side:
+        raise ImageError("too_small", f"{width}x{height} is below the minimum side {min_side}")
+    orientation = img.getexif().get(0x0112, 1)
+    rgb = to_rgb(ImageOps.exif_transpose(img) if orientation != 1 else img)
+    needs_reencode = fmt != "JPEG" or img.mode != "RGB" or orientation != 1
+    return DecodedImage(rgb, fmt, (width, height), needs_reencode)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB: alpha over white, palettes expanded, 16-bit scaled, CMYK converted."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa"):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, img).convert("RGB")
+    return img.convert("RGB")
+
+
+def resize_max_side(img: Image.Image, max_side: int) -> Image.Image:
+    """Downscale (bicubic) so the longest side is at most `max_side`; smaller images are untouched."""
+    w, h = img.size
+    if max(w, h) <= max_side:
+        return img
+    scale = max_side / max(w, h)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return img.resize(size, Image.BICUBIC)
+
+
+def encode_jpeg(img: Image.Image, quality: int = 95) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def load_rgb(data: bytes, max_pixels: int = 89_478_485) -> Image.Image:
+    """Decode shard image bytes for a model (raises ImageError on bad data)."""
+    return decode_image(data, max_pixels).image

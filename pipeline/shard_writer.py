@@ -1,0 +1,135 @@
+"""Write one WebDataset shard (img2dataset conventions) from a slice of input rows.
+
+Members per sample: `{key}.jpg`, `{key}.txt` (caption), `{key}.json` (metadata). The shard's Parquet
+holds every input row, rejected ones too, with `status` and `error`, so that
+rows in = samples written + rows rejected. Files are written under temporary names and renamed; the
+`_stats.json` marker is written last.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import pyarrow as pa
+import webdataset as wds
+
+from pipeline.images import ImageError, decode_image, encode_jpeg, resize_max_side
+from pipeline.io import atomic_path, write_parquet
+from pipeline.layout import StageDir, sample_key
+from pipeline.readers import read_image_bytes
+from pipeline.stage import write_shard_stats
+
+# Fixed tar metadata so that a rerun writes byte-identical shards.
+TAR_MTIME = 0.0
+
+SHARD_PARQUET_SCHEMA = pa.schema([
+    ("key", pa.string()), ("uid", pa.string()), ("source_id", pa.string()), ("url", pa.string()),
+    ("caption", pa.string()), ("status", pa.string()), ("error", pa.string()),
+    ("width", pa.int32()), ("height", pa.int32()),
+    ("original_width", pa.int32()), ("original_height", pa.int32()),
+    ("sha256", pa.string()), ("bytes", pa.int64()),
+])
+
+
+@dataclass(frozen=True)
+class ShardOptions:
+    max_side: int
+    max_pixels: int
+    min_side: int
+    jpeg_quality: int
+    max_caption_chars: int
+    key_digits: int
+
+
+class RowRejected(Exception):
+    pass
+
+
+def _caption_text(raw: bytes, max_chars: int) -> str:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RowRejected(f"caption_not_utf8: byte {err.start} is not valid UTF-8") from None
+    text = " ".join(text.split())  # tabs and newlines inside captions become single spaces
+    if not text:
+        raise RowRejected("empty_caption")
+    if len(text) > max_chars:
+        raise RowRejected(f"caption_too_long: {len(text)} characters (limit {max_chars})")
+    return text
+
+
+def _image_payload(image_ref: str, opt: ShardOptions) -> tuple[bytes, dict]:
+    try:
+        data = read_image_bytes(image_ref)
+    except FileNotFoundError:
+        raise RowRejected(f"missing_file: {image_ref}") from None
+    except (EOFError, OSError) as err:
+        raise RowRejected(f"read_error: {err}") from None
+    try:
+        decoded = decode_image(data, opt.max_pixels, opt.min_side)
+    except ImageError as err:
+        raise RowRejected(str(err)) from None
+    image = resize_max_side(decoded.image, opt.max_side)
+    # Keep the original bytes when they already are the RGB JPEG we would store (no quality loss).
+    if image is decoded.image and not decoded.needs_reencode:
+        payload = data
+    else:
+        payload = encode_jpeg(image, opt.jpeg_quality)
+    ow, oh = decoded.original_size
+    return payload, {"width": image.width, "height": image.height,
+                     "original_width": ow, "original_height": oh}
+
+
+def write_shard(shard_id: int, rows: pa.Table, opt: ShardOptions, stage_dir: StageDir,
+                tar_path, fingerprint: str) -> dict:
+    """Write `<shard>.tar`, `<shard>.parquet`, then `<shard>_stats.json`. Returns the stats."""
+    started = time.time()
+    records, reasons = [], Counter()
+    with atomic_path(tar_path) as tmp_tar:
+        with open(tmp_tar, "wb") as stream, wds.TarWriter(stream, mtime=TAR_MTIME) as sink:
+            for index, row in enumerate(rows.to_pylist()):
+                key = sample_key(shard_id, index, opt.key_digits)
+                rec = {"key": key, "source_id": row["source_id"], "url": row["image_ref"],
+                       "uid": hashlib.sha1((row["image_ref"]).encode() + b"\0" + (row["caption"] or b"")
+                                           ).hexdigest()}
+                try:
+                    if row["error"]:
+                        raise RowRejected(row["error"])
+                    caption = _caption_text(row["caption"] or b"", opt.max_caption_chars)
+                    payload, sizes = _image_payload(row["image_ref"], opt)
+                except RowRejected as err:
+                    reason = str(err)
+                    reasons[reason.split(":")[0]] += 1
+                    records.append({**rec, "caption": _safe_text(row["caption"]), "status": "rejected",
+                                    "error": reason})
+                    continue
+                digest = hashlib.sha256(payload).hexdigest()
+                meta = {"key": key, "uid": rec["uid"], "source_id": row["source_id"], "url": row["image_ref"],
+                        "caption": caption, "status": "success", "sha256": digest, **sizes}
+                sink.write({"__key__": key, "jpg": payload, "txt": caption, "json": meta})
+                records.append({**rec, **sizes, "caption": caption, "status": "ok", "error": None,
+                                "sha256": digest, "bytes": len(payload)})
+    parquet_path = stage_dir.parquet(shard_id)
+    write_parquet(parquet_path, pa.Table.from_pylist(records, schema=SHARD_PARQUET_SCHEMA))
+    written = sum(r["status"] == "ok" for r in records)
+    counts = {"in": len(records), "written": written, "rejected": len(records) - written}
+    return write_shard_stats(stage_dir, shard_id, fingerprint, counts, [tar_path, parquet_path],
+                             extra={"reasons": dict(sorted(reasons.items()))},
+                             seconds=round(time.time() - started, 3))
+
+
+def _safe_text(raw) -> str:
+    if raw is None:
+        return ""
+    return raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else str(raw)
+
+
+def read_shard_samples(tar_path) -> list[dict]:
+    """All samples of one shard tar as dicts of raw bytes per extension (tests and tools)."""
+    out = []
+    for sample in wds.WebDataset(str(tar_path), shardshuffle=False):
+        out.append(sample)
+    return out

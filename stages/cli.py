@@ -1,0 +1,133 @@
+"""The `regionclip` command line.
+
+    regionclip <stage> MANIFEST [--set section.key=value ...]   run one stage
+    regionclip run MANIFEST                                     run every stage in order, resuming
+    regionclip status MANIFEST                                  what is done
+
+Each stage is a module `stages.<name>` with `run(manifest)`; it also runs as
+`python -m stages.<name> MANIFEST`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import time
+
+from pipeline.config import ManifestError, load_manifest
+from pipeline.layout import RunLayout
+from pipeline.stage import StageInputError, read_stage_manifest
+
+# The pipeline in order: `regionclip run` runs these. Module name = stage name with '-' -> '_'.
+PIPELINE = ["shard"]
+
+# Commands that are not pipeline stages but follow the same `regionclip <cmd> MANIFEST` form.
+EXTRA_COMMANDS = ["synth"]
+
+# One line per command for `regionclip --help` (kept here so that help does not import torch).
+HELP = {
+    "run": "run every stage in order, resuming where outputs are complete",
+    "status": "show which stages and shards are done",
+    "synth": "generate the synthetic world and a contact sheet of it",
+    "shard": "corpus -> img2dataset-style WebDataset tars + a Parquet per shard",
+}
+
+
+def stage_module(name: str):
+    return importlib.import_module(f"stages.{name.replace('-', '_')}")
+
+
+def _load(path: str, overrides: list[str]):
+    try:
+        return load_manifest(path, overrides)
+    except ManifestError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def run_stage(name: str, manifest) -> dict:
+    started = time.time()
+    print(f"== {name}", flush=True)
+    result = stage_module(name).run(manifest)
+    print(f"== {name} finished in {time.time() - started:.1f}s", flush=True)
+    return result
+
+
+def run_all(manifest) -> None:
+    for name in PIPELINE:
+        module = stage_module(name)
+        if hasattr(module, "enabled") and not module.enabled(manifest):
+            print(f"== {name}: skipped (disabled in the manifest)")
+            continue
+        run_stage(name, manifest)
+
+
+def status(manifest) -> list[dict]:
+    """One row per stage: done shards, rows in / out / rejected, from the stage manifests."""
+    layout = RunLayout.of(manifest)
+    rows = []
+    for name in PIPELINE:
+        stage_dir = layout.stage(name)
+        m = read_stage_manifest(stage_dir)
+        shards_done = len(list(stage_dir.root.glob("*_stats.json"))) if stage_dir.root.is_dir() else 0
+        counts = (m or {}).get("counts", {})
+        rows.append({"stage": name, "status": (m or {}).get("status", "not run"),
+                     "shards": f"{shards_done}/{len((m or {}).get('shards', {})) or '?'}"
+                     if m or shards_done else "-",
+                     "in": counts.get("in", ""), "out": counts.get("written", counts.get("out", "")),
+                     "rejected": counts.get("rejected", ""),
+                     "seconds": (m or {}).get("seconds", "")})
+    return rows
+
+
+def print_status(manifest) -> None:
+    rows = status(manifest)
+    cols = ["stage", "status", "shards", "in", "out", "rejected", "seconds"]
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    print("  ".join(c.ljust(widths[c]) for c in cols))
+    for r in rows:
+        print("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
+    summary = RunLayout.of(manifest).summary_json
+    if summary.exists():
+        print(f"\nresults: {summary}")
+        print(summary.read_text())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="regionclip", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ["run", "status", *PIPELINE, *EXTRA_COMMANDS]:
+        p = sub.add_parser(name, help=HELP.get(name, name))
+        p.add_argument("manifest", help="run manifest (YAML), e.g. manifests/demo.yaml")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a manifest setting (YAML value), e.g. --set shard.max_side=640")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    manifest = _load(args.manifest, args.overrides)
+    try:
+        if args.command == "run":
+            run_all(manifest)
+            print_status(manifest)
+        elif args.command == "status":
+            print_status(manifest)
+        else:
+            run_stage(args.command, manifest)
+    except (StageInputError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def stage_main(name: str) -> None:
+    """Entry point for `python -m stages.<name> MANIFEST`."""
+    raise SystemExit(main([name, *sys.argv[1:]]))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
