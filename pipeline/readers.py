@@ -98,9 +98,11 @@ def _read_tar_members(tar_path: Path) -> Iterator[dict]:
     samples: dict[str, dict] = {}
     order: list[str] = []
     truncated = None
+    end_of_last_member = 0
     try:
         with tarfile.open(tar_path, "r:") as tar:
             for member in tar:
+                end_of_last_member = member.offset_data + -(-member.size // 512) * 512
                 name = member.name
                 key, _, ext = Path(name).name.partition(".")
                 if key not in samples:
@@ -115,6 +117,9 @@ def _read_tar_members(tar_path: Path) -> Iterator[dict]:
                     samples[key]["caption"] = tar.extractfile(member).read()
     except (tarfile.TarError, EOFError, OSError) as err:
         truncated = str(err) or type(err).__name__
+    # tarfile stops quietly at a cut-off header; a complete tar ends with two zero blocks.
+    if truncated is None and tar_path.stat().st_size < end_of_last_member + 1024:
+        truncated = "the file ends before the end-of-archive marker"
     for key in order:
         s = samples[key]
         sid = f"{tar_path.name}:{key}"
@@ -183,8 +188,12 @@ def read_corpus(manifest) -> pa.Table:
         rows = read_coco_captions(path, images_root)
     else:
         rows = read_folder(path)
-    out = []
+    out, seen = [], {}
     for row in rows:
+        identity = (row["image_ref"], row["caption"])
+        if row["error"] is None and identity in seen:
+            row["error"] = f"duplicate_row: same image and caption as {seen[identity]}"
+        seen.setdefault(identity, row["source_id"])
         out.append(row)
         if corpus.max_rows and len(out) >= corpus.max_rows:
             break

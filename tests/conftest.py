@@ -1,0 +1,38 @@
+"""Shared fixtures: one local Ray for the whole test session (starting Ray costs seconds)."""
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def write_manifest(tmp_path):
+    """Write a YAML run manifest into tmp_path and load it: write_manifest('''corpus: ...''')."""
+    from pipeline.config import load_manifest
+
+    def make(body: str = "", name: str = "t") -> "object":
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(f"name: {name}\noutput_dir: out\nray: {{num_cpus: 2}}\n" + textwrap.dedent(body))
+        return load_manifest(path)
+
+    return make

@@ -1,0 +1,197 @@
+"""The shard stage: every input format, hostile rows, WebDataset compatibility, reruns."""
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from pipeline.layout import RunLayout
+from pipeline.readers import read_corpus
+from stages import shard
+from tests.corpora import (jpeg_bytes, make_coco_captions, make_folder_corpus, make_img2dataset_folder,
+                           make_tsv_corpus)
+
+
+def shard_rows(layout: RunLayout) -> list[dict]:
+    rows = []
+    for p in sorted(layout.shards.root.glob("[0-9]*.parquet")):
+        rows.extend(pq.read_table(p).to_pylist())
+    return rows
+
+
+def tar_samples(layout: RunLayout) -> dict[str, dict]:
+    urls = sorted(str(p) for p in layout.shards.root.glob("[0-9]*.tar"))
+    return {s["__key__"]: s for s in wds.WebDataset(urls, shardshuffle=False)}
+
+
+def assert_balanced(layout: RunLayout, n_in: int) -> list[dict]:
+    rows = shard_rows(layout)
+    manifest = json.loads(layout.shards.manifest.read_text())
+    counts = manifest["counts"]
+    samples = tar_samples(layout)
+    assert counts["in"] == n_in == len(rows)
+    assert counts["written"] == len(samples) == sum(r["status"] == "ok" for r in rows)
+    assert counts["in"] == counts["written"] + counts["rejected"]
+    assert len({r["key"] for r in rows}) == len(rows), "keys must be unique in the run"
+    return rows
+
+
+def test_folder_corpus_with_hostile_rows(ray_local, tmp_path, write_manifest):
+    corpus = make_folder_corpus(tmp_path / "corpus")
+    m = write_manifest(f"""
+        corpus: {{format: folder, path: {tmp_path / 'corpus'}}}
+        shard: {{samples_per_shard: 4, max_pixels: 10000000}}
+    """)
+    shard.run(m)
+    layout = RunLayout.of(m)
+    rows = assert_balanced(layout, corpus["rows"])
+    by_stem = {Path(r["source_id"]).stem: r for r in rows}
+    for stem, reason in corpus["expected_rejected"].items():
+        assert by_stem[stem]["status"] == "rejected", stem
+        assert by_stem[stem]["error"].startswith(reason), (stem, by_stem[stem]["error"])
+    # unusual modes are converted, not rejected
+    samples = tar_samples(layout)
+    for stem in ["cmyk", "gray", "rgba", "palette", "gray16"]:
+        row = by_stem[stem]
+        assert row["status"] == "ok", (stem, row["error"])
+        img = Image.open(__import__("io").BytesIO(samples[row["key"]]["jpg"]))
+        assert img.mode == "RGB" and img.format == "JPEG"
+    meta = json.loads(samples[by_stem["good00"]["key"]]["json"])
+    assert meta["caption"] == "a photo of 1 red apples on a table"
+    assert (meta["width"], meta["height"]) == (64, 48)
+    sizes = json.loads(layout.sizes_json.read_text())
+    assert sum(sizes.values()) == len(samples)
+
+
+def test_cc3m_tsv_with_and_without_header(ray_local, tmp_path, write_manifest):
+    for header in (True, False):
+        root = tmp_path / f"tsv{header}"
+        path = make_tsv_corpus(root, header=header)
+        m = write_manifest(f"""
+            corpus: {{format: cc3m_tsv, path: {path}}}
+            shard: {{samples_per_shard: 3}}
+        """, name=f"tsv{header}")
+        m.output_dir = str(root / "out")
+        shard.run(m)
+        rows = assert_balanced(RunLayout.of(m), 8)
+        errors = [r["error"].split(":")[0] for r in rows if r["status"] == "rejected"]
+        assert sorted(errors) == ["duplicate_row", "missing_file", "remote_url"]
+
+
+def test_coco_captions_several_per_image(ray_local, tmp_path, write_manifest):
+    path = make_coco_captions(tmp_path / "coco", n_images=3, per_image=3)
+    m = write_manifest(f"corpus: {{format: coco_captions, path: {path}, images_root: {path.parent / 'train2017'}}}\n")
+    shard.run(m)
+    rows = assert_balanced(RunLayout.of(m), 10)
+    assert sum(r["status"] == "ok" for r in rows) == 9
+    assert [r["error"].split(":")[0] for r in rows if r["status"] == "rejected"] == ["unknown_image_id"]
+
+
+def test_img2dataset_input_and_our_shards_round_trip(ray_local, tmp_path, write_manifest):
+    folder = make_img2dataset_folder(tmp_path / "i2d")
+    m = write_manifest(f"corpus: {{format: img2dataset, path: {folder}}}\n")
+    shard.run(m)
+    rows = assert_balanced(RunLayout.of(m), 6)
+    rejected = sorted(r["error"].split(":")[0] for r in rows if r["status"] == "rejected")
+    assert rejected == ["unsafe_tar_member", "unsafe_tar_member"]
+    assert not (tmp_path / "evil.jpg").exists()
+
+    # Our own shards are valid img2dataset output: shard them again, same captions and pixels.
+    m2 = write_manifest(f"corpus: {{format: img2dataset, path: {RunLayout.of(m).shards.root}}}\n", name="again")
+    m2.output_dir = str(tmp_path / "again")
+    shard.run(m2)
+    first, second = tar_samples(RunLayout.of(m)), tar_samples(RunLayout.of(m2))
+    assert sorted(s["txt"] for s in first.values()) == sorted(s["txt"] for s in second.values())
+    assert sorted(s["jpg"] for s in first.values()) == sorted(s["jpg"] for s in second.values())
+
+
+def test_truncated_tar_is_reported_not_fatal(ray_local, tmp_path, write_manifest):
+    folder = make_img2dataset_folder(tmp_path / "i2d", n=6, unsafe=False)
+    tar = folder / "00000.tar"
+    data = tar.read_bytes()
+    tar.write_bytes(data[: len(data) // 2])
+    m = write_manifest(f"corpus: {{format: img2dataset, path: {folder}}}\n")
+    rows_in = read_corpus(m).num_rows
+    shard.run(m)
+    rows = assert_balanced(RunLayout.of(m), rows_in)
+    reasons = [r["error"].split(":")[0] for r in rows if r["status"] == "rejected"]
+    assert "truncated_tar" in reasons
+    assert sum(r["status"] == "ok" for r in rows) >= 1
+
+
+def test_resize_only_oversized_and_keep_original_bytes(ray_local, tmp_path, write_manifest):
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    small = jpeg_bytes(100, 80, seed=1)
+    (corpus / "small.jpg").write_bytes(small)
+    (corpus / "small.txt").write_text("small")
+    (corpus / "big.jpg").write_bytes(jpeg_bytes(400, 200, seed=2))
+    (corpus / "big.txt").write_text("big")
+    m = write_manifest(f"corpus: {{format: folder, path: {corpus}}}\nshard: {{max_side: 200}}\n")
+    shard.run(m)
+    layout = RunLayout.of(m)
+    by_caption = {s["txt"].decode(): s for s in tar_samples(layout).values()}
+    assert by_caption["small"]["jpg"] == small
+    meta = json.loads(by_caption["big"]["json"])
+    assert (meta["width"], meta["height"], meta["original_width"]) == (200, 100, 400)
+
+
+def test_rerun_is_a_no_op_and_settings_change_rewrites(ray_local, tmp_path, write_manifest):
+    make_folder_corpus(tmp_path / "corpus", n_good=5, hostile=False)
+    m = write_manifest(f"corpus: {{format: folder, path: {tmp_path / 'corpus'}}}\nshard: {{samples_per_shard: 2}}\n")
+    first = shard.run(m)
+    layout = RunLayout.of(m)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in layout.shards.root.iterdir()}
+    again = shard.run(m)
+    assert again["fingerprint"] == first["fingerprint"]
+    assert {p.name: p.stat().st_mtime_ns for p in layout.shards.root.glob("[0-9]*")} == \
+        {k: v for k, v in mtimes.items() if k[0].isdigit()}
+    m.shard.jpeg_quality = 80
+    changed = shard.run(m)
+    assert changed["fingerprint"] != first["fingerprint"]
+
+
+def test_shards_open_with_tarfile_and_members_follow_conventions(ray_local, tmp_path, write_manifest):
+    make_folder_corpus(tmp_path / "corpus", n_good=3, hostile=False)
+    m = write_manifest(f"corpus: {{format: folder, path: {tmp_path / 'corpus'}}}\n")
+    shard.run(m)
+    with tarfile.open(RunLayout.of(m).shard_tar(0)) as tar:
+        names = tar.getnames()
+        assert all(t.mtime == 0 for t in tar.getmembers())
+    assert sorted(names[:3]) == ["000000000.jpg", "000000000.json", "000000000.txt"]
+
+
+def test_manifest_errors_name_the_field(tmp_path):
+    from pipeline.config import ManifestError, load_manifest
+
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\noutput_dir: o\nshard: {max_sied: 10}\n")
+    with pytest.raises(ManifestError, match=r"shard\.max_sied: unknown key"):
+        load_manifest(path)
+    path.write_text("name: x\noutput_dir: o\ncorpus: {format: tsv}\n")
+    with pytest.raises(ManifestError, match=r"corpus\.format"):
+        load_manifest(path)
+    path.write_text("name: x\noutput_dir: o\nray: {dashboard_host: 0.0.0.0}\n")
+    with pytest.raises(ManifestError, match=r"ray: .*loopback"):
+        load_manifest(path)
+    path.write_text("name: !!python/object/apply:os.system ['echo pwned']\noutput_dir: o\n")
+    with pytest.raises(ManifestError, match="not valid YAML"):
+        load_manifest(path)
+
+
+def test_every_shipped_manifest_validates():
+    from pipeline.config import load_manifest
+
+    from tests.conftest import REPO
+
+    paths = sorted((REPO / "manifests").glob("*.yaml"))
+    assert paths
+    for path in paths:
+        if path.name.startswith("ray-cluster"):
+            continue
+        assert load_manifest(path).name
