@@ -121,6 +121,35 @@ class RunLayout:
         return self.root / "checkpoints" / kind
 
     @property
+    def teacher_checkpoint(self) -> Path:
+        """train-teacher's output: an open_clip checkpoint (load_clip / open_clip.create_model)."""
+        return self.checkpoints("teacher") / "teacher.pt"
+
+    @property
+    def rpn_checkpoint(self) -> Path:
+        """train-rpn's output: the class-agnostic RPN (trainer/rpn.py's load_rpn)."""
+        return self.checkpoints("rpn") / "rpn.pt"
+
+    @property
+    def pretrain_state(self) -> Path:
+        """pretrain's full trainer state (model, optimizer, schedule, RNG, data position) for resuming."""
+        return self.checkpoints("pretrain") / "last.pt"
+
+    @property
+    def student_checkpoint(self) -> Path:
+        """pretrain's exported student: an open_clip checkpoint like the teacher's."""
+        return self.checkpoints("pretrain") / "student.pt"
+
+    def transfer_checkpoint(self, init: str) -> Path:
+        """transfer's detector, per initialisation (`pretrain` or `teacher`)."""
+        return self.checkpoints("transfer") / f"detector_{init}.pt"
+
+    @property
+    def labels_codec(self) -> Path:
+        """The label stage's codec description (and files named beside it, e.g. a PQ codebook)."""
+        return self.labels.root / "codec.json"
+
+    @property
     def eval(self) -> Path:
         return self.root / "eval"
 
