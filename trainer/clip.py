@@ -1,0 +1,365 @@
+"""CLIP models: an open_clip architecture (or a model config JSON of ours) plus weights from a local file.
+
+Nothing here downloads. Weights come from a file the user put on disk, in one of three formats:
+  - OpenAI's release (a TorchScript archive such as RN50.pt, or its state dict saved with torch.save),
+  - a plain state dict with open_clip's key names,
+  - an open_clip training checkpoint ({"state_dict": ..., "epoch": ...}, keys maybe prefixed `module.`).
+For ResNet CLIPs open_clip's `CLIP` class uses OpenAI's key names, so converting is prefix stripping.
+Files that are not TorchScript are read with `torch.load(weights_only=True)`: a file that pickles
+Python objects is refused, never executed.
+
+    model, tokenizer = load_clip("RN50", "weights/RN50.pt")
+    model, tokenizer = create_clip("RN50-tiny")          # random weights, for tests and the demo
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import warnings
+import zipfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import open_clip
+import torch
+from torch import nn
+
+from pipeline.config import ModelRef
+
+# CLIP's image normalisation (REFERENCE §3); the same numbers as open_clip's OPENAI_DATASET_MEAN/STD.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Our own model configs (tiny ResNet CLIPs for tests and the CPU demo). Registered with open_clip so
+# that `open_clip.create_model("RN50-tiny", pretrained=path)` works too, with no code of ours.
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+# Keys in OpenAI's files that are hyperparameters, not weights (open_clip drops them the same way).
+_OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")
+_MAX_LISTED_KEYS = 20
+
+PathLike = Union[str, os.PathLike]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used as asked; the message says what is wrong and how to fix it."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """The checkpoint file does not exist."""
+
+
+class EmbeddingDimError(ValueError):
+    """Embeddings made by one model used with another of a different width."""
+
+
+# -- architectures ---------------------------------------------------------------------------------
+
+def our_model_configs() -> list[str]:
+    """The names of the model configs shipped in trainer/model_configs."""
+    return sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
+
+
+def resolve_arch(arch: str) -> str:
+    """The open_clip model name for `arch`: a registered name, or a path to a model config JSON.
+
+    A JSON file is registered with open_clip under its file stem; a stem that names a different
+    built-in config is refused rather than silently replacing it.
+    """
+    if arch.endswith(".json") or os.path.isfile(arch):
+        path = Path(arch).expanduser()
+        if not path.is_file():
+            raise ValueError(f"model config {arch!r}: no such file")
+        config = json.loads(path.read_text(encoding="utf-8"))
+        if not all(k in config for k in ("embed_dim", "vision_cfg", "text_cfg")):
+            raise ValueError(f"model config {arch}: not an open_clip model config "
+                             "(needs embed_dim, vision_cfg and text_cfg)")
+        name = path.stem
+        known = open_clip.get_model_config(name)
+        if known is not None and known != config:
+            raise ValueError(f"model config {arch}: its name {name!r} is taken by another config; "
+                             "rename the file")
+        open_clip.add_model_config(path)
+        return name
+    if arch in open_clip.list_models():
+        return arch
+    resnets = [m for m in open_clip.list_models() if m.startswith("RN")]
+    raise ValueError(f"unknown CLIP architecture {arch!r}; use an open_clip name ({', '.join(resnets)}) "
+                     f"or a model config JSON (ours: {', '.join(our_model_configs())})")
+
+
+@contextmanager
+def _no_random_init_warning():
+    # open_clip warns "No pretrained weights loaded ... initialized randomly" on pretrained=None;
+    # load_clip loads weights right after, so the warning would only mislead.
+    def drop(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded")
+    root = logging.getLogger()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
+def create_clip(arch: str, quick_gelu: bool = False, device: Union[str, torch.device] = "cpu"):
+    """A randomly initialised open_clip model and its tokenizer.
+
+    `quick_gelu`: OpenAI trained its CLIPs with QuickGELU in the text transformer; open_clip's plain
+    names (RN50) use nn.GELU. Weights from OpenAI need it (load_clip switches it on for them).
+    """
+    name = resolve_arch(arch)
+    with _no_random_init_warning():
+        model = open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu, device=device)
+    # Remembered so that save_clip_checkpoint can write the architecture name beside the weights.
+    model.regionclip_arch = arch
+    return model, open_clip.get_tokenizer(name)
+
+
+# -- reading checkpoint files -----------------------------------------------------------------------
+
+def _is_torchscript_archive(path: Path) -> bool:
+    # A TorchScript archive is a zip with the module's code; torch.save's zips have no code/ folder.
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any("/code/" in n or n.startswith("code/") or n.endswith("/constants.pkl")
+                   for n in archive.namelist())
+
+
+def _missing_checkpoint_message(path: Path, arch: str) -> str:
+    try:
+        url = open_clip.pretrained.get_pretrained_url(arch, "openai")  # a table lookup, no download
+    except Exception:  # noqa: BLE001 - only a hint
+        url = ""
+    where = f" (OpenAI's file: {url})" if url else ""
+    return (f"{path}: no such checkpoint file. CLIP weights are never downloaded at run time: download "
+            f"OpenAI's {arch} weights{where} to this path, or run `regionclip train-teacher MANIFEST` "
+            "(train_teacher.enabled: true, teacher.checkpoint: null) to train a teacher on your shards.")
+
+
+def read_clip_state_dict(path: PathLike) -> tuple[dict[str, torch.Tensor], str, dict]:
+    """The tensors of a checkpoint file, its format ('openai-torchscript', 'openai-state-dict',
+    'open_clip-checkpoint' or 'state-dict') and the checkpoint's other entries (name, epoch, ...).
+    Keys come back without `module.` prefixes."""
+    path = Path(path).expanduser()
+    info: dict = {}
+    if _is_torchscript_archive(path):
+        # OpenAI's release format. torch.jit.load reads TorchScript (a restricted language, no pickled
+        # Python) and nothing is run; open_clip's load_openai_model takes its state dict the same way.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated; OpenAI's files are not
+            state_dict = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+        fmt = "openai-torchscript"
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CheckpointError(
+                f"{path}: refused: the file pickles Python objects, and checkpoints are only read with "
+                f"torch.load(weights_only=True) ({first_line}). Re-save the weights as plain tensors, "
+                "e.g. torch.save({'state_dict': model.state_dict()}, path).") from None
+        except Exception as err:  # noqa: BLE001 - a corrupt or foreign file
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: "
+                                  f"{err})") from None
+        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+            state_dict, fmt = dict(obj["state_dict"]), "open_clip-checkpoint"
+            info = {k: v for k, v in obj.items() if k != "state_dict"}
+        elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            state_dict, fmt = dict(obj), "state-dict"
+        else:
+            top = sorted(map(str, obj))[:10] if isinstance(obj, dict) else type(obj).__name__
+            raise CheckpointError(f"{path}: no weights found: expected a state dict or a dict with "
+                                  f"'state_dict', got {top}")
+    # DDP wraps the model as `module`; open_clip's trainer saves those prefixes.
+    state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+    # OpenAI's files carry hyperparameters as tensors and keep most weights in float16.
+    conv1 = state_dict.get("visual.conv1.weight")
+    if any(k in state_dict for k in _OPENAI_META_KEYS) or (conv1 is not None and conv1.dtype == torch.float16):
+        if fmt == "state-dict":
+            fmt = "openai-state-dict"
+    for key in _OPENAI_META_KEYS:
+        state_dict.pop(key, None)
+    return state_dict, fmt, info
+
+
+# -- loading weights into a model --------------------------------------------------------------------
+
+@dataclass
+class LoadReport:
+    """What a checkpoint held compared with the model it was loaded into."""
+    source: str
+    format: str
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # key, file shape, model shape
+
+    @property
+    def complete(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def describe(self, arch: str) -> str:
+        def listing(title, items):
+            shown = ", ".join(items[:_MAX_LISTED_KEYS]) + (", ..." if len(items) > _MAX_LISTED_KEYS else "")
+            return [f"  {title} ({len(items)}): {shown}"] if items else []
+        lines = [f"{self.source}: the checkpoint ({self.format}) does not fit the architecture {arch}: "
+                 f"{len(self.missing)} missing, {len(self.unexpected)} unexpected, "
+                 f"{len(self.mismatched)} with other shapes"]
+        lines += listing("missing from the checkpoint", self.missing)
+        lines += listing("unexpected in the checkpoint", self.unexpected)
+        lines += listing("other shape (file vs model)",
+                         [f"{k} {list(a)} vs {list(b)}" for k, a, b in self.mismatched])
+        return "\n".join(lines)
+
+
+def load_clip_state_dict(model: nn.Module, state_dict: dict, *, allow_partial: bool = False,
+                         source: str = "<state dict>", fmt: str = "state-dict", arch: str = "") -> LoadReport:
+    """Load `state_dict` into an open_clip model, refusing anything but an exact fit unless allow_partial.
+
+    With allow_partial the tensors that fit are loaded, the rest of the model keeps its current
+    values, and a warning lists what was skipped.
+    """
+    arch = arch or getattr(model, "regionclip_arch", type(model).__name__)
+    # The same massaging as open_clip's load_checkpoint: text tower keys for CustomTextCLIP, and
+    # logit_scale stored as a scalar or a 1-element tensor.
+    if "positional_embedding" in state_dict and not hasattr(model, "positional_embedding"):
+        state_dict = open_clip.model.convert_to_custom_text_state_dict(state_dict)
+    model_state = model.state_dict()
+    # TorchScript archives also hold the model's non-persistent buffers (open_clip's attn_mask);
+    # they are rebuilt by the model, not weights.
+    persistent = set(model_state)
+    state_dict = {k: v for k, v in state_dict.items()
+                  if k in persistent or k not in dict(model.named_buffers())}
+    if "logit_scale" in state_dict and "logit_scale" in model_state:
+        state_dict["logit_scale"] = state_dict["logit_scale"].reshape(model_state["logit_scale"].shape)
+
+    report = LoadReport(source=str(source), format=fmt)
+    # BatchNorm's step counter is bookkeeping: absent from frozen-BN files and filled in by torch.
+    report.missing = [k for k in model_state
+                      if k not in state_dict and not k.endswith("num_batches_tracked")]
+    report.unexpected = [k for k in state_dict if k not in model_state]
+    report.mismatched = [(k, tuple(v.shape), tuple(model_state[k].shape)) for k, v in state_dict.items()
+                         if k in model_state and v.shape != model_state[k].shape]
+    if not report.complete:
+        message = report.describe(arch)
+        if not allow_partial:
+            raise CheckpointError(message + "\nCheck that the architecture (e.g. teacher.arch) is the one "
+                                  "these weights were trained with. To load only the tensors that fit "
+                                  "and keep the rest random, set allow_partial: true.")
+        warnings.warn("partial load (allow_partial): " + message, stacklevel=2)
+    skipped = {k for k, _, _ in report.mismatched}
+    fitting = {k: v for k, v in state_dict.items() if k in model_state and k not in skipped}
+    model.load_state_dict(fitting, strict=False)  # copy_ casts OpenAI's float16 to the model's dtype
+    return report
+
+
+def load_clip(arch: str, checkpoint: PathLike, allow_partial: bool = False,
+              device: Union[str, torch.device] = "cpu", quick_gelu: Optional[bool] = None):
+    """An open_clip model `arch` with weights from the local file `checkpoint`, in eval mode, and its
+    tokenizer. `quick_gelu=None`: QuickGELU for OpenAI files (how OpenAI trained them) and for our
+    checkpoints that recorded it; nn.GELU otherwise."""
+    path = Path(checkpoint).expanduser()
+    if not path.is_file():
+        raise CheckpointNotFoundError(_missing_checkpoint_message(path, arch))
+    state_dict, fmt, info = read_clip_state_dict(path)
+    if quick_gelu is None:
+        quick_gelu = fmt.startswith("openai") or bool(info.get("quick_gelu", False))
+    model, tokenizer = create_clip(arch, quick_gelu=quick_gelu)
+    try:
+        report = load_clip_state_dict(model, state_dict, allow_partial=allow_partial, source=str(path),
+                                      fmt=fmt, arch=arch)
+    except CheckpointError as err:
+        saved_as = info.get("name")
+        if isinstance(saved_as, str) and saved_as != arch:
+            raise CheckpointError(f"{err}\nThe checkpoint says it was saved from {saved_as!r}.") from None
+        raise
+    model.regionclip_load_report = report
+    return model.to(device).eval(), tokenizer
+
+
+def load_model_ref(ref: ModelRef, manifest=None, fallback: Optional[PathLike] = None,
+                   device: Union[str, torch.device] = "cpu"):
+    """load_clip for a manifest's ModelRef: `ref.checkpoint` resolved against the manifest's folder;
+    when it is null, `fallback` (e.g. train-teacher's output)."""
+    checkpoint = ref.checkpoint
+    if checkpoint is not None and manifest is not None:
+        checkpoint = manifest.resolve(checkpoint)
+    if checkpoint is None and (fallback is None or not Path(fallback).is_file()):
+        produced = f" (expected at {fallback})" if fallback is not None else ""
+        raise CheckpointNotFoundError(
+            f"no checkpoint for {ref.arch}: the checkpoint setting is null and train-teacher's output is "
+            f"missing{produced}. Set teacher.checkpoint to a local weights file (e.g. OpenAI's "
+            f"{ref.arch}.pt), or enable train_teacher and run `regionclip train-teacher MANIFEST`.")
+    checkpoint = checkpoint or fallback
+    return load_clip(ref.arch, checkpoint, allow_partial=ref.allow_partial, device=device)
+
+
+# -- writing checkpoints -------------------------------------------------------------------------------
+
+def save_clip_checkpoint(model: nn.Module, path: PathLike, arch: Optional[str] = None, **extra) -> Path:
+    """Write `{"state_dict": ..., "name": arch, **extra}` atomically (a temporary file, then a rename).
+
+    The file loads with load_clip and with `open_clip.create_model(arch, pretrained=path)` unchanged.
+    `extra` values must be plain data or tensors: the file is read back with weights_only=True.
+    """
+    model = getattr(model, "module", model)  # DDP / DataParallel
+    arch = arch or getattr(model, "regionclip_arch", None)
+    if arch is None:
+        raise ValueError("save_clip_checkpoint: pass arch= (the model was not made by create_clip)")
+    if "state_dict" in extra or "name" in extra:
+        raise ValueError("save_clip_checkpoint: 'state_dict' and 'name' are written by the function")
+    state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    # open_clip's plain names (RN50) mean nn.GELU; a model loaded from OpenAI weights runs QuickGELU.
+    # Recorded so that load_clip rebuilds the same text tower (open_clip itself ignores the entry).
+    extra.setdefault("quick_gelu", uses_quick_gelu(model))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"state_dict": state_dict, "name": arch, **extra}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def uses_quick_gelu(model: nn.Module) -> bool:
+    """Whether the model's text transformer uses OpenAI's QuickGELU activation."""
+    return any(isinstance(m, open_clip.transformer.QuickGELU) for m in model.modules())
+
+
+# -- embedding widths ------------------------------------------------------------------------------------
+
+def embedding_dim(model: nn.Module) -> int:
+    """The width of the joint image-text embedding space of a CLIP model or a region encoder."""
+    model = getattr(model, "module", model)
+    for candidate in (model, getattr(model, "visual", None)):
+        dim = getattr(candidate, "output_dim", None)
+        if isinstance(dim, int):
+            return dim
+    projection = getattr(model, "text_projection", None)
+    if isinstance(projection, torch.Tensor):
+        return projection.shape[1]
+    if isinstance(projection, nn.Linear):
+        return projection.out_features
+    raise TypeError(f"cannot tell the embedding width of {type(model).__name__}")
+
+
+def check_embedding_dim(expected: int, got: int, what: str, model_name: str = "",
+                        hint: str = "re-run `regionclip embed` with the same teacher (teacher.arch "
+                                    "and teacher.checkpoint)") -> None:
+    """Raise EmbeddingDimError when `what` (e.g. "concept embeddings", of width `got`) does not match
+    the model's width `expected` -- the silent mistake behind near-zero scores."""
+    if int(expected) != int(got):
+        model = f"the model {model_name}" if model_name else "the model"
+        raise EmbeddingDimError(f"{what} have dim {int(got)} but {model} outputs {int(expected)}; {hint}")
