@@ -10,6 +10,11 @@ Python objects is refused, never executed.
 
     model, tokenizer = load_clip("RN50", "weights/RN50.pt")
     model, tokenizer = create_clip("RN50-tiny")          # random weights, for tests and the demo
+
+QuickGELU: OpenAI's CLIPs use it in the text transformer; open_clip's plain names (RN50) do not.
+load_clip switches it on for OpenAI files it recognises (TorchScript, float16 or metadata keys) and
+for our checkpoints that recorded it; for OpenAI weights re-saved as a float32 state dict, name the
+architecture "RN50-quickgelu" (open_clip's config) so the text embeddings come out right.
 """
 from __future__ import annotations
 
@@ -71,7 +76,7 @@ def resolve_arch(arch: str) -> str:
     A JSON file is registered with open_clip under its file stem; a stem that names a different
     built-in config is refused rather than silently replacing it.
     """
-    if arch.endswith(".json") or os.path.isfile(arch):
+    if arch.endswith(".json"):
         path = Path(arch).expanduser()
         if not path.is_file():
             raise ValueError(f"model config {arch!r}: no such file")
