@@ -47,7 +47,8 @@ def decode_image(data: bytes, max_pixels: int, min_side: int = 1) -> DecodedImag
     except ImageError:
         raise
     except UnidentifiedImageError as err:
-        raise ImageError("not_an_image", str(err)) from None
+        # PIL's message names a BytesIO object's address, which would make reruns differ.
+        raise ImageError("not_an_image", f"no known image format ({len(data)} bytes)") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         msg = str(err)
         reason = "truncated_image" if "truncated" in msg or "broken data stream" in msg else "decode_error"
