@@ -49,7 +49,7 @@ def _frozen_copy(bn: nn.modules.batchnorm._BatchNorm) -> FrozenBatchNorm2d:
         frozen.bias.copy_(bn.bias.detach())
     frozen.running_mean.copy_(bn.running_mean)
     frozen.running_var.copy_(bn.running_var)
-    return frozen.to(bn.running_mean.device)
+    return frozen.to(device=bn.running_mean.device, dtype=bn.running_mean.dtype)
 
 
 class RegionEncoder(nn.Module):
