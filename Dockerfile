@@ -12,9 +12,11 @@ COPY trainer ./trainer
 COPY stages ./stages
 COPY manifests ./manifests
 
-# faiss-gpu replaces faiss-cpu; en_core_web_sm is the trained parser the concepts stage prefers.
-RUN pip install ".[gpu,lvis]" \
+# faiss-gpu replaces faiss-cpu (both ship the `faiss` module, so one is removed before the other is
+# installed); en_core_web_sm is the trained parser the concepts stage prefers.
+RUN pip install ".[lvis]" \
  && pip uninstall -y faiss-cpu \
+ && pip install faiss-gpu-cu12 \
  && python -m spacy download en_core_web_sm
 
 ENTRYPOINT ["regionclip"]
