@@ -20,10 +20,14 @@ from pipeline.layout import RunLayout
 from pipeline.stage import StageInputError, read_stage_manifest
 
 # The pipeline in order: `regionclip run` runs these. Module name = stage name with '-' -> '_'.
-PIPELINE = ["shard"]
+PIPELINE = ["shard", "concepts", "embed"]
 
 # Commands that are not pipeline stages but follow the same `regionclip <cmd> MANIFEST` form.
-EXTRA_COMMANDS = ["synth"]
+EXTRA_COMMANDS = ["synth", "vocab"]
+
+# Commands with arguments of their own: their module has `add_arguments(parser)` and
+# `run(manifest, args)` (listed here so that building the parser imports only these modules).
+COMMANDS_WITH_ARGUMENTS = ["vocab"]
 
 # One line per command for `regionclip --help` (kept here so that help does not import torch).
 HELP = {
@@ -31,6 +35,9 @@ HELP = {
     "status": "show which stages and shards are done",
     "synth": "generate the synthetic world and a contact sheet of it",
     "shard": "corpus -> img2dataset-style WebDataset tars + a Parquet per shard",
+    "concepts": "concept pool (object nouns of the captions) + each caption's concept ids",
+    "embed": "teacher text embeddings of the concepts (81 templates, FAISS index) and captions",
+    "vocab": "class list (text, comma list, COCO/LVIS JSON) -> class embeddings .npz (--classes, --out)",
 }
 
 
@@ -46,10 +53,11 @@ def _load(path: str, overrides: list[str]):
         raise SystemExit(2) from None
 
 
-def run_stage(name: str, manifest) -> dict:
+def run_stage(name: str, manifest, args=None) -> dict:
     started = time.time()
     print(f"== {name}", flush=True)
-    result = stage_module(name).run(manifest)
+    module = stage_module(name)
+    result = module.run(manifest, args) if name in COMMANDS_WITH_ARGUMENTS else module.run(manifest)
     print(f"== {name} finished in {time.time() - started:.1f}s", flush=True)
     return result
 
@@ -103,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("manifest", help="run manifest (YAML), e.g. manifests/demo.yaml")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a manifest setting (YAML value), e.g. --set shard.max_side=640")
+        if name in COMMANDS_WITH_ARGUMENTS:
+            stage_module(name).add_arguments(p)
     return parser
 
 
@@ -117,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "status":
             print_status(manifest)
         else:
-            run_stage(args.command, manifest)
+            run_stage(args.command, manifest, args)
     except (StageInputError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

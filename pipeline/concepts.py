@@ -1,0 +1,515 @@
+"""Concept extraction: object nouns from captions, reduced to singular lemmas, and the concept pool.
+
+Two parsers (``concepts.parser``):
+
+- ``spacy_model``: a trained spaCy English pipeline (``en_core_web_sm`` or larger) when it is installed:
+  the heads of noun chunks plus their noun compounds ("stop sign" -> stop, sign), lemmatized by the
+  pipeline. The best precision, but the package is not on PyPI (it is a GitHub release).
+- ``lookups``: an offline extractor built only from what PyPI carries: spaCy's English tokenizer and
+  the ``spacy-lookups-data`` tables (WordNet's noun/verb/adjective/adverb word lists, lemma rules and
+  exceptions). A word is a noun candidate when it (or its rule lemma) is in the noun list; words that
+  are also verbs or adjectives are decided by the neighbouring words (a determiner or number before
+  -> noun; a noun before and a verb form -> verb; an adjective directly before a noun -> modifier).
+  No statistical tagger: lower precision on real captions (see docs/concepts.md for figures).
+
+``auto`` picks the trained pipeline when ``spacy.util.is_package(spacy_model)`` and the lookups
+extractor otherwise.
+
+    parser = load_parser(manifest.concepts)
+    nouns = parser.extract_nouns(["two dogs", "a dog's bone"])   # [["dog"], ["dog", "bone"]]
+    pool = build_pool(Counter(...), manifest.concepts, vocabulary=[...])
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+# Bump when extraction changes, so cached per-shard nouns are recomputed.
+EXTRACTOR_VERSION = 1
+
+# Nouns that name no object: picture types, layout words, quantities, time. Captions of web images
+# (CC3M) are full of them. `concepts.stopwords` adds to this list.
+NON_OBJECT_NOUNS: frozenset[str] = frozenset("""
+image photo photograph picture pic illustration view background foreground stock vector style art
+design day time scene closeup close shot cartoon drawing painting wallpaper pattern icon concept
+front side top bottom middle center centre left right edge corner end part piece area
+group pair couple lot lots bunch number set kind type sort way thing something stuff
+color colour shape texture line look version template theme idea copy space text word
+today year night morning evening week moment life world
+sketch watercolor watercolour poster clip clipart gradient pixel comic grunge favourite favorite
+""".split())
+
+# Words that decide an ambiguous neighbour: determiners, numbers, possessives, prepositions.
+_DETERMINERS = frozenset("""a an the this that these those my your his her its our their some many several
+few any each every no one two three four five six seven eight nine ten eleven twelve twenty dozen
+'s ' another other both all more most such""".split())
+_SINGULAR_DETERMINERS = frozenset("a an the this that one each every 's his her its my your our their".split())
+_PREPOSITIONS = frozenset("""in on at of with near under over above below behind beside besides between
+among into onto from by for to against along across around through inside outside beneath
+without within upon via and or""".split())
+_SUBJECT_PRONOUNS = frozenset("he she it they we i you who which that".split())
+_BE_WORDS = frozenset("is are was were be been being am 's 're can will may might could would "
+                      "should does do did has have had to".split())
+
+_CLEAN_RE = re.compile(r"[^a-z0-9' \-]+")
+
+
+# -- name clean-up (REFERENCE §1) --------------------------------------------------------------
+
+def clean_name(name: str) -> str:
+    """A class or concept name as it goes into a prompt: commas stripped, '_' and '+' become spaces,
+    parentheses removed (their words kept: LVIS 'bow_(weapon)' -> 'bow weapon'), spaces collapsed."""
+    name = name.replace(",", " ").replace("_", " ").replace("+", " ").replace("(", " ").replace(")", " ")
+    return " ".join(name.split())
+
+
+def normalize_concept(name: str) -> str:
+    """The pool's spelling of a name: cleaned, lower case."""
+    return clean_name(name).lower()
+
+
+# -- the lookups tables ---------------------------------------------------------------------------
+
+@lru_cache(maxsize=1)
+def _lookup_tables() -> dict:
+    import spacy_lookups_data
+
+    folder = Path(spacy_lookups_data.__file__).parent / "data"
+
+    def load(name):
+        with gzip.open(folder / f"en_{name}.json.gz", "rt", encoding="utf-8") as f:
+            return json.load(f)
+
+    index = {pos: frozenset(words) for pos, words in load("lemma_index").items()}
+    exc = load("lemma_exc")
+    rules = load("lemma_rules")
+    return {"index": index, "exc": exc, "rules": rules, "lookup": load("lemma_lookup")}
+
+
+def _rule_lemma(word: str, pos: str, tables: dict) -> Optional[str]:
+    """The lemma of `word` as part of speech `pos` if the word is one, else None."""
+    exc = tables["exc"].get(pos, {})
+    if word in exc:
+        return exc[word][0]
+    index = tables["index"].get(pos, frozenset())
+    if pos == "noun":
+        # spaCy's lookup lemma first: "hearts" and "glasses" are WordNet nouns of their own.
+        lemma = tables["lookup"].get(word)
+        if lemma is not None and lemma != word and word.endswith("s") and lemma in index:
+            return lemma
+    if word in index:
+        return word
+    for old, new in tables["rules"].get(pos, []):
+        if old and word.endswith(old):
+            candidate = word[: len(word) - len(old)] + new
+            if candidate in index:
+                return candidate
+    return None
+
+
+@dataclass
+class _Word:
+    text: str                      # lower case
+    noun: Optional[str] = None     # noun lemma if the word can be a noun
+    verb: bool = False
+    adj: bool = False
+    adv: bool = False
+    function: bool = False         # stop word, number, punctuation
+
+
+class LookupsTagger:
+    """Noun lemmas of a tokenized caption from WordNet word lists and neighbour rules (no model)."""
+
+    def __init__(self):
+        from spacy.lang.en.stop_words import STOP_WORDS
+
+        self.tables = _lookup_tables()
+        self.stop = frozenset(STOP_WORDS) | _DETERMINERS | _PREPOSITIONS | _BE_WORDS
+        self._cache: dict[str, _Word] = {}
+
+    def word(self, text: str) -> _Word:
+        w = self._cache.get(text)
+        if w is not None:
+            return w
+        w = _Word(text)
+        if text in self.stop or not re.fullmatch(r"[a-z][a-z\-]*[a-z]|[a-z]", text):
+            w.function = True
+        else:
+            t = self.tables
+            w.noun = _rule_lemma(text, "noun", t)
+            w.verb = _rule_lemma(text, "verb", t) is not None
+            w.adj = _rule_lemma(text, "adj", t) is not None
+            w.adv = _rule_lemma(text, "adv", t) is not None
+        if len(self._cache) < 200_000:
+            self._cache[text] = w
+        return w
+
+    def nouns(self, tokens: Sequence[str]) -> list[str]:
+        words = [self.word(t.lower()) for t in tokens]
+        # Per word: "noun"; "mod" (a noun-or-adjective modifying the next noun); "adj" (an
+        # adjective-only word); "other".
+        tags: list[str] = []
+        for i in range(len(words)):
+            tags.append(self.tag(words, tags, i))
+        return [w.noun for w, tag in zip(words, tags) if tag == "noun"]
+
+    @staticmethod
+    def _reaches_noun(words: list[_Word], j: int) -> Optional[int]:
+        """The index of the noun if words[j:] start with adjectives then a noun ("shiny car"), else None."""
+        while j < len(words) and not words[j].function:
+            if words[j].noun is not None and not words[j].adj:
+                return j
+            if not words[j].adj:
+                return None
+            if words[j].noun is not None and (j + 1 >= len(words) or words[j + 1].noun is None):
+                return j                                   # "blue star" ends the phrase: a noun
+            j += 1
+        return None
+
+    def tag(self, words: list[_Word], tags: list[str], i: int) -> str:
+        w = words[i]
+        if w.function:
+            return "other"
+        if w.noun is None:
+            return "adj" if w.adj else "other"
+        if not (w.verb or w.adj or w.adv):
+            return "noun"                                 # only ever a noun
+        prev = words[i - 1] if i > 0 else None
+        prev_tag = tags[i - 1] if i > 0 else None
+        before = words[i - 2].text if i >= 2 else ""
+        nxt = words[i + 1] if i + 1 < len(words) else None
+        if w.adv and w.text.endswith("ly"):
+            return "other"
+        if w.adj and self._reaches_noun(words, i + 1) is not None:
+            return "mod"                                  # "red apple", "blue shiny car": a modifier
+        head = (self._reaches_noun(words, i + 2) if w.adj and nxt is not None and nxt.text in ("and", "or")
+                and prev_tag not in ("mod", "adj") else None)
+        if head is not None and not (prev is not None and prev.text in ("a", "an", "one")
+                                     and words[head].text != words[head].noun):
+            return "mod"                                  # "red and blue kite", not "a star and blue lines"
+        if (w.verb and w.text.endswith("ing") and nxt is not None and not nxt.function
+                and nxt.noun is not None):
+            return "mod"                                  # "sailing boat", "smiling sun"
+        if w.verb and w.text.endswith(("ing", "ed")) and nxt is not None and nxt.adv and nxt.noun is None:
+            return "other"                                # "running quickly"
+        if prev is None:
+            return "noun"
+        if prev.text == "'s" and i >= 2 and tags[i - 2] == "noun":
+            return "noun"                                 # possessive: "a dog's bone"
+        if prev.text == "to" and before in ("next", "close", "up", "due"):
+            return "noun"                                 # "next to bottles"
+        if prev.text in _BE_WORDS and (w.verb or w.adj):
+            return "other"                                # "is running", "are white", "to sign"
+        if prev.text in _DETERMINERS or prev.text.isdigit() or prev.text in _PREPOSITIONS:
+            return "noun"                                 # "a dog", "two runs", "with apples"
+        if prev_tag in ("mod", "adj"):
+            return "noun"                                 # the head of "white building"
+        if w.verb and prev.text in _SUBJECT_PRONOUNS:
+            return "other"                                # "he signs"
+        if w.verb and prev_tag == "noun":
+            # "a man rides", "dogs running"; but "stop sign", "two glass bottles" (compounds).
+            if w.text.endswith(("ing", "ed")):
+                return "other"
+            inflected = w.text != w.noun and w.text.endswith("s")
+            if inflected and before in _SINGULAR_DETERMINERS:
+                return "other"
+            return "noun"
+        if w.verb and w.text.endswith(("ing", "ed")) and w.text != w.noun:
+            return "other"
+        if w.adj and not w.verb and nxt is not None and not nxt.function:
+            return "other"
+        return "noun"
+
+
+# -- parsers ----------------------------------------------------------------------------------------
+
+@dataclass
+class NounParser:
+    """`extract_nouns(texts)`: the object-noun lemmas of each text, in order (repeats kept)."""
+    kind: str                      # "spacy_model" or "lookups"
+    nlp: object
+    batch_size: int = 256
+    model_name: str = ""
+    tagger: Optional[LookupsTagger] = field(default=None, repr=False)
+
+    @property
+    def identity(self) -> dict:
+        """What the extraction depends on (part of the concepts fingerprint)."""
+        ident = {"parser": self.kind, "extractor_version": EXTRACTOR_VERSION}
+        if self.kind == "spacy_model":
+            ident["model"] = self.model_name
+            ident["model_version"] = self.nlp.meta.get("version", "")
+        return ident
+
+    def extract_nouns(self, texts: Iterable[str]) -> list[list[str]]:
+        texts = [t if isinstance(t, str) else "" for t in texts]
+        if self.kind == "spacy_model":
+            return [_trained_nouns(doc) for doc in self.nlp.pipe(texts, batch_size=self.batch_size)]
+        return [self.tagger.nouns([t.text for t in doc])
+                for doc in self.nlp.pipe(texts, batch_size=self.batch_size)]
+
+
+def _trained_nouns(doc) -> list[str]:
+    out = []
+    for chunk in doc.noun_chunks:
+        for token in chunk:
+            if token.pos_ != "NOUN":
+                continue
+            if token.i == chunk.root.i or token.dep_ == "compound":
+                lemma = token.lemma_.lower().strip()
+                if lemma and lemma.isascii() and re.fullmatch(r"[a-z][a-z\-]*", lemma):
+                    out.append(lemma)
+    return out
+
+
+def resolve_parser_kind(cfg) -> str:
+    """The parser `cfg.parser` means here: 'spacy_model' or 'lookups'."""
+    import spacy
+
+    if cfg.parser == "lookups":
+        return "lookups"
+    installed = spacy.util.is_package(cfg.spacy_model)
+    if cfg.parser == "spacy_model" and not installed:
+        raise ValueError(
+            f"concepts.parser is spacy_model but the spaCy pipeline {cfg.spacy_model!r} is not installed; "
+            f"install it (pip install <path or URL of {cfg.spacy_model}-X.Y.Z.whl from "
+            "github.com/explosion/spacy-models/releases>) or set concepts.parser: lookups")
+    return "spacy_model" if installed else "lookups"
+
+
+def load_parser(cfg) -> NounParser:
+    """The noun parser for a `ConceptsConfig` (see the module docstring for the choice)."""
+    import spacy
+
+    kind = resolve_parser_kind(cfg)
+    if kind == "spacy_model":
+        nlp = spacy.load(cfg.spacy_model, disable=["ner", "textcat"])
+        return NounParser("spacy_model", nlp, cfg.batch_size, cfg.spacy_model)
+    return NounParser("lookups", spacy.blank("en"), cfg.batch_size, tagger=LookupsTagger())
+
+
+# -- the pool ------------------------------------------------------------------------------------------
+
+def stopword_set(cfg) -> frozenset[str]:
+    return NON_OBJECT_NOUNS | frozenset(normalize_concept(s) for s in cfg.stopwords)
+
+
+def build_pool(counts: Counter, cfg, vocabulary: Sequence[str] = (),
+               vocabulary_counts: Optional[Counter] = None) -> list[dict]:
+    """Concept rows {concept_id, name, count, source}: corpus nouns with count >= min_count (most
+    frequent first, ties by name), minus non-object nouns, at most max_concepts; then vocabulary names
+    not already in the pool (in their given order). ids are dense from 0 in that order."""
+    stop = stopword_set(cfg)
+    corpus = sorted(((n, c) for n, c in counts.items() if c >= cfg.min_count and n not in stop),
+                    key=lambda nc: (-nc[1], nc[0]))
+    if cfg.max_concepts is not None:
+        corpus = corpus[: cfg.max_concepts]
+    rows = [{"name": n, "count": int(c), "source": "corpus"} for n, c in corpus]
+    seen = {r["name"] for r in rows}
+    vocabulary_counts = vocabulary_counts or Counter()
+    for name in vocabulary:
+        name = normalize_concept(name)
+        if name and name not in seen:
+            seen.add(name)
+            count = counts.get(name, 0) if " " not in name else vocabulary_counts.get(name, 0)
+            rows.append({"name": name, "count": int(count), "source": "vocabulary"})
+    for i, r in enumerate(rows):
+        r["concept_id"] = i
+    return rows
+
+
+class ConceptMatcher:
+    """Maps a caption (its nouns and its text) to the ids of the pool concepts it names."""
+
+    def __init__(self, names: Sequence[str]):
+        self.ids = {n: i for i, n in enumerate(names)}
+        # Multi-word names (vocabulary phrases such as "hot dog") match the caption text, plural or not.
+        self.phrases = [(re.compile(r"\b" + r"\s+".join(map(re.escape, n.split())) + r"(?:s|es)?\b"), i)
+                        for n, i in self.ids.items() if " " in n]
+
+    def __call__(self, nouns: Sequence[str], text: str = "") -> list[int]:
+        out, seen = [], set()
+        for n in nouns:
+            i = self.ids.get(n)
+            if i is not None and i not in seen:
+                seen.add(i)
+                out.append(i)
+        if self.phrases and text:
+            low = text.lower()
+            for pattern, i in self.phrases:
+                if i not in seen and pattern.search(low):
+                    seen.add(i)
+                    out.append(i)
+        return out
+
+
+def count_phrases(names: Sequence[str], texts: Iterable[str]) -> Counter:
+    """How many texts name each multi-word name (plural or not)."""
+    phrases = [n for n in (normalize_concept(x) for x in names) if " " in n]
+    if not phrases:
+        return Counter()
+    patterns = {n: re.compile(r"\b" + r"\s+".join(map(re.escape, n.split())) + r"(?:s|es)?\b")
+                for n in phrases}
+    counts = Counter()
+    for text in texts:
+        low = (text or "").lower()
+        for n, p in patterns.items():
+            if p.search(low):
+                counts[n] += 1
+    return counts
+
+
+# -- vocabularies (class lists) -------------------------------------------------------------------------
+
+@dataclass
+class Vocabulary:
+    names: list[str]
+    category_ids: Optional[list[int]] = None   # COCO/LVIS category ids, in the order of `names`
+    source: str = ""
+
+
+def read_vocabulary(spec: str, base: Optional[Path] = None) -> Vocabulary:
+    """Class names from a text file (one per line, '#' comments), a COCO/LVIS JSON (its `categories`,
+    sorted by id), or a comma list ("cat,dog,hot dog"). Names are kept as written (clean-up happens
+    at prompt time); duplicates are refused."""
+    path = Path(spec).expanduser()
+    if base is not None and not path.is_absolute() and not path.exists() and (base / path).exists():
+        path = base / path
+    if path.is_file():
+        if path.suffix.lower() == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            cats = data.get("categories") if isinstance(data, dict) else data
+            if not isinstance(cats, list) or not all(isinstance(c, dict) and "name" in c for c in cats):
+                raise ValueError(f"{path}: expected a COCO/LVIS JSON with a 'categories' list of "
+                                 "{id, name} records")
+            cats = sorted(cats, key=lambda c: c.get("id", 0))
+            vocab = Vocabulary([str(c["name"]) for c in cats],
+                               [int(c["id"]) for c in cats] if all("id" in c for c in cats) else None,
+                               str(path))
+        else:
+            lines = [ln.split("#", 1)[0].strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+            vocab = Vocabulary([ln for ln in lines if ln], None, str(path))
+    elif spec.lower().endswith((".json", ".txt")) or "/" in spec:
+        raise FileNotFoundError(f"{spec}: no such class-list file (give a text file, a COCO/LVIS JSON, "
+                                "or a comma list such as 'cat,dog,hot dog')")
+    else:
+        vocab = Vocabulary([s.strip() for s in spec.split(",") if s.strip()], None, "comma list")
+    if not vocab.names:
+        raise ValueError(f"{spec}: the class list is empty")
+    lowered = [normalize_concept(n) for n in vocab.names]
+    dupes = sorted({n for n in lowered if lowered.count(n) > 1})
+    if dupes:
+        raise ValueError(f"{spec}: duplicate class names after clean-up: {', '.join(dupes[:10])}")
+    return vocab
+
+
+# -- per-shard work (Ray tasks) -------------------------------------------------------------------------
+#
+# The concepts stage runs in two passes over the shards. Pass 1 (`extract_shard`, parallel, the cost)
+# writes each caption's noun lemmas into the sidecar `concepts/captions/NNNNN.parquet` (key, nouns)
+# and a marker carrying the *extraction* fingerprint (parser only). Pass 2 (`assign_shard`, cheap)
+# adds each caption's pool concept ids and marks the shard done under the stage's full fingerprint.
+# So changing min_count, stopwords or the vocabulary rebuilds the pool without parsing again.
+
+
+
+@lru_cache(maxsize=4)
+def _cached_parser(cfg_json: str) -> NounParser:
+    from pipeline.config import ConceptsConfig
+
+    return load_parser(ConceptsConfig(**json.loads(cfg_json)))
+
+
+def shard_captions(shard_parquet: Path) -> tuple[list[str], list[str]]:
+    """(keys, captions) of the written ('ok') rows of a shard, in shard order."""
+    from pipeline.io import read_parquet
+
+    table = read_parquet(shard_parquet, columns=["key", "caption", "status"]).to_pydict()
+    keep = [i for i, s in enumerate(table["status"]) if s == "ok"]
+    return [table["key"][i] for i in keep], [table["caption"][i] or "" for i in keep]
+
+
+def read_marker(stage_dir, shard_id: int) -> Optional[dict]:
+    from pipeline.io import read_json
+
+    try:
+        return read_json(stage_dir.stats(shard_id))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def extract_shard(shard_id: int, shard_parquet: Path, sidecars, cfg_json: str, extract_fp: str) -> dict:
+    """Pass 1 for one shard: noun lemmas of every written caption -> the sidecar (key, nouns)."""
+    import time
+
+    import pyarrow as pa
+
+    from pipeline.io import write_parquet
+    from pipeline.stage import write_shard_stats
+
+    started = time.time()
+    keys, captions = shard_captions(shard_parquet)
+    nouns = _cached_parser(cfg_json).extract_nouns(captions)
+    path = sidecars.parquet(shard_id)
+    write_parquet(path, pa.table({"key": pa.array(keys, pa.string()),
+                                  "nouns": pa.array(nouns, pa.list_(pa.string()))}))
+    counts = {"captions": len(keys), "nouns": sum(map(len, nouns))}
+    # Not done under the stage's fingerprint yet (pass 2 adds concept ids); the extraction is.
+    write_shard_stats(sidecars, shard_id, f"extracted-{extract_fp}", counts, [path],
+                      extra={"extract_fingerprint": extract_fp}, seconds=round(time.time() - started, 3))
+    return {"shard": shard_id, **counts}
+
+
+def caption_counts(sidecar_paths: Iterable[Path]) -> Counter:
+    """For each noun lemma, the number of captions that name it (a caption counts once)."""
+    from pipeline.io import read_parquet
+
+    counts = Counter()
+    for path in sidecar_paths:
+        for nouns in read_parquet(path, columns=["nouns"])["nouns"].to_pylist():
+            counts.update(set(nouns))
+    return counts
+
+
+def assign_shard(shard_id: int, sidecars, matcher: ConceptMatcher, fingerprint: str, extract_fp: str,
+                 shard_parquet: Optional[Path] = None) -> dict:
+    """Pass 2 for one shard: add concept_ids (list<int32>) to the sidecar and mark it done."""
+    import time
+
+    import pyarrow as pa
+
+    from pipeline.io import read_parquet, write_parquet
+    from pipeline.stage import write_shard_stats
+
+    started = time.time()
+    path = sidecars.parquet(shard_id)
+    table = read_parquet(path, columns=["key", "nouns"])
+    nouns = table["nouns"].to_pylist()
+    texts = [""] * len(nouns)
+    if matcher.phrases and shard_parquet is not None:
+        _, texts = shard_captions(shard_parquet)
+    ids = [matcher(n, t) for n, t in zip(nouns, texts)]
+    write_parquet(path, pa.table({"key": table["key"], "nouns": table["nouns"],
+                                  "concept_ids": pa.array(ids, pa.list_(pa.int32()))}))
+    counts = {"captions": len(ids), "with_concepts": sum(1 for x in ids if x),
+              "concept_mentions": sum(map(len, ids))}
+    return write_shard_stats(sidecars, shard_id, fingerprint, counts, [path],
+                             extra={"extract_fingerprint": extract_fp},
+                             seconds=round(time.time() - started, 3))
+
+
+def read_concepts(path: Path) -> list[str]:
+    """Concept names in concept_id order from concepts.parquet."""
+    from pipeline.io import read_parquet
+
+    table = read_parquet(path, columns=["concept_id", "name"]).to_pydict()
+    order = sorted(range(len(table["name"])), key=lambda i: table["concept_id"][i])
+    if [table["concept_id"][i] for i in order] != list(range(len(order))):
+        raise ValueError(f"{path}: concept_id is not dense from 0; re-run `regionclip concepts MANIFEST`")
+    return [table["name"][i] for i in order]

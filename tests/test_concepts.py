@@ -1,0 +1,193 @@
+"""The concepts stage: noun extraction, the pool, vocabularies, reruns."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.concepts import (ConceptMatcher, build_pool, clean_name, load_parser, read_vocabulary,
+                               resolve_parser_kind)
+from pipeline.config import ConceptsConfig
+from pipeline.layout import RunLayout
+from tests.corpora import jpeg_bytes
+
+
+@pytest.fixture(scope="module")
+def parser():
+    return load_parser(ConceptsConfig(parser="lookups"))
+
+
+def test_plurals_and_inflections_collapse_to_one_lemma(parser):
+    got = parser.extract_nouns(["two dogs", "a dog's bone", "Dogs and DOG", "three boxes of knives",
+                                "two mice and a goose with geese", "glasses on the buses"])
+    assert got == [["dog"], ["dog", "bone"], ["dog", "dog"], ["box", "knife"],
+                   ["mouse", "goose", "goose"], ["glass", "bus"]]
+
+
+def test_non_nouns_are_not_concepts(parser):
+    got = parser.extract_nouns([
+        "a red car parked next to a white building",
+        "a man riding a horse quickly on the beach",
+        "one red and blue kite",
+        "he signs the book",
+        "very big and happy",
+        "a blue shiny car is running",
+    ])
+    assert got == [["car", "building"], ["man", "horse", "beach"], ["kite"], ["book"], [], ["car"]]
+    flat = {n for nouns in got for n in nouns}
+    assert not flat & {"red", "white", "parked", "riding", "quickly", "blue", "shiny", "running", "signs",
+                       "big", "happy", "very"}
+
+
+def test_compounds_keep_both_nouns(parser):
+    assert parser.extract_nouns(["a stop sign", "two glass bottles", "cartoon kites"]) == [
+        ["stop", "sign"], ["glass", "bottle"], ["cartoon", "kite"]]
+
+
+def test_auto_parser_falls_back_to_lookups_and_spacy_model_is_a_clear_error():
+    assert resolve_parser_kind(ConceptsConfig(parser="auto", spacy_model="en_core_web_sm")) == "lookups"
+    with pytest.raises(ValueError, match="not installed.*concepts.parser: lookups"):
+        resolve_parser_kind(ConceptsConfig(parser="spacy_model", spacy_model="en_core_web_sm"))
+
+
+def test_pool_min_count_max_concepts_stopwords_vocabulary():
+    counts = Counter({"dog": 5, "cat": 3, "photo": 9, "bone": 2, "ant": 3, "zebra": 1})
+    cfg = ConceptsConfig(min_count=3, stopwords=["Ant"])
+    pool = build_pool(counts, cfg, vocabulary=["Zebra", "hot_dog", "cat"], vocabulary_counts=Counter({"hot dog": 4}))
+    assert [(r["concept_id"], r["name"], r["count"], r["source"]) for r in pool] == [
+        (0, "dog", 5, "corpus"), (1, "cat", 3, "corpus"),       # photo: built-in non-object; ant: ours
+        (2, "zebra", 1, "vocabulary"), (3, "hot dog", 4, "vocabulary")]
+    capped = build_pool(counts, ConceptsConfig(min_count=1, max_concepts=2))
+    assert [r["name"] for r in capped] == ["dog", "ant"]       # ties by name: ant before cat
+
+
+def test_matcher_names_pool_concepts_and_vocabulary_phrases():
+    match = ConceptMatcher(["dog", "cat", "hot dog"])
+    assert match(["cat", "dog", "cat", "bone"], "a cat, a dog and two hot dogs") == [1, 0, 2]
+    assert match(["bone"], "hot dogs") == [2]
+
+
+def test_clean_name_rules():
+    assert clean_name("bow_(weapon)") == "bow weapon"
+    assert clean_name("tv,monitor") == "tv monitor"
+    assert clean_name("salad+dressing") == "salad dressing"
+
+
+def test_read_vocabulary_formats(tmp_path):
+    txt = tmp_path / "classes.txt"
+    txt.write_text("cat\n# a comment\n\nhot dog\n")
+    assert read_vocabulary(str(txt)).names == ["cat", "hot dog"]
+    assert read_vocabulary("cat, dog,hot dog").names == ["cat", "dog", "hot dog"]
+    coco = tmp_path / "instances.json"
+    coco.write_text(json.dumps({"images": [], "categories": [{"id": 18, "name": "dog"}, {"id": 1, "name": "person"}]}))
+    vocab = read_vocabulary(str(coco))
+    assert vocab.names == ["person", "dog"] and vocab.category_ids == [1, 18]
+    with pytest.raises(FileNotFoundError, match="no such class-list file"):
+        read_vocabulary(str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="duplicate"):
+        read_vocabulary("cat,Cat")
+
+
+def test_synthetic_world_categories_are_all_in_the_pool(parser, tmp_path):
+    import csv
+    import re
+
+    from pipeline.config import SynthConfig
+    from pipeline.synth import CATEGORIES, PLURALS, generate_world
+
+    generate_world(SynthConfig(num_images=160, num_val_images=0, min_side=64, max_side=96), tmp_path,
+                   progress=False)
+    with open(tmp_path / "captions.tsv", newline="") as f:
+        captions = [r["caption"] for r in csv.DictReader(f, delimiter="\t")]
+    truth, counts = Counter(), Counter()
+    for caption, nouns in zip(captions, parser.extract_nouns(captions)):
+        words = set(re.findall(r"[a-z]+", caption.lower()))
+        truth.update(c for c in CATEGORIES if c in words or PLURALS[c] in words)
+        counts.update(set(nouns))
+    for category in CATEGORIES:            # every mention found, or nearly (no tagger here)
+        assert truth[category] >= counts[category] >= 0.95 * truth[category] > 0, category
+    pool = {r["name"] for r in build_pool(counts, ConceptsConfig(min_count=min(truth.values())))}
+    assert set(CATEGORIES) <= pool
+    precision = len(pool & set(CATEGORIES)) / len(pool)
+    assert precision >= 0.75, sorted(pool - set(CATEGORIES))
+
+
+# -- the stage -------------------------------------------------------------------------------------
+
+CAPTIONS = [
+    "two dogs playing with a ball",
+    "a dog's bone on the grass",
+    "a black cat sleeping on a sofa",
+    "cats and dogs",
+    "a photo of a red ball",
+    "a cat with a ball and a bone",
+    "running quickly",
+    "a bird on a tree",
+    "three birds",
+    "an old tree",
+]
+# Captions naming each lemma (a caption counts once).
+EXPECTED = {"dog": 3, "ball": 3, "cat": 3, "bone": 2, "bird": 2, "tree": 2, "grass": 1, "sofa": 1}
+
+
+def make_caption_folder(root: Path, captions: list[str]) -> None:
+    root.mkdir(parents=True)
+    for i, caption in enumerate(captions):
+        (root / f"{i:03d}.jpg").write_bytes(jpeg_bytes(24, 16, seed=i))
+        (root / f"{i:03d}.txt").write_text(caption)
+
+
+@pytest.fixture
+def sharded(ray_local, tmp_path, write_manifest):
+    from stages import shard
+
+    make_caption_folder(tmp_path / "corpus", CAPTIONS)
+
+    def make(body: str = ""):
+        m = write_manifest(f"corpus: {{format: folder, path: {tmp_path / 'corpus'}}}\n"
+                           f"shard: {{samples_per_shard: 4}}\n{body}")
+        return m
+    shard.run(make())
+    return make
+
+
+def read_pool(layout: RunLayout) -> dict[str, int]:
+    t = pq.read_table(layout.concepts_parquet).to_pydict()
+    assert t["concept_id"] == list(range(len(t["name"])))
+    return dict(zip(t["name"], t["count"]))
+
+
+def test_stage_counts_are_exact_and_reruns_do_only_what_changed(sharded):
+    from stages import concepts
+
+    m = sharded("concepts: {min_count: 2}\n")
+    layout = RunLayout.of(m)
+    first = concepts.run(m)
+    assert first["work"] == {"extracted": 3, "assigned": 3, "pool": True}
+    pool = read_pool(layout)
+    assert pool == {k: v for k, v in EXPECTED.items() if v >= 2}
+    names = list(pool)
+    sidecars = [pq.read_table(layout.caption_concepts.parquet(s)).to_pylist() for s in range(3)]
+    rows = [r for table in sidecars for r in table]
+    assert [len(t) for t in sidecars] == [4, 4, 2]
+    assert rows[0]["key"].startswith("00000")
+    assert [[names[i] for i in r["concept_ids"]] for r in rows] == [
+        ["dog", "ball"], ["dog", "bone"], ["cat"], ["cat", "dog"], ["ball"], ["cat", "ball", "bone"], [],
+        ["bird", "tree"], ["bird"], ["tree"]]
+    assert first["counts"]["captions"] == 10 and first["counts"]["with_concepts"] == 9
+
+    # The same settings: nothing is redone, nothing rewritten.
+    mtimes = {p: p.stat().st_mtime_ns for p in layout.concepts.root.rglob("*") if p.is_file()}
+    again = concepts.run(m)
+    assert again["work"] == {"extracted": 0, "assigned": 0, "pool": False}
+    assert mtimes == {p: p.stat().st_mtime_ns for p in layout.concepts.root.rglob("*") if p.is_file()}
+
+    # min_count changes the pool and the ids, but the captions are not parsed again.
+    lower = concepts.run(sharded("concepts: {min_count: 1, vocabulary: 'zebra,hot dog'}\n"))
+    assert lower["work"] == {"extracted": 0, "assigned": 3, "pool": True}
+    pool = read_pool(layout)
+    assert {k: pool[k] for k in EXPECTED} == EXPECTED and pool["zebra"] == 0 and pool["hot dog"] == 0
+    assert lower["fingerprint"] != first["fingerprint"]
