@@ -149,9 +149,27 @@ class RunLayout:
         """The label stage's codec description (and files named beside it, e.g. a PQ codebook)."""
         return self.labels.root / "codec.json"
 
+    def labels_codec_file(self, suffix: str) -> Path:
+        """A codec's own file beside codec.json: `codec_<suffix>` (e.g. suffix "pq.faiss")."""
+        return self.labels.root / f"codec_{suffix}"
+
+    @property
+    def labels_region_index(self) -> Path:
+        """The optional FAISS index over the teacher's region embeddings (label.region_index)."""
+        return self.labels.root / "regions.faiss"
+
+    @property
+    def labels_region_ids(self) -> Path:
+        """Row i of regions.faiss is region `region` of sample `key`."""
+        return self.labels.root / "regions.parquet"
+
     @property
     def eval(self) -> Path:
         return self.root / "eval"
+
+    def show_png(self, key: str) -> Path:
+        """`regionclip show`'s picture of one sample's proposals and pseudo-labels."""
+        return self.eval / "show" / f"{key}.png"
 
     @property
     def summary_json(self) -> Path:

@@ -71,3 +71,57 @@ def run_tasks(fn: Callable[..., Any], arg_list: Iterable[tuple], *, num_cpus: fl
             done, pending = ray.wait(pending, num_returns=1)
             bar.update(1)
             yield ray.get(done[0])
+
+
+def actor_pool_plan(num_items: int, *, num_gpus_per_actor: float, num_actors: Optional[int] = None,
+                    cpus_per_actor: float = 1) -> dict:
+    """How many model-holding actors to start and what each asks Ray for.
+
+    With GPUs in the cluster each actor asks for `num_gpus_per_actor` GPUs and the pool has as many
+    actors as the GPUs allow; otherwise the actors run on CPU (one per `cpus_per_actor` CPUs).
+    Never more actors than items.
+    """
+    resources = cluster_resources()
+    gpus = float(resources.get("GPU", 0.0))
+    use_gpus = num_gpus_per_actor if gpus > 0 and num_gpus_per_actor > 0 else 0.0
+    if num_actors is None:
+        if use_gpus:
+            num_actors = max(1, int(gpus // use_gpus))
+        else:
+            num_actors = max(1, int(resources.get("CPU", 1) // max(cpus_per_actor, 1e-3)))
+    return {"num_actors": max(1, min(num_actors, max(num_items, 1))), "num_gpus": use_gpus,
+            "num_cpus": cpus_per_actor}
+
+
+def map_with_actor_pool(actor_cls: type, items: list[dict], *, constructor_args: tuple = (),
+                        num_gpus_per_actor: float = 1.0, num_actors: Optional[int] = None,
+                        cpus_per_actor: float = 1, desc: str = "", unit: str = "shard") -> Iterator[dict]:
+    """Ray Data: `items` (one row each, e.g. {"shard": 3}) through a pool of `actor_cls` actors.
+
+    Each actor is constructed once with `constructor_args` (it loads the model) and is called with
+    batches of one row (a dict of numpy columns); it returns a dict of small numpy columns (stats),
+    yielded here row by row as they finish, with a progress bar. Ray Data streams the items
+    (backpressure: a bounded number of calls per actor are queued), and an actor that dies is
+    replaced and its item retried.
+    """
+    import ray
+
+    if not items:
+        return
+    plan = actor_pool_plan(len(items), num_gpus_per_actor=num_gpus_per_actor, num_actors=num_actors,
+                           cpus_per_actor=cpus_per_actor)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False       # our own bar below, one line per stage
+    ctx.execution_options.preserve_order = False
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    remote = {"num_gpus": plan["num_gpus"]} if plan["num_gpus"] else {}
+    ds = ds.map_batches(actor_cls, batch_size=1, batch_format="numpy",
+                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan["num_actors"],
+                                                           max_tasks_in_flight_per_actor=2),
+                        fn_constructor_args=constructor_args, num_cpus=plan["num_cpus"], **remote)
+    log.info("%s: %d items on %d actor(s), %s GPU each", desc, len(items), plan["num_actors"], plan["num_gpus"])
+    with tqdm(total=len(items), desc=desc, unit=unit, dynamic_ncols=True,
+              disable=None if os.isatty(2) else False, mininterval=1.0) as bar:
+        for row in ds.iter_rows():
+            bar.update(1)
+            yield row

@@ -1,0 +1,210 @@
+"""The label stage: equality with a direct region-encoder computation, codecs, flipped targets, resume."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pipeline.images import load_rgb
+from pipeline.sidecars import read_labels, read_proposals, read_shard_images
+from stages import label, proposals
+from tests.labelkit import concepts_from_regions, manifest_body, prepare_run, read_rows, rpn_loader
+from trainer.clip import CLIP_MEAN, CLIP_STD, load_clip
+from trainer.codecs import FP16Codec, PQCodec, TopKCodec, load_codec
+from trainer.region_encoder import RegionEncoder
+from trainer.teacher_labels import Teacher
+
+
+@pytest.fixture(scope="module")
+def run(ray_local, tmp_path_factory):
+    from pipeline.config import load_manifest
+
+    root = tmp_path_factory.mktemp("label")
+    path = root / "m.yaml"
+    path.write_text("name: t\noutput_dir: out\nray: {num_cpus: 2}\n"
+                    + manifest_body(codec="pq", extra="") .replace("topk: 8,", "topk: 8, store_flipped: true,"))
+    manifest = load_manifest(path)
+    layout = prepare_run(manifest)
+    proposals.run(manifest, rpn_loader=rpn_loader())
+    concepts = concepts_from_regions(layout)
+    result = label.run(manifest)
+    return manifest, layout, concepts, result
+
+
+def direct(layout, concepts, shard_id, flip=False, batch_size=2):
+    """The teacher by hand: canonical resize (bicubic), CLIP normalisation, zero padding to /32 per
+    batch of 2 in shard order, RoIAlign on res4 -> res5 -> attention pool, cos / 0.01."""
+    model, _ = load_clip("RN50-tiny", layout.teacher_checkpoint)
+    enc = RegionEncoder.from_clip(model).eval()
+    props = read_proposals(layout.proposals, shard_id)
+    keys = list(props)
+    blobs = read_shard_images(layout.shard_tar(shard_id), keys)
+    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
+    out = []
+    for start in range(0, len(keys), batch_size):
+        part = keys[start:start + batch_size]
+        tensors, boxes, sizes = [], [], []
+        for k in part:
+            img = load_rgb(blobs[k])
+            w, h = img.size
+            s = 128 / min(w, h)
+            if max(w, h) * s > 192:
+                s = 192 / max(w, h)
+            nw, nh = int(w * s + 0.5), int(h * s + 0.5)
+            b = props[k].boxes * np.array([nw / w, nh / h, nw / w, nh / h], np.float32)
+            if flip:
+                img = img.transpose(Image.FLIP_LEFT_RIGHT)
+                pb = props[k].boxes
+                b = np.stack([w - pb[:, 2], pb[:, 1], w - pb[:, 0], pb[:, 3]], 1) * np.array(
+                    [nw / w, nh / h, nw / w, nh / h], np.float32)
+            img = img.resize((nw, nh), Image.BICUBIC)
+            t = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255
+            tensors.append((t - mean) / std)
+            boxes.append(torch.from_numpy(np.concatenate([b, [[0, 0, nw, nh]]]).astype(np.float32)))
+            sizes.append(len(b))
+        H = math.ceil(max(t.shape[1] for t in tensors) / 32) * 32
+        W = math.ceil(max(t.shape[2] for t in tensors) / 32) * 32
+        batch = torch.zeros(len(tensors), 3, H, W)
+        for i, t in enumerate(tensors):
+            batch[i, :, :t.shape[1], :t.shape[2]] = t
+        with torch.no_grad():
+            emb = F.normalize(enc.pool_regions(enc.features(batch), boxes), dim=-1)
+        at = 0
+        for k, n in zip(part, sizes):
+            e = emb[at:at + n + 1]
+            logits = e @ torch.from_numpy(concepts).t() / 0.01
+            out.append({"key": k, "regions": e[:n], "image": e[n], "logits": logits[:n], "image_logits": logits[n]})
+            at += n + 1
+    return out
+
+
+def test_label_rows_equal_direct_computation(run):
+    manifest, layout, concepts, result = run
+    codec = load_codec(layout.labels.root)
+    assert codec.kind == "pq" and codec.code_size == 12  # 16 sub-quantizers x 6 bits
+    total_regions, labels_seen = 0, set()
+    for shard_id in (0, 2):
+        rows = read_labels(layout.labels, shard_id).to_pylist()
+        expected = direct(layout, concepts, shard_id)
+        props = read_proposals(layout.proposals, shard_id)
+        assert [r["key"] for r in rows] == [e["key"] for e in expected] == list(props)
+        for row, exp in zip(rows, expected):
+            n = row["num_regions"]
+            assert n == props[row["key"]].boxes.shape[0] == len(exp["regions"])
+            probs = torch.softmax(exp["logits"], -1)
+            assert row["pseudo_label"] == probs.argmax(-1).tolist()
+            np.testing.assert_allclose(row["pseudo_prob"], probs.max(-1).values.numpy(), atol=1e-4)
+            assert row["image_pseudo_label"] == int(exp["image_logits"].argmax())
+            codes = np.frombuffer(row["region_codes"], np.uint8).reshape(n, codec.code_size)
+            # the stored codes are the codec's encoding of the direct embeddings
+            direct_codes = codec.encode(exp["regions"].numpy())
+            assert (codes == direct_codes).mean() > 0.99
+            assert row["image_code"] == codec.encode(exp["image"][None].numpy()).tobytes()
+            total_regions += n
+            labels_seen.update(row["pseudo_label"])
+    assert total_regions > 20 and len(labels_seen) > 2, "pseudo-labels should vary across regions"
+    assert result["counts"]["regions"] == sum(r["num_regions"] for r in read_rows(layout.labels))
+
+
+def test_flipped_targets_are_the_teacher_on_the_mirrored_image(run):
+    _, layout, concepts, _ = run
+    codec = load_codec(layout.labels.root)
+    rows = read_labels(layout.labels, 1).to_pylist()
+    expected = direct(layout, concepts, 1, flip=True)
+    agree = []
+    for row, exp in zip(rows, expected):
+        n = row["num_regions"]
+        codes = np.frombuffer(row["flipped_region_codes"], np.uint8).reshape(n, codec.code_size)
+        agree.append((codes == codec.encode(exp["regions"].numpy())).mean())
+        decoded = codec.decode_logits(torch.from_numpy(codes.copy()), torch.from_numpy(concepts))
+        assert (decoded.argmax(-1) == exp["logits"].argmax(-1)).float().mean() > 0.8
+        assert row["flipped_image_code"] == codec.encode(exp["image"][None].numpy()).tobytes()
+        assert row["flipped_region_codes"] != row["region_codes"] or n == 0
+    assert np.mean(agree) > 0.99
+
+
+def test_codec_round_trips(run):
+    _, layout, concepts, _ = run
+    emb = torch.cat([d["regions"] for d in direct(layout, concepts, 0)]).numpy()
+    c = torch.from_numpy(concepts)
+    full = torch.from_numpy(emb) @ c.t() / 0.01
+
+    def kl(decoded):
+        return (torch.softmax(full, -1) * (torch.log_softmax(full, -1) - torch.log_softmax(decoded, -1))).sum(-1).mean()
+
+    fp16 = FP16Codec(64)
+    dec = fp16.decode_logits(torch.from_numpy(fp16.encode(emb)), c)
+    torch.testing.assert_close(dec, full, atol=0.05, rtol=0)
+    assert fp16.code_size == 128 and kl(dec) < 1e-4
+
+    topk = TopKCodec(4, concepts, 0.01)
+    codes = topk.encode(emb)
+    assert codes.shape == (len(emb), 4 * 4)
+    dec = topk.decode_logits(torch.from_numpy(codes), c)
+    torch.testing.assert_close(torch.softmax(dec, -1).sum(-1), torch.ones(len(emb)))
+    assert (dec.argmax(-1) == full.argmax(-1)).float().mean() > 0.95  # fp16 ties aside
+    top4 = torch.log_softmax(full, -1).topk(4).values
+    torch.testing.assert_close(dec.topk(4).values, top4, atol=2e-2, rtol=1e-2)
+
+    pq = load_codec(layout.labels.root)
+    assert isinstance(pq, PQCodec)
+    dec = pq.decode_logits(torch.from_numpy(pq.encode(emb)), c)
+    ref = torch.from_numpy(pq.pq.decode(pq.encode(emb)))
+    torch.testing.assert_close(pq.decode_embeddings(torch.from_numpy(pq.encode(emb))), F.normalize(ref, dim=-1))
+    assert (dec.argmax(-1) == full.argmax(-1)).float().mean() > 0.8
+
+
+def test_faiss_scoring_matches_the_matrix_product(run):
+    _, layout, concepts, _ = run
+    model, _ = load_clip("RN50-tiny", layout.teacher_checkpoint)
+    emb = torch.cat([d["regions"] for d in direct(layout, concepts, 2)])
+    dense = Teacher(model, concepts, device="cpu")
+    search = Teacher(model, concepts, faiss_threshold=1, device="cpu")
+    assert search.uses_faiss and not dense.uses_faiss
+    (l1, p1), (l2, p2) = dense.score(emb), search.score(emb)
+    np.testing.assert_array_equal(l1, l2)
+    np.testing.assert_allclose(p1, p2, atol=1e-4)
+
+
+def test_resume_redoes_only_a_missing_shard_and_writes_a_region_index(run):
+    import faiss
+
+    manifest, layout, concepts, _ = run
+    before = {p.name: p.stat().st_mtime_ns for p in layout.labels.root.glob("[0-9]*.parquet")}
+    rows_before = read_rows(layout.labels)
+    codec_before = json.loads(layout.labels_codec.read_text())
+    layout.labels.stats(1).unlink()
+    manifest.label.region_index = True
+    label.run(manifest)
+    after = {p.name: p.stat().st_mtime_ns for p in layout.labels.root.glob("[0-9]*.parquet")}
+    assert after["00001.parquet"] != before["00001.parquet"]
+    assert {k: v for k, v in after.items() if k != "00001.parquet"} == \
+        {k: v for k, v in before.items() if k != "00001.parquet"}
+    assert read_rows(layout.labels) == rows_before
+    assert json.loads(layout.labels_codec.read_text()) == codec_before  # the codebook is reused
+    index = faiss.read_index(str(layout.labels_region_index))
+    assert index.ntotal == sum(r["num_regions"] for r in rows_before)
+    codec = load_codec(layout.labels.root)
+    first = rows_before[0]
+    q = codec.decode_embeddings(torch.from_numpy(
+        np.frombuffer(first["region_codes"], np.uint8).reshape(-1, codec.code_size)[:1].copy())).numpy()
+    recon = index.reconstruct(0)  # row 0 = region 0 of the first key, with the stored code
+    np.testing.assert_allclose(recon / np.linalg.norm(recon), q[0], atol=1e-5)
+    sims, found = index.search(q, 3)
+    assert found.shape == (1, 3) and (found >= 0).all()
+
+
+def test_dimension_mismatch_is_refused_before_any_work(run, tmp_path):
+    manifest, layout, _, _ = run
+    good = np.load(layout.concept_embeddings)
+    try:
+        np.save(layout.concept_embeddings, np.zeros((3, 32), np.float32))
+        with pytest.raises(ValueError, match="dim 32"):
+            label.run(manifest)
+    finally:
+        np.save(layout.concept_embeddings, good)

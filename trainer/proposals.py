@@ -1,0 +1,121 @@
+"""Region proposals for pretraining (REFERENCE §2): a frozen class-agnostic RPN over every shard image.
+
+The RPN (trainer/rpn.py, `load_rpn(path, device).propose(...)`) resizes each image to the canonical
+scale itself and returns boxes in original-image pixels with objectness logits. Here they are made
+safe to store: clipped to the image, degenerate boxes (zero width or height) dropped, ordered by
+objectness (stable, highest first), at most post_nms_top_n. An image with no box keeps its row
+(num_boxes 0).
+"""
+from __future__ import annotations
+
+import importlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from pipeline.sidecars import Proposals
+
+DEFAULT_RPN_LOADER = "trainer.rpn:load_rpn"
+
+
+def clean_boxes(boxes, scores, width: int, height: int, top_n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Clip to the image, drop degenerate boxes, order by objectness, keep at most top_n."""
+    b = np.asarray(boxes.detach().cpu() if torch.is_tensor(boxes) else boxes, np.float32).reshape(-1, 4)
+    s = np.asarray(scores.detach().cpu() if torch.is_tensor(scores) else scores, np.float32).reshape(-1)
+    b = b.copy()
+    b[:, [0, 2]] = b[:, [0, 2]].clip(0, width)
+    b[:, [1, 3]] = b[:, [1, 3]].clip(0, height)
+    keep = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1]) & np.isfinite(b).all(1) & np.isfinite(s)
+    b, s = b[keep], s[keep]
+    order = np.argsort(-s, kind="stable")[:top_n]
+    return np.ascontiguousarray(b[order]), np.ascontiguousarray(s[order])
+
+
+def import_loader(spec: str):
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+@dataclass
+class ProposalJob:
+    """What a proposal worker needs, as plain data (it travels to Ray actors)."""
+    run_root: str
+    checkpoint: str
+    min_size: int
+    max_size: int
+    pre_nms_top_n: int
+    post_nms_top_n: int
+    nms_thresh: float
+    batch_size: int
+    fingerprint: str
+    rpn_loader: str = DEFAULT_RPN_LOADER
+    device: str = "auto"
+    torch_threads: Optional[int] = None
+
+
+def image_tensor(img) -> torch.Tensor:
+    """PIL RGB -> float [3, H, W] in 0..1."""
+    return torch.from_numpy(np.asarray(img.convert("RGB"), np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+
+
+class Proposer:
+    def __init__(self, job: ProposalJob):
+        from trainer.teacher_labels import make_deterministic, resolve_device
+
+        if job.torch_threads:
+            torch.set_num_threads(job.torch_threads)
+        self.job = job
+        self.device = resolve_device(job.device)
+        make_deterministic(self.device)
+        self.rpn = import_loader(job.rpn_loader)(job.checkpoint, self.device)
+        if hasattr(self.rpn, "eval"):
+            self.rpn.eval()
+
+    @torch.no_grad()
+    def propose(self, images) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Cleaned (boxes, objectness) per PIL image, in original pixels."""
+        j = self.job
+        tensors = [image_tensor(img).to(self.device) for img in images]
+        raw = self.rpn.propose(tensors, min_size=j.min_size, max_size=j.max_size, pre_nms_top_n=j.pre_nms_top_n,
+                               post_nms_top_n=j.post_nms_top_n, nms_thresh=j.nms_thresh)
+        return [clean_boxes(b, s, img.width, img.height, j.post_nms_top_n) for (b, s), img in zip(raw, images)]
+
+    def shard(self, shard_id: int) -> dict:
+        """Propose boxes for every written image of a shard; write the Parquet, then the marker."""
+        from pipeline.images import load_rgb
+        from pipeline.layout import RunLayout
+        from pipeline.sidecars import read_shard_images, write_proposals, written_keys
+        from pipeline.stage import write_shard_stats
+        from trainer.teacher_labels import chunks
+
+        started = time.time()
+        layout = RunLayout(Path(self.job.run_root))
+        keys = [k["key"] for k in written_keys(layout.shards, shard_id)]
+        blobs = read_shard_images(layout.shard_tar(shard_id), keys)
+        rows = []
+        for part in chunks(len(keys), self.job.batch_size):
+            images = [load_rgb(blobs[keys[i]]) for i in part]
+            for i, img, (boxes, scores) in zip(part, images, self.propose(images)):
+                rows.append(Proposals(keys[i], img.width, img.height, boxes, scores))
+        path = write_proposals(layout.proposals, shard_id, rows)
+        seconds = round(time.time() - started, 3)
+        boxes = int(sum(len(r.boxes) for r in rows))
+        write_shard_stats(layout.proposals, shard_id, self.job.fingerprint,
+                          {"images": len(rows), "boxes": boxes,
+                           "empty": int(sum(len(r.boxes) == 0 for r in rows))}, [path], seconds=seconds)
+        return {"shard": shard_id, "images": len(rows), "boxes": boxes, "seconds": seconds}
+
+
+class ProposalShardWorker:
+    """Ray Data actor: holds the RPN; each call proposes boxes for whole shards (one per row)."""
+
+    def __init__(self, job: ProposalJob):
+        self.proposer = Proposer(job)
+
+    def __call__(self, batch: dict) -> dict:
+        rows = [self.proposer.shard(int(s)) for s in batch["shard"]]
+        return {k: np.array([r[k] for r in rows]) for k in ("shard", "images", "boxes", "seconds")}
