@@ -1,0 +1,267 @@
+"""The streaming pretraining trainer: data joins, determinism, exact resume, SIGTERM, DDP, export."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import PretrainConfig
+from pipeline.layout import RunLayout, sample_key
+from tests.pretrain_world import LocalFP16Codec, make_world
+from trainer.clip import create_clip, load_clip
+from trainer.data import DataError, DataOptions, DataPosition, PretrainStream, Sidecars, make_loader, \
+    prepare_sample, sample_rng, shard_sources, read_tar
+from trainer.pretrain import PretrainPaths, PretrainTrainer, lr_at
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = dict(batch_size=4, regions_per_image=8, min_size=64, max_size=96, warmup_steps=2, lr=0.01,
+             log_every=1, checkpoint_every=100, device="cpu", resume="auto", seed=3)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Deterministic and quick on a shared 2-core machine; the subprocesses use one thread too.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    return make_world(root, corrupt=(sample_key(0, 3),), drop_rows=(sample_key(1, 5),))
+
+
+def _opts(**kw):
+    return DataOptions(**{**dict(batch_size=4, seed=3, min_size=64, max_size=96, regions_per_image=8), **kw})
+
+
+def _trainer(world, out: Path, **cfg):
+    torch.manual_seed(0)
+    model, _ = create_clip("RN50-tiny")
+    c = PretrainConfig(**{**SMALL, **cfg})
+    paths = PretrainPaths(out / "last.pt", out / "student.pt", out / "tb", out / "last.png")
+    return PretrainTrainer(c, model, world["concepts"], paths, progress=False,
+                           sources=shard_sources(world["layout"], world["shard_ids"]), codec=world["codec"])
+
+
+def _weights(trainer) -> dict:
+    return {k: v.detach().clone() for k, v in trainer.encoder.state_dict().items()}
+
+
+# -- data -------------------------------------------------------------------------------------------------
+
+def test_stream_is_deterministic_and_counts_bad_samples(world):
+    sources = shard_sources(world["layout"], world["shard_ids"])
+    keys = []
+    it = iter(PretrainStream(sources, _opts()))
+    batches = [next(it) for _ in range(4)]  # 14 usable samples per epoch: the 4th batch enters epoch 1
+    keys = [k for b in batches for k in b["keys"]]
+    again = iter(PretrainStream(sources, _opts()))
+    assert [k for _ in range(4) for k in next(again)["keys"]] == keys
+    assert sample_key(0, 3) not in keys[:14] and sample_key(1, 5) not in keys[:14]
+    assert len(set(keys[:14])) == 14  # an epoch visits every usable sample once
+    assert batches[3]["_skipped"] == {"corrupt_image": 1, "missing_labels": 1}
+    b = batches[0]
+    assert b["images"].dtype == torch.uint8 and b["images"].shape[2] % 32 == 0 and b["images"].shape[3] % 32 == 0
+    assert b["boxes"].shape == (4, 8, 4) and b["codes"].shape == (4, 8, 128) and b["valid"].all()
+    assert min(min(hw) for hw in b["image_sizes"].tolist()) == 64  # short side = min_size
+    # another seed, another order
+    other = iter(PretrainStream(sources, _opts(seed=4)))
+    assert [k for _ in range(3) for k in next(other)["keys"]] != keys[:12]
+
+
+def test_too_few_shards_is_an_error_unless_resampling(world):
+    sources = shard_sources(world["layout"], world["shard_ids"])
+    with pytest.raises(DataError, match="resample_shards"):
+        PretrainStream(sources, _opts(), rank=0, world_size=2, num_workers=2)
+    it = iter(PretrainStream(sources, _opts(resample_shards=True), rank=1, world_size=2, num_workers=2))
+    assert len(next(it)["keys"]) == 4
+
+
+def test_flip_mirrors_boxes_and_uses_stored_flipped_targets(tmp_path):
+    w = make_world(tmp_path, num_shards=1, per_shard=4, store_flipped=True)
+    src = shard_sources(w["layout"], [0])[0]
+    side = Sidecars.read(src)
+    samples, _ = read_tar(src.tar)
+    seen_flip = False
+    for index, (key, members) in enumerate(samples):
+        a = prepare_sample(key, members, side, _opts(flip=True), sample_rng(3, 0, 0, index))
+        b = prepare_sample(key, members, side, _opts(flip=False), sample_rng(3, 0, 0, index))
+        if not a["flip"]:
+            continue
+        seen_flip = True
+        width = a["size"][1]
+        np.testing.assert_allclose(a["boxes"][:, 0], width - b["boxes"][:, 2], atol=1e-4)
+        np.testing.assert_allclose(a["boxes"][:, 2], width - b["boxes"][:, 0], atol=1e-4)
+        np.testing.assert_allclose(a["boxes"][:, [1, 3]], b["boxes"][:, [1, 3]])
+        assert torch.equal(a["image"], b["image"].flip(-1))
+        assert not np.array_equal(a["codes"], b["codes"])  # the stored flipped teacher outputs
+        np.testing.assert_array_equal(a["labels"], b["labels"])
+    assert seen_flip
+
+
+def test_lr_schedule_warmup_and_steps():
+    cfg = PretrainConfig(lr=0.1, warmup_steps=10, lr_steps=[20, 30])
+    assert lr_at(cfg, 0) == pytest.approx(0.1 * 0.001)
+    assert lr_at(cfg, 5) == pytest.approx(0.1 * (0.001 * 0.5 + 0.5))
+    assert lr_at(cfg, 10) == pytest.approx(0.1)
+    assert lr_at(cfg, 25) == pytest.approx(0.01)
+    assert lr_at(cfg, 30) == pytest.approx(0.001)
+
+
+# -- exact resume ------------------------------------------------------------------------------------------
+
+def _losses(history):
+    return [(h["step"], h["loss_region_concept"], h["loss_distill"], h["loss_image_caption"]) for h in history]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_exact_resume(world, tmp_path, workers):
+    n = 3 if workers else 2  # with 2 workers an odd n checks the round-robin rotation
+    full = _trainer(world, tmp_path / "full", steps=2 * n, num_workers=workers)
+    s_full = full.train()
+    part = _trainer(world, tmp_path / "part", steps=2 * n, num_workers=workers)
+    s_part = part.train(stop_after=n)  # n steps, then stop as on SIGTERM (the state is saved)
+    assert s_part["status"] == "interrupted" and (tmp_path / "part" / "last.pt").exists()
+    resumed = _trainer(world, tmp_path / "part", steps=2 * n, num_workers=workers)
+    s_res = resumed.train()
+    assert s_res["status"] == "done" and resumed.step == 2 * n
+    assert _losses(s_res["history"]) == _losses(s_full["history"])  # identical, step by step
+    a, b = _weights(full), _weights(resumed)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    assert s_res["skipped"] == s_full["skipped"]
+    assert (tmp_path / "part" / "last.png").stat().st_size > 0
+    assert list((tmp_path / "part" / "tb").glob("events.*"))
+
+
+SIGTERM_CHILD = textwrap.dedent("""
+    import sys, torch
+    sys.path.insert(0, {repo!r})
+    torch.set_num_threads(1)
+    from pathlib import Path
+    from tests.pretrain_world import LocalFP16Codec
+    from tests.test_pretrain import _trainer
+    from trainer.pretrain import HookBase
+    import numpy as np
+    from pipeline.layout import RunLayout
+    root = Path({root!r})
+    world = dict(layout=RunLayout(root), shard_ids=[0, 1], codec=LocalFP16Codec(64),
+                 concepts=np.load(RunLayout(root).concept_embeddings))
+    class Tell(HookBase):
+        def after_step(self, t):
+            print("step", t.step, flush=True)
+            import time; time.sleep(0.3)
+    t = _trainer(world, Path({out!r}), steps={steps})
+    t.hooks.insert(0, Tell())
+    s = t.train()
+    print("status", s["status"], s["step"], flush=True)
+""")
+
+
+def test_sigterm_saves_and_resumes_exactly(world, tmp_path):
+    steps = 5
+    torch.set_num_threads(1)
+    full = _trainer(world, tmp_path / "full", steps=steps)
+    full.train()
+    out = tmp_path / "killed"
+    script = SIGTERM_CHILD.format(repo=str(REPO), root=str(world["layout"].root), out=str(out), steps=steps)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    for line in proc.stdout:
+        if line.startswith("step 2"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=60) == 0
+    assert "status interrupted" in rest, rest
+    saved = torch.load(out / "last.pt", weights_only=True)
+    assert 2 <= saved["step"] < steps
+    resumed = _trainer(world, out, steps=steps)
+    resumed.train()
+    a, b = _weights(full), _weights(resumed)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+
+
+# -- DDP ---------------------------------------------------------------------------------------------------
+
+DDP_SCRIPT = textwrap.dedent("""
+    import json, os, sys, torch
+    sys.path.insert(0, {repo!r})
+    torch.set_num_threads(1)
+    from pathlib import Path
+    import numpy as np
+    from pipeline.layout import RunLayout
+    from tests.pretrain_world import LocalFP16Codec
+    from tests.test_pretrain import _trainer
+    root, out = Path({root!r}), Path({out!r})
+    world = dict(layout=RunLayout(root), shard_ids=[0, 1], codec=LocalFP16Codec(64),
+                 concepts=np.load(RunLayout(root).concept_embeddings))
+    t = _trainer(world, out, steps=1, batch_size=4, loss_region_concept=0.0, resume="never")
+    rank = int(os.environ["RANK"])
+    data = t.loader()
+    first = next(data)
+    torch.save({{k: v for k, v in first.items() if not k.startswith("_")}}, out / f"batch{{rank}}.pt")
+    s = t.train(batches=iter([first]))
+    if rank == 0:
+        (out / "summary.json").write_text(json.dumps(s["history"]))
+        torch.save(t.encoder.state_dict(), out / "weights.pt")
+""")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_match_one_process(tmp_path):
+    w = make_world(tmp_path / "w", portrait=False)  # equal sizes: the padded batch does not depend on the split
+    out = tmp_path / "ddp"
+    out.mkdir()
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(repo=str(REPO), root=str(w["layout"].root), out=str(out)))
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port()), str(script)],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=170)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ddp_history = json.loads((out / "summary.json").read_text())
+    b0, b1 = torch.load(out / "batch0.pt", weights_only=True), torch.load(out / "batch1.pt", weights_only=True)
+    assert not set(b0["keys"]) & set(b1["keys"])  # the ranks read different shards
+    union = {k: (b0[k] + b1[k]) if isinstance(b0[k], list) else torch.cat([b0[k], b1[k]]) for k in b0}
+    torch.set_num_threads(1)
+    single = _trainer(w, tmp_path / "single", steps=1, batch_size=8, loss_region_concept=0.0, resume="never")
+    s = single.train(batches=iter([union]))
+    one, two = s["history"][0], ddp_history[0]
+    # distill: mean over regions (equal counts per rank); image-caption: over the gathered global batch
+    for k in ("loss_distill", "loss_image_caption"):
+        assert abs(one[k] - two[k]) <= 1e-5, (k, one[k], two[k])
+    # the gradient (weights after one step) is the single-process one: DDP averages, gather sums
+    ddp_w = torch.load(out / "weights.pt", weights_only=True)
+    sw = single.encoder.state_dict()
+    assert max(float((sw[k] - ddp_w[k]).abs().max()) for k in sw) <= 1e-5
+
+
+# -- export ------------------------------------------------------------------------------------------------
+
+def test_student_export_loads_with_load_clip(world, tmp_path):
+    t = _trainer(world, tmp_path, steps=2)
+    t.train()
+    model, _ = load_clip("RN50-tiny", tmp_path / "student.pt")
+    trained = t.encoder.visual.state_dict()
+    for k, v in model.visual.state_dict().items():
+        if not k.endswith("num_batches_tracked"):
+            assert torch.equal(v, trained[k]), k
+    # a finished run does nothing more when asked again (resume at the last step)
+    again = _trainer(world, tmp_path, steps=2)
+    assert again.train()["steps_run"] == 0

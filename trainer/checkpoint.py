@@ -1,0 +1,79 @@
+"""The pretraining trainer state: written atomically, read with `torch.load(weights_only=True)`.
+
+The state holds only tensors and plain Python data:
+    step, model (the region encoder's trainable CLIP visual tower), optimizer, scaler,
+    rng (per rank: python, numpy, torch, cuda), data (per rank: DataPosition.state_dict()),
+    history (logged scalars, for the training curve), config (the pretrain settings), meta.
+The learning-rate schedule is a pure function of the step, so restoring the step restores it.
+"""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+STATE_VERSION = 1
+
+
+def rng_state() -> dict:
+    """This process's random generators as tensors and plain data."""
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    state = {"python": [version, list(internal), gauss],
+             "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                       "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+             "torch": torch.get_rng_state(),
+             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached"]))
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state.get("cuda"):
+        cuda = state["cuda"]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def save_state(path: str | os.PathLike, state: dict) -> Path:
+    """torch.save to a temporary file beside `path`, fsync, then os.replace (atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"version": STATE_VERSION, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def load_state(path: str | os.PathLike, map_location="cpu") -> Optional[dict]:
+    """The trainer state at `path`, or None when there is none. Never unpickles Python objects."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        raise RuntimeError(f"{path}: not a pretrain trainer state of version {STATE_VERSION}; "
+                           "delete it (or set pretrain.resume: never) to start over")
+    return state
+
+
+def trainable_state_dict(module: torch.nn.Module) -> dict:
+    """Every tensor of the module (frozen ones too: a resumed run must not depend on the init file)."""
+    module = getattr(module, "module", module)
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
