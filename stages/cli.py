@@ -20,7 +20,7 @@ from pipeline.layout import RunLayout
 from pipeline.stage import StageInputError, read_stage_manifest
 
 # The pipeline in order: `regionclip run` runs these. Module name = stage name with '-' -> '_'.
-PIPELINE = ["shard", "concepts", "embed"]
+PIPELINE = ["shard", "concepts", "embed", "pretrain"]
 
 # Commands that are not pipeline stages but follow the same `regionclip <cmd> MANIFEST` form.
 EXTRA_COMMANDS = ["synth", "vocab"]
@@ -38,6 +38,7 @@ HELP = {
     "concepts": "concept pool (object nouns of the captions) + each caption's concept ids",
     "embed": "teacher text embeddings of the concepts (81 templates, FAISS index) and captions",
     "vocab": "class list (text, comma list, COCO/LVIS JSON) -> class embeddings .npz (--classes, --out)",
+    "pretrain": "streaming region-concept pretraining of the student (tars + sidecars; torchrun for DDP) -> checkpoints/pretrain/",
 }
 
 
