@@ -1,7 +1,8 @@
 """A tiny pretraining world written in the documented sidecar formats (tests and bench/trainer.py).
 
-Shards of small JPEGs, proposals, labels with an fp16 codec (code = the float16 bytes of the
-teacher's normalised region embedding, code_size = 2*D), caption embeddings and concept embeddings.
+Shards of small JPEGs, proposals, labels with the fp16 codec (trainer/codecs.py: code = the float16
+bytes of the teacher's normalised region embedding, code_size = 2*D; labels/codec.json written),
+caption embeddings and concept embeddings.
 """
 from __future__ import annotations
 
@@ -13,27 +14,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.layout import RunLayout, sample_key
-
-
-class LocalFP16Codec:
-    """fp16 codec: the stored code is the float16 bytes of the normalised embedding."""
-    kind = "fp16"
-
-    def __init__(self, dim: int):
-        self.dim, self.code_size = dim, 2 * dim
-
-    def encode(self, emb: np.ndarray) -> np.ndarray:
-        emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
-        return np.ascontiguousarray(emb.astype("<f2")).view(np.uint8).reshape(len(emb), self.code_size)
-
-    def decode_logits(self, codes: torch.Tensor, concept_embeddings: torch.Tensor, temperature: float = 0.01):
-        e = F.normalize(codes.contiguous().view(torch.float16).float(), dim=-1)
-        return e @ concept_embeddings.float().t() / temperature
+from trainer.codecs import FP16Codec, load_codec
 
 
 def _jpeg(rng: np.random.Generator, w: int, h: int) -> bytes:
@@ -57,7 +41,8 @@ def make_world(root: Path, num_shards: int = 2, per_shard: int = 8, dim: int = 6
     concepts /= np.linalg.norm(concepts, axis=1, keepdims=True)
     layout.concepts.root.mkdir(parents=True, exist_ok=True)
     np.save(layout.concept_embeddings, concepts)
-    codec = LocalFP16Codec(dim)
+    codec = FP16Codec(dim)
+    codec.save(layout.labels_codec)
     sizes, keys_all = {}, []
     for s in range(num_shards):
         keys, prop_rows, lab_rows, cap_rows = [], [], [], []
@@ -114,5 +99,5 @@ def make_world(root: Path, num_shards: int = 2, per_shard: int = 8, dim: int = 6
                                  "embedding": pa.FixedSizeListArray.from_arrays(pa.array(flat), dim)}),
                        layout.caption_embeddings.parquet(s))
     layout.sizes_json.write_text(json.dumps(sizes))
-    return {"layout": layout, "codec": codec, "concepts": concepts, "shard_ids": list(range(num_shards)),
+    return {"layout": layout, "codec": load_codec(layout.labels.root), "concepts": concepts, "shard_ids": list(range(num_shards)),
             "keys": keys_all}

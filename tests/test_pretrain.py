@@ -16,7 +16,7 @@ import torch
 
 from pipeline.config import PretrainConfig
 from pipeline.layout import RunLayout, sample_key
-from tests.pretrain_world import LocalFP16Codec, make_world
+from tests.pretrain_world import make_world
 from trainer.clip import create_clip, load_clip
 from trainer.data import DataError, DataOptions, DataPosition, PretrainStream, Sidecars, make_loader, \
     prepare_sample, sample_rng, shard_sources, read_tar
@@ -150,13 +150,13 @@ SIGTERM_CHILD = textwrap.dedent("""
     sys.path.insert(0, {repo!r})
     torch.set_num_threads(1)
     from pathlib import Path
-    from tests.pretrain_world import LocalFP16Codec
+    from trainer.codecs import load_codec
     from tests.test_pretrain import _trainer
     from trainer.pretrain import HookBase
     import numpy as np
     from pipeline.layout import RunLayout
     root = Path({root!r})
-    world = dict(layout=RunLayout(root), shard_ids=[0, 1], codec=LocalFP16Codec(64),
+    world = dict(layout=RunLayout(root), shard_ids=[0, 1], codec=load_codec(RunLayout(root).labels.root),
                  concepts=np.load(RunLayout(root).concept_embeddings))
     class Tell(HookBase):
         def after_step(self, t):
@@ -201,10 +201,10 @@ DDP_SCRIPT = textwrap.dedent("""
     from pathlib import Path
     import numpy as np
     from pipeline.layout import RunLayout
-    from tests.pretrain_world import LocalFP16Codec
+    from trainer.codecs import load_codec
     from tests.test_pretrain import _trainer
     root, out = Path({root!r}), Path({out!r})
-    world = dict(layout=RunLayout(root), shard_ids=[0, 1], codec=LocalFP16Codec(64),
+    world = dict(layout=RunLayout(root), shard_ids=[0, 1], codec=load_codec(RunLayout(root).labels.root),
                  concepts=np.load(RunLayout(root).concept_embeddings))
     t = _trainer(world, out, steps=1, batch_size=4, loss_region_concept=0.0, resume="never")
     rank = int(os.environ["RANK"])
@@ -265,3 +265,50 @@ def test_student_export_loads_with_load_clip(world, tmp_path):
     # a finished run does nothing more when asked again (resume at the last step)
     again = _trainer(world, tmp_path, steps=2)
     assert again.train()["steps_run"] == 0
+
+
+# -- the stage ---------------------------------------------------------------------------------------------
+
+def _stage_world(tmp_path, write_manifest, extra: str = ""):
+    from pipeline.io import write_json
+    from trainer.clip import save_clip_checkpoint
+
+    manifest = write_manifest(f"""
+        teacher: {{arch: RN50-tiny}}
+        pretrain: {{steps: 3, batch_size: 4, regions_per_image: 8, min_size: 64, max_size: 96,
+                   checkpoint_every: 2, warmup_steps: 1, device: cpu, log_every: 1{extra}}}
+        """)
+    layout = RunLayout.of(manifest)
+    w = make_world(layout.root)
+    for d in (layout.shards, layout.stage("embed"), layout.proposals, layout.labels):
+        write_json(d.manifest, {"status": "done", "fingerprint": "test", "shards": {"00000": {}, "00001": {}}})
+    torch.manual_seed(0)
+    save_clip_checkpoint(create_clip("RN50-tiny")[0], layout.teacher_checkpoint)
+    return manifest, layout, w
+
+
+def test_stage_trains_exports_and_is_then_up_to_date(tmp_path, write_manifest, capsys):
+    from stages import pretrain as stage
+
+    manifest, layout, _ = _stage_world(tmp_path, write_manifest)
+    result = stage.run(manifest)
+    assert result["status"] == "done" and result["step"] == 3
+    assert layout.student_checkpoint.exists() and layout.pretrain_state.exists()
+    assert layout.pretrain_state.with_suffix(".png").exists()
+    assert list((layout.tensorboard / "pretrain").glob("events.*"))
+    done = json.loads(layout.stage("pretrain").manifest.read_text())
+    assert done["status"] == "done" and done["counts"]["steps"] == 3
+    load_clip("RN50-tiny", layout.student_checkpoint)
+    assert stage.run(manifest)["work"] is False
+    assert "up to date" in capsys.readouterr().out
+
+
+def test_stage_online_teacher_runs_rpn_and_teacher_in_the_step(tmp_path, write_manifest, monkeypatch):
+    import tests.rpn_standin as standin
+    from stages import pretrain as stage
+
+    monkeypatch.setitem(sys.modules, "trainer.rpn", standin)  # the stand-in RPN (trainer/rpn.py's contract)
+    manifest, layout, _ = _stage_world(tmp_path, write_manifest, ", online_teacher: true")
+    result = stage.run(manifest)
+    assert result["status"] == "done" and result["step"] == 3
+    assert all(np.isfinite(v) for v in result["losses"].values())
