@@ -20,14 +20,14 @@ from pipeline.layout import RunLayout
 from pipeline.stage import StageInputError, read_stage_manifest
 
 # The pipeline in order: `regionclip run` runs these. Module name = stage name with '-' -> '_'.
-PIPELINE = ["shard", "concepts", "embed", "pretrain"]
+PIPELINE = ["shard", "concepts", "embed", "proposals", "label"]
 
 # Commands that are not pipeline stages but follow the same `regionclip <cmd> MANIFEST` form.
-EXTRA_COMMANDS = ["synth", "vocab"]
+EXTRA_COMMANDS = ["synth", "vocab", "show"]
 
 # Commands with arguments of their own: their module has `add_arguments(parser)` and
 # `run(manifest, args)` (listed here so that building the parser imports only these modules).
-COMMANDS_WITH_ARGUMENTS = ["vocab"]
+COMMANDS_WITH_ARGUMENTS = ["vocab", "show"]
 
 # One line per command for `regionclip --help` (kept here so that help does not import torch).
 HELP = {
@@ -37,8 +37,10 @@ HELP = {
     "shard": "corpus -> img2dataset-style WebDataset tars + a Parquet per shard",
     "concepts": "concept pool (object nouns of the captions) + each caption's concept ids",
     "embed": "teacher text embeddings of the concepts (81 templates, FAISS index) and captions",
+    "proposals": "class-agnostic RPN boxes (top 300 after NMS) per shard image -> proposals/ (Ray actors)",
+    "label": "teacher region embeddings -> pseudo-labels + compact distillation targets -> labels/",
+    "show": "PNG of one image with its top proposals and pseudo-labels (--key, --top, --out)",
     "vocab": "class list (text, comma list, COCO/LVIS JSON) -> class embeddings .npz (--classes, --out)",
-    "pretrain": "streaming region-concept pretraining of the student (tars + sidecars; torchrun for DDP) -> checkpoints/pretrain/",
 }
 
 

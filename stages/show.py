@@ -1,0 +1,49 @@
+"""`regionclip show MANIFEST [--key KEY] [--top 10] [--out file.png]`: one image with its top
+proposals (by objectness) and the teacher's pseudo-label and probability for each, as a PNG
+(default eval/show/<key>.png), so a user can look at what the teacher said."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from pipeline.config import RunManifest
+from pipeline.images import load_rgb
+from pipeline.layout import RunLayout
+from pipeline.pictures import draw_labelled_boxes
+from pipeline.sidecars import read_labels, read_proposals, read_shard_images, shard_of_key, sidecar_shards
+from pipeline.stage import StageInputError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--key", help="sample key (default: the first labelled image)")
+    parser.add_argument("--top", type=int, default=10, help="proposals to draw (highest objectness first)")
+    parser.add_argument("--out", help="PNG path (default: <output_dir>/eval/show/<key>.png)")
+
+
+def run(manifest: RunManifest, args: argparse.Namespace) -> dict:
+    layout = RunLayout.of(manifest)
+    shards = sidecar_shards(layout.labels)
+    if not shards:
+        raise StageInputError("no labels yet; run `regionclip proposals MANIFEST` and `regionclip label MANIFEST`")
+    key = args.key or read_labels(layout.labels, shards[0], ["key"]).column("key")[0].as_py()
+    shard_id = shard_of_key(key)
+    props = read_proposals(layout.proposals, shard_id)
+    if key not in props:
+        raise ValueError(f"key {key!r} is not in proposals/{shard_id:05d}.parquet")
+    labels = {r["key"]: r for r in read_labels(layout.labels, shard_id, ["key", "pseudo_label", "pseudo_prob",
+                                                                       "image_pseudo_label"]).to_pylist()}
+    names = pq.read_table(layout.concepts_parquet, columns=["name"]).column("name").to_pylist()
+    image = load_rgb(read_shard_images(layout.shard_tar(shard_id), [key])[key])
+    p, lab = props[key], labels[key]
+    top = min(args.top, len(p.boxes))
+    captions = [f"{names[lab['pseudo_label'][i]]}  p={lab['pseudo_prob'][i]:.2f}  (objectness {p.objectness[i]:+.2f})"
+                for i in range(top)]
+    title = (f"{key}: {top} of {len(p.boxes)} proposals; whole image: "
+             f"{names[lab['image_pseudo_label']]}")
+    out = Path(args.out) if args.out else layout.show_png(key)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    draw_labelled_boxes(image, p.boxes[:top], captions, title=title).save(out)
+    print(f"show: {out}")
+    return {"key": key, "path": str(out), "boxes": top}

@@ -1,0 +1,106 @@
+"""The proposals stage: the sidecar contract, equality with the RPN run by hand, box cleaning, resume."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.images import load_rgb
+from pipeline.sidecars import PROPOSALS_SCHEMA, read_proposals, read_shard_images, written_keys
+from stages import proposals
+from tests.labelkit import manifest_body, prepare_run, read_rows, rpn_loader
+from trainer.proposals import clean_boxes, import_loader
+
+
+@pytest.fixture(scope="module")
+def run(ray_local, tmp_path_factory):
+    from pipeline.config import load_manifest
+
+    root = tmp_path_factory.mktemp("proposals")
+    path = root / "m.yaml"
+    path.write_text("name: t\noutput_dir: out\nray: {num_cpus: 2}\n" + manifest_body(num_images=9))
+    manifest = load_manifest(path)
+    layout = prepare_run(manifest)
+    result = proposals.run(manifest, rpn_loader=rpn_loader())
+    return manifest, layout, result
+
+
+def test_rows_follow_the_sidecar_contract(run):
+    manifest, layout, result = run
+    cfg = manifest.proposals
+    assert result["status"] == "done" and sorted(result["shards"]) == ["00000", "00001", "00002"]
+    total = 0
+    for shard_id in range(3):
+        table = pq.read_table(layout.proposals.parquet(shard_id))
+        assert table.schema.equals(PROPOSALS_SCHEMA)
+        rows = table.to_pylist()
+        written = written_keys(layout.shards, shard_id)
+        assert [r["key"] for r in rows] == [w["key"] for w in written]  # one row per written key, in order
+        for row, w in zip(rows, written):
+            assert (row["width"], row["height"]) == (w["width"], w["height"])
+            boxes = np.asarray(row["boxes"], np.float32).reshape(-1, 4)
+            obj = np.asarray(row["objectness"], np.float32)
+            assert row["num_boxes"] == len(boxes) == len(obj) <= cfg.post_nms_top_n
+            assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= row["width"]).all()
+            assert (boxes[:, 1] >= 0).all() and (boxes[:, 3] <= row["height"]).all()
+            assert ((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).all()
+            assert (np.diff(obj) <= 0).all(), "ordered by objectness"
+            total += len(boxes)
+    assert total > 0 and result["counts"]["boxes"] == total and result["counts"]["images"] == 9
+
+
+def test_rows_equal_the_rpn_run_by_hand(run):
+    manifest, layout, _ = run
+    cfg = manifest.proposals
+    rpn = import_loader(rpn_loader())(layout.rpn_checkpoint, "cpu")
+    for shard_id in range(3):
+        stored = read_proposals(layout.proposals, shard_id)
+        keys = list(stored)
+        blobs = read_shard_images(layout.shard_tar(shard_id), keys)
+        for start in range(0, len(keys), cfg.batch_size):   # the stage's batches: shard order, batch_size
+            part = keys[start:start + cfg.batch_size]
+            images = [torch.from_numpy(np.asarray(load_rgb(blobs[k])).copy()).permute(2, 0, 1).float() / 255
+                      for k in part]
+            out = rpn.propose(images, min_size=cfg.min_size, max_size=cfg.max_size, pre_nms_top_n=cfg.pre_nms_top_n,
+                              post_nms_top_n=cfg.post_nms_top_n, nms_thresh=cfg.nms_thresh)
+            for k, (boxes, logits) in zip(part, out):
+                # boxes bit-equal; logits to float rounding (the test runs torch with other thread counts)
+                np.testing.assert_array_equal(stored[k].boxes, boxes.numpy())
+                np.testing.assert_allclose(stored[k].objectness, logits.numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_clean_boxes_clips_drops_degenerate_and_orders():
+    boxes = np.array([[-5, 2, 10, 8], [3, 3, 3, 9], [0, 0, 50, 50], [4, 4, 6, 5], [20, 1, 30, 2]], np.float32)
+    scores = np.array([0.5, 9.0, 1.5, 2.0, np.nan], np.float32)
+    b, s = clean_boxes(boxes, scores, width=40, height=30, top_n=10)
+    np.testing.assert_array_equal(s, [2.0, 1.5, 0.5])
+    np.testing.assert_array_equal(b, [[4, 4, 6, 5], [0, 0, 40, 30], [0, 2, 10, 8]])
+    b, s = clean_boxes(boxes, scores, 40, 30, top_n=1)
+    assert len(b) == 1 and s[0] == 2.0
+    b, s = clean_boxes(np.zeros((0, 4)), np.zeros(0), 40, 30, 5)
+    assert b.shape == (0, 4) and s.shape == (0,)
+
+
+def test_rerun_is_a_no_op_and_a_missing_marker_redoes_only_that_shard(run):
+    manifest, layout, _ = run
+    rows = read_rows(layout.proposals)
+    before = {p.name: p.stat().st_mtime_ns for p in layout.proposals.root.glob("[0-9]*.parquet")}
+    proposals.run(manifest, rpn_loader=rpn_loader())
+    assert {p.name: p.stat().st_mtime_ns for p in layout.proposals.root.glob("[0-9]*.parquet")} == before
+    layout.proposals.stats(2).unlink()
+    proposals.run(manifest, rpn_loader=rpn_loader())
+    after = {p.name: p.stat().st_mtime_ns for p in layout.proposals.root.glob("[0-9]*.parquet")}
+    assert after["00002.parquet"] != before["00002.parquet"]
+    assert after["00000.parquet"] == before["00000.parquet"] and after["00001.parquet"] == before["00001.parquet"]
+    assert read_rows(layout.proposals) == rows
+
+
+def test_missing_checkpoint_is_a_clear_error(run):
+    manifest, _, _ = run
+    manifest.proposals.checkpoint = "nowhere/rpn.pt"
+    try:
+        with pytest.raises(FileNotFoundError, match="train-rpn"):
+            proposals.run(manifest)
+    finally:
+        manifest.proposals.checkpoint = None
