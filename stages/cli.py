@@ -20,7 +20,7 @@ from pipeline.layout import RunLayout
 from pipeline.stage import StageInputError, read_stage_manifest
 
 # The pipeline in order: `regionclip run` runs these. Module name = stage name with '-' -> '_'.
-PIPELINE = ["shard", "concepts", "embed", "proposals", "label"]
+PIPELINE = ["shard", "concepts", "embed", "proposals", "label", "pretrain"]
 
 # Commands that are not pipeline stages but follow the same `regionclip <cmd> MANIFEST` form.
 EXTRA_COMMANDS = ["synth", "vocab", "show"]
@@ -41,6 +41,7 @@ HELP = {
     "label": "teacher region embeddings -> pseudo-labels + compact distillation targets -> labels/",
     "show": "PNG of one image with its top proposals and pseudo-labels (--key, --top, --out)",
     "vocab": "class list (text, comma list, COCO/LVIS JSON) -> class embeddings .npz (--classes, --out)",
+    "pretrain": "streaming region-concept pretraining of the student (tars + sidecars; torchrun for DDP) -> checkpoints/pretrain/",
 }
 
 
