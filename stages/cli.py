@@ -20,19 +20,20 @@ from pipeline.layout import RunLayout
 from pipeline.stage import StageInputError, read_stage_manifest
 
 # The pipeline in order: `regionclip run` runs these. Module name = stage name with '-' -> '_'.
-PIPELINE = ["shard", "concepts", "embed", "proposals", "label", "pretrain"]
+PIPELINE = ["shard", "concepts", "embed", "proposals", "label", "pretrain", "transfer", "evaluate"]
 
 # Commands that are not pipeline stages but follow the same `regionclip <cmd> MANIFEST` form.
-EXTRA_COMMANDS = ["synth", "vocab", "show"]
+EXTRA_COMMANDS = ["verify", "synth", "vocab", "show", "detect", "coco-ovd-split"]
 
 # Commands with arguments of their own: their module has `add_arguments(parser)` and
 # `run(manifest, args)` (listed here so that building the parser imports only these modules).
-COMMANDS_WITH_ARGUMENTS = ["vocab", "show"]
+COMMANDS_WITH_ARGUMENTS = ["verify", "vocab", "show", "detect", "coco-ovd-split"]
 
 # One line per command for `regionclip --help` (kept here so that help does not import torch).
 HELP = {
     "run": "run every stage in order, resuming where outputs are complete",
     "status": "show which stages and shards are done",
+    "verify": "check every output against its recorded checksums; --repair makes the next run redo damaged shards",
     "synth": "generate the synthetic world and a contact sheet of it",
     "shard": "corpus -> img2dataset-style WebDataset tars + a Parquet per shard",
     "concepts": "concept pool (object nouns of the captions) + each caption's concept ids",
@@ -41,6 +42,10 @@ HELP = {
     "label": "teacher region embeddings -> pseudo-labels + compact distillation targets -> labels/",
     "show": "PNG of one image with its top proposals and pseudo-labels (--key, --top, --out)",
     "vocab": "class list (text, comma list, COCO/LVIS JSON) -> class embeddings .npz (--classes, --out)",
+    "transfer": "open-vocabulary detector on base classes, per init (pretrain student, teacher)",
+    "evaluate": "detector AP50 novel/base/all, zero-shot (GT / RPN boxes), region top-1 -> eval/",
+    "detect": "checkpoint + vocabulary + images -> detections JSON + labelled PNG (--images, --vocabulary)",
+    "coco-ovd-split": "COCO instances files -> the 48 base / 17 novel open-vocabulary split (--train, --val)",
     "pretrain": "streaming region-concept pretraining of the student (tars + sidecars; torchrun for DDP) -> checkpoints/pretrain/",
 }
 
@@ -82,11 +87,14 @@ def status(manifest) -> list[dict]:
     for name in PIPELINE:
         stage_dir = layout.stage(name)
         m = read_stage_manifest(stage_dir)
-        shards_done = len(list(stage_dir.root.glob("*_stats.json"))) if stage_dir.root.is_dir() else 0
         counts = (m or {}).get("counts", {})
-        rows.append({"stage": name, "status": (m or {}).get("status", "not run"),
-                     "shards": f"{shards_done}/{len((m or {}).get('shards', {})) or '?'}"
-                     if m or shards_done else "-",
+        shards = (m or {}).get("shards", {})
+        if m is None and stage_dir.root.is_dir():  # running or interrupted: count markers so far
+            done = len(list(stage_dir.root.rglob("*_stats.json")))
+            shard_text = f"{done} done" if done else "-"
+        else:
+            shard_text = f"{len(shards)}/{len(shards)}" if shards else "-"
+        rows.append({"stage": name, "status": (m or {}).get("status", "not run"), "shards": shard_text,
                      "in": counts.get("in", ""), "out": counts.get("written", counts.get("out", "")),
                      "rejected": counts.get("rejected", ""),
                      "seconds": (m or {}).get("seconds", "")})
