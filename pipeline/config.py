@@ -105,7 +105,9 @@ class TrainTeacherConfig(Section):
     lr: float = Field(5e-4, gt=0)
     weight_decay: float = Field(0.1, ge=0)
     warmup_steps: int = Field(50, ge=0)
-    image_size: Optional[int] = None
+    image_size: Optional[int] = Field(None, description="training/eval image size (default: the arch's)")
+    init_checkpoint: Optional[str] = Field(None, description="start from these CLIP weights (a new "
+                                           "domain) instead of random ones")
     device: str = "auto"
     num_workers: int = Field(0, ge=0)
 
@@ -114,14 +116,26 @@ class TrainRpnConfig(Section):
     enabled: bool = Field(False, description="train a class-agnostic RPN on base-category boxes")
     annotations: Optional[str] = Field(None, description="COCO-format train set (default: the synthetic "
                                        "world's instances_train.json)")
-    val_annotations: Optional[str] = None
-    backbone: Literal["resnet50_fpn", "clip_res4"] = "resnet50_fpn"
-    backbone_weights: Optional[str] = None
+    images_root: Optional[str] = Field(None, description="folder of the train images' file_name "
+                                       "(default: the annotations file's folder)")
+    val_annotations: Optional[str] = Field(None, description="COCO-format set for the recall report "
+                                           "(default: the synthetic world's instances_val.json); "
+                                           "categories with a `split` field are reported per split")
+    val_images_root: Optional[str] = None
+    backbone: Literal["resnet50_fpn", "resnet18_fpn", "clip_res4"] = "resnet50_fpn"
+    backbone_weights: Optional[str] = Field(None, description="local weights file: torchvision ImageNet "
+                                            "ResNet / Faster R-CNN state dict, or CLIP weights for "
+                                            "clip_res4; null: train from scratch")
+    clip_arch: Optional[str] = Field(None, description="clip_res4's CLIP architecture (default: teacher.arch)")
+    anchor_sizes: Optional[list[int]] = Field(None, description="FPN: one per level (5); clip_res4: all on "
+                                              "res4; default 32..512")
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(4, ge=1)
     lr: float = Field(0.01, gt=0)
+    warmup_steps: int = Field(100, ge=0)
     min_size: int = Field(800, ge=32)
     max_size: int = Field(1333, ge=32)
+    eval_each_epoch: bool = Field(False, description="val recall after every epoch (for the curve)")
     device: str = "auto"
 
 

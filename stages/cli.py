@@ -20,7 +20,7 @@ from pipeline.layout import RunLayout
 from pipeline.stage import StageInputError, read_stage_manifest
 
 # The pipeline in order: `regionclip run` runs these. Module name = stage name with '-' -> '_'.
-PIPELINE = ["shard", "concepts", "embed", "proposals", "label", "pretrain", "transfer", "evaluate"]
+PIPELINE = ["shard", "concepts", "train-teacher", "embed", "train-rpn", "proposals", "label", "pretrain", "transfer", "evaluate"]
 
 # Commands that are not pipeline stages but follow the same `regionclip <cmd> MANIFEST` form.
 EXTRA_COMMANDS = ["verify", "synth", "vocab", "show", "detect", "coco-ovd-split"]
@@ -36,6 +36,8 @@ HELP = {
     "verify": "check every output against its recorded checksums; --repair makes the next run redo damaged shards",
     "synth": "generate the synthetic world and a contact sheet of it",
     "shard": "corpus -> img2dataset-style WebDataset tars + a Parquet per shard",
+    "train-rpn": "optional: class-agnostic RPN on base-category boxes, recall report -> checkpoints/rpn",
+    "train-teacher": "optional: image-level CLIP (open_clip, ClipLoss) on the shards -> checkpoints/teacher",
     "concepts": "concept pool (object nouns of the captions) + each caption's concept ids",
     "embed": "teacher text embeddings of the concepts (81 templates, FAISS index) and captions",
     "proposals": "class-agnostic RPN boxes (top 300 after NMS) per shard image -> proposals/ (Ray actors)",

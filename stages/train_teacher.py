@@ -1,0 +1,88 @@
+"""Stage `train-teacher`: an image-level CLIP trained on the shards, for a world without CLIP weights
+(or a new domain). Optional: runs when `train_teacher.enabled` is true.
+
+Reads the shards' image + caption pairs as a stream (trainer/wds_data.py), trains the open_clip model
+`teacher.arch` with open_clip's ClipLoss (trainer/teacher_training.py), holds out the *last shard*
+for image-to-caption retrieval (R@1, R@5 and their chance levels; the synthetic world's val images
+have no captions), and writes `checkpoints/teacher/teacher.pt` in open_clip's format: it loads with
+`open_clip.create_model(arch, pretrained=path)` and with trainer.clip.load_clip. Later stages use it
+when `teacher.checkpoint` is null.
+"""
+from __future__ import annotations
+
+from pipeline.config import RunManifest
+from pipeline.io import read_json
+from pipeline.layout import RunLayout
+from pipeline.stage import StageState, require_complete
+
+STAGE = "train-teacher"
+
+
+def enabled(manifest: RunManifest) -> bool:
+    return manifest.train_teacher.enabled
+
+
+def run(manifest: RunManifest) -> dict:
+    from trainer.clip import create_clip, load_clip, save_clip_checkpoint
+    from trainer.teacher_training import plot_teacher_curve, retrieval_recall, train_clip, clip_transforms
+    from trainer.wds_data import read_image_text
+
+    layout = RunLayout.of(manifest)
+    cfg, arch = manifest.train_teacher, manifest.teacher.arch
+    shards = require_complete("shard", layout.shards)
+    sizes = read_json(layout.sizes_json)
+    tars = [layout.shards.root / name for name in sorted(sizes) if sizes[name] > 0]
+    if not tars:
+        raise ValueError("train-teacher: the shards hold no images")
+    # The last shard is held out for retrieval; with a single shard it is both (flagged in_sample).
+    train_tars, heldout_tars = (tars[:-1], tars[-1:]) if len(tars) > 1 else (tars, tars)
+    num_train = sum(sizes[t.name] for t in train_tars)
+    settings = {"train_teacher": manifest.section_dict("train_teacher"), "arch": arch, "seed": manifest.seed}
+    inputs = {"shard": shards["fingerprint"]}
+    if cfg.init_checkpoint:
+        from pipeline.io import sha256_file
+        inputs["init_checkpoint"] = sha256_file(manifest.resolve(cfg.init_checkpoint))
+    stage_dir = layout.stage(STAGE)
+    state = StageState.open(STAGE, stage_dir, settings, inputs)
+    checkpoint = layout.teacher_checkpoint
+    if state.is_done() and checkpoint.exists():
+        print(f"train-teacher: up to date ({checkpoint})")
+        return read_json(stage_dir.manifest)
+    state.clean_temporaries()
+
+    if cfg.init_checkpoint:
+        model, tokenizer = load_clip(arch, manifest.resolve(cfg.init_checkpoint))
+    else:
+        model, tokenizer = create_clip(arch)
+    heldout = list(read_image_text(heldout_tars))
+    batch_size = min(cfg.batch_size, num_train)
+    steps_per_epoch = max(1, num_train // batch_size)
+    print(f"train-teacher: {arch} on {num_train} images ({len(train_tars)} shards), {cfg.epochs} epochs x "
+          f"{steps_per_epoch} steps; held out: {heldout_tars[0].name} ({len(heldout)} images)")
+    _, eval_tf = clip_transforms(model, cfg.image_size)
+    before = retrieval_recall(model, tokenizer, heldout, eval_tf)
+    history = train_clip(model, tokenizer, train_tars, heldout, cfg.model_copy(update={"batch_size": batch_size}),
+                         steps_per_epoch=steps_per_epoch, seed=manifest.seed,
+                         tensorboard_dir=layout.tensorboard / STAGE)
+    final = history.epochs[-1]
+    metrics = {"heldout": {"shard": heldout_tars[0].name, "in_sample": len(tars) == 1, **{
+                   k: v for k, v in final.items() if k.startswith("r") or k == "num_images"}},
+               "heldout_before_training": before,
+               "loss_first_epoch": history.epochs[0]["loss"], "loss_last_epoch": final["loss"],
+               "steps": history.steps[-1] if history.steps else 0, "train_images": num_train,
+               "train_seconds": history.seconds, "epochs": history.epochs}
+    save_clip_checkpoint(model, checkpoint, arch=arch, epoch=cfg.epochs, recall=metrics["heldout"])
+    curve = plot_teacher_curve(history, checkpoint.with_name("training_curve.png"))
+    h = metrics["heldout"]
+    print(f"train-teacher: held-out image->caption R@1 {h.get('r1')} (chance {h.get('r1_chance')}), "
+          f"R@5 {h.get('r5')} (chance {h.get('r5_chance')}) on {h.get('num_images')} images; "
+          f"loss {metrics['loss_first_epoch']} -> {metrics['loss_last_epoch']}")
+    return state.finish(outputs=[checkpoint, curve],
+                        extra={"metrics": metrics, "checkpoint": str(checkpoint), "arch": arch,
+                               "counts": {"in": num_train, "out": 1}})
+
+
+if __name__ == "__main__":
+    from stages.cli import stage_main
+
+    stage_main(STAGE)

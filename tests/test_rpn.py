@@ -1,0 +1,148 @@
+"""The class-agnostic RPN: proposals in original pixels, recall, checkpoints, training, the stage."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pipeline.layout import RunLayout
+from trainer.clip import CheckpointError
+from trainer.rpn import build_rpn, load_rpn, proposal_recall, save_rpn_checkpoint
+
+
+def _small_rpn(**kwargs):
+    torch.manual_seed(0)
+    return build_rpn("clip_res4", clip_arch="RN50-tiny", anchor_sizes=(16, 32, 64, 128), min_size=96,
+                     max_size=160, **kwargs)
+
+
+def test_recall_on_hand_made_boxes():
+    gt = [torch.tensor([[0, 0, 10, 10], [20, 20, 40, 40]], dtype=torch.float32),
+          torch.tensor([[0, 0, 100, 50]], dtype=torch.float32)]
+    proposals = [
+        # image 0: the first proposal misses everything, the second covers box 0 (IoU 0.81)
+        torch.tensor([[50, 50, 60, 60], [0, 0, 9, 9], [20, 20, 40, 40]], dtype=torch.float32),
+        # image 1: IoU exactly 0.5 with the gt (half of it), counts as a hit at 0.5
+        (torch.tensor([[0, 0, 50, 50]], dtype=torch.float32), torch.tensor([3.0])),
+    ]
+    assert proposal_recall(proposals, gt, iou=0.5, top_n=300) == pytest.approx(1.0)
+    assert proposal_recall(proposals, gt, iou=0.5, top_n=2) == pytest.approx(2 / 3)
+    assert proposal_recall(proposals, gt, iou=0.5, top_n=1) == pytest.approx(1 / 3)
+    assert proposal_recall(proposals, gt, iou=0.85, top_n=300) == pytest.approx(1 / 3)
+    assert proposal_recall([torch.zeros(0, 4)], [gt[0]]) == 0.0
+    assert proposal_recall([torch.zeros(0, 4)], [torch.zeros(0, 4)]) != proposal_recall(
+        [torch.zeros(0, 4)], [torch.zeros(0, 4)])                           # NaN without any gt
+
+
+def test_propose_gives_sorted_boxes_in_original_pixels():
+    model = _small_rpn()
+    with torch.no_grad():                                   # spread the objectness scores out
+        torch.nn.init.normal_(model.rpn.head.cls_logits.weight, std=1.0)
+        model.rpn.head.cls_logits.bias.fill_(-5.0)
+    images = [torch.rand(3, 100, 200), torch.rand(3, 150, 90)]
+    model.train()
+    results = model.propose(images, min_size=200, max_size=400, pre_nms_top_n=500, post_nms_top_n=50,
+                            nms_thresh=0.5)
+    assert model.training                                   # the mode is restored
+    assert not any(p.requires_grad for p in [r[0] for r in results])
+    for (boxes, logits), image in zip(results, images):
+        height, width = image.shape[-2:]
+        assert boxes.dtype == torch.float32 and logits.dtype == torch.float32
+        assert 0 < len(boxes) <= 50 and boxes.shape == (len(logits), 4)
+        assert torch.all(logits[:-1] >= logits[1:])         # ordered by objectness
+        assert boxes[:, 0].min() >= 0 and boxes[:, 1].min() >= 0
+        assert boxes[:, 2].max() <= width and boxes[:, 3].max() <= height
+        assert torch.all(boxes[:, 2] > boxes[:, 0]) and torch.all(boxes[:, 3] > boxes[:, 1])
+    # The first image is resized x2 internally; boxes come back in its own pixels: large anchors
+    # are clipped at its right edge (200), not at the resized one (400).
+    assert results[0][0][:, 2].max() == pytest.approx(200)
+    # Logits, not probabilities (the bias of -5 makes them mostly negative), and not all equal.
+    logits = torch.cat([r[1] for r in results])
+    assert logits.min() < 0 and logits.max() > logits.min()
+
+
+def test_checkpoint_round_trip_and_refusals(tmp_path):
+    model = _small_rpn()
+    path = save_rpn_checkpoint(model, tmp_path / "rpn" / "rpn.pt", recall={"novel": {"recall@300": 0.5}})
+    assert not list(path.parent.glob(".*tmp*"))
+    loaded = load_rpn(path)
+    assert not loaded.training and loaded.config["backbone"] == "clip_res4"
+    assert loaded.recall == {"novel": {"recall@300": 0.5}}
+    image = [torch.rand(3, 80, 120)]
+    a = model.propose(image, min_size=96, max_size=160)[0]
+    b = loaded.propose(image, min_size=96, max_size=160)[0]
+    torch.testing.assert_close(a[0], b[0])
+    torch.testing.assert_close(a[1], b[1])
+
+    with pytest.raises(FileNotFoundError, match=r"regionclip train-rpn.*proposals\.checkpoint"):
+        load_rpn(tmp_path / "missing.pt")
+
+    class Payload:                                          # pickled code: never unpickled
+        def __reduce__(self):
+            return (print, ("pwned",))
+    torch.save({"state_dict": {}, "config": {}, "x": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="refused"):
+        load_rpn(tmp_path / "evil.pt")
+
+
+def test_fpn_backbones_build_and_check_anchor_sizes():
+    model = build_rpn("resnet18_fpn", anchor_sizes=(16, 32, 64, 128, 256), min_size=64, max_size=96)
+    (boxes, logits), = model.propose([torch.rand(3, 64, 80)], min_size=64, max_size=96, post_nms_top_n=20)
+    assert len(boxes) <= 20
+    with pytest.raises(ValueError, match="one size per FPN level"):
+        build_rpn("resnet18_fpn", anchor_sizes=(32, 64))
+    with pytest.raises(ValueError, match="clip_arch"):
+        build_rpn("clip_res4")
+    with pytest.raises(ValueError, match="unknown RPN backbone"):
+        build_rpn("vgg16")
+
+
+def test_resnet_weights_file_loads_into_backbone(tmp_path):
+    import torchvision
+
+    resnet = torchvision.models.resnet18(weights=None)
+    torch.nn.init.constant_(resnet.conv1.weight, 0.125)
+    torch.save(resnet.state_dict(), tmp_path / "resnet18.pth")
+    model = build_rpn("resnet18_fpn", backbone_weights=tmp_path / "resnet18.pth", min_size=64, max_size=96)
+    assert torch.all(model.backbone.body.conv1.weight == 0.125)
+    assert model.config["frozen_bn"] and not model.backbone.body.conv1.weight.requires_grad
+    torch.save({"fc.weight": torch.zeros(3)}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match="fit"):
+        build_rpn("resnet18_fpn", backbone_weights=tmp_path / "other.pth")
+
+
+def test_stage_trains_and_reports_recall_by_split(write_manifest):
+    from stages import train_rpn
+    from trainer.rpn_training import read_coco_boxes
+
+    manifest = write_manifest("""
+        corpus: {format: synthetic}
+        synth: {seed: 2, num_images: 16, num_val_images: 6}
+        teacher: {arch: RN50-tiny}
+        train_rpn: {enabled: true, backbone: clip_res4, epochs: 3, batch_size: 4, lr: 0.02,
+                    warmup_steps: 2, min_size: 128, max_size: 192, anchor_sizes: [16, 32, 64, 128],
+                    device: cpu}
+        """)
+    assert train_rpn.enabled(manifest)
+    train_rpn.run(manifest)
+    layout = RunLayout.of(manifest)
+    stage = json.loads(layout.stage("train-rpn").manifest.read_text())
+    assert stage["status"] == "done"
+    metrics = stage["metrics"]
+    assert metrics["loss_last_epoch"] < metrics["loss_first_epoch"]
+    recall = metrics["recall"]
+    val = read_coco_boxes(layout.synth / "instances_val.json")
+    assert recall["all"]["num_boxes"] == val.num_boxes
+    assert recall["novel"]["num_boxes"] + recall["base"]["num_boxes"] == val.num_boxes
+    assert recall["novel"]["num_boxes"] > 0
+    for part in ("all", "base", "novel"):
+        assert 0 <= recall[part]["recall@300"] <= 1
+        assert recall[part]["recall@100"] <= recall[part]["recall@300"]
+    model = load_rpn(layout.rpn_checkpoint)
+    assert model.recall["novel"] == recall["novel"]
+    assert (layout.rpn_checkpoint.parent / "training_curve.png").exists()
+    stamp = layout.rpn_checkpoint.stat().st_mtime_ns
+    train_rpn.run(manifest)                                  # up to date: skipped
+    assert layout.rpn_checkpoint.stat().st_mtime_ns == stamp
+    assert not train_rpn.enabled(write_manifest("", name="off"))

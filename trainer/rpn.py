@@ -1,0 +1,381 @@
+"""A class-agnostic region proposal network from torchvision's detection parts (REFERENCE §2).
+
+    model = build_rpn("resnet50_fpn", backbone_weights="weights/resnet50.pth")   # or None: scratch
+    model = build_rpn("clip_res4", clip_arch="RN50-tiny", backbone_weights="teacher.pt")
+    losses = model(images, targets)            # train mode: {'loss_objectness', 'loss_rpn_box_reg'}
+    [(boxes, objectness)] = model.propose(images, min_size=800, max_size=1333)
+    save_rpn_checkpoint(model, path, recall={...});  model = load_rpn(path)
+
+`ProposalNetwork` = torchvision's GeneralizedRCNNTransform (resize so the short side is min_size and
+the long side at most max_size, normalise, pad) + a backbone + torchvision's RegionProposalNetwork
+with one "object" class. Backbones:
+  - resnet50_fpn: torchvision's ResNet-50-FPN (the paper's RPN), from a local weights file
+    (torchvision ImageNet ResNet-50 or a Faster R-CNN R50-FPN state dict) or from scratch;
+  - resnet18_fpn: the same with ResNet-18 (fast on a CPU; for the demo and tests);
+  - clip_res4: the stride-16 res4 map of a CLIP ResNet (open_clip, e.g. the teacher), one level.
+With a weights file the BatchNorms are frozen (torchvision's FrozenBatchNorm2d) and the stem and res2
+do not train, as in detectron2; from scratch every layer trains with ordinary BatchNorm.
+
+Boxes that `propose` returns are float32 x1,y1,x2,y2 in the *original* input image pixels, ordered by
+objectness (logits, not probabilities). Checkpoints are read with torch.load(weights_only=True).
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from collections import OrderedDict
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
+from torchvision.ops import FrozenBatchNorm2d, batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
+
+from trainer.clip import CLIP_MEAN, CLIP_STD, CheckpointError, CheckpointNotFoundError, load_clip
+
+BACKBONES = ("resnet50_fpn", "resnet18_fpn", "clip_res4")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FPN_LEVELS = 5                                   # P2..P5 + the max-pooled P6
+DEFAULT_FPN_ANCHORS = (32, 64, 128, 256, 512)    # one size per FPN level (torchvision, detectron2)
+DEFAULT_C4_ANCHORS = (32, 64, 128, 256, 512)     # all sizes on the single res4 level
+ASPECT_RATIOS = (0.5, 1.0, 2.0)
+
+PathLike = Union[str, os.PathLike]
+
+
+class RpnCheckpointNotFoundError(CheckpointNotFoundError):
+    """No RPN checkpoint at the given path."""
+
+
+# -- backbones ---------------------------------------------------------------------------------------
+
+class ClipRes4Backbone(nn.Module):
+    """A CLIP ResNet's stem..layer3 (res4, stride 16) as a one-level detection backbone."""
+
+    def __init__(self, visual: nn.Module):
+        super().__init__()
+        if not all(hasattr(visual, a) for a in ("stem", "layer1", "layer2", "layer3")):
+            raise TypeError(f"clip_res4 needs a CLIP ResNet image tower (RN50, RN50-tiny, ...); got "
+                            f"{type(visual).__name__}")
+        # Only the layers up to res4 are kept; res5 and the attention pool are not part of an RPN.
+        visual.layer4 = nn.Identity()
+        visual.attnpool = nn.Identity()
+        self.visual = visual
+        last = visual.layer3[-1]
+        self.out_channels = (last.conv3 if hasattr(last, "conv3") else last.conv2).out_channels
+
+    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
+        v = self.visual
+        x = v.stem(x)
+        return OrderedDict([("0", v.layer3(v.layer2(v.layer1(x))))])
+
+
+def _freeze_bn(module: nn.Module) -> nn.Module:
+    from trainer.region_encoder import freeze_batch_norm
+
+    return freeze_batch_norm(module)
+
+
+def _clip_backbone(clip_arch: str, weights: Optional[PathLike], frozen_bn: bool,
+                   trainable_layers: int) -> ClipRes4Backbone:
+    from trainer.clip import create_clip
+
+    if weights is not None:
+        model, _ = load_clip(clip_arch, weights)
+    else:
+        model, _ = create_clip(clip_arch)
+    backbone = ClipRes4Backbone(model.visual)
+    if frozen_bn:
+        _freeze_bn(backbone.visual)
+    # trainable_layers counts from the top: 3 = layer3, layer2, layer1 train; the stem does not.
+    parts = [("conv1", "bn1", "conv2", "bn2", "conv3", "bn3"), ("layer1",), ("layer2",), ("layer3",)]
+    for depth, names in enumerate(parts):
+        trainable = depth >= len(parts) - trainable_layers
+        for name in names:
+            if hasattr(backbone.visual, name):
+                getattr(backbone.visual, name).requires_grad_(trainable)
+    return backbone
+
+
+def _torchvision_state_dict(path: Path) -> dict:
+    obj = _torch_load(path)
+    for key in ("model", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not (isinstance(obj, dict) and obj and all(isinstance(v, Tensor) for v in obj.values())):
+        raise CheckpointError(f"{path}: no state dict found (expected tensors keyed by parameter names)")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+
+
+def _resnet_fpn_backbone(name: str, weights: Optional[PathLike], frozen_bn: bool, trainable_layers: int):
+    norm = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
+    return resnet_fpn_backbone(backbone_name=name, weights=None, norm_layer=norm,
+                               trainable_layers=trainable_layers)
+
+
+def _load_resnet_weights(model: "ProposalNetwork", path: PathLike) -> dict:
+    """Load an ImageNet ResNet (torchvision keys: conv1, layer1.., fc) into backbone.body, or a Faster
+    R-CNN / RPN state dict (backbone.body.*, backbone.fpn.*, rpn.head.*) into backbone and RPN head."""
+    path = Path(path).expanduser()
+    state = _torchvision_state_dict(path)
+    if any(k.startswith("backbone.") for k in state):
+        targets = {"backbone.": model.backbone, "rpn.head.": model.rpn.head}
+    else:
+        targets = {"": model.backbone.body}
+    loaded, total = 0, 0
+    for prefix, module in targets.items():
+        own = module.state_dict()
+        part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        fitting = {k: v for k, v in part.items() if k in own and v.shape == own[k].shape}
+        module.load_state_dict(fitting, strict=False)
+        loaded += len(fitting)
+        total += len([k for k in own if not k.endswith("num_batches_tracked")])
+    body_keys = [k for k in model.backbone.body.state_dict() if not k.endswith("num_batches_tracked")]
+    if loaded < 0.9 * len(body_keys):
+        raise CheckpointError(f"{path}: only {loaded} of the backbone's {len(body_keys)} tensors fit; is it "
+                              f"a torchvision {model.config['backbone'].split('_')[0]} ImageNet or Faster "
+                              "R-CNN state dict?")
+    return {"loaded": loaded, "total": total}
+
+
+# -- the network ---------------------------------------------------------------------------------------
+
+class ProposalNetwork(nn.Module):
+    """GeneralizedRCNNTransform + backbone + class-agnostic RegionProposalNetwork.
+
+    Train mode: `model(images, targets)` -> loss dict. Eval: `model.propose(...)` (or `model(images)`,
+    which returns propose()'s output with the sizes the model was built with).
+    """
+
+    def __init__(self, transform: GeneralizedRCNNTransform, backbone: nn.Module,
+                 rpn: RegionProposalNetwork, config: dict):
+        super().__init__()
+        self.transform = transform
+        self.backbone = backbone
+        self.rpn = rpn
+        self.config = dict(config)
+
+    def _features(self, tensors: Tensor) -> "OrderedDict[str, Tensor]":
+        features = self.backbone(tensors)
+        if isinstance(features, Tensor):
+            features = OrderedDict([("0", features)])
+        return features
+
+    def forward(self, images: list[Tensor], targets: Optional[list[dict]] = None):
+        if not self.training:
+            return self.propose(images, min_size=self.config["min_size"], max_size=self.config["max_size"])
+        if targets is None:
+            raise ValueError("ProposalNetwork in train mode needs targets ([{'boxes': Tensor[N, 4]}])")
+        targets = [{"boxes": t["boxes"].float()} for t in targets]
+        image_list, targets = self.transform(images, targets)
+        _, losses = self.rpn(image_list, self._features(image_list.tensors), targets)
+        return losses
+
+    @torch.no_grad()
+    def propose(self, images: Sequence[Tensor], *, min_size: int, max_size: int, pre_nms_top_n: int = 1000,
+                post_nms_top_n: int = 300, nms_thresh: float = 0.5,
+                min_box_size: float = 0.0) -> list[tuple[Tensor, Tensor]]:
+        """Proposals for images [3, H, W] float in 0..1 (any sizes): one (boxes [N, 4] float32 x1y1x2y2
+        in the input image's pixels, objectness logits [N]) per image, ordered by objectness, N at
+        most post_nms_top_n. REFERENCE §2: top 1000 per level before NMS 0.5, 300 after, min size 0."""
+        was_training = self.training
+        self.eval()
+        saved = (self.transform.min_size, self.transform.max_size)
+        self.transform.min_size, self.transform.max_size = (int(min_size),), int(max_size)
+        try:
+            images = [img.to(self._device()) for img in images]
+            if not images:
+                return []
+            original_sizes = [tuple(img.shape[-2:]) for img in images]
+            image_list, _ = self.transform(list(images))
+            features = list(self._features(image_list.tensors).values())
+            objectness, deltas = self.rpn.head(features)
+            anchors = self.rpn.anchor_generator(image_list, features)
+            per_level = [o[0].numel() for o in objectness]
+            objectness, deltas = concat_box_prediction_layers(objectness, deltas)
+            proposals = self.rpn.box_coder.decode(deltas, anchors).view(len(images), -1, 4)
+            logits = objectness.view(len(images), -1)
+            results = []
+            for boxes, scores, resized, original in zip(proposals, logits, image_list.image_sizes,
+                                                         original_sizes):
+                boxes, scores = _filter(boxes, scores, per_level, resized, pre_nms_top_n, post_nms_top_n,
+                                        nms_thresh, min_box_size)
+                boxes = clip_boxes_to_image(resize_boxes(boxes, resized, original), original)
+                results.append((boxes.float().cpu(), scores.float().cpu()))
+            return results
+        finally:
+            self.transform.min_size, self.transform.max_size = saved
+            self.train(was_training)
+
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
+
+
+def _filter(boxes: Tensor, logits: Tensor, per_level: list[int], image_size, pre_nms_top_n: int,
+            post_nms_top_n: int, nms_thresh: float, min_box_size: float) -> tuple[Tensor, Tensor]:
+    """torchvision's RPN.filter_proposals for one image, keeping logits: top-k per level, clip to the
+    (resized) image, drop empty boxes, NMS per level, top post_nms_top_n by objectness."""
+    keep_idx, levels, offset = [], [], 0
+    for level, n in enumerate(per_level):
+        k = min(pre_nms_top_n, n)
+        idx = logits[offset:offset + n].topk(k).indices + offset
+        keep_idx.append(idx)
+        levels.append(torch.full((k,), level, dtype=torch.int64, device=logits.device))
+        offset += n
+    idx, levels = torch.cat(keep_idx), torch.cat(levels)
+    boxes, logits = clip_boxes_to_image(boxes[idx], image_size), logits[idx]
+    keep = remove_small_boxes(boxes, max(min_box_size, 1e-3))
+    boxes, logits, levels = boxes[keep], logits[keep], levels[keep]
+    keep = batched_nms(boxes, logits, levels, nms_thresh)[:post_nms_top_n]  # sorted by logit, descending
+    return boxes[keep], logits[keep]
+
+
+def build_rpn(backbone: str = "resnet50_fpn", backbone_weights: Optional[PathLike] = None,
+              clip_arch: Optional[str] = None, anchor_sizes: Optional[Sequence[int]] = None, *,
+              min_size: int = 800, max_size: int = 1333, frozen_bn: Optional[bool] = None,
+              trainable_layers: Optional[int] = None, fg_iou_thresh: float = 0.7, bg_iou_thresh: float = 0.3,
+              batch_size_per_image: int = 256, positive_fraction: float = 0.5,
+              train_pre_nms_top_n: int = 2000, train_post_nms_top_n: int = 1000,
+              nms_thresh: float = 0.7) -> ProposalNetwork:
+    """A class-agnostic RPN. `backbone`: resnet50_fpn, resnet18_fpn or clip_res4 (needs `clip_arch`).
+    `backbone_weights`: a local file (None: random init). `anchor_sizes`: for FPN backbones one size
+    per level (5), for clip_res4 any sizes, all on the res4 map; 3 aspect ratios each.
+    `frozen_bn` (default: frozen iff weights are given) and `trainable_layers` (default 3 with
+    weights, all without) follow torchvision's resnet_fpn_backbone."""
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown RPN backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
+    frozen_bn = backbone_weights is not None if frozen_bn is None else bool(frozen_bn)
+    fpn = backbone != "clip_res4"
+    if trainable_layers is None:
+        trainable_layers = 3 if backbone_weights is not None else (5 if fpn else 4)
+    if fpn:
+        sizes = tuple(int(s) for s in (anchor_sizes or DEFAULT_FPN_ANCHORS))
+        if len(sizes) != FPN_LEVELS:
+            raise ValueError(f"{backbone}: anchor_sizes needs one size per FPN level ({FPN_LEVELS}), got "
+                             f"{list(sizes)}")
+        net = _resnet_fpn_backbone(backbone.split("_")[0], None, frozen_bn, trainable_layers)
+        generator = AnchorGenerator(tuple((s,) for s in sizes), (ASPECT_RATIOS,) * FPN_LEVELS)
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    else:
+        if not clip_arch:
+            raise ValueError("the clip_res4 backbone needs clip_arch (e.g. teacher.arch: RN50)")
+        sizes = tuple(int(s) for s in (anchor_sizes or DEFAULT_C4_ANCHORS))
+        net = _clip_backbone(clip_arch, backbone_weights, frozen_bn, trainable_layers)
+        generator = AnchorGenerator((sizes,), (ASPECT_RATIOS,))
+        mean, std = CLIP_MEAN, CLIP_STD
+    head = RPNHead(net.out_channels, generator.num_anchors_per_location()[0])
+    rpn = RegionProposalNetwork(
+        generator, head, fg_iou_thresh=fg_iou_thresh, bg_iou_thresh=bg_iou_thresh,
+        batch_size_per_image=batch_size_per_image, positive_fraction=positive_fraction,
+        pre_nms_top_n={"training": train_pre_nms_top_n, "testing": 1000},
+        post_nms_top_n={"training": train_post_nms_top_n, "testing": 300}, nms_thresh=nms_thresh)
+    transform = GeneralizedRCNNTransform(min_size, max_size, list(mean), list(std))
+    config = {"backbone": backbone, "clip_arch": clip_arch, "anchor_sizes": list(sizes),
+              "min_size": int(min_size), "max_size": int(max_size), "frozen_bn": frozen_bn,
+              "trainable_layers": int(trainable_layers), "fg_iou_thresh": fg_iou_thresh,
+              "bg_iou_thresh": bg_iou_thresh, "batch_size_per_image": batch_size_per_image,
+              "positive_fraction": positive_fraction, "train_pre_nms_top_n": train_pre_nms_top_n,
+              "train_post_nms_top_n": train_post_nms_top_n, "nms_thresh": nms_thresh}
+    model = ProposalNetwork(transform, net, rpn, config)
+    if backbone_weights is not None and fpn:
+        model.weights_report = _load_resnet_weights(model, backbone_weights)
+    return model
+
+
+# -- checkpoints -------------------------------------------------------------------------------------
+
+def _torch_load(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: refused: the file pickles Python objects, and checkpoints are only "
+                              f"read with torch.load(weights_only=True) ({first}). Re-save it as plain "
+                              "tensors and plain data.") from None
+    except Exception as err:  # noqa: BLE001 - a corrupt or foreign file
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") \
+            from None
+
+
+def save_rpn_checkpoint(model: ProposalNetwork, path: PathLike, recall: Optional[dict] = None,
+                        **config) -> Path:
+    """Write {"state_dict", "config" (the build args, updated by `config`), "recall"} atomically.
+    Values must be plain data: the file is read back with weights_only=True."""
+    model = getattr(model, "module", model)
+    cfg = {**model.config, **config}
+    cfg.pop("backbone_weights", None)   # the weights are in the state dict; never re-read on load
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"state_dict": state, "config": cfg, "recall": recall}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def load_rpn(path: PathLike, device: Union[str, torch.device] = "cpu") -> ProposalNetwork:
+    """The RPN saved at `path`, in eval mode. Refuses files that pickle code (weights_only=True)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise RpnCheckpointNotFoundError(
+            f"{path}: no such RPN checkpoint. Train one with `regionclip train-rpn MANIFEST` "
+            "(train_rpn.enabled: true), or set proposals.checkpoint to a class-agnostic RPN checkpoint "
+            "saved by trainer.rpn.save_rpn_checkpoint.")
+    obj = _torch_load(path)
+    if not (isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict)
+            and isinstance(obj.get("config"), dict)):
+        raise CheckpointError(f"{path}: not an RPN checkpoint (expected 'state_dict' and 'config')")
+    cfg = dict(obj["config"])
+    known = {"backbone", "clip_arch", "anchor_sizes", "min_size", "max_size", "frozen_bn", "trainable_layers",
+             "fg_iou_thresh", "bg_iou_thresh", "batch_size_per_image", "positive_fraction",
+             "train_pre_nms_top_n", "train_post_nms_top_n", "nms_thresh"}
+    model = build_rpn(**{k: v for k, v in cfg.items() if k in known})
+    try:
+        model.load_state_dict(obj["state_dict"], strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: the weights do not fit the RPN its config describes ({err})") from None
+    model.config.update(cfg)
+    model.recall = obj.get("recall")
+    return model.to(device).eval()
+
+
+# -- recall ---------------------------------------------------------------------------------------------
+
+def _boxes_of(entry) -> Tensor:
+    if isinstance(entry, (tuple, list)):
+        entry = entry[0]
+    return torch.as_tensor(entry, dtype=torch.float32).reshape(-1, 4)
+
+
+def proposal_hits(proposals, gt_boxes, iou: float = 0.5, top_n: int = 300) -> list[Tensor]:
+    """Per image, a bool per ground-truth box: covered by one of the first `top_n` proposals at IoU >= iou."""
+    hits = []
+    for props, gt in zip(proposals, gt_boxes):
+        props, gt = _boxes_of(props)[:top_n], _boxes_of(gt)
+        if len(gt) == 0:
+            hits.append(torch.zeros(0, dtype=torch.bool))
+        elif len(props) == 0:
+            hits.append(torch.zeros(len(gt), dtype=torch.bool))
+        else:
+            hits.append(box_iou(gt, props).max(dim=1).values >= iou)
+    return hits
+
+
+def proposal_recall(proposals, gt_boxes, iou: float = 0.5, top_n: int = 300) -> float:
+    """The share of ground-truth boxes (over all images) covered by one of the first `top_n` proposals of
+    their image at IoU >= `iou`. `proposals`: per image boxes [N, 4] (or (boxes, scores)), ordered by
+    objectness; `gt_boxes`: per image [M, 4]; both x1y1x2y2 in the same pixels. NaN without any gt."""
+    hits = torch.cat(proposal_hits(proposals, gt_boxes, iou, top_n) or [torch.zeros(0, dtype=torch.bool)])
+    return float(hits.float().mean()) if len(hits) else float("nan")
