@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ManifestError(ValueError):
@@ -212,23 +212,69 @@ class PretrainConfig(Section):
 
 
 class TransferConfig(Section):
-    init: Literal["pretrain", "teacher"] = "pretrain"
-    annotations: Optional[str] = None
-    val_annotations: Optional[str] = None
+    """Detector transfer (REFERENCE §6): a C4 detector trained on base classes, one per initialisation."""
+    init: list[Literal["pretrain", "teacher"]] = Field(
+        default_factory=lambda: ["pretrain"], description="initialisations to train: pretrain (the "
+        "student checkpoint), teacher (the plain CLIP baseline); a name or a list")
+    annotations: Optional[str] = Field(None, description="COCO/LVIS-format train set (default: the "
+                                       "synthetic world's instances_train.json, base boxes only)")
+    val_annotations: Optional[str] = Field(None, description="evaluation set (default: the world's "
+                                           "instances_val.json, all categories)")
+    images_root: Optional[str] = Field(None, description="folder of the train images (default: the "
+                                       "annotation file's folder)")
+    val_images_root: Optional[str] = None
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(4, ge=1)
     lr: float = Field(0.002, gt=0)
-    focal_gamma: Optional[float] = 0.5
-    background_weight: float = 0.2
+    momentum: float = 0.9
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    lr_steps: list[int] = Field(default_factory=list)
+    focal_gamma: Optional[float] = Field(0.5, description="COCO 0.5; LVIS null (weighted CE)")
+    background_weight: float = Field(0.2, ge=0, description="COCO 0.2; LVIS 0.8")
+    repeat_factor_threshold: Optional[float] = Field(None, description="LVIS: 0.001")
+    rois_per_image: int = Field(512, ge=1)
+    positive_fraction: float = Field(0.25, gt=0, le=1)
+    iou_threshold: float = Field(0.5, gt=0, lt=1)
     min_sizes: list[int] = Field(default_factory=lambda: [640, 672, 704, 736, 768, 800])
     max_size: int = 1333
+    flip: bool = True
+    proposals_per_image: int = Field(1000, ge=1, description="RPN post-NMS top-n for training images")
+    rpn_nms_thresh: float = Field(0.7, gt=0, le=1)
+    allow_partial: bool = False
+    seed: int = 0
     device: str = "auto"
+
+    @field_validator("init", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        return [value] if isinstance(value, str) else value
 
 
 class EvaluateConfig(Section):
+    """Evaluation of the transferred detectors and zero-shot inference (REFERENCE §6-7)."""
     score_threshold: float = 0.001
     detections_per_image: int = 100
-    objectness: Literal["sigmoid", "raw"] = "sigmoid"
+    objectness: Literal["sigmoid", "raw"] = Field("sigmoid", description="zero-shot RPN score: "
+                                                  "sqrt(p * sigmoid(logit)); raw: the reference's logit")
+    min_size: int = Field(800, ge=32, description="test-time short side (detector and zero-shot)")
+    max_size: int = Field(1333, ge=32)
+    soft_nms_sigma: float = Field(0.5, gt=0)
+    proposals_per_image: int = Field(1000, ge=1, description="RPN post-NMS top-n at test time")
+    rpn_nms_thresh: float = Field(0.7, gt=0, le=1, description="RPN NMS for the detector's proposals")
+    zero_shot_rpn_nms_thresh: float = Field(0.9, gt=0, le=1)
+    zero_shot_nms_thresh: float = Field(0.5, gt=0, le=1)
+    zero_shot: list[Literal["teacher", "pretrain"]] = Field(
+        default_factory=lambda: ["teacher", "pretrain"], description="CLIP models evaluated zero-shot "
+        "(GT boxes, RPN boxes, region recognition)")
+    max_images: Optional[int] = Field(None, ge=1, description="evaluate the first N images only (smoke runs)")
+    picture_image: int = Field(0, ge=0, description="position of the evaluation image drawn with detections")
+    device: str = "auto"
+
+    @field_validator("zero_shot", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        return [value] if isinstance(value, str) else (value or [])
 
 
 class RunManifest(Section):

@@ -171,6 +171,22 @@ class RunLayout:
         """`regionclip show`'s picture of one sample's proposals and pseudo-labels."""
         return self.eval / "show" / f"{key}.png"
 
+    def eval_metrics(self, name: str) -> Path:
+        """evaluate's metrics of one model, e.g. `detector_pretrain`, `zeroshot_teacher`."""
+        return self.eval / f"metrics_{name}.json"
+
+    def eval_detections(self, name: str) -> Path:
+        """evaluate's COCO-format detections (results list) of one model / mode."""
+        return self.eval / f"detections_{name}.json"
+
+    def eval_picture(self, name: str) -> Path:
+        """evaluate's picture of one model's detections on a val image."""
+        return self.eval / f"detections_{name}.png"
+
+    def detect_output(self, stem: str, suffix: str) -> Path:
+        """`regionclip detect`'s default outputs (without --out): eval/detect/<stem><suffix>."""
+        return self.eval / "detect" / f"{stem}{suffix}"
+
     @property
     def summary_json(self) -> Path:
         return self.eval / "summary.json"

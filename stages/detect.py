@@ -1,0 +1,156 @@
+"""Command `detect`: one checkpoint + a vocabulary + images -> detections JSON and labelled pictures.
+
+    regionclip detect MANIFEST --images photo.jpg more/ --vocabulary "cat,dog,hot dog"
+    regionclip detect MANIFEST --checkpoint runs/demo/checkpoints/pretrain/student.pt \\
+        --vocabulary classes.txt --images photo.jpg --out out/
+
+`--checkpoint`: a transferred detector (checkpoints/transfer/detector_<init>.pt; the default is the
+first of transfer.init that exists), or a plain CLIP / student checkpoint for zero-shot detection
+(RPN boxes, no box deltas, score sqrt(p * objectness), per-class NMS). `--vocabulary`: a comma list,
+a text file (one name per line), a COCO/LVIS JSON, or an .npz from `regionclip vocab`; names are
+embedded with the 81 templates by the CLIP text encoder (the checkpoint's own for a CLIP file, the
+manifest's teacher for a detector). Proposals come from the manifest's RPN (proposals.checkpoint or
+train-rpn's output). Outputs: `<out>/detections.json` and `<out>/<image stem>.png` (default out:
+eval/detect/).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pipeline.config import RunManifest
+from pipeline.io import write_json
+from pipeline.layout import RunLayout
+
+STAGE = "detect"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--images", nargs="+", required=True, help="image files or folders")
+    parser.add_argument("--vocabulary", required=True,
+                        help="class names: 'cat,dog,...', a text file, a COCO/LVIS JSON, or a vocab .npz")
+    parser.add_argument("--checkpoint", default=None,
+                        help="detector or CLIP/student checkpoint (default: the transfer stage's detector)")
+    parser.add_argument("--out", default=None, help="output folder (default: <output_dir>/eval/detect)")
+    parser.add_argument("--min-score", type=float, default=0.3, help="score threshold for the picture")
+    parser.add_argument("--arch", default=None, help="CLIP architecture of a CLIP checkpoint (default "
+                        "teacher.arch)")
+
+
+def image_files(specs: list[str]) -> list[Path]:
+    files = []
+    for spec in specs:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"{path}: no such image or folder")
+    if not files:
+        raise FileNotFoundError(f"no images in {' '.join(specs)}")
+    return files
+
+
+def run(manifest: RunManifest, args: argparse.Namespace) -> dict:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from pipeline.concepts import read_vocabulary
+    from trainer.clip import embedding_dim, load_clip
+    from trainer.detector import build_detector, read_checkpoint_kind
+    from trainer.evaluation import draw_detections, zero_shot_detect
+    from trainer.region_encoder import RegionEncoder
+    from trainer.text_embed import embed_names, load_teacher, load_vocabulary, resolve_device
+    from trainer.transfer import load_frozen_rpn
+
+    layout = RunLayout.of(manifest)
+    cfg = manifest.evaluate
+    device = resolve_device(cfg.device)
+    checkpoint = Path(args.checkpoint) if args.checkpoint else _default_checkpoint(manifest, layout)
+    kind = read_checkpoint_kind(checkpoint)
+    arch = args.arch or manifest.teacher.arch
+    clip_model = None
+    if kind == "clip":
+        clip_model = load_clip(arch, checkpoint, allow_partial=manifest.teacher.allow_partial, device=device)
+        text_model = clip_model
+    else:
+        payload_arch = torch.load(checkpoint, map_location="cpu", weights_only=True).get("arch") or arch
+        arch = payload_arch
+        text_model = None
+
+    if args.vocabulary.endswith(".npz"):
+        vocab = load_vocabulary(args.vocabulary, None, arch)
+        names, embeddings = vocab["names"], torch.from_numpy(vocab["embeddings"]).to(device)
+    else:
+        names = read_vocabulary(args.vocabulary).names
+        model, tokenizer = text_model or load_teacher(manifest, device=device)
+        embeddings = torch.from_numpy(embed_names(model, tokenizer, names, manifest.embed.ensemble,
+                                                  device=device, progress=False)).to(device)
+    ids = list(range(1, len(names) + 1))
+    labels = dict(zip(ids, names))
+
+    p = manifest.proposals
+    rpn = load_frozen_rpn(manifest, device)
+    if kind == "detector":
+        detector = build_detector(arch, checkpoint, embeddings, device=device, class_names=names)
+        s = detector.settings
+        s.test_min_size, s.test_max_size = cfg.min_size, cfg.max_size
+        s.score_threshold, s.detections_per_image = cfg.score_threshold, cfg.detections_per_image
+        nms = cfg.rpn_nms_thresh
+    else:
+        from trainer.clip import check_embedding_dim
+
+        model = clip_model[0]
+        check_embedding_dim(embedding_dim(model), embeddings.shape[1], "the class embeddings", arch)
+        encoder = RegionEncoder.from_clip(model).eval()
+        nms = cfg.zero_shot_rpn_nms_thresh
+
+    out_dir = Path(args.out) if args.out else layout.detect_output("detections", ".json").parent
+    report = {"checkpoint": str(checkpoint), "kind": kind, "arch": arch, "vocabulary": list(names),
+              "mode": "detector" if kind == "detector" else "zero-shot (RPN boxes)", "images": []}
+    for path in image_files(args.images):
+        with Image.open(path) as im:
+            rgb = im.convert("RGB")
+        image = torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
+        ((boxes, objectness),) = rpn.propose([image], min_size=p.min_size, max_size=p.max_size,
+                                             pre_nms_top_n=p.pre_nms_top_n, post_nms_top_n=cfg.proposals_per_image,
+                                             nms_thresh=nms)
+        if kind == "detector":
+            (found,) = detector.detect([image], [boxes])
+        else:
+            found = zero_shot_detect(encoder, image, boxes, embeddings, objectness=objectness,
+                                     objectness_mode=cfg.objectness, min_size=cfg.min_size,
+                                     max_size=cfg.max_size, nms_thresh=cfg.zero_shot_nms_thresh,
+                                     score_threshold=cfg.score_threshold,
+                                     detections_per_image=cfg.detections_per_image)
+        detections = [{"box": [round(v, 2) for v in b], "label": names[c], "score": round(float(s), 5)}
+                      for b, s, c in zip(found["boxes"].tolist(), found["scores"].tolist(),
+                                         found["labels"].tolist())]
+        coco = [{"bbox": [d["box"][0], d["box"][1], d["box"][2] - d["box"][0], d["box"][3] - d["box"][1]],
+                 "category_id": names.index(d["label"]) + 1, "score": d["score"]} for d in detections]
+        picture = draw_detections(rgb, coco, labels, out_dir / f"{path.stem}.png", min_score=args.min_score)
+        report["images"].append({"image": str(path), "width": rgb.width, "height": rgb.height,
+                                 "picture": str(picture), "detections": detections})
+        shown = [f"{d['label']} {d['score']:.2f}" for d in detections if d["score"] >= args.min_score]
+        print(f"detect: {path.name}: {len(detections)} detections; above {args.min_score}: "
+              f"{', '.join(shown[:10]) or 'none'} -> {picture}")
+    write_json(out_dir / "detections.json", report)
+    print(f"detect: {out_dir / 'detections.json'}")
+    return {"out": str(out_dir / "detections.json"), "images": len(report["images"])}
+
+
+def _default_checkpoint(manifest: RunManifest, layout: RunLayout) -> Path:
+    for init in manifest.transfer.init:
+        if layout.transfer_checkpoint(init).is_file():
+            return layout.transfer_checkpoint(init)
+    raise FileNotFoundError("no detector checkpoint: run `regionclip transfer MANIFEST`, or pass --checkpoint "
+                            "(a detector, or a CLIP/student checkpoint for zero-shot detection)")
+
+
+if __name__ == "__main__":
+    from stages.cli import stage_main
+
+    stage_main(STAGE)

@@ -1,0 +1,171 @@
+"""Stage `evaluate`: the transferred detectors and zero-shot inference on the evaluation set
+(REFERENCE §6-7), with the all-class vocabulary (base + novel: the classifier is swapped, nothing else).
+
+    data      transfer.val_annotations (default: the synthetic world's instances_val.json, all classes)
+    detectors checkpoints/transfer/detector_<init>.pt for each of transfer.init; RPN proposals (NMS 0.7)
+    zero-shot each CLIP of evaluate.zero_shot (teacher, pretrain = the student):
+              GT boxes; RPN boxes (NMS 0.9, top 1000, no box deltas, per-class NMS 0.5, score
+              sqrt(p * sigmoid(objectness)) or the raw logit with evaluate.objectness: raw);
+              region recognition (top-1 over GT regions, novel / base / all)
+    output    eval/metrics_<name>.json, eval/detections_<name>.json (COCO results),
+              eval/detections_<name>.png, and the `evaluate` section of eval/summary.json
+
+COCO-style sets report box AP50 over novel, base and all categories (pycocotools) plus the usual AP
+table; LVIS sets (categories with `frequency`) report AP, APr, APc, APf with the LVIS API.
+"""
+from __future__ import annotations
+
+import time
+
+from pipeline.config import RunManifest
+from pipeline.io import write_json
+from pipeline.layout import RunLayout
+from pipeline.stage import StageState, require_complete
+
+STAGE = "evaluate"
+SUMMARY_SECTION = "evaluate"
+
+
+def run(manifest: RunManifest) -> dict:
+    from tqdm import tqdm
+
+    from trainer.clip import load_clip
+    from trainer.detection_data import DetectionSet
+    from trainer.detector import build_detector
+    from trainer.evaluation import (RecognitionTally, coco_evaluate, draw_detections, image_features,
+                                    lvis_evaluate, merge_summary, to_coco_results, zero_shot_detect)
+    from trainer.region_encoder import RegionEncoder
+    from trainer.text_embed import load_teacher, resolve_device
+    from trainer.transfer import (annotation_file, class_embeddings, clip_checkpoint, compute_proposals,
+                                  detect_dataset, images_root, load_frozen_rpn, rpn_proposal_fn)
+
+    layout = RunLayout.of(manifest)
+    cfg, t = manifest.evaluate, manifest.transfer
+    device = resolve_device(cfg.device)
+    inits = list(dict.fromkeys(t.init))
+    transfer = require_complete("transfer", layout.stage("transfer")) if inits else {}
+    state = StageState.open(STAGE, layout.stage(STAGE), manifest.section_dict("evaluate"),
+                            {"transfer": transfer.get("fingerprint", "")})
+    started = time.time()
+
+    val_path = annotation_file(manifest, "val")
+    data = DetectionSet(val_path, images_root(manifest, "val"), cache_images=True)
+    vocab = data.vocabulary("all")
+    novel_ids = set(data.category_split["novel"])
+    image_ids = [im["id"] for im in data.images][: cfg.max_images]
+    names = dict(zip(vocab.ids, vocab.names))
+    embeddings = class_embeddings(manifest, vocab.names, device, load_teacher(manifest, device=device))
+    print(f"evaluate: {len(image_ids)} images of {val_path} ({data.kind}), {len(vocab)} classes "
+          f"({len(novel_ids)} novel)")
+
+    def score(detections: list[dict]) -> dict:
+        if data.kind == "lvis":
+            return {"lvis": lvis_evaluate(val_path, detections, max_dets=max(300, cfg.detections_per_image))}
+        return coco_evaluate(data.data, detections, data.category_split, image_ids)
+
+    picture_id = image_ids[min(cfg.picture_image, len(image_ids) - 1)]
+    picture = data.load_image(data.image_by_id[picture_id])
+
+    def record(name: str, detections: list[dict], metrics: dict) -> dict:
+        write_json(layout.eval_detections(name), detections)
+        write_json(layout.eval_metrics(name), metrics)
+        draw_detections(picture, [d for d in detections if d["image_id"] == picture_id], names,
+                        layout.eval_picture(name), highlight=novel_ids)
+        return metrics
+
+    rpn = load_frozen_rpn(manifest, device)
+    p = manifest.proposals
+    rpn_args = {"min_size": p.min_size, "max_size": p.max_size, "pre_nms_top_n": p.pre_nms_top_n,
+                "post_nms_top_n": cfg.proposals_per_image}
+    results: dict = {"dataset": str(val_path), "kind": data.kind, "images": len(image_ids),
+                     "classes": {"all": len(vocab), "novel": len(novel_ids)}, "detector": {}, "zero_shot": {}}
+
+    # -- transferred detectors ---------------------------------------------------------------------------
+    if inits:
+        proposals = compute_proposals(rpn_proposal_fn(rpn, **rpn_args, nms_thresh=cfg.rpn_nms_thresh),
+                                      data, image_ids, desc="val proposals")
+        for init in inits:
+            detector = build_detector(manifest.teacher.arch, layout.transfer_checkpoint(init), embeddings,
+                                      allow_partial=t.allow_partial, device=device, class_names=vocab.names)
+            s = detector.settings      # the test-time settings come from this manifest
+            s.test_min_size, s.test_max_size = cfg.min_size, cfg.max_size
+            s.score_threshold, s.detections_per_image = cfg.score_threshold, cfg.detections_per_image
+            s.soft_nms_sigma = cfg.soft_nms_sigma
+            t0 = time.time()
+            detections = detect_dataset(detector, data, vocab, image_ids, proposals)
+            metrics = score(detections)
+            metrics["seconds"] = round(time.time() - t0, 2)
+            results["detector"][init] = record(f"detector_{init}", detections, metrics)
+            print(f"evaluate: detector[{init}] {_headline(metrics)}")
+
+    # -- zero-shot -------------------------------------------------------------------------------------
+    zs_proposals = None
+    if cfg.zero_shot:
+        zs_proposals = compute_proposals(rpn_proposal_fn(rpn, **rpn_args, nms_thresh=cfg.zero_shot_rpn_nms_thresh),
+                                         data, image_ids, desc="zero-shot proposals")
+    for which in cfg.zero_shot:
+        model, _ = load_clip(manifest.teacher.arch, clip_checkpoint(manifest, which),
+                             allow_partial=manifest.teacher.allow_partial, device=device)
+        encoder = RegionEncoder.from_clip(model).eval()
+        t0 = time.time()
+        kw = dict(min_size=cfg.min_size, max_size=cfg.max_size, nms_thresh=cfg.zero_shot_nms_thresh,
+                  score_threshold=cfg.score_threshold, detections_per_image=cfg.detections_per_image)
+        gt_dets, rpn_dets = [], []
+        tally = RecognitionTally(vocab, novel_ids)
+        for image_id in tqdm(image_ids, desc=f"zero-shot {which}", unit="img", dynamic_ncols=True,
+                             mininterval=2.0):
+            image = data.load_image(data.image_by_id[image_id])
+            features = image_features(encoder, image, cfg.min_size, cfg.max_size, device)
+            gt_boxes, gt_labels = data.targets(image_id, vocab)
+            found = zero_shot_detect(encoder, image, gt_boxes, embeddings, features=features, **kw)
+            tally.add(found["box_labels"].cpu(), gt_labels)
+            gt_dets += to_coco_results(image_id, found["boxes"].cpu(), found["scores"].cpu(),
+                                       found["labels"].cpu(), vocab)
+            boxes, objectness = zs_proposals[image_id]
+            found = zero_shot_detect(encoder, image, boxes, embeddings, objectness=objectness,
+                                     objectness_mode=cfg.objectness, features=features, **kw)
+            rpn_dets += to_coco_results(image_id, found["boxes"].cpu(), found["scores"].cpu(),
+                                        found["labels"].cpu(), vocab)
+        recognition = tally.result()
+        entry = {"gt_boxes": record(f"zeroshot_gt_{which}", gt_dets, score(gt_dets)),
+                 "rpn_boxes": record(f"zeroshot_rpn_{which}", rpn_dets, score(rpn_dets)),
+                 "recognition": recognition, "seconds": round(time.time() - t0, 2)}
+        results["zero_shot"][which] = entry
+        print(f"evaluate: zero-shot[{which}] GT boxes {_headline(entry['gt_boxes'])}; RPN boxes "
+              f"{_headline(entry['rpn_boxes'])}; region top-1 {recognition['top1']}")
+        del model, encoder
+
+    results["seconds"] = round(time.time() - started, 2)
+    merge_summary(layout.summary_json, SUMMARY_SECTION, summarize(results))
+    outputs = [layout.eval_metrics(n) for n in
+               [f"detector_{i}" for i in inits] + [f"zeroshot_{m}_{w}" for w in cfg.zero_shot for m in ("gt", "rpn")]]
+    return state.finish([], outputs=outputs + [layout.summary_json], extra={"results": summarize(results)})
+
+
+def _headline(metrics: dict) -> str:
+    if "lvis" in metrics:
+        m = metrics["lvis"]
+        return f"AP {m.get('AP')} APr {m.get('APr')} APc {m.get('APc')} APf {m.get('APf')}"
+    a = metrics["AP50"]
+    return f"AP50 novel {a['novel']} base {a['base']} all {a['all']}"
+
+
+def summarize(results: dict) -> dict:
+    """The headline figures: AP50 novel/base/all (or LVIS AP, APr, APc, APf) per detector and per
+    zero-shot mode, and region recognition top-1."""
+    def head(metrics: dict) -> dict:
+        return metrics["lvis"] if "lvis" in metrics else metrics["AP50"]
+
+    return {"dataset": results["dataset"], "kind": results["kind"], "images": results["images"],
+            "classes": results["classes"], "metric": "LVIS box AP" if results["kind"] == "lvis" else "box AP50",
+            "detector": {k: head(v) for k, v in results["detector"].items()},
+            "zero_shot_gt_boxes": {k: head(v["gt_boxes"]) for k, v in results["zero_shot"].items()},
+            "zero_shot_rpn_boxes": {k: head(v["rpn_boxes"]) for k, v in results["zero_shot"].items()},
+            "region_recognition_top1": {k: v["recognition"]["top1"] for k, v in results["zero_shot"].items()},
+            "seconds": results["seconds"]}
+
+
+if __name__ == "__main__":
+    from stages.cli import stage_main
+
+    stage_main(STAGE)

@@ -1,0 +1,273 @@
+"""Evaluation (trainer/evaluation.py), detection data and splits (trainer/detection_data.py)."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from tests.detection_helpers import text_embeddings, tiny_clip
+from trainer.detection_data import (COCO_OVD_BASE, COCO_OVD_NOVEL, DetectionSet, category_split,
+                                    coco_ovd_split, hflip, repeat_factor_epoch, repeat_factors)
+from trainer.evaluation import (LvisNotInstalledError, coco_evaluate, ground_truth_as_detections,
+                                lvis_evaluate, merge_summary, region_recognition, zero_shot_detect)
+from trainer.region_encoder import RegionEncoder
+
+
+def toy_gt(num_images: int = 8, seed: int = 0) -> dict:
+    """A COCO-format set with 5 categories (2 novel) and a few boxes per image."""
+    rng = random.Random(seed)
+    cats = [{"id": i, "name": n, "split": s} for i, n, s in
+            [(1, "apple", "base"), (2, "kite", "base"), (3, "cup", "novel"), (5, "boat", "novel"),
+             (7, "tree", "base")]]
+    images, anns = [], []
+    for i in range(1, num_images + 1):
+        images.append({"id": i, "file_name": f"{i}.jpg", "width": 200, "height": 160})
+        for _ in range(rng.randint(1, 4)):
+            w, h = rng.uniform(20, 60), rng.uniform(20, 60)
+            x, y = rng.uniform(0, 200 - w), rng.uniform(0, 160 - h)
+            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": rng.choice([1, 2, 3, 5, 7]),
+                         "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
+    return {"images": images, "annotations": anns, "categories": cats}
+
+
+def perturb(gt: dict, seed: int = 1) -> list[dict]:
+    """GT shifted a little (some beyond IoU 0.5), some dropped, some relabelled, false positives."""
+    rng = random.Random(seed)
+    dets = []
+    for a in gt["annotations"]:
+        if rng.random() < 0.15:
+            continue
+        x, y, w, h = a["bbox"]
+        shift = rng.choice([0.05, 0.1, 0.4])
+        cat = a["category_id"] if rng.random() > 0.1 else rng.choice([1, 2, 3, 5, 7])
+        dets.append({"image_id": a["image_id"], "category_id": cat, "bbox": [x + shift * w, y, w, h],
+                     "score": rng.random()})
+    for im in gt["images"]:
+        for _ in range(2):
+            dets.append({"image_id": im["id"], "category_id": rng.choice([1, 2, 3, 5, 7]),
+                         "bbox": [rng.uniform(0, 150), rng.uniform(0, 110), 40, 40], "score": rng.random() * 0.5})
+    return dets
+
+
+def pycocotools_ap50(gt: dict, dets: list[dict], cat_ids: list[int]) -> float:
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = copy.deepcopy(gt)
+        coco_gt.createIndex()
+        ev = COCOeval(coco_gt, coco_gt.loadRes(copy.deepcopy(dets)), "bbox")
+        ev.params.catIds = cat_ids
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return ev.stats[1] * 100
+
+
+# -- COCO AP50 by split ---------------------------------------------------------------------------------
+
+def test_ground_truth_as_detections_scores_100_on_every_split():
+    gt = toy_gt()
+    result = coco_evaluate(gt, ground_truth_as_detections(gt), category_split(gt["categories"]))
+    assert result["AP50"] == {"all": 100.0, "base": 100.0, "novel": 100.0}
+    assert result["coco"]["AP"] == 100.0
+    assert all(v == 100.0 for v in result["per_category_AP50"].values())
+
+
+def test_perturbed_detections_match_pycocotools_directly():
+    gt = toy_gt()
+    dets = perturb(gt)
+    split = category_split(gt["categories"])
+    result = coco_evaluate(gt, dets, split)
+    for group, ids in [("all", [1, 2, 3, 5, 7]), ("base", split["base"]), ("novel", split["novel"])]:
+        direct = pycocotools_ap50(gt, dets, ids)
+        assert result["AP50"][group] == pytest.approx(direct, abs=1e-3), group
+        assert 0 < result["AP50"][group] < 100
+    assert result["coco"]["AP50"] == pytest.approx(pycocotools_ap50(gt, dets, [1, 2, 3, 5, 7]), abs=1e-3)
+
+
+def test_no_detections_and_missing_categories():
+    gt = toy_gt()
+    split = category_split(gt["categories"])
+    assert coco_evaluate(gt, [], split)["AP50"] == {"all": 0.0, "base": 0.0, "novel": 0.0}
+    # A split with no ground truth at all is null, not zero.
+    gt2 = {**gt, "annotations": [a for a in gt["annotations"] if a["category_id"] not in (3, 5)]}
+    result = coco_evaluate(gt2, ground_truth_as_detections(gt2), split)
+    assert result["AP50"]["novel"] is None and result["AP50"]["base"] == 100.0
+
+
+# -- LVIS ------------------------------------------------------------------------------------------------
+
+def toy_lvis(tmp_path):
+    gt = toy_gt()
+    freq = {1: "f", 2: "c", 3: "r", 5: "r", 7: "f"}
+    for c in gt["categories"]:
+        c.pop("split")
+        c.update(frequency=freq[c["id"]], synset=c["name"], image_count=1, instance_count=1)
+    for im in gt["images"]:
+        im.update(neg_category_ids=[], not_exhaustive_category_ids=[],
+                  coco_url=f"http://images.cocodataset.org/val2017/{im.pop('file_name')}")
+    path = tmp_path / "lvis_val.json"
+    path.write_text(json.dumps(gt))
+    return gt, path
+
+
+def test_lvis_split_and_ground_truth_ap(tmp_path):
+    gt, path = toy_lvis(tmp_path)
+    data = DetectionSet(path)
+    assert data.kind == "lvis"
+    assert data.category_split == {"base": [1, 2, 7], "novel": [3, 5]}
+    assert str(data.image_path(data.images[0])).endswith("val2017/1.jpg")
+    pytest.importorskip("lvis")
+    result = lvis_evaluate(path, ground_truth_as_detections(gt))
+    assert result["AP"] == pytest.approx(100.0) and result["APr"] == pytest.approx(100.0)
+
+
+def test_lvis_missing_is_a_clear_error(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_lvis(name, *args, **kwargs):
+        if name == "lvis" or name.startswith("lvis."):
+            raise ImportError("No module named 'lvis'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_lvis)
+    with pytest.raises(LvisNotInstalledError, match="pip install"):
+        lvis_evaluate(tmp_path / "x.json", [])
+
+
+# -- splits, sampling, augmentation -------------------------------------------------------------------------
+
+def test_category_split_sources():
+    assert category_split([{"id": 1, "name": "a", "split": "novel"}, {"id": 2, "name": "b", "split": "base"}]) \
+        == {"base": [2], "novel": [1]}
+    coco = [{"id": i, "name": n} for i, n in enumerate(COCO_OVD_BASE + COCO_OVD_NOVEL + ("hair drier",))]
+    split = category_split(coco)
+    assert len(split["novel"]) == 17 and len(split["base"]) == 49   # hair drier is neither: base here
+    assert category_split([{"id": 1, "name": "x"}]) == {"base": [1], "novel": []}
+
+
+def test_coco_ovd_split():
+    names = list(COCO_OVD_BASE + COCO_OVD_NOVEL) + ["hair drier", "teddy bear"]
+    cats = [{"id": i + 1, "name": n, "supercategory": "x"} for i, n in enumerate(names)]
+    cid = {n: i + 1 for i, n in enumerate(names)}
+    images = [{"id": i, "file_name": f"{i}.jpg", "width": 10, "height": 10} for i in range(1, 6)]
+    box = [1, 1, 5, 5]
+    anns = [(1, "person"), (1, "cat"), (2, "dog"), (3, "hair drier"), (4, "cup"), (4, "tv"), (5, "teddy bear")]
+    anns = [{"id": k, "image_id": i, "category_id": cid[n], "bbox": box, "area": 25, "iscrowd": 0}
+            for k, (i, n) in enumerate(anns)]
+    data = {"info": {}, "images": images, "annotations": anns, "categories": cats}
+    train, val = coco_ovd_split(data, copy.deepcopy(data))
+    assert len(train["categories"]) == 48 and len(val["categories"]) == 65
+    assert {c["split"] for c in train["categories"]} == {"base"}
+    assert sum(c["split"] == "novel" for c in val["categories"]) == 17
+    assert [im["id"] for im in train["images"]] == [1, 4]          # images with a base box
+    assert {a["category_id"] for a in train["annotations"]} == {cid["person"], cid["tv"]}
+    assert [im["id"] for im in val["images"]] == [1, 2, 4]
+    assert len(val["annotations"]) == 5
+    with pytest.raises(ValueError, match="categories missing"):
+        coco_ovd_split({"categories": cats[:10]}, data)
+
+
+def test_repeat_factors():
+    # 1000 images: category 1 in all, category 2 in one. f(2) = 0.001 / ... threshold 0.01
+    gt = {"images": [{"id": i} for i in range(1000)], "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+          "annotations": [{"id": i, "image_id": i, "category_id": 1, "bbox": [0, 0, 5, 5]} for i in range(1000)]
+          + [{"id": 5000, "image_id": 7, "category_id": 2, "bbox": [0, 0, 5, 5]}]}
+    data = DetectionSet(gt)
+    factors = repeat_factors(data, list(range(1000)), threshold=0.01)
+    assert factors[7] == pytest.approx(math.sqrt(0.01 / 0.001))   # sqrt(10)
+    assert factors[0] == 1.0 and float(factors.sum()) == pytest.approx(999 + math.sqrt(10))
+    epoch = repeat_factor_epoch(factors, random.Random(0))
+    assert epoch.count(7) in (3, 4) and len(epoch) in (1002, 1003)
+
+
+def test_hflip_boxes():
+    image = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(3, 2, 4)
+    flipped, boxes = hflip(image, torch.tensor([[0.0, 0.0, 1.0, 2.0]]))
+    assert torch.equal(flipped[:, :, 0], image[:, :, 3])
+    assert boxes.tolist() == [[3.0, 0.0, 4.0, 2.0]]
+
+
+def test_synthetic_world_targets(tmp_path):
+    from pipeline.config import SynthConfig
+    from pipeline.synth import generate_world
+
+    generate_world(SynthConfig(num_images=6, num_val_images=3, min_side=64, max_side=96), tmp_path, progress=False)
+    train = DetectionSet(tmp_path / "instances_train.json")
+    base = train.vocabulary("base")
+    assert len(base) == 18 and len(train.vocabulary("novel")) == 6
+    ids = train.image_ids_with_boxes(base)
+    boxes, labels = train.targets(ids[0], base)
+    assert len(boxes) == len(labels) > 0 and (boxes[:, 2:] > boxes[:, :2]).all()
+    image = train.load_image(train.image_by_id[ids[0]])
+    assert image.shape[0] == 3 and 0 <= float(image.min()) and float(image.max()) <= 1
+
+
+# -- zero-shot ----------------------------------------------------------------------------------------------
+
+def test_zero_shot_scores_objectness_modes():
+    model, tok = tiny_clip(0)
+    encoder = RegionEncoder.from_clip(model).eval()
+    emb = text_embeddings(model, tok, ["apple", "kite", "cup"])
+    image = torch.rand(3, 80, 100)
+    boxes = torch.tensor([[5.0, 5, 40, 40], [50, 20, 95, 70], [10, 40, 60, 78]])
+    plain = zero_shot_detect(encoder, image, boxes, emb, min_size=80, max_size=128, nms_thresh=1.0,
+                             score_threshold=0.0, detections_per_image=100)
+    # GT boxes: every box x class above the threshold, score = p_c; box_labels = argmax per box.
+    assert len(plain["scores"]) == 9
+    logits = torch.tensor([2.0, -1.0, 0.5])
+    sig = zero_shot_detect(encoder, image, boxes, emb, objectness=logits, min_size=80, max_size=128,
+                           nms_thresh=1.0, score_threshold=0.0)
+    raw = zero_shot_detect(encoder, image, boxes, emb, objectness=logits, objectness_mode="raw",
+                           min_size=80, max_size=128, nms_thresh=1.0, score_threshold=0.0)
+    for found in (plain, sig, raw):
+        assert torch.equal(found["box_labels"], plain["box_labels"])
+
+    def table(found):
+        return {(tuple(b.tolist()), int(c)): float(s) for b, s, c in
+                zip(found["boxes"], found["scores"], found["labels"])}
+
+    p, s, r = table(plain), table(sig), table(raw)
+    for (box, c), prob in p.items():
+        k = [tuple(b.tolist()) for b in boxes].index(box)
+        assert s[(box, c)] == pytest.approx(math.sqrt(prob * torch.sigmoid(logits[k]).item()), rel=1e-5)
+        if logits[k] > 0:
+            assert r[(box, c)] == pytest.approx(math.sqrt(prob * logits[k].item()), rel=1e-5)
+        else:
+            assert (box, c) not in r        # the reference's NaN: dropped
+
+
+def test_region_recognition_counts(tmp_path):
+    from PIL import Image
+
+    gt = toy_gt(num_images=3)
+    for im in gt["images"]:
+        Image.new("RGB", (200, 160), (120, 30, 200)).save(tmp_path / im["file_name"])
+    data = DetectionSet(gt, images_root=tmp_path)
+    model, tok = tiny_clip(0)
+    vocab = data.vocabulary("all")
+    emb = text_embeddings(model, tok, vocab.names)
+    result = region_recognition(RegionEncoder.from_clip(model).eval(), data, emb, vocab, [1, 2, 3],
+                                min_size=96, max_size=128)
+    n = sum(1 for a in gt["annotations"] if a["image_id"] <= 3)
+    assert result["regions"]["all"] == n == result["regions"]["base"] + result["regions"]["novel"]
+    assert 0 <= result["top1"]["all"] <= 100
+
+
+def test_merge_summary_keeps_other_sections(tmp_path):
+    path = tmp_path / "eval" / "summary.json"
+    merge_summary(path, "demo_table", {"rows": [1, 2]})
+    merge_summary(path, "evaluate", {"detector": {"pretrain": {"novel": 1.0}}})
+    merge_summary(path, "evaluate", {"detector": {"teacher": {"novel": 2.0}}})
+    summary = json.loads(path.read_text())
+    assert summary == {"demo_table": {"rows": [1, 2]}, "evaluate": {"detector": {"teacher": {"novel": 2.0}}}}

@@ -1,0 +1,259 @@
+"""Detection data: any COCO-format set (COCO, LVIS v1, the synthetic world), base/novel category
+splits, the COCO open-vocabulary split (OVR-CNN's 48/17), and repeat-factor sampling for LVIS.
+
+    data = DetectionSet("instances_train.json", images_root=None)   # root: the JSON's folder
+    split = data.category_split          # {"base": [category ids], "novel": [...]}
+    vocab = data.vocabulary("base")       # categories the detector is trained on (names, ids)
+    image = data.load_image(record)       # float [3, H, W] in 0..1
+    boxes, labels = data.targets(image_id, vocab)   # xyxy original pixels, indices into vocab
+
+Category splits, first that applies: a `split` field on each category (our synthetic world and the
+files `coco-ovd-split` writes), LVIS's `frequency` (rare = novel; frequent + common = base), COCO's
+category names (the 17 OVR-CNN novel names are novel, the 48 base names base); otherwise every
+category is base.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.io import write_json
+
+# REFERENCE §6 (OVR-CNN's split), COCO 2017 category names.
+COCO_OVD_NOVEL: tuple[str, ...] = (
+    "airplane", "bus", "cat", "dog", "cow", "elephant", "umbrella", "tie", "snowboard", "skateboard",
+    "cup", "knife", "cake", "couch", "keyboard", "sink", "scissors")
+COCO_OVD_BASE: tuple[str, ...] = (
+    "person", "bicycle", "car", "motorcycle", "train", "truck", "boat", "bench", "bird", "horse",
+    "sheep", "bear", "zebra", "giraffe", "backpack", "handbag", "suitcase", "frisbee", "skis", "kite",
+    "surfboard", "bottle", "fork", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli",
+    "carrot", "pizza", "donut", "chair", "bed", "toilet", "tv", "laptop", "mouse", "remote", "microwave",
+    "oven", "toaster", "refrigerator", "book", "clock", "vase", "toothbrush")
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The classes a detector scores, in order: index i <-> category id ids[i] <-> names[i]."""
+    names: tuple[str, ...]
+    ids: tuple[int, ...]
+
+    def index_of(self) -> dict[int, int]:
+        return {cid: i for i, cid in enumerate(self.ids)}
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def dataset_kind(data: dict) -> str:
+    """'lvis' when the categories carry LVIS's `frequency`, else 'coco'."""
+    cats = data.get("categories") or []
+    return "lvis" if cats and all("frequency" in c for c in cats) else "coco"
+
+
+def category_split(categories: Sequence[dict]) -> dict[str, list[int]]:
+    """{"base": ids, "novel": ids} from the categories' own fields (see the module docstring)."""
+    if categories and all("split" in c for c in categories):
+        novel = [c["id"] for c in categories if c["split"] == "novel"]
+    elif categories and all("frequency" in c for c in categories):
+        novel = [c["id"] for c in categories if c["frequency"] == "r"]
+    elif any(c["name"] in COCO_OVD_NOVEL for c in categories) and any(c["name"] in COCO_OVD_BASE
+                                                                       for c in categories):
+        novel = [c["id"] for c in categories if c["name"] in COCO_OVD_NOVEL]
+    else:
+        novel = []
+    novel_set = set(novel)
+    return {"base": [c["id"] for c in categories if c["id"] not in novel_set], "novel": novel}
+
+
+def image_relative_path(record: dict) -> str:
+    """COCO's `file_name`; LVIS has none, its `coco_url` ends in <split folder>/<file>."""
+    if record.get("file_name"):
+        return record["file_name"]
+    url = record.get("coco_url") or record.get("flickr_url")
+    if not url:
+        raise ValueError(f"image {record.get('id')}: neither file_name nor coco_url")
+    return "/".join(url.split("/")[-2:])
+
+
+class DetectionSet:
+    """A COCO-format detection set (COCO, LVIS v1, the synthetic world)."""
+
+    def __init__(self, annotations: Union[str, os.PathLike, dict], images_root: Union[str, os.PathLike, None] = None,
+                 cache_images: bool = False):
+        if isinstance(annotations, dict):
+            data, self.path = annotations, None
+        else:
+            self.path = Path(annotations)
+            if not self.path.is_file():
+                raise FileNotFoundError(f"{self.path}: no such annotation file")
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        self.data = data
+        self.kind = dataset_kind(data)
+        self.images_root = Path(images_root) if images_root else (self.path.parent if self.path else Path("."))
+        self.categories = sorted(data.get("categories", []), key=lambda c: c["id"])
+        self.category_by_id = {c["id"]: c for c in self.categories}
+        self.images = list(data.get("images", []))
+        self.image_by_id = {im["id"]: im for im in self.images}
+        self.annotations_by_image: dict[int, list[dict]] = defaultdict(list)
+        for ann in data.get("annotations", []):
+            self.annotations_by_image[ann["image_id"]].append(ann)
+        self.category_split = category_split(self.categories)
+        self._cache: Optional[dict] = {} if cache_images else None
+
+    # -- classes ----------------------------------------------------------------------------------------
+    def vocabulary(self, which: str = "all") -> Vocabulary:
+        """'all', 'base' or 'novel' categories, in id order."""
+        if which == "all":
+            cats = self.categories
+        elif which in ("base", "novel"):
+            keep = set(self.category_split[which])
+            cats = [c for c in self.categories if c["id"] in keep]
+        else:
+            raise ValueError(f"unknown vocabulary {which!r}; use all, base or novel")
+        return Vocabulary(tuple(c["name"] for c in cats), tuple(c["id"] for c in cats))
+
+    # -- images and boxes -------------------------------------------------------------------------------
+    def image_path(self, record: dict) -> Path:
+        return self.images_root / image_relative_path(record)
+
+    def load_image(self, record: dict) -> torch.Tensor:
+        """float [3, H, W] in 0..1 (RGB)."""
+        key = record["id"]
+        if self._cache is not None and key in self._cache:
+            return self._cache[key].float().div_(255)
+        with Image.open(self.image_path(record)) as im:
+            array = np.asarray(im.convert("RGB"), dtype=np.uint8)
+        tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+        if self._cache is not None:
+            self._cache[key] = tensor
+        return tensor.float().div_(255)
+
+    def targets(self, image_id: int, vocab: Optional[Vocabulary] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(boxes [N, 4] xyxy original pixels, labels [N] vocabulary indices) of the non-crowd boxes
+        whose category is in `vocab` (default: all categories)."""
+        index = (vocab or self.vocabulary("all")).index_of()
+        boxes, labels = [], []
+        for ann in self.annotations_by_image.get(image_id, []):
+            if ann.get("iscrowd", 0) or ann["category_id"] not in index:
+                continue
+            x, y, w, h = ann["bbox"]
+            if w <= 1e-3 or h <= 1e-3:
+                continue
+            boxes.append([x, y, x + w, y + h])
+            labels.append(index[ann["category_id"]])
+        return (torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                torch.tensor(labels, dtype=torch.long))
+
+    def image_ids_with_boxes(self, vocab: Optional[Vocabulary] = None) -> list[int]:
+        """Images with at least one usable box of `vocab` (the training images)."""
+        return [im["id"] for im in self.images if len(self.targets(im["id"], vocab)[1])]
+
+
+# -- augmentation -----------------------------------------------------------------------------------------
+
+def hflip(image: torch.Tensor, *boxes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Mirror an image [3, H, W] and any number of xyxy box tensors."""
+    width = image.shape[-1]
+    flipped = [torch.stack([width - b[:, 2], b[:, 1], width - b[:, 0], b[:, 3]], dim=1) if len(b) else b
+               for b in boxes]
+    return (image.flip(-1), *flipped)
+
+
+# -- repeat-factor sampling (LVIS) ---------------------------------------------------------------------
+
+def repeat_factors(data: DetectionSet, image_ids: Sequence[int], threshold: float = 0.001,
+                   vocab: Optional[Vocabulary] = None) -> torch.Tensor:
+    """Gupta et al. (LVIS): r(c) = max(1, sqrt(t / f(c))) with f(c) the fraction of training images
+    holding category c; an image repeats r(I) = max over its categories."""
+    index = (vocab or data.vocabulary("all")).index_of()
+    per_image = []
+    counts: dict[int, int] = defaultdict(int)
+    for image_id in image_ids:
+        cats = {a["category_id"] for a in data.annotations_by_image.get(image_id, [])
+                if a["category_id"] in index and not a.get("iscrowd", 0)}
+        per_image.append(cats)
+        for c in cats:
+            counts[c] += 1
+    n = max(1, len(image_ids))
+    cat_factor = {c: max(1.0, math.sqrt(threshold / (k / n))) for c, k in counts.items()}
+    return torch.tensor([max((cat_factor[c] for c in cats), default=1.0) for cats in per_image])
+
+
+def repeat_factor_epoch(factors: torch.Tensor, generator: random.Random) -> list[int]:
+    """One epoch of indices: each image repeats floor(r) times plus once more with probability frac(r)
+    (detectron2's RepeatFactorTrainingSampler), shuffled."""
+    indices = []
+    for i, r in enumerate(factors.tolist()):
+        reps = int(math.floor(r)) + (1 if generator.random() < r - math.floor(r) else 0)
+        indices.extend([i] * reps)
+    generator.shuffle(indices)
+    return indices
+
+
+def training_order(num_images: int, seed: int, factors: Optional[torch.Tensor] = None) -> Iterator[int]:
+    """An endless stream of image positions: shuffled epochs, repeat-factor epochs when `factors`."""
+    rng = random.Random(seed)
+    while True:
+        if factors is not None:
+            epoch = repeat_factor_epoch(factors, rng)
+        else:
+            epoch = list(range(num_images))
+            rng.shuffle(epoch)
+        if not epoch:
+            raise ValueError("no training images")
+        yield from epoch
+
+
+# -- the COCO open-vocabulary split ------------------------------------------------------------------------
+
+def coco_ovd_split(train: dict, val: dict) -> tuple[dict, dict]:
+    """OVR-CNN's COCO split from the standard instances files: train keeps the 48 base categories'
+    annotations and only images with at least one of them; val keeps the 65 categories and the images
+    that hold at least one of their boxes. Categories keep their COCO ids and gain `split`."""
+    names = {c["name"] for c in train["categories"]}
+    missing = [n for n in COCO_OVD_BASE + COCO_OVD_NOVEL if n not in names]
+    if missing:
+        raise ValueError(f"not COCO instances files: categories missing: {', '.join(missing)}")
+
+    def categories(data, wanted):
+        return [{**c, "split": "novel" if c["name"] in COCO_OVD_NOVEL else "base"}
+                for c in data["categories"] if c["name"] in wanted]
+
+    def subset(data, wanted):
+        cats = categories(data, wanted)
+        ids = {c["id"] for c in cats}
+        anns = [a for a in data["annotations"] if a["category_id"] in ids]
+        with_boxes = {a["image_id"] for a in anns}
+        images = [im for im in data["images"] if im["id"] in with_boxes]
+        out = {k: v for k, v in data.items() if k not in ("images", "annotations", "categories")}
+        out.update(images=images, annotations=anns, categories=cats)
+        return out
+
+    return subset(train, set(COCO_OVD_BASE)), subset(val, set(COCO_OVD_BASE + COCO_OVD_NOVEL))
+
+
+def write_coco_ovd_split(train_json: Union[str, os.PathLike], val_json: Union[str, os.PathLike],
+                         out_dir: Union[str, os.PathLike]) -> dict:
+    """Write instances_train2017_base48.json and instances_val2017_ovd65.json into out_dir."""
+    out_dir = Path(out_dir)
+    train = json.loads(Path(train_json).read_text(encoding="utf-8"))
+    val = json.loads(Path(val_json).read_text(encoding="utf-8"))
+    train_out, val_out = coco_ovd_split(train, val)
+    paths = {"train": out_dir / "instances_train2017_base48.json",
+             "val": out_dir / "instances_val2017_ovd65.json"}
+    write_json(paths["train"], train_out)
+    write_json(paths["val"], val_out)
+    return {"train": str(paths["train"]), "val": str(paths["val"]),
+            "train_images": len(train_out["images"]), "train_annotations": len(train_out["annotations"]),
+            "val_images": len(val_out["images"]), "val_annotations": len(val_out["annotations"]),
+            "base": len(COCO_OVD_BASE), "novel": len(COCO_OVD_NOVEL)}

@@ -1,0 +1,289 @@
+"""Evaluation: COCO-style box AP (pycocotools) split by novel / base / all categories, LVIS AP
+(the LVIS API), zero-shot inference with ground-truth or RPN boxes (REFERENCE §7), zero-shot region
+recognition, and pictures of detections.
+
+Detections everywhere are COCO results: {"image_id", "category_id", "bbox": [x, y, w, h], "score"}.
+
+AP50 per split is the mean, over the split's categories that have ground truth, of each category's
+AP at IoU 0.5 (area all, 100 detections) -- exactly what pycocotools' `stats[1]` gives when its
+`params.catIds` is restricted to the split (tests/test_evaluation.py checks this), computed from one
+evaluation over all categories.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torchvision.ops import batched_nms
+
+from trainer.detection_data import DetectionSet, Vocabulary
+from trainer.detector import class_logits, prepare_images, scale_boxes
+from trainer.region_encoder import RegionEncoder
+
+COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+# A proposal source: image [3, H, W] in 0..1 -> (boxes [N, 4] original pixels, objectness logits [N]).
+ProposalFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class LvisNotInstalledError(ImportError):
+    pass
+
+
+# -- COCO results ---------------------------------------------------------------------------------------
+
+def to_coco_results(image_id: int, boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
+                    vocab: Vocabulary) -> list[dict]:
+    """Detections of one image (xyxy boxes, vocabulary indices) -> COCO result records."""
+    out = []
+    for (x1, y1, x2, y2), s, c in zip(boxes.tolist(), scores.tolist(), labels.tolist()):
+        out.append({"image_id": int(image_id), "category_id": int(vocab.ids[c]),
+                    "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
+                    "score": round(float(s), 6)})
+    return out
+
+
+def ground_truth_as_detections(gt: dict, image_ids: Optional[Sequence[int]] = None) -> list[dict]:
+    """Every non-crowd GT box as a detection with score 1 (the evaluation's sanity check)."""
+    keep = set(image_ids) if image_ids is not None else None
+    return [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": list(a["bbox"]),
+             "score": 1.0} for a in gt["annotations"]
+            if not a.get("iscrowd", 0) and (keep is None or a["image_id"] in keep)]
+
+
+def _load_gt(gt: Union[dict, str, os.PathLike]) -> dict:
+    if isinstance(gt, dict):
+        return gt
+    return json.loads(Path(gt).read_text(encoding="utf-8"))
+
+
+def coco_evaluate(gt: Union[dict, str, os.PathLike], detections: list[dict],
+                  split: Optional[dict[str, list[int]]] = None,
+                  image_ids: Optional[Sequence[int]] = None) -> dict:
+    """pycocotools bbox evaluation. Returns
+    {"AP50": {"all", "base", "novel"}, "coco": {AP, AP50, ... ARl}, "per_category_AP50": {name: v},
+     "num_images", "num_detections"}; AP values in percent; a split with no ground truth is null."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    data = _load_gt(gt)
+    # pycocotools wants `info` and `iscrowd`/`area` on every annotation.
+    data = {**data, "info": data.get("info", {}), "annotations": [
+        {**a, "iscrowd": a.get("iscrowd", 0), "area": a.get("area", a["bbox"][2] * a["bbox"][3])}
+        for a in data["annotations"]]}
+    ids = list(image_ids) if image_ids is not None else [im["id"] for im in data["images"]]
+    id_set = set(ids)
+    detections = [d for d in detections if d["image_id"] in id_set]
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = data
+        coco_gt.createIndex()
+    names = {c["id"]: c["name"] for c in data["categories"]}
+    cat_ids = sorted(names)
+    if not detections:
+        per_cat = {cid: (0.0 if coco_gt.getAnnIds(imgIds=ids, catIds=[cid], iscrowd=False) else None)
+                   for cid in cat_ids}
+        stats = [0.0] * len(COCO_STATS)
+    else:
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco_dt = coco_gt.loadRes(detections)
+            ev = COCOeval(coco_gt, coco_dt, "bbox")
+            ev.params.imgIds = ids
+            ev.params.catIds = cat_ids
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+        stats = [float(s) * 100 for s in ev.stats]
+        precision = ev.eval["precision"]          # [T iou, R recall, K cat, A area, M maxdets]
+        t = int(np.argmin(np.abs(ev.params.iouThrs - 0.5)))
+        m = ev.params.maxDets.index(100)
+        per_cat = {}
+        for k, cid in enumerate(cat_ids):
+            p = precision[t, :, k, 0, m]
+            p = p[p > -1]
+            per_cat[cid] = float(p.mean()) * 100 if p.size else None
+    split = split or {"base": cat_ids, "novel": []}
+    groups = {"all": cat_ids, "base": split.get("base", []), "novel": split.get("novel", [])}
+    ap50 = {}
+    for group, members in groups.items():
+        values = [per_cat[c] for c in members if c in per_cat and per_cat[c] is not None]
+        ap50[group] = round(float(np.mean(values)), 3) if values else None
+    return {"AP50": ap50,
+            "coco": {name: round(v, 3) if v >= 0 else None for name, v in zip(COCO_STATS, stats)},
+            "per_category_AP50": {names[c]: (round(v, 3) if v is not None else None) for c, v in per_cat.items()},
+            "num_images": len(ids), "num_detections": len(detections)}
+
+
+@contextlib.contextmanager
+def _numpy_float_alias():
+    """The LVIS API (0.5.3, the latest release) still writes `np.float`, which NumPy 1.24 removed;
+    the alias exists only while it runs."""
+    added = "float" not in np.__dict__
+    if added:
+        np.float = float  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        if added:
+            del np.float
+
+
+def lvis_evaluate(gt_path: Union[str, os.PathLike], detections: list[dict], max_dets: int = 300) -> dict:
+    """LVIS API box evaluation: {"AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf"} in percent."""
+    try:
+        from lvis import LVIS, LVISEval, LVISResults
+    except ImportError as err:
+        raise LvisNotInstalledError(
+            "LVIS evaluation needs the LVIS API: pip install 'regionclip-pipeline[lvis]' (or pip install "
+            f"lvis) ({err})") from None
+    with contextlib.redirect_stdout(io.StringIO()), _numpy_float_alias():
+        gt = LVIS(str(gt_path))
+        if not detections:
+            return {k: 0.0 for k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")}
+        results = LVISResults(gt, detections, max_dets=max_dets)
+        ev = LVISEval(gt, results, iou_type="bbox")
+        ev.run()
+    return {k: round(float(v) * 100, 3) for k, v in ev.get_results().items()}
+
+
+# -- zero-shot inference ----------------------------------------------------------------------------------
+
+@torch.no_grad()
+def image_features(encoder: RegionEncoder, image: torch.Tensor, min_size: int = 800, max_size: int = 1333,
+                   device=None) -> tuple[torch.Tensor, tuple[float, float]]:
+    """(res4 map [1, C, h, w], (x, y) scale from original pixels) of one image at the test size."""
+    device = device or next(encoder.parameters()).device
+    batch, (scale,), _ = prepare_images([image], min_size, max_size, device)
+    return encoder.features(batch), scale
+
+
+@torch.no_grad()
+def zero_shot_detect(encoder: RegionEncoder, image: Optional[torch.Tensor], boxes: torch.Tensor,
+                     class_embeddings: torch.Tensor, *, objectness: Optional[torch.Tensor] = None,
+                     objectness_mode: str = "sigmoid", min_size: int = 800, max_size: int = 1333,
+                     temperature: float = 0.01, nms_thresh: float = 0.5, score_threshold: float = 0.001,
+                     detections_per_image: int = 100, chunk: int = 256,
+                     features: Optional[tuple] = None) -> dict:
+    """REFERENCE §7: boxes are used as they are (GT boxes, or RPN boxes: no box deltas); each box is
+    classified over the vocabulary (softmax of cos / T, no background); score = p_c for GT boxes and
+    sqrt(p_c * objectness) for RPN boxes, with objectness = sigmoid(logit) (default) or the raw logit
+    (`raw`, the reference's form: negative logits give NaN and are dropped); per-class NMS, top-k.
+
+    `features`: image_features()'s output, to share one backbone pass between several box sets.
+    Returns boxes, scores, labels (vocabulary indices) and `box_labels`: the argmax class of every
+    input box (zero-shot region recognition)."""
+    device = class_embeddings.device
+    boxes = boxes.to(device, torch.float32).reshape(-1, 4)
+    if len(boxes) == 0:
+        none = torch.zeros(0, dtype=torch.long, device=device)
+        return {"boxes": boxes, "scores": boxes.new_zeros(0), "labels": none, "box_labels": none}
+    res4, scale = features if features is not None else image_features(encoder, image, min_size, max_size, device)
+    rois = scale_boxes(boxes, scale)
+    x = torch.cat([encoder.pool_regions(res4, [rois[s:s + chunk]]) for s in range(0, len(rois), chunk)])
+    probs = class_logits(x, class_embeddings, temperature, background=False).softmax(dim=1)
+    box_labels = probs.argmax(dim=1)
+    if objectness is not None:
+        obj = objectness.to(device, torch.float32).reshape(-1, 1)
+        obj = torch.sigmoid(obj) if objectness_mode == "sigmoid" else obj
+        probs = torch.sqrt(probs * obj)                      # NaN where a raw logit is negative
+    idx, cls = (torch.nan_to_num(probs, nan=-1.0) > score_threshold).nonzero(as_tuple=True)
+    picked, scores = boxes[idx], probs[idx, cls]
+    keep = batched_nms(picked, scores, cls, nms_thresh)[:detections_per_image]
+    return {"boxes": picked[keep], "scores": scores[keep], "labels": cls[keep], "box_labels": box_labels}
+
+
+class RecognitionTally:
+    """Top-1 accuracy of zero-shot region recognition over GT regions, by split."""
+
+    def __init__(self, vocab: Vocabulary, novel_ids):
+        novel_ids = set(novel_ids)
+        self.group = ["novel" if cid in novel_ids else "base" for cid in vocab.ids]
+        self.hits = {"all": 0, "base": 0, "novel": 0}
+        self.counts = {"all": 0, "base": 0, "novel": 0}
+
+    def add(self, predicted: torch.Tensor, labels: torch.Tensor) -> None:
+        for pred, label in zip(predicted.tolist(), labels.tolist()):
+            for g in ("all", self.group[label]):
+                self.counts[g] += 1
+                self.hits[g] += int(pred == label)
+
+    def result(self) -> dict:
+        return {"top1": {g: (round(100.0 * self.hits[g] / self.counts[g], 3) if self.counts[g] else None)
+                         for g in self.hits}, "regions": dict(self.counts)}
+
+
+@torch.no_grad()
+def region_recognition(encoder: RegionEncoder, data: DetectionSet, class_embeddings: torch.Tensor,
+                       vocab: Vocabulary, image_ids: Sequence[int], *, min_size: int = 800,
+                       max_size: int = 1333, temperature: float = 0.01) -> dict:
+    """Zero-shot recognition of ground-truth regions: top-1 accuracy (percent) of argmax_c cos(v, e_c)
+    over the whole vocabulary, for GT regions of novel, base and all categories."""
+    tally = RecognitionTally(vocab, data.category_split["novel"])
+    for image_id in image_ids:
+        gt_boxes, gt_labels = data.targets(image_id, vocab)
+        if not len(gt_labels):
+            continue
+        found = zero_shot_detect(encoder, data.load_image(data.image_by_id[image_id]), gt_boxes,
+                                 class_embeddings, min_size=min_size, max_size=max_size,
+                                 temperature=temperature)
+        tally.add(found["box_labels"].cpu(), gt_labels)
+    return tally.result()
+
+
+# -- pictures --------------------------------------------------------------------------------------------
+
+def draw_detections(image: Union[torch.Tensor, Image.Image], detections: Sequence[dict],
+                    names: dict[int, str], out_png: Union[str, os.PathLike], *, min_score: float = 0.3,
+                    max_boxes: int = 20, highlight: Sequence[int] = (), scale_to: int = 640) -> Path:
+    """A PNG of the image with labelled boxes (COCO result records); categories in `highlight`
+    (e.g. novel ones) in magenta, others in green. Small images are enlarged to `scale_to` px."""
+    if isinstance(image, torch.Tensor):
+        array = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+        picture = Image.fromarray(array)
+    else:
+        picture = image.convert("RGB")
+    factor = max(1.0, scale_to / max(picture.size))
+    if factor > 1:
+        picture = picture.resize((round(picture.width * factor), round(picture.height * factor)),
+                                 Image.BICUBIC)
+    draw = ImageDraw.Draw(picture)
+    font = ImageFont.load_default()
+    shown = sorted((d for d in detections if d["score"] >= min_score), key=lambda d: -d["score"])[:max_boxes]
+    highlight = set(highlight)
+    for d in shown:
+        x, y, w, h = (v * factor for v in d["bbox"])
+        colour = (255, 0, 255) if d["category_id"] in highlight else (0, 255, 0)
+        draw.rectangle([x, y, x + w, y + h], outline=colour, width=3)
+        label = f"{names.get(d['category_id'], d['category_id'])} {d['score']:.2f}"
+        draw.text((x + 3, y + 2), label, fill=colour, font=font, stroke_width=2, stroke_fill=(0, 0, 0))
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_png.with_name(f".{out_png.name}.tmp{os.getpid()}")
+    picture.save(tmp, "PNG")
+    os.replace(tmp, out_png)
+    return out_png
+
+
+# -- eval/summary.json ---------------------------------------------------------------------------------------
+
+def merge_summary(path: Union[str, os.PathLike], section: str, content: dict) -> dict:
+    """Set one section of eval/summary.json (a dict of sections), keeping every other section."""
+    from pipeline.io import read_json, write_json
+
+    path = Path(path)
+    try:
+        summary = read_json(path)
+        if not isinstance(summary, dict):
+            summary = {}
+    except (FileNotFoundError, json.JSONDecodeError):
+        summary = {}
+    summary[section] = content
+    write_json(path, summary)
+    return summary
