@@ -49,10 +49,6 @@ HELP = {
     "detect": "checkpoint + vocabulary + images -> detections JSON + labelled PNG (--images, --vocabulary)",
     "coco-ovd-split": "COCO instances files -> the 48 base / 17 novel open-vocabulary split (--train, --val)",
     "pretrain": "streaming region-concept pretraining of the student (tars + sidecars; torchrun for DDP) -> checkpoints/pretrain/",
-    "transfer": "open-vocabulary detector on base classes, per init (pretrain student, teacher)",
-    "evaluate": "detector AP50 novel/base/all, zero-shot (GT / RPN boxes), region top-1 -> eval/",
-    "detect": "checkpoint + vocabulary + images -> detections JSON + labelled PNG (--images, --vocabulary)",
-    "coco-ovd-split": "COCO instances files -> the 48 base / 17 novel open-vocabulary split (--train, --val)",
 }
 
 
