@@ -75,9 +75,18 @@ class StageState:
         """The shard's stats if it is done under the current fingerprint, else None."""
         try:
             stats = read_json(self.stage_dir.stats(shard_id))
-        except (FileNotFoundError, json.JSONDecodeError):
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
             return None
-        return stats if stats.get("fingerprint") == self.fingerprint else None
+        if not isinstance(stats, dict) or stats.get("fingerprint") != self.fingerprint:
+            return None
+        # A marker vouches for its files: one whose files are gone or changed size (a truncated tar,
+        # a deleted sidecar) is not done. Sizes only (a stat per file); `regionclip verify` hashes.
+        from pipeline.verify import files_intact
+
+        files = stats.get("files")
+        if isinstance(files, dict) and not files_intact(self.stage_dir.root, files):
+            return None
+        return stats
 
     def pending(self, shard_ids: Iterable[int]) -> list[int]:
         return [s for s in shard_ids if self.shard_stats(s) is None]

@@ -1,0 +1,188 @@
+"""Integrity of a run directory: every output file against the checksums its stage recorded.
+
+Each shard marker (`NNNNN_stats.json`) records `files: {name: {bytes, sha256}}` for the shard's files,
+and each stage manifest records its stage-level `outputs` the same way (and, for per-shard stages,
+the shards it expects). `verify_run` re-reads all of them and returns one `Damage` per damaged file:
+
+    missing             a recorded file (or a whole shard, marker included) is gone
+    size mismatch       e.g. a truncated tar or Parquet
+    checksum mismatch   same size, different bytes (an altered byte)
+    unreadable marker   a marker or stage manifest that is not valid JSON
+
+`quarantine` makes the next run redo exactly the damaged work: each damaged file and the marker of
+its shard are renamed to `<name>.damaged` (kept for inspection; delete them at will) and the stage
+manifest's status becomes `damaged`, so the stage is no longer "done" and its rerun writes only the
+shards whose markers are gone. Shards that are intact keep their files and markers untouched.
+
+    damages = verify_run(manifest)
+    quarantine(RunLayout.of(manifest), damages)
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional
+
+from pipeline.io import read_json, sha256_file, write_json
+from pipeline.layout import RunLayout, StageDir, shard_name
+
+# Every stage that can leave a manifest, in pipeline order (optional ones included).
+STAGES = ("shard", "concepts", "train-teacher", "embed", "train-rpn", "proposals", "label", "pretrain",
+          "transfer", "evaluate")
+
+DAMAGED_SUFFIX = ".damaged"
+
+MISSING, SIZE, CHECKSUM, UNREADABLE = "missing", "size mismatch", "checksum mismatch", "unreadable marker"
+
+
+@dataclass(frozen=True)
+class Damage:
+    stage: str
+    shard: Optional[str]       # "00003", or None for a stage-level output / the stage manifest
+    file: str                  # path relative to the run directory
+    problem: str               # one of MISSING, SIZE, CHECKSUM, UNREADABLE (+ detail after ": ")
+    marker: Optional[str] = None  # the shard's marker (relative path) that vouched for the file
+
+    def as_dict(self) -> dict:
+        return {"stage": self.stage, "shard": self.shard, "file": self.file, "problem": self.problem}
+
+
+def marker_dirs(layout: RunLayout, stage: str) -> list[StageDir]:
+    """The folders holding a stage's per-shard markers (sidecar stages keep them beside the Parquet)."""
+    return {"shard": [layout.shards], "concepts": [layout.caption_concepts],
+            "embed": [layout.caption_embeddings], "proposals": [layout.proposals],
+            "label": [layout.labels]}.get(stage, [layout.stage(stage)])
+
+
+def check_file(path: Path, record: dict, full: bool = True) -> Optional[str]:
+    """None if `path` matches its record {bytes, sha256}; else the problem."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return MISSING
+    if record.get("bytes") is not None and size != record["bytes"]:
+        return f"{SIZE}: {size} bytes, recorded {record['bytes']}"
+    if full and record.get("sha256") and sha256_file(path) != record["sha256"]:
+        return CHECKSUM
+    return None
+
+
+def files_intact(folder: Path, files: dict) -> bool:
+    """Cheap check (sizes only, one stat per file) that a marker's files are all still in place."""
+    return all(check_file(Path(folder) / name, rec, full=False) is None for name, rec in files.items())
+
+
+def _rel(layout: RunLayout, path: Path) -> str:
+    try:
+        return str(Path(path).relative_to(layout.root))
+    except ValueError:
+        return str(path)
+
+
+def verify_stage(layout: RunLayout, stage: str, full: bool = True) -> list[Damage]:
+    stage_dir = layout.stage(stage)
+    if not stage_dir.manifest.exists():
+        return []
+    try:
+        manifest = read_json(stage_dir.manifest)
+        if not isinstance(manifest, dict):
+            raise ValueError("not an object")
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as err:
+        return [Damage(stage, None, _rel(layout, stage_dir.manifest), f"{UNREADABLE}: {err}")]
+    found: dict[str, Damage] = {}
+
+    def add(shard, path, problem, marker=None):
+        key = _rel(layout, path)
+        if key not in found:
+            found[key] = Damage(stage, shard, key, problem, marker)
+
+    for name, record in (manifest.get("outputs") or {}).items():
+        problem = check_file(stage_dir.root / name, record, full)
+        if problem:
+            add(None, stage_dir.root / name, problem)
+
+    expected = {str(s): entry for s, entry in (manifest.get("shards") or {}).items()}
+    for folder in marker_dirs(layout, stage):
+        on_disk = {p.name[:-len("_stats.json")] for p in folder.root.glob("*_stats.json")} \
+            if folder.root.is_dir() else set()
+        for name in sorted(set(expected) | on_disk):
+            if not name.isdigit():
+                continue
+            sid = int(name)
+            marker = folder.stats(sid)
+            entry = expected.get(name) or {}
+            recorded = entry.get("files") if isinstance(entry, dict) else None
+            if not marker.exists():
+                add(name, marker, MISSING, _rel(layout, marker))
+                # Name the shard's files too: from the stage manifest when it recorded them, else the
+                # sidecar Parquet every per-shard stage writes.
+                for fname, rec in (recorded or {}).items():
+                    problem = check_file(folder.root / fname, rec, full)
+                    if problem:
+                        add(name, folder.root / fname, problem, _rel(layout, marker))
+                if not recorded and not folder.parquet(sid).exists():
+                    add(name, folder.parquet(sid), MISSING, _rel(layout, marker))
+                continue
+            try:
+                stats = read_json(marker)
+                files = stats["files"]
+                if not isinstance(files, dict):
+                    raise ValueError("files is not a mapping")
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
+                add(name, marker, f"{UNREADABLE}: {type(err).__name__}", _rel(layout, marker))
+                continue
+            for fname, rec in files.items():
+                problem = check_file(folder.root / fname, rec, full)
+                if problem:
+                    add(name, folder.root / fname, problem, _rel(layout, marker))
+    return list(found.values())
+
+
+def verify_run(manifest, stages: Iterable[str] = STAGES, full: bool = True) -> list[Damage]:
+    """Every damaged file of the run, stage by stage. `full=False` compares sizes only (fast)."""
+    layout = manifest if isinstance(manifest, RunLayout) else RunLayout.of(manifest)
+    damages: list[Damage] = []
+    for stage in stages:
+        damages += verify_stage(layout, stage, full)
+    return damages
+
+
+def damaged_name(path: Path) -> Path:
+    return path.with_name(path.name + DAMAGED_SUFFIX)
+
+
+def quarantine(layout: RunLayout, damages: Iterable[Damage]) -> dict:
+    """Make the next run redo exactly the damaged work (see the module doc). Returns what was moved."""
+    moved, stages = [], set()
+    for d in damages:
+        stages.add(d.stage)
+        for rel in {d.file, d.marker} - {None}:
+            path = layout.root / rel
+            if path.exists() and not path.name.endswith(DAMAGED_SUFFIX):
+                path.replace(damaged_name(path))
+                moved.append(rel)
+    for stage in stages:
+        stage_dir = layout.stage(stage)
+        try:
+            manifest = read_json(stage_dir.manifest)
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(manifest, dict):
+            manifest["status"] = "damaged"
+            manifest["damaged"] = sorted(d.file for d in damages if d.stage == stage)
+            write_json(stage_dir.manifest, manifest)
+    return {"moved": sorted(set(moved)), "stages": sorted(stages)}
+
+
+def damage_table(damages: list[Damage]) -> str:
+    cols = ["stage", "shard", "file", "problem"]
+    rows = [{c: str(v if v is not None else "-") for c, v in d.as_dict().items()} for d in damages]
+    widths = {c: max([len(c)] + [len(r[c]) for r in rows]) for c in cols}
+    lines = ["  ".join(c.ljust(widths[c]) for c in cols)]
+    lines += ["  ".join(r[c].ljust(widths[c]) for c in cols) for r in rows]
+    return "\n".join(lines)
+
+
+__all__ = ["Damage", "verify_run", "verify_stage", "quarantine", "files_intact", "damage_table",
+           "shard_name", "STAGES"]

@@ -1,0 +1,201 @@
+"""SIGKILL any stage at seeded moments, rerun it, and compare with an uninterrupted run.
+
+The shard stage's harness (tests/test_shard_faults.py) generalised to every stage:
+
+    report = kill_and_resume("concepts", manifest_path, kills=5, seed=0)
+    assert report["matched"], report["differences"]
+
+1. The stage runs uninterrupted (`python -m stages.<stage> MANIFEST`, its own process and local Ray);
+   the files it created or changed are its outputs (the reference). Their rows (Parquet) and bytes
+   (other files) are kept, then exactly those files are removed, so the stage starts from scratch.
+2. `kills` times: the stage starts again and is killed with SIGKILL (its whole process group: the
+   driver, Ray's workers and daemons) at a seeded moment: once a seeded number of further output files
+   exist, plus a seeded fraction of a second, or at a seeded fraction of the reference's wall time,
+   whichever comes first. After each kill every shard marker must vouch only for complete files.
+3. A last run without a kill must finish, and its outputs must equal the reference: the same files,
+   the same Parquet rows, the same bytes (markers and manifests hold timings and are compared by
+   presence only; tensorboard event files hold wall-clock times and are left out).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from pipeline.io import TMP_PREFIX, sha256_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+_RAY_ADDRESS: Optional[str] = None
+
+
+def _env() -> dict:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
+    if _RAY_ADDRESS:
+        env["RAY_ADDRESS"] = _RAY_ADDRESS
+    else:
+        env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def stage_command(stage: str, manifest_path: Path) -> list[str]:
+    return [sys.executable, "-m", f"stages.{stage.replace('-', '_')}", str(manifest_path)]
+
+
+def _run_root(manifest_path: Path) -> Path:
+    from pipeline.config import load_manifest
+    from pipeline.layout import RunLayout
+
+    return RunLayout.of(load_manifest(manifest_path)).root
+
+
+def _files(root: Path) -> dict[str, tuple[int, int]]:
+    """relative path -> (size, mtime_ns) of every file under the run (temporaries left out)."""
+    out = {}
+    if not root.is_dir():
+        return out
+    for p in root.rglob("*"):
+        if p.is_file() and not p.name.startswith(TMP_PREFIX) and ".tmp" not in p.name:
+            st = p.stat()
+            out[str(p.relative_to(root))] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def _is_bookkeeping(rel: str) -> bool:
+    name = rel.rsplit("/", 1)[-1]
+    return name.endswith("_stats.json") or name.endswith("manifest.json")
+
+
+def _ignored(rel: str) -> bool:
+    return rel.startswith("tensorboard/") or "/tensorboard/" in rel or ".tfevents." in rel
+
+
+def _content(path: Path):
+    """Parquet: its rows; anything else: its sha256."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    return sha256_file(path)
+
+
+def _run(cmd: list[str], timeout: float, log: Optional[Path] = None) -> float:
+    started = time.time()
+    with open(log or os.devnull, "ab") as out:
+        proc = subprocess.run(cmd, env=_env(), cwd=REPO, stdout=out, stderr=subprocess.STDOUT, timeout=timeout,
+                              start_new_session=True)
+    if proc.returncode != 0:
+        tail = log.read_text(errors="replace")[-3000:] if log else ""
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}\n{tail}")
+    return time.time() - started
+
+
+def markers_truthful(root: Path) -> list[str]:
+    """Files that a shard marker vouches for but that are missing or differ (must be empty)."""
+    bad = []
+    for marker in root.rglob("*_stats.json"):
+        try:
+            stats = json.loads(marker.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            bad.append(f"{marker}: unreadable")
+            continue
+        for name, record in (stats.get("files") or {}).items():
+            path = marker.parent / name
+            if not path.exists() or sha256_file(path) != record["sha256"]:
+                bad.append(str(path.relative_to(root)))
+    return bad
+
+
+def kill_and_resume(stage: str, manifest_path: str | os.PathLike, kills: int = 5, seed: int = 0,
+                    timeout: float = 600, log: Optional[Path] = None, ray_address: Optional[str] = None,
+                    inline_reference: bool = False) -> dict:
+    """Run `stage` uninterrupted, then from scratch with `kills` SIGKILLs, then to the end; compare.
+
+    The upstream stages must be complete. `ray_address`: each run joins that Ray cluster (a killed
+    driver's tasks and actors die with it) instead of starting its own local Ray. `inline_reference`: the uninterrupted run happens in this
+    process (kills are then timed by output progress only). Returns a report: kills, how many interrupted work (the
+    process was still running), outputs compared, matched, differences, untruthful markers, seconds.
+    """
+    global _RAY_ADDRESS
+    _RAY_ADDRESS = ray_address
+    manifest_path = Path(manifest_path)
+    root = _run_root(manifest_path)
+    cmd = stage_command(stage, manifest_path)
+    rng = random.Random(f"{stage}-{seed}")
+
+    before = _files(root)
+    if inline_reference:  # in this process (its Ray already up): saves a process start in CI
+        import importlib
+
+        from pipeline.config import load_manifest
+
+        ref_t0 = time.time()
+        importlib.import_module(f"stages.{stage.replace('-', '_')}").run(load_manifest(manifest_path))
+        ref_seconds, inline_seconds = None, time.time() - ref_t0
+    else:
+        ref_seconds = _run(cmd, timeout, log)
+    after = _files(root)
+    outputs = sorted(k for k in after if before.get(k) != after[k])
+    if not outputs:
+        raise RuntimeError(f"{stage}: the uninterrupted run wrote nothing (already complete?)")
+    compared = [k for k in outputs if not _is_bookkeeping(k) and not _ignored(k)]
+    reference = {k: _content(root / k) for k in compared}
+    for k in outputs:
+        if k in before:
+            raise RuntimeError(f"{stage}: rewrote a file that existed before it ran: {k}; "
+                               "run the harness on a stage whose outputs are its own")
+    for k in outputs:
+        (root / k).unlink()
+
+    watched = set(outputs)
+    moments, interrupted, untruthful = [], 0, []
+    started_all = time.time()
+    for i in range(kills):
+        present = len(watched & set(_files(root)))
+        target = min(len(watched) - 1, present + rng.randint(0, max(1, (len(watched) - present) // 2)))
+        extra = rng.uniform(0.0, 0.5)
+        deadline = rng.uniform(0.25, 1.0) * ref_seconds if ref_seconds else timeout
+        with open(log or os.devnull, "ab") as out:
+            proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        t0 = time.time()
+        reached = None
+        while proc.poll() is None and time.time() - t0 < deadline:
+            if reached is None and len(watched & set(_files(root))) >= target:
+                reached = time.time()
+            if reached is not None and time.time() - reached >= extra:
+                break
+            time.sleep(0.02)
+        running = proc.poll() is None
+        if running:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                running = False
+        proc.wait()
+        interrupted += running
+        moments.append({"after_s": round(time.time() - t0, 2), "outputs_present": len(watched & set(_files(root))),
+                        "interrupted": running})
+        untruthful += markers_truthful(root)
+    kill_seconds = time.time() - started_all
+    resume_seconds = _run(cmd, timeout, log)
+    final = _files(root)
+    leftovers = [str(p.relative_to(root)) for p in root.rglob(f"{TMP_PREFIX}*")]
+    differences = sorted(set(outputs) ^ {k for k in final if k in watched or k not in before})
+    for k in compared:
+        if k in final and _content(root / k) != reference[k]:
+            differences.append(k)
+    untruthful += markers_truthful(root)
+    return {"stage": stage, "kills": kills, "interrupted": interrupted, "moments": moments,
+            "outputs": len(outputs), "compared": len(compared), "matched": not differences and not untruthful,
+            "differences": differences, "untruthful_markers": sorted(set(untruthful)),
+            "leftover_temporaries": leftovers, "reference_s": round(ref_seconds or inline_seconds, 1),
+            "kills_s": round(kill_seconds, 1), "resume_s": round(resume_seconds, 1)}

@@ -1,0 +1,54 @@
+"""SIGKILL at seeded moments, then a rerun: the rows of an uninterrupted run, and no marker ever vouches
+for an incomplete file. The cheap stages here (shard: tests/test_shard_faults.py); every stage with
+five kills each: bench/faults.py (figures in docs/hardening.md)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.faultkit import kill_and_resume, markers_truthful
+from tests.test_verify import make_run
+
+KILLS = 2  # CI budget; bench/faults.py does five per stage
+
+
+def session_ray(ray_local) -> str:
+    """The test session's Ray: each stage process joins it rather than starting its own (seconds each)."""
+    return ray_local.get_runtime_context().gcs_address
+
+
+def test_concepts_killed_then_resumed_matches_an_uninterrupted_run(ray_local, tmp_path):
+    from pipeline.config import load_manifest
+    from stages import shard
+
+    path = make_run(tmp_path, n=16, per_shard=2)
+    shard.run(load_manifest(path))
+    report = kill_and_resume("concepts", path, kills=KILLS, seed=7, log=tmp_path / "log.txt",
+                             ray_address=session_ray(ray_local), inline_reference=True)
+    assert report["matched"], report
+    assert report["compared"] >= 9  # 8 caption sidecars + the pool
+    assert not report["leftover_temporaries"]
+
+
+def test_proposals_killed_then_resumed_matches_an_uninterrupted_run(ray_local, tmp_path):
+    """A model stage on a Ray Data actor pool: kills land while actors hold the RPN."""
+    from pipeline.config import load_manifest
+    from tests.labelkit import manifest_body, prepare_run
+
+    path = tmp_path / "m.yaml"
+    path.write_text("name: t\noutput_dir: out\nray: {num_cpus: 2}\n" + manifest_body(num_images=8, per_shard=2))
+    prepare_run(load_manifest(path))
+    report = kill_and_resume("proposals", path, kills=KILLS, seed=3, log=tmp_path / "log.txt",
+                             ray_address=session_ray(ray_local), inline_reference=True)
+    assert report["matched"], report
+    assert report["compared"] == 4
+
+
+def test_markers_truthful_flags_a_marker_whose_file_changed(tmp_path):
+    import json
+
+    (tmp_path / "00000.parquet").write_bytes(b"abc")
+    (tmp_path / "00000_stats.json").write_text(json.dumps(
+        {"files": {"00000.parquet": {"bytes": 3, "sha256": "0" * 64}}}))
+    assert markers_truthful(Path(tmp_path)) == ["00000.parquet"]
