@@ -118,10 +118,10 @@ def test_stage_trains_and_reports_recall_by_split(write_manifest):
 
     manifest = write_manifest("""
         corpus: {format: synthetic}
-        synth: {seed: 2, num_images: 16, num_val_images: 6}
+        synth: {seed: 2, num_images: 12, num_val_images: 4}
         teacher: {arch: RN50-tiny}
         train_rpn: {enabled: true, backbone: clip_res4, epochs: 3, batch_size: 4, lr: 0.02,
-                    warmup_steps: 2, min_size: 128, max_size: 192, anchor_sizes: [16, 32, 64, 128],
+                    warmup_steps: 2, min_size: 112, max_size: 160, anchor_sizes: [16, 32, 64, 128],
                     device: cpu}
         """)
     assert train_rpn.enabled(manifest)
@@ -145,4 +145,4 @@ def test_stage_trains_and_reports_recall_by_split(write_manifest):
     stamp = layout.rpn_checkpoint.stat().st_mtime_ns
     train_rpn.run(manifest)                                  # up to date: skipped
     assert layout.rpn_checkpoint.stat().st_mtime_ns == stamp
-    assert not train_rpn.enabled(write_manifest("", name="off"))
+    assert not train_rpn.enabled(write_manifest("", name="plain"))

@@ -143,16 +143,16 @@ def train_rpn(model: ProposalNetwork, data: CocoBoxes, cfg, *, seed: int = 0,
             schedule.step()
             step += 1
             history.steps.append(step)
-            history.losses.append(float(loss))
-            history.loss_objectness.append(float(losses["loss_objectness"]))
-            history.loss_box.append(float(losses["loss_rpn_box_reg"]))
+            history.losses.append(loss.item())
+            history.loss_objectness.append(losses["loss_objectness"].item())
+            history.loss_box.append(losses["loss_rpn_box_reg"].item())
             if writer:
-                writer.add_scalar("train/loss", float(loss), step)
-                writer.add_scalar("train/loss_objectness", float(losses["loss_objectness"]), step)
-                writer.add_scalar("train/loss_rpn_box_reg", float(losses["loss_rpn_box_reg"]), step)
+                writer.add_scalar("train/loss", loss.item(), step)
+                writer.add_scalar("train/loss_objectness", losses["loss_objectness"].item(), step)
+                writer.add_scalar("train/loss_rpn_box_reg", losses["loss_rpn_box_reg"].item(), step)
                 writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
             bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss):.3f}")
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
         record = {"epoch": epoch + 1, "step": step,
                   "loss": round(float(np.mean(history.losses[-steps_per_epoch:])), 5)}
         if val is not None:

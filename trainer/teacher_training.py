@@ -32,12 +32,14 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def clip_transforms(model, image_size: Optional[int] = None):
-    """open_clip's (train, eval) preprocess transforms for `model` (its own size, mean and std)."""
+def clip_transforms(model, image_size: Optional[int] = None, min_crop_scale: float = 0.9):
+    """open_clip's (train, eval) preprocess transforms for `model` (its own size, mean and std); the
+    train transform's RandomResizedCrop takes between `min_crop_scale` and all of the image."""
     cfg = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
     size = image_size or cfg.get("size") or model.visual.image_size
     mean, std = cfg.get("mean"), cfg.get("std")
-    return (open_clip.image_transform(size, is_train=True, mean=mean, std=std),
+    aug = {"scale": (float(min_crop_scale), 1.0)}
+    return (open_clip.image_transform(size, is_train=True, mean=mean, std=std, aug_cfg=aug),
             open_clip.image_transform(size, is_train=False, mean=mean, std=std))
 
 
@@ -114,7 +116,7 @@ def train_clip(model, tokenizer, train_tars: Sequence[Path], heldout: Sequence[d
     device = resolve_device(cfg.device)
     torch.manual_seed(seed)
     model.to(device).train()
-    train_tf, eval_tf = clip_transforms(model, cfg.image_size)
+    train_tf, eval_tf = clip_transforms(model, cfg.image_size, getattr(cfg, "min_crop_scale", 0.9))
     total = cfg.epochs * steps_per_epoch
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98),
                                   eps=1e-6)
@@ -144,14 +146,14 @@ def train_clip(model, tokenizer, train_tars: Sequence[Path], heldout: Sequence[d
             step += 1
             lr = optimizer.param_groups[0]["lr"]
             history.steps.append(step)
-            history.losses.append(float(loss))
+            history.losses.append(loss.item())
             history.lrs.append(lr)
             if writer:
-                writer.add_scalar("train/loss", float(loss), step)
+                writer.add_scalar("train/loss", loss.item(), step)
                 writer.add_scalar("train/lr", lr, step)
-                writer.add_scalar("train/logit_scale", float(model.logit_scale.exp()), step)
+                writer.add_scalar("train/logit_scale", model.logit_scale.exp().item(), step)
             bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss):.3f}")
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
         metrics = retrieval_recall(model, tokenizer, heldout, eval_tf, device=device) if heldout else {}
         record = {"epoch": epoch + 1, "step": step,
                   "loss": round(sum(history.losses[-steps_per_epoch:]) / max(1, min(steps_per_epoch,
