@@ -73,6 +73,16 @@ def run_tasks(fn: Callable[..., Any], arg_list: Iterable[tuple], *, num_cpus: fl
             yield ray.get(done[0])
 
 
+def current_node() -> str:
+    """The Ray node id of the calling worker ('' outside Ray), for per-shard stats."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except Exception:  # noqa: BLE001 - stats only
+        return ""
+
+
 def actor_pool_plan(num_items: int, *, num_gpus_per_actor: float, num_actors: Optional[int] = None,
                     cpus_per_actor: float = 1) -> dict:
     """How many model-holding actors to start and what each asks Ray for.
@@ -98,7 +108,8 @@ def map_with_actor_pool(actor_cls: type, items: list[dict], *, constructor_args:
                         cpus_per_actor: float = 1, desc: str = "", unit: str = "shard") -> Iterator[dict]:
     """Ray Data: `items` (one row each, e.g. {"shard": 3}) through a pool of `actor_cls` actors.
 
-    Each actor is constructed once with `constructor_args` (it loads the model) and is called with
+    A fixed pool of `num_actors` actors (default: one per GPU slot, or per CPU) is started; each is
+    constructed once with `constructor_args` (it loads the model) and is called with
     batches of one row (a dict of numpy columns); it returns a dict of small numpy columns (stats),
     yielded here row by row as they finish, with a progress bar. Ray Data streams the items
     (backpressure: a bounded number of calls per actor are queued), and an actor that dies is
@@ -116,7 +127,7 @@ def map_with_actor_pool(actor_cls: type, items: list[dict], *, constructor_args:
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     remote = {"num_gpus": plan["num_gpus"]} if plan["num_gpus"] else {}
     ds = ds.map_batches(actor_cls, batch_size=1, batch_format="numpy",
-                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan["num_actors"],
+                        compute=ray.data.ActorPoolStrategy(size=plan["num_actors"],
                                                            max_tasks_in_flight_per_actor=2),
                         fn_constructor_args=constructor_args, num_cpus=plan["num_cpus"], **remote)
     log.info("%s: %d items on %d actor(s), %s GPU each", desc, len(items), plan["num_actors"], plan["num_gpus"])

@@ -54,21 +54,21 @@ def run(manifest: RunManifest) -> dict:
     state = StageState.open(STAGE, layout.labels, settings,
                             {"proposals": proposals["fingerprint"], "embed": embed["fingerprint"]})
     job.fingerprint = state.fingerprint
-    pending = state.pending(shard_ids)
+    pending, nodes = state.pending(shard_ids), set()
     if pending:
         state.clean_temporaries()
         print(f"label: {len(shard_ids)} shards ({len(pending)} to do), teacher {teacher['arch']}, "
               f"codec {codec['codec']} ({codec['code_size']} bytes/region)")
-        for _ in map_with_actor_pool(LabelShardWorker, [{"shard": s} for s in pending], constructor_args=(job,),
+        for row in map_with_actor_pool(LabelShardWorker, [{"shard": s} for s in pending], constructor_args=(job,),
                                      num_gpus_per_actor=cfg.num_gpus_per_actor, num_actors=cfg.num_actors,
                                      desc="label"):
-            pass
+            nodes.add(str(row["node"]))
     else:
         print(f"label: up to date ({len(shard_ids)} shards)")
     outputs = [layout.labels_codec]
     if cfg.region_index:
         outputs += write_region_index(layout, shard_ids)
-    return state.finish(shard_ids, outputs=outputs, extra={"codec": codec})
+    return state.finish(shard_ids, outputs=outputs, extra={"codec": codec, "ray_nodes": sorted(nodes)})
 
 
 def ensure_codec(manifest, layout, job, dim, concepts, teacher, proposals, shard_ids) -> dict:

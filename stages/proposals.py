@@ -41,16 +41,16 @@ def run(manifest: RunManifest, rpn_loader: str = DEFAULT_RPN_LOADER) -> dict:
         print(f"proposals: up to date ({len(shard_ids)} shards)")
         return state.finish(shard_ids)
     state.clean_temporaries()
-    pending = state.pending(shard_ids)
+    pending, nodes = state.pending(shard_ids), set()
     print(f"proposals: {len(shard_ids)} shards ({len(pending)} to do), RPN {checkpoint}")
     init_ray(manifest.ray)
     job = ProposalJob(str(layout.root), str(checkpoint), cfg.min_size, cfg.max_size, cfg.pre_nms_top_n,
                       cfg.post_nms_top_n, cfg.nms_thresh, cfg.batch_size, state.fingerprint, rpn_loader)
-    for _ in map_with_actor_pool(ProposalShardWorker, [{"shard": s} for s in pending], constructor_args=(job,),
+    for row in map_with_actor_pool(ProposalShardWorker, [{"shard": s} for s in pending], constructor_args=(job,),
                                  num_gpus_per_actor=cfg.num_gpus_per_actor, num_actors=cfg.num_actors,
                                  desc="proposals"):
-        pass
-    return state.finish(shard_ids)
+        nodes.add(str(row["node"]))
+    return state.finish(shard_ids, extra={"ray_nodes": sorted(nodes)})
 
 
 if __name__ == "__main__":

@@ -208,3 +208,20 @@ def test_dimension_mismatch_is_refused_before_any_work(run, tmp_path):
             label.run(manifest)
     finally:
         np.save(layout.concept_embeddings, good)
+
+
+def test_show_draws_proposals_and_pseudo_labels(run, tmp_path):
+    import argparse
+
+    from stages import show
+
+    manifest, layout, _, _ = run
+    key = read_labels(layout.labels, 1, ["key"]).column("key")[2].as_py()
+    result = show.run(manifest, argparse.Namespace(key=key, top=5, out=None))
+    path = layout.show_png(key)
+    assert result["path"] == str(path) and result["boxes"] == 5
+    with Image.open(path) as img:
+        assert img.format == "PNG" and min(img.size) >= 640
+    out = tmp_path / "x.png"
+    show.run(manifest, argparse.Namespace(key=None, top=3, out=str(out)))
+    assert out.is_file()

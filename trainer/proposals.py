@@ -107,7 +107,10 @@ class Proposer:
         write_shard_stats(layout.proposals, shard_id, self.job.fingerprint,
                           {"images": len(rows), "boxes": boxes,
                            "empty": int(sum(len(r.boxes) == 0 for r in rows))}, [path], seconds=seconds)
-        return {"shard": shard_id, "images": len(rows), "boxes": boxes, "seconds": seconds}
+        from pipeline.ray_runtime import current_node
+
+        return {"shard": shard_id, "images": len(rows), "boxes": boxes, "seconds": seconds,
+                "node": current_node()}
 
 
 class ProposalShardWorker:
@@ -118,4 +121,4 @@ class ProposalShardWorker:
 
     def __call__(self, batch: dict) -> dict:
         rows = [self.proposer.shard(int(s)) for s in batch["shard"]]
-        return {k: np.array([r[k] for r in rows]) for k in ("shard", "images", "boxes", "seconds")}
+        return {k: np.array([r[k] for r in rows]) for k in ("shard", "images", "boxes", "seconds", "node")}

@@ -269,7 +269,10 @@ def label_shard(job: LabelJob, teacher: Teacher, codec, shard_id: int) -> dict:
     seconds = round(time.time() - started, 3)
     write_shard_stats(layout.labels, shard_id, job.fingerprint,
                       {"images": len(keys), "regions": regions}, [path], seconds=seconds)
-    return {"shard": shard_id, "images": len(keys), "regions": regions, "seconds": seconds}
+    from pipeline.ray_runtime import current_node
+
+    return {"shard": shard_id, "images": len(keys), "regions": regions, "seconds": seconds,
+            "node": current_node()}
 
 
 class LabelShardWorker:
@@ -286,7 +289,7 @@ class LabelShardWorker:
 
     def __call__(self, batch: dict) -> dict:
         rows = [label_shard(self.job, self.teacher, self.codec, int(s)) for s in batch["shard"]]
-        return {k: np.array([r[k] for r in rows]) for k in ("shard", "images", "regions", "seconds")}
+        return {k: np.array([r[k] for r in rows]) for k in ("shard", "images", "regions", "seconds", "node")}
 
 
 def sample_region_embeddings(job: LabelJob, shard_ids: list[int], max_regions: int, seed: int) -> np.ndarray:

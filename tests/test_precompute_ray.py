@@ -1,0 +1,148 @@
+"""Label stage under failure and on a cluster: a run killed with SIGKILL mid-stage and rerun gives the
+rows of an uninterrupted run; a two-node Ray cluster on loopback writes the same files as a local run."""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.layout import RunLayout
+from stages import label, proposals
+from tests.labelkit import concepts_from_regions, manifest_body, prepare_run, read_rows, rpn_loader
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO)}
+
+
+@pytest.fixture(scope="module")
+def runs(ray_local, tmp_path_factory):
+    """One prepared run (shards, proposals, teacher, concepts) copied three times before labelling."""
+    from pipeline.config import load_manifest
+
+    root = tmp_path_factory.mktemp("precompute")
+    body = manifest_body(num_images=10, per_shard=2).replace("num_actors: 2}", "num_actors: 2}", 2)
+    (root / "a").mkdir()
+    (root / "a" / "m.yaml").write_text("name: t\noutput_dir: out\nray: {num_cpus: 2}\n" + body)
+    manifest = load_manifest(root / "a" / "m.yaml")
+    layout = prepare_run(manifest)
+    proposals.run(manifest, rpn_loader=rpn_loader())
+    concepts_from_regions(layout)
+    for name in ("killed", "cluster"):
+        shutil.copytree(root / "a", root / name)
+    label.run(manifest)
+    return root, manifest, layout
+
+
+def _label_files(layout: RunLayout) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(layout.labels.root.iterdir())
+            if p.suffix in (".parquet", ".faiss") or p.name == "codec.json"}
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (Ray's raylet, GCS and workers start their own process groups)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the run's process group and every process it started (a machine that dies)."""
+    below = _descendants(proc.pid)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for pid in below:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=30)
+
+
+def test_sigkill_mid_stage_then_rerun_gives_the_uninterrupted_rows(runs):
+    root, _, reference = runs
+    layout = RunLayout(root / "killed" / "out")
+    cmd = [sys.executable, "-m", "stages.label", str(root / "killed" / "m.yaml")]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    rng = random.Random(1234)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not list(layout.labels.root.glob("*_stats.json")):
+            if proc.poll() is not None:
+                pytest.fail("the label run ended before it could be killed")
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 0.5))   # a seeded moment after the first shard is done
+    finally:
+        _kill_group(proc)
+    done_at_kill = len(list(layout.labels.root.glob("*_stats.json")))
+    assert 0 < done_at_kill < 5, f"{done_at_kill} shards were done when the run was killed"
+    assert not layout.labels.manifest.exists()
+    rerun = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300,
+                           start_new_session=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"({5 - done_at_kill} to do)" in rerun.stdout
+    assert read_rows(layout.labels) == read_rows(reference.labels)
+    assert _label_files(layout) == _label_files(reference)
+    assert not list(layout.labels.root.glob(".tmp-*"))
+
+
+CLUSTER_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import ray
+    from ray.cluster_utils import Cluster
+    from pipeline.config import load_manifest
+    from stages import label
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    try:
+        manifest = load_manifest(sys.argv[1], [f"ray.address={cluster.address}"])
+        result = label.run(manifest)
+        print("NODES", json.dumps({"alive": len([n for n in ray.nodes() if n["Alive"]]),
+                                   "used": result["ray_nodes"]}))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+""")
+
+
+def test_two_node_loopback_cluster_writes_the_local_outputs(runs, tmp_path):
+    import json
+
+    root, _, reference = runs
+    layout = RunLayout(root / "cluster" / "out")
+    script = tmp_path / "cluster_label.py"
+    script.write_text(CLUSTER_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script), str(root / "cluster" / "m.yaml")], cwd=REPO, env=ENV,
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=400)
+    finally:
+        _kill_group(proc)
+    assert proc.returncode == 0, err[-3000:]
+    nodes = json.loads(out.split("NODES", 1)[1].strip().splitlines()[0])
+    assert nodes["alive"] == 2
+    assert len(nodes["used"]) == 2, "both nodes should have labelled shards"
+    assert _label_files(layout) == _label_files(reference)
