@@ -107,10 +107,14 @@ def write_proposals(stage_dir: StageDir, shard_id: int, rows: list[Proposals]) -
 def read_proposals(stage_dir: StageDir, shard_id: int) -> dict[str, Proposals]:
     """A shard's proposals by key (insertion order = shard order)."""
     out = {}
-    for r in pq.read_table(stage_dir.parquet(shard_id)).to_pylist():
+    path = stage_dir.parquet(shard_id)
+    for r in pq.read_table(path).to_pylist():
         n = r["num_boxes"]
-        out[r["key"]] = Proposals(r["key"], r["width"], r["height"],
-                                  np.asarray(r["boxes"], np.float32).reshape(n, 4),
+        boxes = np.asarray(r["boxes"] or [], np.float32)
+        if n is None or boxes.size != 4 * n or not np.isfinite(boxes).all():
+            raise ValueError(f"{path}: key {r['key']}: boxes are not {n} finite x1,y1,x2,y2 rows; the sidecar "
+                             "is damaged (`regionclip verify MANIFEST --repair`, then rerun proposals)")
+        out[r["key"]] = Proposals(r["key"], r["width"], r["height"], boxes.reshape(n, 4),
                                   np.asarray(r["objectness"], np.float32))
     return out
 

@@ -64,6 +64,9 @@ def run(manifest: RunManifest) -> dict:
 
     train = read_coco_boxes(train_file, manifest.resolve(cfg.images_root)).with_boxes()
     val = read_coco_boxes(val_file, manifest.resolve(cfg.val_images_root))
+    import torch
+
+    torch.manual_seed(manifest.seed)  # the random init too: a rerun (after a kill) trains the same RPN
     model = build_rpn(cfg.backbone, weights, clip_arch, cfg.anchor_sizes, min_size=cfg.min_size,
                       max_size=cfg.max_size)
     print(f"train-rpn: {cfg.backbone}{f' ({clip_arch})' if clip_arch else ''}, "

@@ -50,6 +50,9 @@ def run(manifest: RunManifest) -> dict:
         return read_json(stage_dir.manifest)
     state.clean_temporaries()
 
+    import torch
+
+    torch.manual_seed(manifest.seed)  # the random init too: a rerun (after a kill) trains the same model
     if cfg.init_checkpoint:
         model, tokenizer = load_clip(arch, manifest.resolve(cfg.init_checkpoint))
     else:

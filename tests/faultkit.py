@@ -39,10 +39,9 @@ _RAY_ADDRESS: Optional[str] = None
 def _env() -> dict:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
-    if _RAY_ADDRESS:
-        env["RAY_ADDRESS"] = _RAY_ADDRESS
-    else:
-        env.pop("RAY_ADDRESS", None)
+    # "local": a Ray of its own even when a `ray start` cluster on this machine left its address in
+    # /tmp/ray (ray.init() without an address would join that one).
+    env["RAY_ADDRESS"] = _RAY_ADDRESS or "local"
     return env
 
 
@@ -79,12 +78,35 @@ def _ignored(rel: str) -> bool:
 
 
 def _content(path: Path):
-    """Parquet: its rows; anything else: its sha256."""
+    """Parquet: its rows; a torch checkpoint: its tensors and plain data; anything else: its sha256."""
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         return pq.read_table(path).to_pylist()
+    if path.suffix == ".pt":
+        import torch
+
+        try:
+            return _canonical(torch.load(path, map_location="cpu", weights_only=True))
+        except Exception:  # noqa: BLE001 - TorchScript or not a checkpoint: compare bytes
+            pass
     return sha256_file(path)
+
+
+def _canonical(obj):
+    import hashlib
+
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        return ("tensor", str(t.dtype), tuple(t.shape), hashlib.sha256(t.view(-1).view(torch.uint8).numpy()
+                                                                         .tobytes() if t.numel() else b"").hexdigest())
+    if isinstance(obj, dict):
+        return {str(k): _canonical(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_canonical(v) for v in obj]
+    return obj
 
 
 def _run(cmd: list[str], timeout: float, log: Optional[Path] = None) -> float:
@@ -189,7 +211,8 @@ def kill_and_resume(stage: str, manifest_path: str | os.PathLike, kills: int = 5
     resume_seconds = _run(cmd, timeout, log)
     final = _files(root)
     leftovers = [str(p.relative_to(root)) for p in root.rglob(f"{TMP_PREFIX}*")]
-    differences = sorted(set(outputs) ^ {k for k in final if k in watched or k not in before})
+    differences = sorted(k for k in set(outputs) ^ {k for k in final if k in watched or k not in before}
+                         if not _ignored(k))
     for k in compared:
         if k in final and _content(root / k) != reference[k]:
             differences.append(k)
@@ -199,3 +222,38 @@ def kill_and_resume(stage: str, manifest_path: str | os.PathLike, kills: int = 5
             "differences": differences, "untruthful_markers": sorted(set(untruthful)),
             "leftover_temporaries": leftovers, "reference_s": round(ref_seconds or inline_seconds, 1),
             "kills_s": round(kill_seconds, 1), "resume_s": round(resume_seconds, 1)}
+
+
+def world_manifest(folder: Path, images: int = 16, per_shard: int = 4, val_images: int = 4) -> Path:
+    """A tiny synthetic world with every stage enabled (tiny models, CPU): bench/faults.py, bench/scaling.py."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "world.yaml"
+    path.write_text(f"""name: faults
+output_dir: out
+seed: 0
+corpus: {{format: synthetic}}
+synth: {{seed: 0, num_images: {images}, num_val_images: {val_images}, min_side: 96, max_side: 160, max_objects: 3}}
+ray: {{num_cpus: 2}}
+shard: {{samples_per_shard: {per_shard}}}
+concepts: {{parser: lookups, min_count: 1}}
+teacher: {{arch: RN50-tiny}}
+embed: {{device: cpu}}
+train_teacher: {{enabled: true, epochs: 1, batch_size: 8, warmup_steps: 0, device: cpu}}
+train_rpn: {{enabled: true, backbone: clip_res4, epochs: 1, batch_size: 4, warmup_steps: 0, min_size: 128,
+            max_size: 192, anchor_sizes: [16, 32, 64], device: cpu}}
+proposals: {{min_size: 128, max_size: 192, post_nms_top_n: 12, pre_nms_top_n: 200, batch_size: 2, num_actors: 2}}
+label: {{codec: pq, pq_subquantizers: 16, pq_bits: 6, pq_train_regions: 256, batch_size: 2, num_actors: 2}}
+pretrain: {{steps: 6, batch_size: 4, regions_per_image: 8, min_size: 96, max_size: 160, checkpoint_every: 2,
+           warmup_steps: 1, device: cpu, amp: false}}
+transfer: {{init: [teacher, pretrain], steps: 4, batch_size: 2, min_sizes: [96], max_size: 160,
+           rois_per_image: 32, proposals_per_image: 48, warmup_steps: 1, device: cpu}}
+evaluate: {{min_size: 96, max_size: 160, proposals_per_image: 48, device: cpu}}
+""")
+    return path
+
+
+# Every stage of the pipeline in order, optional ones included (train-teacher / train-rpn make the
+# weights that the synthetic world has no download for).
+ALL_STAGES = ["shard", "concepts", "train-teacher", "embed", "train-rpn", "proposals", "label", "pretrain",
+              "transfer", "evaluate"]

@@ -149,13 +149,13 @@ class Sidecars:
             t = read_parquet(src.captions, ["key", "embedding"])
             side.caption_emb = _embedding_rows(t)
             side.captions = {k: i for i, k in enumerate(t.column("key").to_pylist())
-                             if not np.isnan(side.caption_emb[i]).any()}
+                             if np.isfinite(side.caption_emb[i]).all()}
         if src.proposals is not None and src.proposals.exists():
             t = read_parquet(src.proposals, ["key", "width", "height", "boxes"])
             boxes = _list_rows(t, "boxes", np.float32)
             for k, w, h, b in zip(t.column("key").to_pylist(), t.column("width").to_pylist(),
                                   t.column("height").to_pylist(), boxes):
-                if b is not None and w and h and len(b) % 4 == 0:
+                if b is not None and w and h and len(b) % 4 == 0 and np.isfinite(b).all():
                     side.proposals[k] = (float(w), float(h), b.reshape(-1, 4))
         if src.labels is not None and src.labels.exists():
             import pyarrow.parquet as pq
