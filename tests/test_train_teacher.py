@@ -20,8 +20,9 @@ train_teacher: {enabled: true, epochs: 4, batch_size: 16, lr: 0.002, warmup_step
 
 
 @pytest.fixture(scope="module")
-def sharded(tmp_path_factory, ray_local):
-    """A 48-image world in 3 shards (the last one is held out)."""
+def sharded(tmp_path_factory):
+    """A 48-image world in 3 shards (the last one is held out), written by the shard stage's own code
+    run serially in this process (no Ray: this test is about what reads the shards)."""
     from pipeline.config import load_manifest
     from stages import shard
 
@@ -29,7 +30,10 @@ def sharded(tmp_path_factory, ray_local):
     path = folder / "m.yaml"
     path.write_text("name: t\noutput_dir: out\nray: {num_cpus: 2}\n" + WORLD)
     manifest = load_manifest(path)
-    shard.run(manifest)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(shard, "init_ray", lambda cfg: None)
+        patch.setattr(shard, "run_tasks", lambda fn, tasks, **kwargs: (fn(*args) for args in tasks))
+        shard.run(manifest)
     return manifest
 
 
