@@ -91,11 +91,12 @@ def clip_per_parameter(params: Iterable[torch.Tensor], max_norm: float) -> None:
             torch.nn.utils.clip_grad_norm_([p], max_norm)
 
 
-def _all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+def _all_reduce_mean(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The mean over ranks (on `device`: nccl reduces CUDA tensors only); returned on the CPU."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        values = values.clone()
+        values = values.to(device)
         dist.all_reduce(values)
-        values /= dist.get_world_size()
+        values = values.cpu() / dist.get_world_size()
     return values
 
 
@@ -136,7 +137,7 @@ class LoggerHook(HookBase):
                 self.bar.update(1)
             return
         losses = _all_reduce_mean(torch.tensor([t.last_losses[k] for k in (*LOSS_NAMES, "total")],
-                                               dtype=torch.float64))
+                                               dtype=torch.float64), t.device)
         seconds = sum(w[0] for w in self._window)
         images = sum(w[2] for w in self._window)
         record = {"step": t.step, **{f"loss_{k}": float(v) for k, v in zip((*LOSS_NAMES, "total"), losses)},
