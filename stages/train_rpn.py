@@ -42,6 +42,8 @@ def annotation_files(manifest: RunManifest) -> tuple[Path, Path]:
 
 
 def run(manifest: RunManifest) -> dict:
+    import torch
+
     from trainer.rpn import build_rpn, save_rpn_checkpoint
     from trainer.rpn_training import evaluate_recall, plot_rpn_curve, read_coco_boxes, train_rpn
 
@@ -67,6 +69,7 @@ def run(manifest: RunManifest) -> dict:
     import torch
 
     torch.manual_seed(manifest.seed)  # the random init too: a rerun (after a kill) trains the same RPN
+    torch.manual_seed(manifest.seed)   # the initial weights, too, follow the run's seed
     model = build_rpn(cfg.backbone, weights, clip_arch, cfg.anchor_sizes, min_size=cfg.min_size,
                       max_size=cfg.max_size)
     print(f"train-rpn: {cfg.backbone}{f' ({clip_arch})' if clip_arch else ''}, "

@@ -23,6 +23,8 @@ def enabled(manifest: RunManifest) -> bool:
 
 
 def run(manifest: RunManifest) -> dict:
+    import torch
+
     from trainer.clip import create_clip, load_clip, save_clip_checkpoint
     from trainer.teacher_training import plot_teacher_curve, retrieval_recall, train_clip, clip_transforms
     from trainer.wds_data import read_image_text
@@ -53,6 +55,7 @@ def run(manifest: RunManifest) -> dict:
     import torch
 
     torch.manual_seed(manifest.seed)  # the random init too: a rerun (after a kill) trains the same model
+    torch.manual_seed(manifest.seed)   # the initial weights, too, follow the run's seed
     if cfg.init_checkpoint:
         model, tokenizer = load_clip(arch, manifest.resolve(cfg.init_checkpoint))
     else:
