@@ -112,8 +112,15 @@ def print_status(manifest) -> None:
         print("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
     summary = RunLayout.of(manifest).summary_json
     if summary.exists():
+        import json
+
+        content = json.loads(summary.read_text())
+        table = content.get("results_table") if isinstance(content, dict) else None
+        if isinstance(table, str):     # the headline figures (stages/evaluate.py), readable
+            print(f"\n{table}")
         print(f"\nresults: {summary}")
-        print(summary.read_text())
+        if not isinstance(table, str):
+            print(summary.read_text())
 
 
 def build_parser() -> argparse.ArgumentParser:

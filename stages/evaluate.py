@@ -33,7 +33,8 @@ def run(manifest: RunManifest) -> dict:
     from trainer.detection_data import DetectionSet
     from trainer.detector import build_detector
     from trainer.evaluation import (RecognitionTally, coco_evaluate, draw_detections, image_features,
-                                    lvis_evaluate, merge_summary, to_coco_results, zero_shot_detect)
+                                    lvis_evaluate, merge_summary, results_table, to_coco_results,
+                                    zero_shot_detect)
     from trainer.region_encoder import RegionEncoder
     from trainer.text_embed import load_teacher, resolve_device
     from trainer.transfer import (annotation_file, class_embeddings, clip_checkpoint, compute_proposals,
@@ -137,6 +138,10 @@ def run(manifest: RunManifest) -> dict:
 
     results["seconds"] = round(time.time() - started, 2)
     merge_summary(layout.summary_json, SUMMARY_SECTION, summarize(results))
+    if data.kind != "lvis":    # the demo's headline: teacher vs student (trainer.evaluation.results_table)
+        table = results_table(summarize(results))
+        merge_summary(layout.summary_json, "results_table", table)
+        print(table)
     outputs = [layout.eval_metrics(n) for n in
                [f"detector_{i}" for i in inits] + [f"zeroshot_{m}_{w}" for w in cfg.zero_shot for m in ("gt", "rpn")]]
     return state.finish([], outputs=outputs + [layout.summary_json], extra={"results": summarize(results)})

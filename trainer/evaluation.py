@@ -287,3 +287,60 @@ def merge_summary(path: Union[str, os.PathLike], section: str, content: dict) ->
     summary[section] = content
     write_json(path, summary)
     return summary
+
+
+# -- the results table (the demo's headline: image-level teacher vs region-pretrained student) -----------
+
+_INIT_NAMES = {"teacher": "teacher (image-level CLIP)", "pretrain": "student (region-pretrained)"}
+
+
+def headline_figures(summary: dict) -> dict:
+    """Flat headline figures from `summarize`'s output (the `evaluate` section of eval/summary.json):
+    region top-1 and GT-box AP50 (novel/base) per zero-shot model, detector AP50 (novel/base/all) per
+    initialisation, and the margins student - teacher. Missing figures are None."""
+    def get(section: str, model: str, group: str):
+        value = (summary.get(section) or {}).get(model) or {}
+        return value.get(group) if isinstance(value, dict) else None
+
+    figures: dict = {}
+    for model in ("teacher", "pretrain"):
+        for group in ("novel", "base", "all"):
+            figures[f"region_top1_{group}_{model}"] = get("region_recognition_top1", model, group)
+            figures[f"gt_ap50_{group}_{model}"] = get("zero_shot_gt_boxes", model, group)
+            figures[f"transfer_ap50_{group}_{model}"] = get("detector", model, group)
+
+    def margin(name: str):
+        a, b = figures.get(f"{name}_pretrain"), figures.get(f"{name}_teacher")
+        return None if a is None or b is None else round(a - b, 3)
+
+    figures["margin_region_top1_novel"] = margin("region_top1_novel")
+    figures["margin_transfer_ap50_novel"] = margin("transfer_ap50_novel")
+    return figures
+
+
+def results_table(summary: dict) -> str:
+    """The results table (Markdown) from the `evaluate` section of eval/summary.json."""
+    f = headline_figures(summary)
+
+    def cell(value) -> str:
+        return "-" if value is None else f"{value:.1f}"
+
+    def diff(a, b) -> str:
+        return "-" if a is None or b is None else f"{a - b:+.1f}"
+
+    lines = [f"Zero-shot region recognition with ground-truth boxes ({summary.get('images', '?')} images; "
+             "top-1 accuracy % and box AP50)", "",
+             "| model | top-1 novel | top-1 base | AP50 novel | AP50 base |", "|---|---:|---:|---:|---:|"]
+    keys = ("region_top1_novel", "region_top1_base", "gt_ap50_novel", "gt_ap50_base")
+    for model in ("teacher", "pretrain"):
+        lines.append(f"| {_INIT_NAMES[model]} | " + " | ".join(cell(f[f"{k}_{model}"]) for k in keys) + " |")
+    lines.append("| student - teacher | " + " | ".join(diff(f[f"{k}_pretrain"], f[f"{k}_teacher"])
+                                                      for k in keys) + " |")
+    lines += ["", "Detector transfer on base classes, evaluated on all classes (box AP50)", "",
+              "| initialised from | AP50 novel | AP50 base | AP50 all |", "|---|---:|---:|---:|"]
+    keys = ("transfer_ap50_novel", "transfer_ap50_base", "transfer_ap50_all")
+    for model in ("teacher", "pretrain"):
+        lines.append(f"| {_INIT_NAMES[model]} | " + " | ".join(cell(f[f"{k}_{model}"]) for k in keys) + " |")
+    lines.append("| student - teacher | " + " | ".join(diff(f[f"{k}_pretrain"], f[f"{k}_teacher"])
+                                                      for k in keys) + " |")
+    return "\n".join(lines)
