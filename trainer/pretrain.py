@@ -229,6 +229,9 @@ class PretrainTrainer:
         self.encoder.train()
         self.concepts = torch.as_tensor(np.asarray(concept_embeddings), dtype=torch.float32, device=self.device)
         check_embedding_dim(self.encoder.output_dim, self.concepts.shape[1], "concept embeddings", self.arch or "")
+        if codec is not None and getattr(codec, "kind", "") != "topk" and getattr(codec, "dim", 0):
+            check_embedding_dim(self.concepts.shape[1], codec.dim, "the label stage's teacher codes",
+                                "that made the concept embeddings")
         if self.online is not None:
             self.teacher = RegionEncoder.from_clip(self.online.teacher, freeze_bn=True).to(self.device).eval()
             self.teacher.requires_grad_(False)
@@ -395,6 +398,8 @@ class PretrainTrainer:
         s_logits = concept_logits(regions, self.concepts, cfg.temperature)
         keep = keep_mask(probs, cfg.keep_threshold)
         captions = batch["captions"].to(self.device, non_blocking=True).float()
+        if captions.shape[1] != self.encoder.output_dim:
+            check_embedding_dim(self.encoder.output_dim, captions.shape[1], "caption embeddings", self.arch or "")
         return {"region_concept": region_concept_loss(s_logits, labels, keep),
                 "distill": distillation_loss(s_logits, t_logits),
                 "image_caption": image_caption_loss(gather_with_grad(images), gather_with_grad(captions),
