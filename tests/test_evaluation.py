@@ -271,3 +271,27 @@ def test_merge_summary_keeps_other_sections(tmp_path):
     merge_summary(path, "evaluate", {"detector": {"teacher": {"novel": 2.0}}})
     summary = json.loads(path.read_text())
     assert summary == {"demo_table": {"rows": [1, 2]}, "evaluate": {"detector": {"teacher": {"novel": 2.0}}}}
+
+
+def test_coco_ovd_split_command(write_manifest, tmp_path):
+    from stages.cli import main
+
+    names = list(COCO_OVD_BASE + COCO_OVD_NOVEL)
+    cats = [{"id": i + 1, "name": n} for i, n in enumerate(names)]
+    data = {"images": [{"id": 1, "file_name": "1.jpg", "width": 9, "height": 9},
+                       {"id": 2, "file_name": "2.jpg", "width": 9, "height": 9}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 3, 3], "area": 9},
+                            {"id": 2, "image_id": 2, "category_id": names.index("cat") + 1, "bbox": [1, 1, 3, 3],
+                             "area": 9}],
+            "categories": cats}
+    (tmp_path / "train.json").write_text(json.dumps(data))
+    (tmp_path / "val.json").write_text(json.dumps(data))
+    manifest = write_manifest("transfer: {annotations: ovd/train_base.json, val_annotations: ovd/val_all.json}\n")
+    assert main(["coco-ovd-split", manifest.source_path, "--train", str(tmp_path / "train.json"),
+                 "--val", str(tmp_path / "val.json")]) == 0
+    train = json.loads((tmp_path / "ovd" / "train_base.json").read_text())
+    val = json.loads((tmp_path / "ovd" / "val_all.json").read_text())
+    assert [im["id"] for im in train["images"]] == [1] and len(val["images"]) == 2
+    assert main(["coco-ovd-split", manifest.source_path, "--train", str(tmp_path / "train.json"),
+                 "--val", str(tmp_path / "val.json"), "--out-dir", str(tmp_path / "o")]) == 0
+    assert (tmp_path / "o" / "instances_val2017_ovd65.json").is_file()

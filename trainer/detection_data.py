@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.io import write_json
 
 # REFERENCE §6 (OVR-CNN's split), COCO 2017 category names.
 COCO_OVD_NOVEL: tuple[str, ...] = (
@@ -243,17 +242,24 @@ def coco_ovd_split(train: dict, val: dict) -> tuple[dict, dict]:
 
 
 def write_coco_ovd_split(train_json: Union[str, os.PathLike], val_json: Union[str, os.PathLike],
-                         out_dir: Union[str, os.PathLike]) -> dict:
-    """Write instances_train2017_base48.json and instances_val2017_ovd65.json into out_dir."""
-    out_dir = Path(out_dir)
+                         out_dir: Union[str, os.PathLike, None] = None, *,
+                         train_out: Union[str, os.PathLike, None] = None,
+                         val_out: Union[str, os.PathLike, None] = None) -> dict:
+    """Write the split: to `train_out` / `val_out`, or into `out_dir` as
+    instances_train2017_base48.json and instances_val2017_ovd65.json. Compact JSON, atomic writes."""
+    from pipeline.io import write_bytes
+
+    if train_out is None or val_out is None:
+        if out_dir is None:
+            raise ValueError("give out_dir, or both train_out and val_out")
+        train_out = Path(out_dir) / "instances_train2017_base48.json"
+        val_out = Path(out_dir) / "instances_val2017_ovd65.json"
     train = json.loads(Path(train_json).read_text(encoding="utf-8"))
     val = json.loads(Path(val_json).read_text(encoding="utf-8"))
-    train_out, val_out = coco_ovd_split(train, val)
-    paths = {"train": out_dir / "instances_train2017_base48.json",
-             "val": out_dir / "instances_val2017_ovd65.json"}
-    write_json(paths["train"], train_out)
-    write_json(paths["val"], val_out)
-    return {"train": str(paths["train"]), "val": str(paths["val"]),
-            "train_images": len(train_out["images"]), "train_annotations": len(train_out["annotations"]),
-            "val_images": len(val_out["images"]), "val_annotations": len(val_out["annotations"]),
+    train_split, val_split = coco_ovd_split(train, val)
+    for path, data in ((train_out, train_split), (val_out, val_split)):
+        write_bytes(path, json.dumps(data, separators=(",", ":")).encode("utf-8"))
+    return {"train": str(train_out), "val": str(val_out),
+            "train_images": len(train_split["images"]), "train_annotations": len(train_split["annotations"]),
+            "val_images": len(val_split["images"]), "val_annotations": len(val_split["annotations"]),
             "base": len(COCO_OVD_BASE), "novel": len(COCO_OVD_NOVEL)}

@@ -122,7 +122,7 @@ def train_detector(detector: OpenVocabDetector, data: DetectionSet, vocab: Vocab
         if settings.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
         optimizer.step()
-        window.append({k: float(v) for k, v in losses.items()})
+        window.append({k: float(v.detach()) for k, v in losses.items()})
         if (step + 1) % settings.log_every == 0 or step + 1 == settings.steps:
             mean = {k: round(sum(w[k] for w in window) / len(window), 4) for k in window[0]}
             history.append({"step": step + 1, "lr": optimizer.param_groups[0]["lr"], **mean})
