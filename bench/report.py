@@ -67,7 +67,7 @@ def supports_quick(script: Path) -> bool:
     return re.search(r"""add_argument\(\s*["']--quick["']""", script.read_text()) is not None
 
 
-def run_script(script: Path, quick: bool, timeout: float) -> dict:
+def run_script(script: Path, quick: bool, timeout: float, logs: Path | None = None) -> dict:
     cmd = [sys.executable, str(script)] + (["--quick"] if quick and supports_quick(script) else [])
     started = time.time()
     row = {"script": f"bench/{script.name}", "args": " ".join(cmd[2:]), "status": "ok"}
@@ -78,6 +78,9 @@ def run_script(script: Path, quick: bool, timeout: float) -> dict:
         row.update(status=f"timeout after {timeout:.0f}s", seconds=round(time.time() - started, 1), figures={})
         return row
     row["seconds"] = round(time.time() - started, 1)
+    if logs is not None:  # the whole output, reusable later with --reuse NAME=FILE
+        logs.mkdir(parents=True, exist_ok=True)
+        (logs / f"{script.stem}.out").write_text(proc.stdout)
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
     try:
         figures = json.loads(lines[-1]) if lines else None
@@ -90,6 +93,18 @@ def run_script(script: Path, quick: bool, timeout: float) -> dict:
     if proc.returncode != 0 and row["status"] == "ok":
         row["status"] = f"exit {proc.returncode}"
     row["figures"] = figures
+    return row
+
+
+def reused(script: Path, output: Path) -> dict:
+    lines = [ln for ln in output.read_text(errors="replace").splitlines() if ln.strip()]
+    row = {"script": f"bench/{script.name}", "args": "", "status": f"reused: last line of {output}",
+           "seconds": None, "figures": {}}
+    try:
+        row["figures"] = json.loads(lines[-1])
+        row["seconds"] = row["figures"].get("seconds")
+    except (ValueError, IndexError) as err:
+        row["status"] = f"reuse failed: {output}: {err}"
     return row
 
 
@@ -137,16 +152,25 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=900, help="seconds per script")
     ap.add_argument("--only", default=None, help="comma list of script names (without .py)")
     ap.add_argument("--out", default=str(BENCH / "results"))
+    ap.add_argument("--reuse", action="append", default=[], metavar="NAME=FILE",
+                    help="take a script's figures from a saved output of it (its last line), e.g. "
+                         "faults=/tmp/faults.out (a long run made separately); the row says so")
     args = ap.parse_args()
+    reuse = dict(item.split("=", 1) for item in args.reuse)
     scripts = sorted(p for p in BENCH.glob("*.py") if p.name != Path(__file__).name and not p.name.startswith("_"))
     if args.only:
         wanted = set(args.only.split(","))
         scripts = [p for p in scripts if p.stem in wanted]
     report = {"machine": machine(), "quick": not args.full, "scripts": []}
     for script in scripts:
+        if script.stem in reuse:
+            row = reused(script, Path(reuse[script.stem]))
+            report["scripts"].append(row)
+            print(f"report: bench/{script.name}: {row['status']}", flush=True)
+            continue
         print(f"report: running bench/{script.name}{' --quick' if not args.full and supports_quick(script) else ''}",
               flush=True)
-        row = run_script(script, quick=not args.full, timeout=args.timeout)
+        row = run_script(script, quick=not args.full, timeout=args.timeout, logs=Path(args.out) / "logs")
         print(f"report:   {row['status']} in {row.get('seconds')}s, {len(flatten(row['figures']))} figures", flush=True)
         report["scripts"].append(row)
     out = Path(args.out)

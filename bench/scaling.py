@@ -5,7 +5,8 @@ descendants); wall time and the peak resident memory of the whole process tree (
 + workers, summed from /proc every 0.1 s) are recorded. Linear time gives a time ratio of 4; streaming
 (memory independent of the corpus size) gives a peak-memory ratio of about 1. The stage's own
 `seconds` (from its manifest; excludes the interpreter start) are reported too: a fixed start-up cost
-(Python imports, Ray start) pulls the wall-time ratio below 4 on small corpora.
+(Python imports, Ray start, model loading) pulls the wall-time ratio below 4 on small corpora, so
+the two points are also split into `fixed_s` + `per_image_ms` x images.
 
 World: the synthetic world with tiny models (RN50-tiny teacher, clip_res4 RPN, random weights),
 4 images per shard, so the larger corpus has 4x the shards. Upstream stages (concepts, embed,
@@ -153,6 +154,10 @@ def main() -> None:
         result[f"{stage}_time_ratio"] = round(rb["wall_s"] / ra["wall_s"], 2)
         if ra.get("stage_s") and rb.get("stage_s"):
             result[f"{stage}_stage_time_ratio"] = round(rb["stage_s"] / ra["stage_s"], 2)
+        # t = fixed + per_image * n through the two points: the start-up cost and the marginal cost
+        per_image = (rb["wall_s"] - ra["wall_s"]) / (large - small)
+        result[f"{stage}_per_image_ms"] = round(1000 * per_image, 1)
+        result[f"{stage}_fixed_s"] = round(ra["wall_s"] - per_image * small, 1)
         result[f"{stage}_peak_rss_mib_small"] = ra["peak_rss_mib"]
         result[f"{stage}_peak_rss_mib_large"] = rb["peak_rss_mib"]
         result[f"{stage}_peak_memory_ratio"] = round(rb["peak_rss_mib"] / ra["peak_rss_mib"], 2)

@@ -13,8 +13,9 @@ The shard stage's harness (tests/test_shard_faults.py) generalised to every stag
    exist, plus a seeded fraction of a second, or at a seeded fraction of the reference's wall time,
    whichever comes first. After each kill every shard marker must vouch only for complete files.
 3. A last run without a kill must finish, and its outputs must equal the reference: the same files,
-   the same Parquet rows, the same bytes (markers and manifests hold timings and are compared by
-   presence only; tensorboard event files hold wall-clock times and are left out).
+   the same Parquet rows, the same tensors and plain data in checkpoints (timing entries such as
+   `images_per_s` aside), the same bytes otherwise. Markers, manifests and pictures hold or draw
+   timings and are compared by presence only; tensorboard event files are left out.
 """
 from __future__ import annotations
 
@@ -74,7 +75,13 @@ def _is_bookkeeping(rel: str) -> bool:
 
 
 def _ignored(rel: str) -> bool:
+    """Left out of the comparison: tensorboard event files (wall-clock times in the data and the name)."""
     return rel.startswith("tensorboard/") or "/tensorboard/" in rel or ".tfevents." in rel
+
+
+def _presence_only(rel: str) -> bool:
+    """Compared by presence: markers and manifests (timings), pictures (training curves may draw them)."""
+    return _is_bookkeeping(rel) or rel.endswith(".png")
 
 
 def _content(path: Path):
@@ -93,6 +100,10 @@ def _content(path: Path):
     return sha256_file(path)
 
 
+def _is_timing(key: str) -> bool:
+    return key.endswith(("_s", "_per_s", "seconds")) or key in ("finished_at", "started_at")
+
+
 def _canonical(obj):
     import hashlib
 
@@ -102,8 +113,8 @@ def _canonical(obj):
         t = obj.detach().cpu().contiguous()
         return ("tensor", str(t.dtype), tuple(t.shape), hashlib.sha256(t.view(-1).view(torch.uint8).numpy()
                                                                          .tobytes() if t.numel() else b"").hexdigest())
-    if isinstance(obj, dict):
-        return {str(k): _canonical(v) for k, v in obj.items()}
+    if isinstance(obj, dict):  # timings (units in the name: *_s, *_per_s, seconds) differ run to run
+        return {str(k): _canonical(v) for k, v in obj.items() if not _is_timing(str(k))}
     if isinstance(obj, (list, tuple)):
         return [_canonical(v) for v in obj]
     return obj
@@ -168,7 +179,7 @@ def kill_and_resume(stage: str, manifest_path: str | os.PathLike, kills: int = 5
     outputs = sorted(k for k in after if before.get(k) != after[k])
     if not outputs:
         raise RuntimeError(f"{stage}: the uninterrupted run wrote nothing (already complete?)")
-    compared = [k for k in outputs if not _is_bookkeeping(k) and not _ignored(k)]
+    compared = [k for k in outputs if not _presence_only(k) and not _ignored(k)]
     reference = {k: _content(root / k) for k in compared}
     for k in outputs:
         if k in before:
