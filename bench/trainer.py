@@ -85,7 +85,7 @@ class Clock(HookBase):
 def make_trainer(args, world, out: Path, steps: int, online: bool = False, rpn=None, workers: int = 0):
     torch.manual_seed(0)
     model, _ = create_clip(args.arch)
-    cfg = PretrainConfig(steps=steps, batch_size=args.batch, regions_per_image=100, min_size=args.min_size,
+    cfg = PretrainConfig(steps=steps, batch_size=args.batch, regions_per_image=args.regions, min_size=args.min_size,
                          max_size=args.max_size, warmup_steps=10, lr=0.002, checkpoint_every=10 ** 9,
                          log_every=10 ** 9, device=args.device, resume="never", num_workers=workers,
                          online_teacher=online, amp=True)
@@ -135,6 +135,10 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="RSS at steps 20 and 200, 8 timed steps")
     p.add_argument("--block", type=int, default=2, help="steps per block when interleaving loader/memory")
     p.add_argument("--rss-min-size", type=int, default=None, help="short side of the long memory run")
+    p.add_argument("--regions", type=int, default=100, help="regions per image (of 300 stored)")
+    p.add_argument("--rss-only", action="store_true", help="only the memory run (speed figures null)")
+    p.add_argument("--rss-batch", type=int, default=None, help="batch of the memory run (default --batch)")
+    p.add_argument("--rss-regions", type=int, default=None, help="regions per image of the memory run")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args()
@@ -152,54 +156,61 @@ def main() -> None:
                            num_concepts=512, boxes=300, size=(320, 240), seed=0)
         device = PretrainTrainer.__init__.__globals__["resolve_device"](args.device)
         print(f"device {device}; {args.arch}; batch {args.batch}; short side {args.min_size} (max {args.max_size}); "
-              f"100 of 300 boxes per image; {shards} shards x 48 images; torch threads {torch.get_num_threads()}")
+              f"{args.regions} of 300 boxes per image; {shards} shards x 48 images; torch threads {torch.get_num_threads()}")
 
-        # The batches, once, from the real loader (the in-memory runs reuse them).
-        loader = make_trainer(args, world, tmp / "collect", total).loader()
-        batches = [next(loader) for _ in range(total)]
-        del loader
+        ips_pre = ips_on = ips_stream = ips_mem = float("nan")
+        if not args.rss_only:
+            # The batches, once, from the real loader (the in-memory runs reuse them).
+            loader = make_trainer(args, world, tmp / "collect", total).loader()
+            batches = [next(loader) for _ in range(total)]
+            del loader
 
-        pre = run(make_trainer(args, world, tmp / "pre", total), batches=iter(batches))
-        ips_pre = pre.images_per_s(args.batch, args.warmup)
-        print(f"precomputed targets, in memory : {ips_pre:8.2f} images/s")
-        rpn = build_rpn(args.rpn, args.arch, args.min_size, args.max_size, device)
-        on = run(make_trainer(args, world, tmp / "online", total, online=True, rpn=rpn), batches=iter(batches))
-        ips_on = on.images_per_s(args.batch, args.warmup)
-        print(f"online teacher ({args.rpn} RPN + teacher in the step): {ips_on:8.2f} images/s")
-        print(f"  ratio precomputed / online   : {ips_pre / ips_on:8.2f}x (target >= 1.5)")
+            pre = run(make_trainer(args, world, tmp / "pre", total), batches=iter(batches))
+            ips_pre = pre.images_per_s(args.batch, args.warmup)
+            print(f"precomputed targets, in memory : {ips_pre:8.2f} images/s")
+            rpn = build_rpn(args.rpn, args.arch, args.min_size, args.max_size, device)
+            on = run(make_trainer(args, world, tmp / "online", total, online=True, rpn=rpn), batches=iter(batches))
+            ips_on = on.images_per_s(args.batch, args.warmup)
+            print(f"online teacher ({args.rpn} RPN + teacher in the step): {ips_on:8.2f} images/s")
+            print(f"  ratio precomputed / online   : {ips_pre / ips_on:8.2f}x (target >= 1.5)")
 
-        # Streaming loader vs the same batches in memory, interleaved in one run (blocks of --block
-        # steps alternate between the two sources) so that load on a shared machine hits both alike.
-        mem = [{k: v for k, v in b.items() if not k.startswith("_")} for b in batches]
-        trainer = make_trainer(args, world, tmp / "mixed", args.warmup + 2 * args.steps, workers=args.workers)
-        loader = trainer.loader()
-        sources = []
+            # Streaming loader vs the same batches in memory, interleaved in one run (blocks of --block
+            # steps alternate between the two sources) so that load on a shared machine hits both alike.
+            mem = [{k: v for k, v in b.items() if not k.startswith("_")} for b in batches]
+            trainer = make_trainer(args, world, tmp / "mixed", args.warmup + 2 * args.steps, workers=args.workers)
+            loader = trainer.loader()
+            sources = []
 
-        def mixed():
-            for i in itertools.count():
-                from_loader = i < args.warmup or ((i - args.warmup) // args.block) % 2 == 0
-                sources.append(from_loader)
-                yield next(loader) if from_loader else mem[i % len(mem)]
+            def mixed():
+                for i in itertools.count():
+                    from_loader = i < args.warmup or ((i - args.warmup) // args.block) % 2 == 0
+                    sources.append(from_loader)
+                    yield next(loader) if from_loader else mem[i % len(mem)]
 
-        clock = run(trainer, batches=mixed())
-        del loader
-        step_s = np.diff(clock.times)
-        lo = [d for d, f in zip(step_s[args.warmup:], sources[args.warmup:]) if f]
-        me = [d for d, f in zip(step_s[args.warmup:], sources[args.warmup:]) if not f]
-        ips_stream, ips_mem = args.batch / float(np.median(lo)), args.batch / float(np.median(me))
-        print(f"streaming loader ({args.workers} workers): {ips_stream:8.2f} images/s (median of {len(lo)} steps)")
-        print(f"same batches in memory       : {ips_mem:8.2f} images/s (median of {len(me)} steps, interleaved)")
-        print(f"  ratio loader / in memory     : {ips_stream / ips_mem:8.2f} (target >= 0.9)")
+            clock = run(trainer, batches=mixed())
+            del loader
+            step_s = np.diff(clock.times)
+            lo = [d for d, f in zip(step_s[args.warmup:], sources[args.warmup:]) if f]
+            me = [d for d, f in zip(step_s[args.warmup:], sources[args.warmup:]) if not f]
+            ips_stream, ips_mem = args.batch / float(np.median(lo)), args.batch / float(np.median(me))
+            print(f"streaming loader ({args.workers} workers): {ips_stream:8.2f} images/s (median of {len(lo)} steps)")
+            print(f"same batches in memory       : {ips_mem:8.2f} images/s (median of {len(me)} steps, interleaved)")
+            print(f"  ratio loader / in memory     : {ips_stream / ips_mem:8.2f} (target >= 0.9)")
 
         # Memory over a long streaming run (lighter images so that it fits on a CPU; --rss-min-size).
         light = argparse.Namespace(**{**vars(args), "min_size": args.rss_min_size or args.min_size,
-                                      "max_size": max(args.rss_min_size or args.min_size, args.max_size)})
+                                      "max_size": max(args.rss_min_size or args.min_size, args.max_size),
+                                      "batch": args.rss_batch or args.batch,
+                                      "regions": args.rss_regions or args.regions})
         stream = run(make_trainer(light, world, tmp / "stream", late, workers=args.workers), rss_at=(early, late))
         print(f"memory (PSS, trainer + {args.workers} workers) at step {early}: {stream.rss.get(early, float('nan')):.0f} MiB; "
-              f"at step {late}: {stream.rss.get(late, float('nan')):.0f} MiB (short side {light.min_size})")
+              f"at step {late}: {stream.rss.get(late, float('nan')):.0f} MiB (short side {light.min_size}, "
+              f"batch {light.batch}, {light.regions} regions per image)")
 
     figures = {"device": str(device), "arch": args.arch, "batch_size": args.batch, "min_size_px": args.min_size,
-               "online_rpn": args.rpn, "rss_run_min_size_px": args.rss_min_size or args.min_size, "loader_workers": args.workers,
+               "online_rpn": args.rpn, "regions_per_image": args.regions,
+               "rss_run_min_size_px": args.rss_min_size or args.min_size,
+               "rss_run_batch_size": args.rss_batch or args.batch, "loader_workers": args.workers,
                "images_per_s_precomputed": round(ips_pre, 3), "images_per_s_online": round(ips_on, 3),
                "ratio_precomputed_vs_online": round(ips_pre / ips_on, 3),
                "images_per_s_streaming_loader": round(ips_stream, 3), "images_per_s_in_memory": round(ips_mem, 3),
@@ -207,6 +218,7 @@ def main() -> None:
                f"pss_mb_step_{early}": round(stream.rss.get(early, float("nan")), 1),
                f"pss_mb_step_{late}": round(stream.rss.get(late, float("nan")), 1),
                "pss_growth_mb": round(stream.rss.get(late, float("nan")) - stream.rss.get(early, float("nan")), 1)}
+    figures = {k: (None if isinstance(v, float) and v != v else v) for k, v in figures.items()}  # NaN -> null
     print(json.dumps(figures))
 
 
