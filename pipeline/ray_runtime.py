@@ -27,7 +27,9 @@ def init_ray(cfg) -> None:
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address, **common)
     else:
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=cfg.include_dashboard,
+        # address="local": always a new local instance, even when a `ray start` cluster on this machine
+        # left /tmp/ray/ray_current_cluster (plain ray.init() would join it and reject num_cpus).
+        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=cfg.include_dashboard,
                  dashboard_host=cfg.dashboard_host, **common)
 
 
