@@ -97,8 +97,18 @@ def run_script(script: Path, quick: bool, timeout: float, logs: Path | None = No
 
 
 def reused(script: Path, output: Path) -> dict:
+    """The row of `script` from a saved output of it (last line JSON) or from an earlier report JSON."""
+    if output.suffix == ".json":
+        try:
+            earlier = json.loads(output.read_text())
+            for row in earlier.get("scripts", []):
+                if row["script"] == f"bench/{script.name}":
+                    return {**row, "status": f"{row['status']} (from {output}, "
+                                              f"{earlier.get('machine', {}).get('date')})"}
+        except (ValueError, KeyError, AttributeError):
+            pass
     lines = [ln for ln in output.read_text(errors="replace").splitlines() if ln.strip()]
-    row = {"script": f"bench/{script.name}", "args": "", "status": f"reused: last line of {output}",
+    row = {"script": f"bench/{script.name}", "args": "", "status": f"ok (reused: last line of {output})",
            "seconds": None, "figures": {}}
     try:
         row["figures"] = json.loads(lines[-1])
@@ -154,7 +164,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(BENCH / "results"))
     ap.add_argument("--reuse", action="append", default=[], metavar="NAME=FILE",
                     help="take a script's figures from a saved output of it (its last line), e.g. "
-                         "faults=/tmp/faults.out (a long run made separately); the row says so")
+                         "faults=/tmp/faults.out (a long run made separately), or its row from an earlier "
+                         "report JSON; the row says so")
     args = ap.parse_args()
     reuse = dict(item.split("=", 1) for item in args.reuse)
     scripts = sorted(p for p in BENCH.glob("*.py") if p.name != Path(__file__).name and not p.name.startswith("_"))
@@ -181,7 +192,7 @@ def main() -> None:
     (out / f"report-{stamp}.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"report: wrote {out / 'latest.md'} and {out / 'latest.json'}")
     print(json.dumps({"scripts": len(report["scripts"]),
-                      "ok": sum(r["status"] == "ok" for r in report["scripts"]),
+                      "ok": sum(r["status"].startswith("ok") for r in report["scripts"]),
                       "figures": sum(len(flatten(r["figures"])) for r in report["scripts"])}))
 
 

@@ -85,11 +85,16 @@ def _presence_only(rel: str) -> bool:
 
 
 def _content(path: Path):
-    """Parquet: its rows; a torch checkpoint: its tensors and plain data; anything else: its sha256."""
+    """Parquet: its rows; a checkpoint or JSON: its tensors and plain data (timings aside); else sha256."""
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         return pq.read_table(path).to_pylist()
+    if path.suffix == ".json":  # metrics and summaries: their timings aside
+        try:
+            return _canonical(json.loads(path.read_text()))
+        except (ValueError, UnicodeDecodeError):
+            return sha256_file(path)
     if path.suffix == ".pt":
         import torch
 

@@ -329,6 +329,7 @@ class PretrainStream(IterableDataset):
         cached: Optional[tuple] = None  # (epoch, place) -> shard contents, kept while in use
         while True:
             shards = self.slot_shards(epoch, slot)
+            from_start = place == 0 and offset == 0  # a resume may start at the very end of an epoch
             produced_this_epoch = False
             while place < len(shards):
                 src = self.sources[shards[place]]
@@ -359,7 +360,7 @@ class PretrainStream(IterableDataset):
                         pending = []
                         yield batch
                 place, offset, cached = place + 1, 0, None
-            if not produced_this_epoch and not pending:
+            if from_start and not produced_this_epoch and not pending:
                 names = ", ".join(shard_name(self.sources[i].shard_id) for i in shards)
                 raise DataError(f"rank {self.rank} reader {logical}: no usable sample in shards [{names}] "
                                 f"in epoch {epoch} (skipped: {skipped}); are the proposals, labels and "
