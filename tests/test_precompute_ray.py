@@ -28,7 +28,7 @@ def runs(ray_local, tmp_path_factory):
     from pipeline.config import load_manifest
 
     root = tmp_path_factory.mktemp("precompute")
-    body = manifest_body(num_images=10, per_shard=2).replace("num_actors: 2}", "num_actors: 2}", 2)
+    body = manifest_body(num_images=10, per_shard=1)   # 10 one-image shards: a wide window to kill in
     (root / "a").mkdir()
     (root / "a" / "m.yaml").write_text("name: t\noutput_dir: out\nray: {num_cpus: 2}\n" + body)
     manifest = load_manifest(root / "a" / "m.yaml")
@@ -92,16 +92,16 @@ def test_sigkill_mid_stage_then_rerun_gives_the_uninterrupted_rows(runs):
             if proc.poll() is not None:
                 pytest.fail("the label run ended before it could be killed")
             time.sleep(0.05)
-        time.sleep(rng.uniform(0.0, 0.5))   # a seeded moment after the first shard is done
+        time.sleep(rng.uniform(0.0, 0.2))   # a seeded moment after the first shard is done
     finally:
         _kill_group(proc)
     done_at_kill = len(list(layout.labels.root.glob("*_stats.json")))
-    assert 0 < done_at_kill < 5, f"{done_at_kill} shards were done when the run was killed"
+    assert 0 < done_at_kill < 10, f"{done_at_kill} shards were done when the run was killed"
     assert not layout.labels.manifest.exists()
     rerun = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300,
                            start_new_session=True)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert f"({5 - done_at_kill} to do)" in rerun.stdout
+    assert f"({10 - done_at_kill} to do)" in rerun.stdout
     assert read_rows(layout.labels) == read_rows(reference.labels)
     assert _label_files(layout) == _label_files(reference)
     assert not list(layout.labels.root.glob(".tmp-*"))
