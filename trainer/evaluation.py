@@ -261,7 +261,8 @@ def draw_detections(image: Union[torch.Tensor, Image.Image], detections: Sequenc
         x, y, w, h = (v * factor for v in d["bbox"])
         colour = (255, 0, 255) if d["category_id"] in highlight else (0, 255, 0)
         draw.rectangle([x, y, x + w, y + h], outline=colour, width=3)
-        label = f"{names.get(d['category_id'], d['category_id'])} {d['score']:.2f}"
+        score = f"{d['score']:.2f}" if d["score"] >= 0.01 else f"{d['score']:.0e}"
+        label = f"{names.get(d['category_id'], d['category_id'])} {score}"
         draw.text((x + 3, y + 2), label, fill=colour, font=font, stroke_width=2, stroke_fill=(0, 0, 0))
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
