@@ -1,0 +1,39 @@
+"""The demo end to end on manifests/demo-small.yaml (a smaller world than the demo, few steps): every real
+stage, then the results table must be complete, and the region-pretrained student should recognise
+novel-category regions (ground-truth boxes, top-1 over all classes) better than the image-level teacher.
+
+Status (measured, see README "The paper in miniature"): on this world the tiny image-level teacher does
+not yet learn the categories (image-level zero-shot at chance), so neither model is above chance on
+regions and the direction does not hold reliably. Until it does, a wrong direction is reported as
+XFAIL (with the figures) rather than a pass; everything else is asserted. When the demo is tuned so
+that the claim shows, turn the xfail into a plain assert.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_demo_small_end_to_end_and_direction(tmp_path):
+    from stages.cli import main
+    from trainer.evaluation import headline_figures
+
+    code = main(["run", str(REPO / "manifests" / "demo-small.yaml"), "--set", f"output_dir={tmp_path / 'run'}"])
+    assert code == 0
+    summary = json.loads((tmp_path / "run" / "eval" / "summary.json").read_text())
+    assert "student - teacher" in summary["results_table"]
+    f = headline_figures(summary["evaluate"])
+    print(json.dumps(f))
+    # every figure of the table is there and is a percentage (both inits transferred, both models zero-shot)
+    for key, value in f.items():
+        assert value is not None and math.isfinite(value), key
+        if not key.startswith("margin_"):
+            assert 0.0 <= value <= 100.0, (key, value)
+    if not f["region_top1_novel_pretrain"] > f["region_top1_novel_teacher"]:
+        pytest.xfail(f"student {f['region_top1_novel_pretrain']} <= teacher {f['region_top1_novel_teacher']} "
+                     "on novel-region top-1 (the demo's claim does not show on this world yet)")
