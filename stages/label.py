@@ -12,7 +12,6 @@ See docs/label.md.
 """
 from __future__ import annotations
 
-import numpy as np
 
 from pipeline.config import RunManifest
 from pipeline.io import file_record
@@ -23,6 +22,7 @@ from trainer.clip import check_embedding_dim, embedding_dim, load_model_ref
 from trainer.codecs import codec_from_settings, read_codec_description
 from trainer.region_index import write_region_index
 from trainer.teacher_labels import LabelJob, LabelShardWorker, sample_region_embeddings
+from trainer.text_embed import load_concept_embeddings
 
 STAGE = "label"
 RUNTIME_ONLY = ("num_gpus_per_actor", "num_actors", "region_index", "keep_threshold")
@@ -34,7 +34,7 @@ def run(manifest: RunManifest) -> dict:
     proposals = require_complete("proposals", layout.proposals)
     embed = require_complete("embed", layout.stage("embed"))
     shard_ids = sorted(int(s) for s in proposals["shards"])
-    concepts = np.load(layout.concept_embeddings)
+    concepts = load_concept_embeddings(layout)
     model, _ = load_model_ref(manifest.teacher, manifest, fallback=layout.teacher_checkpoint)
     dim = embedding_dim(model)
     check_embedding_dim(dim, concepts.shape[1], "concept embeddings", manifest.teacher.arch)

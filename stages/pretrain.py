@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import sys
 
-import numpy as np
 
 from pipeline.config import RunManifest
 from pipeline.layout import RunLayout
@@ -29,6 +28,7 @@ def run(manifest: RunManifest) -> dict:
     from trainer.clip import load_model_ref
     from trainer.data import shard_sources
     from trainer.pretrain import OnlineTeacher, PretrainPaths, PretrainTrainer
+    from trainer.text_embed import load_concept_embeddings
 
     layout = RunLayout.of(manifest)
     cfg = manifest.pretrain
@@ -48,7 +48,7 @@ def run(manifest: RunManifest) -> dict:
 
     shard_ids = sorted(int(s) for s in shards.get("shards", {}))
     student, _ = load_model_ref(manifest.teacher, manifest, fallback=layout.teacher_checkpoint)
-    concepts = np.load(layout.concept_embeddings)
+    concepts = load_concept_embeddings(layout)
     codec = online = None
     if cfg.online_teacher:
         from trainer.pretrain import resolve_device

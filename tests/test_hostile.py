@@ -291,3 +291,22 @@ def test_label_stage_inputs_zero_boxes_ok_and_non_finite_boxes_a_clear_error(tmp
                         [np.zeros((0, 4), np.float32), np.array([[-50, -40, 500, 400], [10, 10, 10, 10]], np.float32)], 2)
     assert cols["num_regions"] == [0, 2] and cols["region_codes"][0] == b""
     assert np.isfinite(cols["pseudo_prob"][1]).all()
+
+
+def test_non_finite_concept_embeddings_are_a_clear_error_before_any_work(tmp_path):
+    from pipeline.layout import RunLayout
+    from trainer.text_embed import load_concept_embeddings
+
+    layout = RunLayout(tmp_path)
+    layout.concept_embeddings.parent.mkdir(parents=True)
+    emb = np.eye(4, dtype=np.float32)
+    emb[2, 1] = np.nan
+    np.save(layout.concept_embeddings, emb)
+    with pytest.raises(ValueError, match="1 of 4 concept embeddings hold NaN or inf"):
+        load_concept_embeddings(layout)
+    emb[2, 1] = np.inf
+    np.save(layout.concept_embeddings, emb)
+    with pytest.raises(ValueError, match="re-run `regionclip embed"):
+        load_concept_embeddings(layout)
+    np.save(layout.concept_embeddings, np.eye(4, dtype=np.float32))
+    assert load_concept_embeddings(layout, expected_dim=4).shape == (4, 4)

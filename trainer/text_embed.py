@@ -199,6 +199,10 @@ def load_concept_embeddings(layout: RunLayout, expected_dim: Optional[int] = Non
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no concept embeddings; run `regionclip embed MANIFEST` first")
     emb = np.load(path, allow_pickle=False)
+    bad = int((~np.isfinite(emb)).any(axis=1).sum()) if emb.ndim == 2 else -1
+    if emb.ndim != 2 or bad:
+        raise ValueError(f"{path}: {bad} of {len(emb)} concept embeddings hold NaN or inf (or the array is "
+                         f"not [num_concepts, D]); re-run `regionclip embed MANIFEST`")
     _check_dim(expected_dim, emb.shape[1], f"the concept embeddings in {path}", model_name,
                "re-run `regionclip embed MANIFEST` with the teacher whose width the model has "
                "(teacher.arch and teacher.checkpoint)")
