@@ -202,15 +202,6 @@ class PretrainConfig(Section):
     resume: str = Field("auto", description="auto: resume from checkpoints/pretrain/last.pt if present; "
                         "never: start fresh; or a path to a trainer state")
     log_every: int = Field(10, ge=1)
-    min_size: int = Field(800, ge=32, description="images resized so the short side is this (bicubic)")
-    max_size: int = Field(1333, ge=32, description="... and the long side at most this")
-    keep_threshold: float = Field(0.1, ge=0, le=1, description="regions with teacher max prob above "
-                                  "this enter the region-concept loss (all when none does)")
-    resample_shards: bool = Field(False, description="draw shards with replacement per rank and worker "
-                                  "(needed when there are fewer shards than ranks x workers)")
-    resume: str = Field("auto", description="auto: resume from checkpoints/pretrain/last.pt if present; "
-                        "never: start fresh; or a path to a trainer state")
-    log_every: int = Field(10, ge=1)
 
 
 class TransferConfig(Section):
@@ -325,7 +316,7 @@ def _format_errors(err: ValidationError, origin: str) -> str:
         field = ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
             lines.append(f"  {field}: unknown key; check its spelling against manifests/demo.yaml "
-                         "or docs/manifests.md")
+                         "or the settings in pipeline/config.py")
         elif e["type"] == "missing":
             lines.append(f"  {field}: required; add it to the manifest")
         else:
