@@ -21,7 +21,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import load_manifest  # noqa: E402
-from pipeline.images import decode_image, encode_jpeg, resize_max_side  # noqa: E402
+from pipeline.images import encode_jpeg, resize_max_side  # noqa: E402
 from stages import shard  # noqa: E402
 
 

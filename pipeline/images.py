@@ -46,7 +46,7 @@ def decode_image(data: bytes, max_pixels: int, min_side: int = 1) -> DecodedImag
             img.load()
     except ImageError:
         raise
-    except UnidentifiedImageError as err:
+    except UnidentifiedImageError:
         # PIL's message names a BytesIO object's address, which would make reruns differ.
         raise ImageError("not_an_image", f"no known image format ({len(data)} bytes)") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:

@@ -8,7 +8,6 @@ rows in = samples written + rows rejected. Files are written under temporary nam
 from __future__ import annotations
 
 import hashlib
-import io
 import time
 from collections import Counter
 from dataclasses import dataclass

@@ -66,7 +66,6 @@ def run(manifest: RunManifest) -> dict:
 
     train = read_coco_boxes(train_file, manifest.resolve(cfg.images_root)).with_boxes()
     val = read_coco_boxes(val_file, manifest.resolve(cfg.val_images_root))
-    import torch
 
     torch.manual_seed(manifest.seed)  # the random init too: a rerun (after a kill) trains the same RPN
     torch.manual_seed(manifest.seed)   # the initial weights, too, follow the run's seed

@@ -52,7 +52,6 @@ def run(manifest: RunManifest) -> dict:
         return read_json(stage_dir.manifest)
     state.clean_temporaries()
 
-    import torch
 
     torch.manual_seed(manifest.seed)  # the random init too: a rerun (after a kill) trains the same model
     torch.manual_seed(manifest.seed)   # the initial weights, too, follow the run's seed

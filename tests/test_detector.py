@@ -207,7 +207,7 @@ def test_transfer_evaluate_detect_on_a_tiny_world(write_manifest, monkeypatch, t
     import trainer.transfer
     from pipeline.layout import RunLayout
     from pipeline.synth import generate_world
-    from stages import detect, evaluate, transfer
+    from stages import evaluate, transfer
     from stages.cli import main
 
     manifest = write_manifest(MANIFEST)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 
 from tests.faultkit import kill_and_resume, markers_truthful
 from tests.test_verify import make_run

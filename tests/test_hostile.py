@@ -4,7 +4,6 @@
 tests/test_shard.py and tests/test_images.py.)"""
 from __future__ import annotations
 
-import io
 import json
 import pickle
 import re

@@ -120,7 +120,7 @@ def test_student_freezing_leaves_res3_to_attnpool_trainable():
 
 def test_freeze_stem_res2_alone_keeps_later_batchnorms_trainable():
     model, _ = tiny()
-    encoder = RegionEncoder.from_clip(model, freeze_stem_res2=True)
+    RegionEncoder.from_clip(model, freeze_stem_res2=True)
     assert isinstance(model.visual.bn1, FrozenBatchNorm2d)
     assert isinstance(model.visual.layer1[0].bn1, FrozenBatchNorm2d)
     assert isinstance(model.visual.layer2[0].bn1, nn.BatchNorm2d)

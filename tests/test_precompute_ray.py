@@ -144,5 +144,7 @@ def test_two_node_loopback_cluster_writes_the_local_outputs(runs, tmp_path):
     assert proc.returncode == 0, err[-3000:]
     nodes = json.loads(out.split("NODES", 1)[1].strip().splitlines()[0])
     assert nodes["alive"] == 2
-    assert len(nodes["used"]) == 2, "both nodes should have labelled shards"
+    # Which node runs which actor is Ray's scheduling choice (it may place both on one node), so
+    # only the outputs are compared, not where they were computed.
+    assert 1 <= len(nodes["used"]) <= 2
     assert _label_files(layout) == _label_files(reference)

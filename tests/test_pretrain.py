@@ -18,8 +18,7 @@ from pipeline.config import PretrainConfig
 from pipeline.layout import RunLayout, sample_key
 from tests.pretrain_world import make_world
 from trainer.clip import create_clip, load_clip
-from trainer.data import DataError, DataOptions, DataPosition, PretrainStream, Sidecars, make_loader, \
-    prepare_sample, sample_rng, shard_sources, read_tar
+from trainer.data import DataError, DataOptions, PretrainStream, Sidecars, prepare_sample, sample_rng, shard_sources, read_tar
 from trainer.pretrain import PretrainPaths, PretrainTrainer, lr_at
 
 REPO = Path(__file__).resolve().parents[1]
@@ -249,7 +248,7 @@ def test_two_ranks_match_one_process(tmp_path):
     s = single.train(batches=iter([union]))
     one, two = s["history"][0], ddp_history[0]
     # distill: mean over regions (equal counts per rank); image-caption: over the gathered global batch
-    print(f"\n2 ranks (gloo) vs 1 process, first step: " + ", ".join(
+    print("\n2 ranks (gloo) vs 1 process, first step: " + ", ".join(
         f"{k} {two[k]:.6f} vs {one[k]:.6f}" for k in ("loss_distill", "loss_image_caption")))
     for k in ("loss_distill", "loss_image_caption"):
         assert abs(one[k] - two[k]) <= 1e-5, (k, one[k], two[k])

@@ -18,10 +18,9 @@ from typing import Optional, Sequence
 
 import open_clip
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from trainer.wds_data import image_text_batches, read_image_text
+from trainer.wds_data import image_text_batches
 
 log = logging.getLogger(__name__)
 

@@ -12,12 +12,13 @@ import random
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from trainer.detection_data import DetectionSet, Vocabulary, hflip, repeat_factors, training_order
-from trainer.detector import OpenVocabDetector
+from trainer.detector import DetectorSettings, OpenVocabDetector
 from trainer.evaluation import to_coco_results
 
 # images (float [3, H, W] in 0..1) -> per image (boxes [N, 4] original pixels, objectness logits [N])
