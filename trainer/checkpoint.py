@@ -16,6 +16,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from pipeline.io import atomic_path
+
 STATE_VERSION = 1
 
 
@@ -48,16 +50,8 @@ def save_state(path: str | os.PathLike, state: dict) -> Path:
     """torch.save to a temporary file beside `path`, fsync, then os.replace (atomic)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save({"version": STATE_VERSION, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp:  # a temporary file, fsync, then rename
+        torch.save({"version": STATE_VERSION, **state}, tmp)
     return path
 
 

@@ -33,6 +33,7 @@ import open_clip
 import torch
 from torch import nn
 
+from pipeline.io import atomic_path
 from pipeline.config import ModelRef
 
 # CLIP's image normalisation (REFERENCE §3); the same numbers as open_clip's OPENAI_DATASET_MEAN/STD.
@@ -325,16 +326,8 @@ def save_clip_checkpoint(model: nn.Module, path: PathLike, arch: Optional[str] =
     extra.setdefault("quick_gelu", uses_quick_gelu(model))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save({"state_dict": state_dict, "name": arch, **extra}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp:  # a temporary file, fsync, then rename
+        torch.save({"state_dict": state_dict, "name": arch, **extra}, tmp)
     return path
 
 

@@ -32,6 +32,7 @@ from torch import nn
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, BoxCoder, Matcher
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image
 
+from pipeline.io import atomic_path
 from trainer.clip import (CLIP_MEAN, CLIP_STD, CheckpointError, CheckpointNotFoundError, LoadReport,
                           check_embedding_dim, create_clip, load_clip, read_clip_state_dict)
 from trainer.region_encoder import RegionEncoder
@@ -370,16 +371,8 @@ def save_detector(detector: OpenVocabDetector, path: Union[str, os.PathLike], **
                "state_dict": {k: v.detach().cpu() for k, v in detector.state_dict().items()},
                "settings": asdict(detector.settings), "embed_dim": detector.embed_dim,
                "class_names": list(detector.class_names), **extra}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp:  # a temporary file, fsync, then rename
+        torch.save(payload, tmp)
     return path
 
 

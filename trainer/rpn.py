@@ -35,6 +35,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, con
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import FrozenBatchNorm2d, batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
 
+from pipeline.io import atomic_path
 from trainer.clip import CLIP_MEAN, CLIP_STD, CheckpointError, CheckpointNotFoundError, load_clip
 
 BACKBONES = ("resnet50_fpn", "resnet18_fpn", "clip_res4")
@@ -312,16 +313,8 @@ def save_rpn_checkpoint(model: ProposalNetwork, path: PathLike, recall: Optional
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save({"state_dict": state, "config": cfg, "recall": recall}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp:  # a temporary file, fsync, then rename
+        torch.save({"state_dict": state, "config": cfg, "recall": recall}, tmp)
     return path
 
 
