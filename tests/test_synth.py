@@ -150,11 +150,11 @@ def test_object_counts_and_sizes_vary(world):
 
 
 def test_captions_name_a_present_object(world, corpus_scenes):
-    lookups = pytest.importorskip("spacy.lookups")
-    try:    # the concept extractor's lemmatizer: a plural we write must map back to the category
-        lemma = lookups.load_lookups("en", ["lemma_lookup"]).get_table("lemma_lookup")
-    except Exception as err:        # spacy-lookups-data not installed
-        pytest.skip(f"spaCy lookup tables unavailable: {err}")
+    from spacy import lookups
+
+    # the concept extractor's lemmatizer (spacy-lookups-data, a dependency): a plural we write must
+    # map back to the category
+    lemma = lookups.load_lookups("en", ["lemma_lookup"]).get_table("lemma_lookup")
     for name in CATEGORIES:
         assert lemma.get(PLURALS[name], PLURALS[name]) == name
 
