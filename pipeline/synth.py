@@ -39,7 +39,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -49,6 +48,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from pipeline.config import SynthConfig
+from pipeline.io import atomic_path, write_bytes
 
 # Bump when the drawing or captions change, so old worlds on disk are regenerated.
 GENERATOR_VERSION = 1
@@ -688,14 +688,8 @@ def make_caption(objects: list[SceneObject], image_size: tuple[int, int], rng) -
 # Writing the world
 # ---------------------------------------------------------------------------------------------------
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
-
-
 def _write_json(path: Path, obj, indent: Optional[int] = None) -> None:
-    _write_atomic(path, (json.dumps(obj, indent=indent) + "\n").encode("utf-8"))
+    write_bytes(path, (json.dumps(obj, indent=indent) + "\n").encode("utf-8"))
 
 
 def _jpeg_bytes(image: Image.Image) -> bytes:
@@ -759,7 +753,7 @@ def generate_world(cfg: SynthConfig, out_dir: Path, progress: bool = True) -> di
     for split, index in tqdm(todo, desc="synth world", unit="img", disable=not progress):
         scene = render_scene(cfg, split, index)
         relative = f"{image_dirs[split].name}/{index:06d}.jpg"
-        _write_atomic(out_dir / relative, _jpeg_bytes(scene.image))
+        write_bytes(out_dir / relative, _jpeg_bytes(scene.image))
         image_id = index + 1
         coco[split]["images"].append({"id": image_id, "file_name": relative,
                                       "width": scene.image.width, "height": scene.image.height})
@@ -775,7 +769,7 @@ def generate_world(cfg: SynthConfig, out_dir: Path, progress: bool = True) -> di
 
     for split, folder in image_dirs.items():
         _remove_stale_images(folder, cfg.num_images if split == "train" else cfg.num_val_images)
-    _write_atomic(out_dir / "captions.tsv", ("\n".join(captions) + "\n").encode("utf-8"))
+    write_bytes(out_dir / "captions.tsv", ("\n".join(captions) + "\n").encode("utf-8"))
     _write_json(out_dir / "instances_train.json", coco["train"])
     _write_json(out_dir / "instances_val.json", coco["val"])
     _write_json(out_dir / "categories.json", categories, indent=1)
@@ -825,7 +819,6 @@ def write_contact_sheet(world_dir: Path, out_png: Path, n: int = 16, split: str 
         sheet.paste(picture, ((k % columns) * cell + 4, (k // columns) * cell + 4))
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    buffer_path = out_png.with_name(f".{out_png.name}.tmp{os.getpid()}")
-    sheet.save(buffer_path, "PNG")
-    os.replace(buffer_path, out_png)
+    with atomic_path(out_png) as tmp:
+        sheet.save(tmp, "PNG")
     return out_png

@@ -26,6 +26,8 @@ Codecs (label.codec):
 """
 from __future__ import annotations
 
+import abc
+
 import hashlib
 import json
 import math
@@ -53,21 +55,25 @@ def _codec_file(codec_json: Path, suffix: str) -> Path:
     return codec_json.parent / RunLayout(Path("/")).labels_codec_file(suffix).name
 
 
-class TeacherCodec:
+class TeacherCodec(abc.ABC):
+    """What every codec provides; `decode_embeddings` only where embeddings are kept (pq, fp16)."""
     kind: str = ""
     code_size: int = 0
     dim: int = 0
 
+    @abc.abstractmethod
     def encode(self, embeddings: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """L2-normalized float32 [N, D] -> uint8 codes [N, code_size]."""
 
+    @abc.abstractmethod
     def decode_logits(self, codes: torch.Tensor, concept_embeddings: torch.Tensor,
                       temperature: float = 0.01) -> torch.Tensor:
-        raise NotImplementedError
+        """uint8 codes [N, code_size] on the device -> teacher logits [N, C] on the same device."""
 
     def decode_embeddings(self, codes: torch.Tensor) -> torch.Tensor:
         """[N, D] L2-normalized float32 embeddings (pq, fp16); topk keeps no embedding."""
-        raise NotImplementedError(f"the {self.kind} codec stores no embeddings")
+        # A real answer, not a stub: top-k codes keep concept scores only, so no embedding exists.
+        raise ValueError(f"the {self.kind} codec stores no embeddings; use label.codec pq or fp16")
 
     # -- persistence ---------------------------------------------------------------------------------
     def describe(self) -> dict:

@@ -23,6 +23,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.ops import batched_nms
 
+from pipeline.io import atomic_path
 from trainer.detection_data import DetectionSet, Vocabulary
 from trainer.detector import class_logits, prepare_images, scale_boxes
 from trainer.region_encoder import RegionEncoder
@@ -266,9 +267,8 @@ def draw_detections(image: Union[torch.Tensor, Image.Image], detections: Sequenc
         draw.text((x + 3, y + 2), label, fill=colour, font=font, stroke_width=2, stroke_fill=(0, 0, 0))
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f".{out_png.name}.tmp{os.getpid()}")
-    picture.save(tmp, "PNG")
-    os.replace(tmp, out_png)
+    with atomic_path(out_png) as tmp:
+        picture.save(tmp, "PNG")
     return out_png
 
 

@@ -209,14 +209,12 @@ def plot_teacher_curve(history: TeacherHistory, path: Path) -> Path:
 
 
 def _save_figure(fig, path: Path) -> Path:
-    import os
-
     import matplotlib.pyplot as plt
 
+    from pipeline.io import atomic_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=90)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
