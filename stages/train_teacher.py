@@ -32,6 +32,7 @@ def run(manifest: RunManifest) -> dict:
     layout = RunLayout.of(manifest)
     cfg, arch = manifest.train_teacher, manifest.teacher.arch
     shards = require_complete("shard", layout.shards)
+    concepts = require_complete("concepts", layout.stage("concepts"))
     sizes = read_json(layout.sizes_json)
     tars = [layout.shards.root / name for name in sorted(sizes) if sizes[name] > 0]
     if not tars:
@@ -40,7 +41,7 @@ def run(manifest: RunManifest) -> dict:
     train_tars, heldout_tars = (tars[:-1], tars[-1:]) if len(tars) > 1 else (tars, tars)
     num_train = sum(sizes[t.name] for t in train_tars)
     settings = {"train_teacher": manifest.section_dict("train_teacher"), "arch": arch, "seed": manifest.seed}
-    inputs = {"shard": shards["fingerprint"]}
+    inputs = {"shard": shards["fingerprint"], "concepts": concepts["fingerprint"]}
     if cfg.init_checkpoint:
         from pipeline.io import sha256_file
         inputs["init_checkpoint"] = sha256_file(manifest.resolve(cfg.init_checkpoint))
@@ -52,23 +53,22 @@ def run(manifest: RunManifest) -> dict:
         return read_json(stage_dir.manifest)
     state.clean_temporaries()
 
-
     torch.manual_seed(manifest.seed)  # the random init too: a rerun (after a kill) trains the same model
-    torch.manual_seed(manifest.seed)   # the initial weights, too, follow the run's seed
     if cfg.init_checkpoint:
         model, tokenizer = load_clip(arch, manifest.resolve(cfg.init_checkpoint))
     else:
         model, tokenizer = create_clip(arch)
     heldout = list(read_image_text(heldout_tars))
+    groups = heldout_concept_sets(layout, heldout_tars[0], [s["key"] for s in heldout])
     batch_size = min(cfg.batch_size, num_train)
     steps_per_epoch = max(1, num_train // batch_size)
     print(f"train-teacher: {arch} on {num_train} images ({len(train_tars)} shards), {cfg.epochs} epochs x "
           f"{steps_per_epoch} steps; held out: {heldout_tars[0].name} ({len(heldout)} images)")
     _, eval_tf = clip_transforms(model, cfg.image_size)
-    before = retrieval_recall(model, tokenizer, heldout, eval_tf)
+    before = retrieval_recall(model, tokenizer, heldout, eval_tf, groups=groups)
     history = train_clip(model, tokenizer, train_tars, heldout, cfg.model_copy(update={"batch_size": batch_size}),
                          steps_per_epoch=steps_per_epoch, seed=manifest.seed,
-                         tensorboard_dir=layout.tensorboard / STAGE)
+                         tensorboard_dir=layout.tensorboard / STAGE, heldout_groups=groups)
     final = history.epochs[-1]
     metrics = {"heldout": {"shard": heldout_tars[0].name, "in_sample": len(tars) == 1, **{
                    k: v for k, v in final.items() if k.startswith("r") or k == "num_images"}},
@@ -80,11 +80,22 @@ def run(manifest: RunManifest) -> dict:
     curve = plot_teacher_curve(history, checkpoint.with_name("training_curve.png"))
     h = metrics["heldout"]
     print(f"train-teacher: held-out image->caption R@1 {h.get('r1')} (chance {h.get('r1_chance')}), "
-          f"R@5 {h.get('r5')} (chance {h.get('r5_chance')}) on {h.get('num_images')} images; "
+          f"R@5 {h.get('r5')} (chance {h.get('r5_chance')}), R@1 counting a caption with the same concepts "
+          f"{h.get('r1_same_group')} (chance {h.get('r1_same_group_chance')}) on {h.get('num_images')} images; "
           f"loss {metrics['loss_first_epoch']} -> {metrics['loss_last_epoch']}")
     return state.finish(outputs=[checkpoint, curve],
                         extra={"metrics": metrics, "checkpoint": str(checkpoint), "arch": arch,
                                "counts": {"in": num_train, "out": 1}})
+
+
+def heldout_concept_sets(layout: RunLayout, tar, keys: list[str]) -> list[frozenset]:
+    """The concept ids of each held-out caption (the concepts stage's sidecar of that shard), as sets:
+    retrieval counts a caption naming the same concepts as a hit in `r1_same_group`."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(layout.caption_concepts.root / f"{tar.stem}.parquet", columns=["key", "concept_ids"])
+    by_key = dict(zip(table.column("key").to_pylist(), table.column("concept_ids").to_pylist()))
+    return [frozenset(by_key.get(key) or ()) for key in keys]
 
 
 if __name__ == "__main__":

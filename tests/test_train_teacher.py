@@ -14,6 +14,7 @@ WORLD = """
 corpus: {format: synthetic}
 synth: {seed: 5, num_images: 48, num_val_images: 4}
 shard: {samples_per_shard: 16}
+concepts: {parser: lookups, min_count: 1}
 teacher: {arch: RN50-tiny}
 train_teacher: {enabled: true, epochs: 4, batch_size: 16, lr: 0.002, warmup_steps: 2, device: cpu}
 """
@@ -21,10 +22,11 @@ train_teacher: {enabled: true, epochs: 4, batch_size: 16, lr: 0.002, warmup_step
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
-    """A 48-image world in 3 shards (the last one is held out), written by the shard stage's own code
-    run serially in this process (no Ray: this test is about what reads the shards)."""
+    """A 48-image world in 3 shards (the last one is held out) and its concepts, written by the shard
+    and concepts stages' own code run serially in this process (no Ray: this test is about what reads
+    the shards)."""
     from pipeline.config import load_manifest
-    from stages import shard
+    from stages import concepts, shard
 
     folder = tmp_path_factory.mktemp("teacher")
     path = folder / "m.yaml"
@@ -34,6 +36,9 @@ def sharded(tmp_path_factory):
         patch.setattr(shard, "init_ray", lambda cfg: None)
         patch.setattr(shard, "run_tasks", lambda fn, tasks, **kwargs: (fn(*args) for args in tasks))
         shard.run(manifest)
+        patch.setattr(concepts, "init_ray", lambda cfg: None)
+        patch.setattr(concepts, "run_tasks", lambda fn, tasks, **kwargs: (fn(*args) for args in tasks))
+        concepts.run(manifest)
     return manifest
 
 
@@ -76,6 +81,9 @@ def test_stage_trains_reports_retrieval_and_checkpoint_loads_in_open_clip(sharde
     heldout = metrics["heldout"]
     assert heldout["shard"] == "00002.tar" and heldout["num_images"] == 16 and not heldout["in_sample"]
     assert heldout["r1_chance"] == pytest.approx(1 / 16, abs=1e-4) and 0 <= heldout["r1"] <= 1
+    # same-concepts R@1 counts at least the strict hits; its chance is at least the strict chance
+    assert heldout["r1"] <= heldout["r1_same_group"] <= 1
+    assert 1 / 16 <= heldout["r1_same_group_chance"] <= 1
     assert metrics["steps"] == 4 * 2                            # 32 training images / 16 per batch
     assert metrics["loss_last_epoch"] < metrics["loss_first_epoch"]
     assert (layout.teacher_checkpoint.parent / "training_curve.png").stat().st_size > 1000
@@ -95,6 +103,28 @@ def test_stage_trains_reports_retrieval_and_checkpoint_loads_in_open_clip(sharde
     stamp = layout.teacher_checkpoint.stat().st_mtime_ns
     train_teacher.run(sharded)
     assert layout.teacher_checkpoint.stat().st_mtime_ns == stamp
+
+
+def test_same_concepts_recall_counts_captions_of_the_image_s_group():
+    from trainer.teacher_training import retrieval_recall
+
+    class Lookup(torch.nn.Module):
+        """An image (a number r) and a caption (a token r) both embed as row r of the identity."""
+        def encode_image(self, images, normalize=True):
+            return torch.eye(4)[images[:, 0].long()]
+        def encode_text(self, texts, normalize=True):
+            return torch.eye(4)[texts[:, 0].long()]
+
+    # images 0..3 look like rows 0, 0, 2, 3; captions are rows 1, 0, 2, 3: image 0 retrieves caption 1
+    # (row 0) and image 1 retrieves its own; captions 0 and 1 share a group, so image 0 is a group hit.
+    samples = [{"image": torch.full((1,), float(r)), "text": int(t)} for r, t in zip([0, 0, 2, 3], [1, 0, 2, 3])]
+    out = retrieval_recall(Lookup(), lambda texts: torch.tensor([[t] for t in texts]), samples,
+                           lambda image: image, groups=["cup", "cup", "key", "boat"])
+    assert out["r1"] == 0.75 and out["r1_same_group"] == 1.0
+    assert out["r1_same_group_chance"] == pytest.approx((2 + 2 + 1 + 1) / 16, abs=1e-4)
+    with pytest.raises(ValueError, match="groups"):
+        retrieval_recall(Lookup(), lambda texts: torch.tensor([[t] for t in texts]), samples,
+                         lambda image: image, groups=["cup"])
 
 
 def test_disabled_by_default_and_needs_shards(write_manifest):

@@ -65,10 +65,16 @@ def warmup_cosine(warmup_steps: int, total_steps: int):
 
 @torch.no_grad()
 def retrieval_recall(model, tokenizer, samples: Sequence[dict], preprocess, *, ks=(1, 5),
-                     batch_size: int = 128, device: torch.device | str = "cpu") -> dict:
+                     batch_size: int = 128, device: torch.device | str = "cpu",
+                     groups: Optional[Sequence] = None) -> dict:
     """Image-to-caption retrieval among `samples` ({'image', 'text'}): the share of images whose own
     caption is among the top k (k in `ks`), with the chance level k / N. Ties in caption text are
-    counted strictly (only the image's own row is a hit)."""
+    counted strictly (only the image's own row is a hit).
+
+    `groups`: one hashable per sample (e.g. the caption's concept set). Web-style captions repeat
+    their content in other words ("a cup.", "one cup on white"), which no image can tell apart, so
+    `r1_same_group` also counts a top-1 caption of the image's own group as a hit; its chance level
+    is the mean share of captions in the image's group."""
     was_training = model.training
     model.eval()
     image_features, text_features = [], []
@@ -88,6 +94,15 @@ def retrieval_recall(model, tokenizer, samples: Sequence[dict], preprocess, *, k
     for k in ks:
         out[f"r{k}"] = round(float((ranks < k).float().mean()), 4)
         out[f"r{k}_chance"] = round(min(1.0, k / n), 4)
+    if groups is not None:
+        if len(groups) != n:
+            raise ValueError(f"retrieval_recall: {len(groups)} groups for {n} samples")
+        ids = {g: i for i, g in enumerate(dict.fromkeys(groups))}
+        group = torch.tensor([ids[g] for g in groups])
+        same = group[:, None] == group[None, :]
+        top1 = sims.argmax(dim=1).cpu()
+        out["r1_same_group"] = round(float(same[torch.arange(n), top1].float().mean()), 4)
+        out["r1_same_group_chance"] = round(float(same.float().mean()), 4)
     return out
 
 
@@ -106,12 +121,12 @@ class TeacherHistory:
 
 def train_clip(model, tokenizer, train_tars: Sequence[Path], heldout: Sequence[dict], cfg, *,
                steps_per_epoch: int, seed: int = 0, tensorboard_dir: Optional[Path] = None,
-               progress: bool = True) -> TeacherHistory:
+               progress: bool = True, heldout_groups: Optional[Sequence] = None) -> TeacherHistory:
     """Train `model` (open_clip CLIP) in place with ClipLoss on (image, caption) batches of `train_tars`.
 
     `cfg`: the manifest's TrainTeacherConfig (epochs, batch_size, lr, weight_decay, warmup_steps,
-    image_size, device, num_workers). `heldout`: decoded samples for retrieval after each epoch.
-    """
+    image_size, device, num_workers). `heldout`: decoded samples for retrieval after each epoch;
+    `heldout_groups`: their caption groups (retrieval_recall's `groups`)."""
     device = resolve_device(cfg.device)
     torch.manual_seed(seed)
     model.to(device).train()
@@ -153,14 +168,15 @@ def train_clip(model, tokenizer, train_tars: Sequence[Path], heldout: Sequence[d
                 writer.add_scalar("train/logit_scale", model.logit_scale.exp().item(), step)
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
-        metrics = retrieval_recall(model, tokenizer, heldout, eval_tf, device=device) if heldout else {}
+        metrics = (retrieval_recall(model, tokenizer, heldout, eval_tf, device=device, groups=heldout_groups)
+                   if heldout else {})
         record = {"epoch": epoch + 1, "step": step,
                   "loss": round(sum(history.losses[-steps_per_epoch:]) / max(1, min(steps_per_epoch,
                                                                                     len(history.losses))), 5),
                   **metrics}
         history.epochs.append(record)
         if writer and metrics:
-            for k in ("r1", "r5"):
+            for k in ("r1", "r5", "r1_same_group"):
                 if k in metrics:
                     writer.add_scalar(f"heldout/{k}", metrics[k], step)
         log.info("train-teacher epoch %d: %s", epoch + 1, record)
@@ -201,6 +217,10 @@ def plot_teacher_curve(history: TeacherHistory, path: Path) -> Path:
         ax[1].plot([e["epoch"] for e in epochs], [e["r1"] for e in epochs], marker="o", label="R@1")
         ax[1].plot([e["epoch"] for e in epochs], [e["r5"] for e in epochs], marker="o", label="R@5")
         ax[1].axhline(epochs[-1]["r1_chance"], ls="--", c="gray", label="R@1 chance")
+        if "r1_same_group" in epochs[-1]:
+            ax[1].plot([e["epoch"] for e in epochs], [e["r1_same_group"] for e in epochs], marker="o",
+                       label="R@1, same concepts")
+            ax[1].axhline(epochs[-1]["r1_same_group_chance"], ls=":", c="gray", label="same-concepts chance")
         ax[1].legend()
     ax[1].set_xlabel("epoch")
     ax[1].set_title("held-out image->caption retrieval")
