@@ -105,7 +105,6 @@ class TrainTeacherConfig(Section):
     lr: float = Field(5e-4, gt=0)
     weight_decay: float = Field(0.1, ge=0)
     warmup_steps: int = Field(50, ge=0)
-    image_size: Optional[int] = Field(None, description="training/eval image size (default: the arch's)")
     min_crop_scale: float = Field(0.9, gt=0, le=1, description="RandomResizedCrop's smallest area share "
                                   "(open_clip's default 0.9; lower regularises small corpora)")
     init_checkpoint: Optional[str] = Field(None, description="start from these CLIP weights (a new "

@@ -64,7 +64,7 @@ def run(manifest: RunManifest) -> dict:
     steps_per_epoch = max(1, num_train // batch_size)
     print(f"train-teacher: {arch} on {num_train} images ({len(train_tars)} shards), {cfg.epochs} epochs x "
           f"{steps_per_epoch} steps; held out: {heldout_tars[0].name} ({len(heldout)} images)")
-    _, eval_tf = clip_transforms(model, cfg.image_size)
+    _, eval_tf = clip_transforms(model)
     before = retrieval_recall(model, tokenizer, heldout, eval_tf, groups=groups)
     history = train_clip(model, tokenizer, train_tars, heldout, cfg.model_copy(update={"batch_size": batch_size}),
                          steps_per_epoch=steps_per_epoch, seed=manifest.seed,

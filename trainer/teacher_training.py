@@ -31,11 +31,12 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def clip_transforms(model, image_size: Optional[int] = None, min_crop_scale: float = 0.9):
-    """open_clip's (train, eval) preprocess transforms for `model` (its own size, mean and std); the
+def clip_transforms(model, min_crop_scale: float = 0.9):
+    """open_clip's (train, eval) preprocess transforms for `model` at its native size, mean and std (a
+    CLIP ResNet's attention pool only takes its native grid; a new size is a new model config); the
     train transform's RandomResizedCrop takes between `min_crop_scale` and all of the image."""
     cfg = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
-    size = image_size or cfg.get("size") or model.visual.image_size
+    size = cfg.get("size") or model.visual.image_size
     mean, std = cfg.get("mean"), cfg.get("std")
     aug = {"scale": (float(min_crop_scale), 1.0)}
     return (open_clip.image_transform(size, is_train=True, mean=mean, std=std, aug_cfg=aug),
@@ -125,12 +126,12 @@ def train_clip(model, tokenizer, train_tars: Sequence[Path], heldout: Sequence[d
     """Train `model` (open_clip CLIP) in place with ClipLoss on (image, caption) batches of `train_tars`.
 
     `cfg`: the manifest's TrainTeacherConfig (epochs, batch_size, lr, weight_decay, warmup_steps,
-    image_size, device, num_workers). `heldout`: decoded samples for retrieval after each epoch;
+    min_crop_scale, device, num_workers). `heldout`: decoded samples for retrieval after each epoch;
     `heldout_groups`: their caption groups (retrieval_recall's `groups`)."""
     device = resolve_device(cfg.device)
     torch.manual_seed(seed)
     model.to(device).train()
-    train_tf, eval_tf = clip_transforms(model, cfg.image_size, getattr(cfg, "min_crop_scale", 0.9))
+    train_tf, eval_tf = clip_transforms(model, cfg.min_crop_scale)
     total = cfg.epochs * steps_per_epoch
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98),
                                   eps=1e-6)
