@@ -32,6 +32,7 @@ from pipeline.layout import RunLayout  # noqa: E402
 from pipeline.sidecars import read_proposals, read_shard_images, sidecar_shards  # noqa: E402
 from trainer.clip import load_model_ref  # noqa: E402
 from trainer.codecs import build_codec  # noqa: E402
+from stages.label import teacher_scale  # noqa: E402
 from trainer.teacher_labels import Teacher, chunks  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +42,7 @@ TARGET = {"bytes_per_region": 128, "top1_agreement": 0.99, "mean_kl_nats": 0.02}
 def region_embeddings(manifest, layout, max_shards):
     model, _ = load_model_ref(manifest.teacher, manifest, fallback=layout.teacher_checkpoint)
     concepts = np.load(layout.concept_embeddings)
-    teacher = Teacher(model, concepts, min_size=manifest.proposals.min_size, max_size=manifest.proposals.max_size,
+    teacher = Teacher(model, concepts, **teacher_scale(manifest),
                       temperature=manifest.label.temperature, device="auto")
     shards = sidecar_shards(layout.proposals)[:max_shards]
     parts, images = [], 0

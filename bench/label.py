@@ -32,6 +32,7 @@ from pipeline.config import load_manifest  # noqa: E402
 from pipeline.images import load_rgb  # noqa: E402
 from pipeline.layout import RunLayout  # noqa: E402
 from pipeline.ray_runtime import cluster_resources, init_ray  # noqa: E402
+from stages.label import teacher_scale  # noqa: E402
 from pipeline.sidecars import read_proposals, read_shard_images, sidecar_shards, write_labels  # noqa: E402
 from pipeline.io import write_json  # noqa: E402
 from pipeline.stage import read_stage_manifest  # noqa: E402
@@ -90,8 +91,8 @@ def main() -> None:
         t = time.time()
         model, _ = load_model_ref(m.teacher, m, fallback=scratch.teacher_checkpoint)
         import numpy as np
-        teacher = Teacher(model, np.load(scratch.concept_embeddings), min_size=m.proposals.min_size,
-                          max_size=m.proposals.max_size, temperature=m.label.temperature,
+        teacher = Teacher(model, np.load(scratch.concept_embeddings), **teacher_scale(m),
+                          temperature=m.label.temperature,
                           faiss_threshold=m.label.faiss_threshold)
         codec = load_codec(scratch.labels.root)
         same = True

@@ -162,6 +162,10 @@ class LabelConfig(Section):
     keep_threshold: float = Field(0.1, ge=0, le=1)
     temperature: float = Field(0.01, gt=0)
     store_flipped: bool = False
+    min_size: Optional[int] = Field(None, ge=32, description="the teacher's input scale, short side "
+                                    "(default: proposals.min_size, as the reference); a small CLIP "
+                                    "sees regions best near the scale it was trained at")
+    max_size: Optional[int] = Field(None, ge=32, description="... long side cap (default: proposals.max_size)")
     faiss_threshold: int = Field(100_000, ge=1, description="use FAISS search above this pool size")
     region_index: bool = False
     batch_size: int = Field(8, ge=1)

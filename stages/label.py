@@ -41,7 +41,7 @@ def run(manifest: RunManifest) -> dict:
     del model
     checkpoint = manifest.resolve(manifest.teacher.checkpoint) or layout.teacher_checkpoint
     teacher = {"arch": manifest.teacher.arch, "sha256": file_record(checkpoint)["sha256"]}
-    scale = {"min_size": manifest.proposals.min_size, "max_size": manifest.proposals.max_size}
+    scale = teacher_scale(manifest)
     job = LabelJob(str(layout.root), manifest.teacher.arch, str(checkpoint), manifest.teacher.allow_partial,
                    str(layout.concept_embeddings), str(layout.labels_codec), scale["min_size"], scale["max_size"],
                    cfg.temperature, cfg.faiss_threshold, cfg.batch_size, cfg.store_flipped, fingerprint="")
@@ -104,6 +104,12 @@ def ensure_codec(manifest, layout, job, dim, concepts, teacher, proposals, shard
     codec = codec_from_settings(cfg, dim, concept_embeddings=concepts, sample=sample, seed=manifest.seed)
     return codec.save(layout.labels_codec, extra={"build_key": build_key, "build": params,
                                                   "train_regions": None if sample is None else len(sample)})
+
+
+def teacher_scale(manifest: RunManifest) -> dict:
+    """The teacher's input scale: label.min_size / max_size, each defaulting to the proposals' scale."""
+    return {"min_size": manifest.label.min_size or manifest.proposals.min_size,
+            "max_size": manifest.label.max_size or manifest.proposals.max_size}
 
 
 if __name__ == "__main__":

@@ -36,9 +36,11 @@ def run(ray_local, tmp_path_factory):
     return manifest, layout, concepts, result
 
 
-def direct(layout, concepts, shard_id, flip=False, batch_size=2):
-    """The teacher by hand: canonical resize (bicubic), CLIP normalisation, zero padding to /32 per
-    batch of 2 in shard order, RoIAlign on res4 -> res5 -> attention pool, cos / 0.01."""
+def direct(layout, concepts, shard_id, flip=False, batch_size=2, scale=(128, 192)):
+    """The teacher by hand: canonical resize (bicubic; short side scale[0], long side at most
+    scale[1]), CLIP normalisation, zero padding to /32 per batch of 2 in shard order, RoIAlign on
+    res4 -> res5 -> attention pool, cos / 0.01."""
+    min_size, max_size = scale
     model, _ = load_clip("RN50-tiny", layout.teacher_checkpoint)
     enc = RegionEncoder.from_clip(model).eval()
     props = read_proposals(layout.proposals, shard_id)
@@ -52,9 +54,9 @@ def direct(layout, concepts, shard_id, flip=False, batch_size=2):
         for k in part:
             img = load_rgb(blobs[k])
             w, h = img.size
-            s = 128 / min(w, h)
-            if max(w, h) * s > 192:
-                s = 192 / max(w, h)
+            s = min_size / min(w, h)
+            if max(w, h) * s > max_size:
+                s = max_size / max(w, h)
             nw, nh = int(w * s + 0.5), int(h * s + 0.5)
             b = props[k].boxes * np.array([nw / w, nh / h, nw / w, nh / h], np.float32)
             if flip:
@@ -225,3 +227,24 @@ def test_show_draws_proposals_and_pseudo_labels(run, tmp_path):
     out = tmp_path / "x.png"
     show.run(manifest, argparse.Namespace(key=None, top=3, out=str(out)))
     assert out.is_file()
+
+
+def test_teacher_scale_of_its_own_labels_the_same_boxes(run):
+    """label.min_size / max_size set the teacher's input scale apart from the proposals' (128 / 192
+    here): the boxes stay the proposals', the embeddings are the teacher's at 96 / 144. Runs last: it
+    relabels the module's run."""
+    manifest, layout, concepts, _ = run
+    assert label.teacher_scale(manifest) == {"min_size": 128, "max_size": 192}
+    small = manifest.model_copy(update={"label": manifest.label.model_copy(update={"min_size": 96, "max_size": 144})})
+    assert label.teacher_scale(small) == {"min_size": 96, "max_size": 144}
+    label.run(small)
+    rows = read_labels(layout.labels, 0).to_pylist()
+    expected = direct(layout, concepts, 0, scale=(96, 144))
+    at_proposal_scale = direct(layout, concepts, 0)
+    changed = 0
+    for row, exp, before in zip(rows, expected, at_proposal_scale):
+        probs = torch.softmax(exp["logits"], -1)
+        assert row["pseudo_label"] == probs.argmax(-1).tolist()
+        np.testing.assert_allclose(row["pseudo_prob"], probs.max(-1).values.numpy(), atol=1e-4)
+        changed += int((exp["logits"] - before["logits"]).abs().max() > 1e-3)
+    assert changed > 0, "another scale should give other region embeddings"
