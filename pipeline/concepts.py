@@ -477,6 +477,14 @@ def caption_counts(sidecar_paths: Iterable[Path]) -> Counter:
     return counts
 
 
+def read_caption_concepts(sidecars, shard_id: int) -> dict[str, list[int]]:
+    """{key: concept ids} of one shard's captions, from the sidecar that pass 2 wrote."""
+    from pipeline.io import read_parquet
+
+    table = read_parquet(sidecars.parquet(shard_id), columns=["key", "concept_ids"])
+    return dict(zip(table["key"].to_pylist(), table["concept_ids"].to_pylist()))
+
+
 def assign_shard(shard_id: int, sidecars, matcher: ConceptMatcher, fingerprint: str, extract_fp: str,
                  shard_parquet: Optional[Path] = None) -> dict:
     """Pass 2 for one shard: add concept_ids (list<int32>) to the sidecar and mark it done."""

@@ -25,6 +25,7 @@ def enabled(manifest: RunManifest) -> bool:
 def run(manifest: RunManifest) -> dict:
     import torch
 
+    from pipeline.concepts import read_caption_concepts
     from trainer.clip import create_clip, load_clip, save_clip_checkpoint
     from trainer.teacher_training import plot_teacher_curve, retrieval_recall, train_clip, clip_transforms
     from trainer.wds_data import read_image_text
@@ -59,7 +60,9 @@ def run(manifest: RunManifest) -> dict:
     else:
         model, tokenizer = create_clip(arch)
     heldout = list(read_image_text(heldout_tars))
-    groups = heldout_concept_sets(layout, heldout_tars[0], [s["key"] for s in heldout])
+    # retrieval also counts a caption naming the same concepts as the image's own (r1_same_group)
+    caption_concepts = read_caption_concepts(layout.caption_concepts, int(heldout_tars[0].stem))
+    groups = [frozenset(caption_concepts.get(s["key"]) or ()) for s in heldout]
     batch_size = min(cfg.batch_size, num_train)
     steps_per_epoch = max(1, num_train // batch_size)
     print(f"train-teacher: {arch} on {num_train} images ({len(train_tars)} shards), {cfg.epochs} epochs x "
@@ -86,16 +89,6 @@ def run(manifest: RunManifest) -> dict:
     return state.finish(outputs=[checkpoint, curve],
                         extra={"metrics": metrics, "checkpoint": str(checkpoint), "arch": arch,
                                "counts": {"in": num_train, "out": 1}})
-
-
-def heldout_concept_sets(layout: RunLayout, tar, keys: list[str]) -> list[frozenset]:
-    """The concept ids of each held-out caption (the concepts stage's sidecar of that shard), as sets:
-    retrieval counts a caption naming the same concepts as a hit in `r1_same_group`."""
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(layout.caption_concepts.root / f"{tar.stem}.parquet", columns=["key", "concept_ids"])
-    by_key = dict(zip(table.column("key").to_pylist(), table.column("concept_ids").to_pylist()))
-    return [frozenset(by_key.get(key) or ()) for key in keys]
 
 
 if __name__ == "__main__":
