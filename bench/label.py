@@ -32,10 +32,10 @@ from pipeline.config import load_manifest  # noqa: E402
 from pipeline.images import load_rgb  # noqa: E402
 from pipeline.layout import RunLayout  # noqa: E402
 from pipeline.ray_runtime import cluster_resources, init_ray  # noqa: E402
-from stages.label import teacher_scale  # noqa: E402
 from pipeline.sidecars import read_proposals, read_shard_images, sidecar_shards, write_labels  # noqa: E402
 from pipeline.io import write_json  # noqa: E402
 from pipeline.stage import read_stage_manifest  # noqa: E402
+from stages.label import teacher_scale  # noqa: E402
 from trainer.codecs import load_codec  # noqa: E402
 from trainer.teacher_labels import Teacher, label_images  # noqa: E402
 from trainer.clip import load_model_ref  # noqa: E402
