@@ -202,8 +202,8 @@ class PretrainConfig(Section):
                                   "this enter the region-concept loss (all when none does)")
     resample_shards: bool = Field(False, description="draw shards with replacement per rank and worker "
                                   "(needed when there are fewer shards than ranks x workers)")
-    resume: str = Field("auto", description="auto: resume from checkpoints/pretrain/last.pt if present; "
-                        "never: start fresh; or a path to a trainer state")
+    resume: str = Field("auto", description="auto: resume from checkpoints/pretrain/last.pt if this run (same "
+                        "settings and inputs) saved it; never: start fresh; or a path to a trainer state")
     log_every: int = Field(10, ge=1)
 
 

@@ -45,12 +45,12 @@ def _opts(**kw):
     return DataOptions(**{**dict(batch_size=4, seed=3, min_size=64, max_size=96, regions_per_image=8), **kw})
 
 
-def _trainer(world, out: Path, **cfg):
+def _trainer(world, out: Path, fingerprint: str = "", **cfg):
     torch.manual_seed(0)
     model, _ = create_clip("RN50-tiny")
     c = PretrainConfig(**{**SMALL, **cfg})
     paths = PretrainPaths(out / "last.pt", out / "student.pt", out / "tb", out / "last.png")
-    return PretrainTrainer(c, model, world["concepts"], paths, progress=False,
+    return PretrainTrainer(c, model, world["concepts"], paths, progress=False, fingerprint=fingerprint,
                            sources=shard_sources(world["layout"], world["shard_ids"]), codec=world["codec"])
 
 
@@ -273,6 +273,19 @@ def test_student_export_loads_with_load_clip(world, tmp_path):
     # a finished run does nothing more when asked again (resume at the last step)
     again = _trainer(world, tmp_path, steps=2)
     assert again.train()["steps_run"] == 0
+
+
+def test_auto_resume_skips_a_state_saved_under_other_settings(world, tmp_path):
+    first = _trainer(world, tmp_path, fingerprint="run-a", steps=2)
+    assert first.train()["steps_run"] == 2
+    # same fingerprint: the finished state is resumed, nothing to do
+    assert _trainer(world, tmp_path, fingerprint="run-a", steps=2).train()["steps_run"] == 2 - 2
+    # the settings changed (another fingerprint): auto does not continue the stale state, it trains anew
+    changed = _trainer(world, tmp_path, fingerprint="run-b", steps=3)
+    assert changed.train()["steps_run"] == 3 and changed.step == 3
+    # an explicit path is the user's choice: it continues whatever saved it
+    explicit = _trainer(world, tmp_path / "other", fingerprint="run-c", steps=4, resume=str(tmp_path / "last.pt"))
+    assert explicit.train()["steps_run"] == 1
 
 
 # -- the stage ---------------------------------------------------------------------------------------------

@@ -291,8 +291,17 @@ class PretrainTrainer:
             dist.barrier()
 
     def resume(self, path: Optional[Path] = None) -> bool:
+        """Load a saved trainer state. Without `path` (resume: auto) only this run's own state counts: one
+        saved under another fingerprint (other settings or inputs) is left alone and training starts anew,
+        so a changed manifest never continues a stale run. An explicit `path` is loaded whatever made it."""
         state = load_state(path or self.paths.state)
         if state is None:
+            return False
+        saved = state.get("meta", {}).get("fingerprint", "")
+        if path is None and saved and self.fingerprint and saved != self.fingerprint:
+            log.warning("not resuming %s: it was saved under fingerprint %s, this run is %s (settings or inputs "
+                        "changed); starting from step 0. To continue it anyway, set pretrain.resume to its path",
+                        self.paths.state, saved, self.fingerprint)
             return False
         self.encoder.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
