@@ -161,6 +161,21 @@ def test_codec_round_trips(run):
     assert (dec.argmax(-1) == full.argmax(-1)).float().mean() > 0.8
 
 
+def test_pq_training_is_reproducible_and_leaves_the_process_threads_alone():
+    # k-means runs on one OpenMP thread for reproducibility; torch shares that runtime, so a stage that
+    # trains the codebook must not leave the rest of the process (`regionclip run`: pretrain, transfer,
+    # evaluate) on one thread.
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        sample = np.random.default_rng(0).standard_normal((600, 16)).astype(np.float32)
+        a, b = PQCodec.train(sample, 4, 4, seed=1), PQCodec.train(sample, 4, 4, seed=1)
+        assert torch.get_num_threads() == 2
+        np.testing.assert_array_equal(a.encode(sample), b.encode(sample))
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_faiss_scoring_matches_the_matrix_product(run):
     _, layout, concepts, _ = run
     model, _ = load_clip("RN50-tiny", layout.teacher_checkpoint)
