@@ -200,8 +200,15 @@ def read_corpus(manifest) -> pa.Table:
     return pa.Table.from_pylist(out, schema=ROW_SCHEMA)
 
 
-def corpus_fingerprint(rows: pa.Table) -> str:
-    """Identifies the input rows (ids, captions, image references), cheaply, without reading images."""
+def corpus_fingerprint(rows: pa.Table, root: Optional[Path] = None) -> str:
+    """Identifies the input rows (ids, captions, image references), cheaply, without reading images.
+
+    Image references under `root` count relative to it: a corpus that lives inside the run folder (the
+    synthetic world) keeps its fingerprint when the run folder is copied or moved."""
+    if root is not None:
+        prefix = str(root).rstrip("/") + "/"
+        refs = [r[len(prefix):] if r.startswith(prefix) else r for r in rows.column("image_ref").to_pylist()]
+        rows = rows.set_column(rows.schema.get_field_index("image_ref"), "image_ref", pa.array(refs, pa.string()))
     h = hashlib.sha256()
     sink = io.BytesIO()
     pq.write_table(rows, sink, compression="none")

@@ -35,7 +35,7 @@ def run(manifest: RunManifest, rpn_loader: str = DEFAULT_RPN_LOADER) -> dict:
     shard_ids = sorted(int(s) for s in shards["shards"])
     checkpoint = checkpoint_path(manifest)
     settings = {k: v for k, v in manifest.section_dict(STAGE).items() if k not in RUNTIME_ONLY}
-    settings["checkpoint"] = {"path": str(checkpoint), "sha256": file_record(checkpoint)["sha256"]}
+    settings["checkpoint"] = {"sha256": file_record(checkpoint)["sha256"]}  # content, not path: runs move
     state = StageState.open(STAGE, layout.proposals, settings, {"shard": shards["fingerprint"]})
     if state.is_done(shard_ids):
         print(f"proposals: up to date ({len(shard_ids)} shards)")

@@ -26,7 +26,9 @@ def run(manifest: RunManifest) -> dict:
     per_shard = cfg.samples_per_shard
     shard_ids = list(range(math.ceil(rows.num_rows / per_shard)))
     settings = {"shard": manifest.section_dict("shard"), "format": manifest.corpus.format}
-    state = StageState.open(STAGE, layout.shards, settings, {"corpus": corpus_fingerprint(rows)})
+    # The synthetic world is generated inside the run folder: fingerprint its paths relative to it.
+    world = (manifest.resolve(manifest.corpus.path) or layout.synth) if manifest.corpus.format == "synthetic" else None
+    state = StageState.open(STAGE, layout.shards, settings, {"corpus": corpus_fingerprint(rows, world)})
     if state.is_done(shard_ids):
         print(f"shard: up to date ({len(shard_ids)} shards)")
         return state.finish(shard_ids, extra=_extra(layout))

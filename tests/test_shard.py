@@ -156,6 +156,23 @@ def test_rerun_is_a_no_op_and_settings_change_rewrites(ray_local, tmp_path, writ
     assert changed["fingerprint"] != first["fingerprint"]
 
 
+def test_a_copied_synthetic_run_folder_is_up_to_date(ray_local, tmp_path, write_manifest):
+    # The synthetic world lives inside the run folder; a copy (or a move) of the folder must not re-shard.
+    import shutil
+
+    from pipeline.config import load_manifest
+
+    m = write_manifest("corpus: {format: synthetic}\nsynth: {num_images: 6, num_val_images: 2}\n"
+                       "shard: {samples_per_shard: 4}\n")
+    first = shard.run(m)
+    shutil.copytree(tmp_path / "out", tmp_path / "moved")
+    moved = load_manifest(tmp_path / "t.yaml", [f"output_dir={tmp_path / 'moved'}"])
+    tars = {p.name: p.stat().st_mtime_ns for p in RunLayout.of(moved).shards.root.glob("[0-9]*.tar")}
+    again = shard.run(moved)
+    assert again["fingerprint"] == first["fingerprint"] and len(tars) == 2
+    assert {p.name: p.stat().st_mtime_ns for p in RunLayout.of(moved).shards.root.glob("[0-9]*.tar")} == tars
+
+
 def test_shards_open_with_tarfile_and_members_follow_conventions(ray_local, tmp_path, write_manifest):
     make_folder_corpus(tmp_path / "corpus", n_good=3, hostile=False)
     m = write_manifest(f"corpus: {{format: folder, path: {tmp_path / 'corpus'}}}\n")
