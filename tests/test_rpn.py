@@ -35,6 +35,36 @@ def test_recall_on_hand_made_boxes():
         [torch.zeros(0, 4)], [torch.zeros(0, 4)])                           # NaN without any gt
 
 
+def test_training_losses_and_gradients_equal_torchvision_rpn():
+    # The lean training path skips torchvision's proposal decoding and NMS; losses, gradients and the
+    # random anchor sampling must stay exactly torchvision's.
+    model = _small_rpn().train()
+    images = [torch.rand(3, 120, 150, generator=torch.Generator().manual_seed(k)) for k in range(2)]
+    targets = [{"boxes": torch.tensor([[10.0, 20.0, 70.0, 90.0]])},
+               {"boxes": torch.tensor([[5.0, 5.0, 40.0, 30.0], [60.0, 50.0, 140.0, 110.0]])}]
+
+    def losses_and_grads(fn):
+        torch.manual_seed(7)
+        model.zero_grad()
+        losses = fn()
+        sum(losses.values()).backward()
+        return ({k: v.detach() for k, v in losses.items()},
+                {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+    def reference():
+        image_list, t = model.transform(images, [dict(x) for x in targets])
+        return model.rpn(image_list, model._features(image_list.tensors), t)[1]
+
+    lean, lean_grads = losses_and_grads(lambda: model(images, targets))
+    full, full_grads = losses_and_grads(reference)
+    assert set(lean) == {"loss_objectness", "loss_rpn_box_reg"} and all(v > 0 for v in lean.values())
+    for k in full:
+        torch.testing.assert_close(lean[k], full[k], rtol=0, atol=0)
+    assert lean_grads.keys() == full_grads.keys() and len(lean_grads) > 10
+    for n in full_grads:
+        torch.testing.assert_close(lean_grads[n], full_grads[n], rtol=0, atol=0)
+
+
 def test_propose_gives_sorted_boxes_in_original_pixels():
     model = _small_rpn()
     with torch.no_grad():                                   # spread the objectness scores out
