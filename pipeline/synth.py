@@ -39,6 +39,9 @@ from __future__ import annotations
 import io
 import json
 import math
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -698,6 +701,39 @@ def _jpeg_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+PARALLEL_FROM = 200     # images; a smaller world is drawn in this process (a pool costs about a second)
+
+
+@dataclass
+class RenderedImage:
+    split: str
+    index: int
+    jpeg: bytes
+    width: int
+    height: int
+    objects: list[SceneObject]
+    caption: str
+
+
+def _render_jpeg(cfg: SynthConfig, split: str, index: int) -> RenderedImage:
+    scene = render_scene(cfg, split, index)
+    return RenderedImage(split, index, _jpeg_bytes(scene.image), scene.image.width, scene.image.height,
+                         scene.objects, scene.caption)
+
+
+def _rendered(cfg: SynthConfig, todo: list[tuple[str, int]]):
+    """The images of `todo`, in order. Every image has its own seeded generator, so drawing them in
+    worker processes gives the same bytes as drawing them here."""
+    workers = min(len(os.sched_getaffinity(0)), 8)
+    if len(todo) < PARALLEL_FROM or workers < 2:
+        yield from (_render_jpeg(cfg, split, index) for split, index in todo)
+        return
+    # spawn, not fork: the caller may hold threads (Ray, torch) that a forked child would inherit locked
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        splits, indices = zip(*todo)
+        yield from pool.map(_render_jpeg, [cfg] * len(todo), splits, indices, chunksize=32)
+
+
 def _remove_stale_images(folder: Path, count: int) -> None:
     """Numbered JPEGs beyond `count`, left by an earlier, larger world in the same folder."""
     for path in folder.glob("*.jpg"):
@@ -750,13 +786,14 @@ def generate_world(cfg: SynthConfig, out_dir: Path, progress: bool = True) -> di
     todo = [("train", i) for i in range(cfg.num_images)] + [("val", i) for i in range(cfg.num_val_images)]
     for folder in image_dirs.values():
         folder.mkdir(parents=True, exist_ok=True)
-    for split, index in tqdm(todo, desc="synth world", unit="img", disable=not progress):
-        scene = render_scene(cfg, split, index)
-        relative = f"{image_dirs[split].name}/{index:06d}.jpg"
-        write_bytes(out_dir / relative, _jpeg_bytes(scene.image))
-        image_id = index + 1
+    for scene in tqdm(_rendered(cfg, todo), total=len(todo), desc="synth world", unit="img",
+                      disable=not progress):
+        split = scene.split
+        relative = f"{image_dirs[split].name}/{scene.index:06d}.jpg"
+        write_bytes(out_dir / relative, scene.jpeg)
+        image_id = scene.index + 1
         coco[split]["images"].append({"id": image_id, "file_name": relative,
-                                      "width": scene.image.width, "height": scene.image.height})
+                                      "width": scene.width, "height": scene.height})
         for obj in scene.objects:
             if split == "train" and obj.name not in base:
                 continue            # novel objects are in the picture and caption, never boxed

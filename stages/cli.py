@@ -12,7 +12,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
+import subprocess
 import sys
+import threading
 import time
 
 from pipeline.config import ManifestError, load_manifest
@@ -73,13 +76,39 @@ def run_stage(name: str, manifest, args=None) -> dict:
     return result
 
 
-def run_all(manifest) -> None:
+def run_all(manifest, manifest_path: str, overrides: list[str]) -> int:
+    """Every enabled stage in order, each in a fresh process (`python -m stages.cli STAGE MANIFEST`, as
+    a script or a Ray job would run it): a stage leaves nothing behind for the next one (thread
+    settings, allocator state, Ray workers, GPU memory). Stops at the first stage that fails and
+    returns its exit code; SIGTERM is passed on to the running stage (pretrain saves its state)."""
+    started = time.time()
     for name in PIPELINE:
         module = stage_module(name)
         if hasattr(module, "enabled") and not module.enabled(manifest):
-            print(f"== {name}: skipped (disabled in the manifest)")
+            print(f"== {name}: skipped (disabled in the manifest)", flush=True)
             continue
-        run_stage(name, manifest)
+        command = [sys.executable, "-m", "stages.cli", name, manifest_path]
+        for override in overrides:
+            command += ["--set", override]
+        code = run_child(command)
+        if code != 0:
+            print(f"error: stage {name} exited with status {code}; fix it and run again to resume",
+                  file=sys.stderr)
+            return code
+    print(f"== run finished in {time.time() - started:.1f}s", flush=True)
+    return 0
+
+
+def run_child(command: list[str]) -> int:
+    child = subprocess.Popen(command)
+    forward = threading.current_thread() is threading.main_thread()
+    if forward:
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum))
+    try:
+        return child.wait()
+    finally:
+        if forward:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def status(manifest) -> list[dict]:
@@ -143,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     manifest = _load(args.manifest, args.overrides)
     try:
         if args.command == "run":
-            run_all(manifest)
+            code = run_all(manifest, args.manifest, args.overrides)
+            if code != 0:
+                return code
             print_status(manifest)
         elif args.command == "status":
             print_status(manifest)

@@ -173,6 +173,16 @@ def test_a_copied_synthetic_run_folder_is_up_to_date(ray_local, tmp_path, write_
     assert {p.name: p.stat().st_mtime_ns for p in RunLayout.of(moved).shards.root.glob("[0-9]*.tar")} == tars
 
 
+def test_run_stops_at_the_first_failing_stage_with_its_status(tmp_path, write_manifest, capfd):
+    from stages.cli import main
+
+    m = write_manifest(f"corpus: {{format: folder, path: {tmp_path / 'missing'}}}\n")
+    assert main(["run", str(m.source_path)]) == 1        # shard (its own process) cannot read the corpus
+    err = capfd.readouterr().err
+    assert "corpus.path" in err and "stage shard exited with status 1" in err
+    assert not (tmp_path / "out" / "concepts").exists()  # nothing after it ran
+
+
 def test_shards_open_with_tarfile_and_members_follow_conventions(ray_local, tmp_path, write_manifest):
     make_folder_corpus(tmp_path / "corpus", n_good=3, hostile=False)
     m = write_manifest(f"corpus: {{format: folder, path: {tmp_path / 'corpus'}}}\n")

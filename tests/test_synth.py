@@ -51,6 +51,17 @@ def test_same_seed_gives_identical_bytes_and_another_seed_differs(tmp_path):
     assert not [name for name in a if ".tmp" in name]     # no temporary files left behind
 
 
+def test_worker_processes_draw_the_same_world(tmp_path, monkeypatch):
+    import pipeline.synth as synth
+
+    cfg = SynthConfig(seed=5, num_images=24, num_val_images=8, min_side=64, max_side=96)
+    generate_world(cfg, tmp_path / "here", progress=False)              # below PARALLEL_FROM: this process
+    monkeypatch.setattr(synth, "PARALLEL_FROM", 1)
+    monkeypatch.setattr(synth.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    generate_world(cfg, tmp_path / "pool", progress=False)              # two spawned workers
+    assert _all_files(tmp_path / "here") == _all_files(tmp_path / "pool")
+
+
 def test_categories_and_fixed_split(world):
     assert len(CATEGORIES) >= 24 and len(set(CATEGORIES)) == len(CATEGORIES)
     assert all(re.fullmatch(r"[a-z]+", name) for name in CATEGORIES)
