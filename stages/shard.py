@@ -29,11 +29,11 @@ def run(manifest: RunManifest) -> dict:
     # The synthetic world is generated inside the run folder: fingerprint its paths relative to it.
     world = (manifest.resolve(manifest.corpus.path) or layout.synth) if manifest.corpus.format == "synthetic" else None
     state = StageState.open(STAGE, layout.shards, settings, {"corpus": corpus_fingerprint(rows, world)})
+    state.clean_temporaries()      # a killed run's half-written files, even when its shards were all done
     if state.is_done(shard_ids):
         print(f"shard: up to date ({len(shard_ids)} shards)")
         return state.finish(shard_ids, extra=_extra(layout))
 
-    state.clean_temporaries()
     options = ShardOptions(max_side=cfg.max_side, max_pixels=cfg.max_pixels, min_side=cfg.min_side,
                            jpeg_quality=cfg.jpeg_quality, max_caption_chars=cfg.max_caption_chars,
                            key_digits=max(4, len(str(per_shard - 1))))
