@@ -724,7 +724,8 @@ def _render_jpeg(cfg: SynthConfig, split: str, index: int) -> RenderedImage:
 def _rendered(cfg: SynthConfig, todo: list[tuple[str, int]]):
     """The images of `todo`, in order. Every image has its own seeded generator, so drawing them in
     worker processes gives the same bytes as drawing them here."""
-    workers = min(len(os.sched_getaffinity(0)), 8)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = min(cpus, 8)
     if len(todo) < PARALLEL_FROM or workers < 2:
         yield from (_render_jpeg(cfg, split, index) for split, index in todo)
         return

@@ -252,9 +252,7 @@ def build_rpn(backbone: str = "resnet50_fpn", backbone_weights: Optional[PathLik
               clip_arch: Optional[str] = None, anchor_sizes: Optional[Sequence[int]] = None, *,
               min_size: int = 800, max_size: int = 1333, frozen_bn: Optional[bool] = None,
               trainable_layers: Optional[int] = None, fg_iou_thresh: float = 0.7, bg_iou_thresh: float = 0.3,
-              batch_size_per_image: int = 256, positive_fraction: float = 0.5,
-              train_pre_nms_top_n: int = 2000, train_post_nms_top_n: int = 1000,
-              nms_thresh: float = 0.7) -> ProposalNetwork:
+              batch_size_per_image: int = 256, positive_fraction: float = 0.5) -> ProposalNetwork:
     """A class-agnostic RPN. `backbone`: resnet50_fpn, resnet18_fpn or clip_res4 (needs `clip_arch`).
     `backbone_weights`: a local file (None: random init). `anchor_sizes`: for FPN backbones one size
     per level (5), for clip_res4 any sizes, all on the res4 map; 3 aspect ratios each.
@@ -285,15 +283,16 @@ def build_rpn(backbone: str = "resnet50_fpn", backbone_weights: Optional[PathLik
     rpn = RegionProposalNetwork(
         generator, head, fg_iou_thresh=fg_iou_thresh, bg_iou_thresh=bg_iou_thresh,
         batch_size_per_image=batch_size_per_image, positive_fraction=positive_fraction,
-        pre_nms_top_n={"training": train_pre_nms_top_n, "testing": 1000},
-        post_nms_top_n={"training": train_post_nms_top_n, "testing": 300}, nms_thresh=nms_thresh)
+        # torchvision's own proposal filtering is never run: training computes only the losses
+        # (ProposalNetwork.rpn_losses) and inference filters in propose(); these are its defaults.
+        pre_nms_top_n={"training": 2000, "testing": 1000}, post_nms_top_n={"training": 2000, "testing": 1000},
+        nms_thresh=0.7)
     transform = GeneralizedRCNNTransform(min_size, max_size, list(mean), list(std))
     config = {"backbone": backbone, "clip_arch": clip_arch, "anchor_sizes": list(sizes),
               "min_size": int(min_size), "max_size": int(max_size), "frozen_bn": frozen_bn,
               "trainable_layers": int(trainable_layers), "fg_iou_thresh": fg_iou_thresh,
               "bg_iou_thresh": bg_iou_thresh, "batch_size_per_image": batch_size_per_image,
-              "positive_fraction": positive_fraction, "train_pre_nms_top_n": train_pre_nms_top_n,
-              "train_post_nms_top_n": train_post_nms_top_n, "nms_thresh": nms_thresh}
+              "positive_fraction": positive_fraction}
     model = ProposalNetwork(transform, net, rpn, config)
     if backbone_weights is not None and fpn:
         model.weights_report = _load_resnet_weights(model, backbone_weights)
@@ -344,8 +343,7 @@ def load_rpn(path: PathLike, device: Union[str, torch.device] = "cpu") -> Propos
         raise CheckpointError(f"{path}: not an RPN checkpoint (expected 'state_dict' and 'config')")
     cfg = dict(obj["config"])
     known = {"backbone", "clip_arch", "anchor_sizes", "min_size", "max_size", "frozen_bn", "trainable_layers",
-             "fg_iou_thresh", "bg_iou_thresh", "batch_size_per_image", "positive_fraction",
-             "train_pre_nms_top_n", "train_post_nms_top_n", "nms_thresh"}
+             "fg_iou_thresh", "bg_iou_thresh", "batch_size_per_image", "positive_fraction"}
     model = build_rpn(**{k: v for k, v in cfg.items() if k in known})
     try:
         model.load_state_dict(obj["state_dict"], strict=True)
