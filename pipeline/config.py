@@ -231,6 +231,10 @@ class TransferConfig(Section):
     repeat_factor_threshold: Optional[float] = Field(None, description="LVIS: 0.001")
     rois_per_image: int = Field(512, ge=1)
     positive_fraction: float = Field(0.25, gt=0, le=1)
+    only_sample_fg_proposals: bool = Field(False, description="RegionCLIP's ONLY_SAMPLE_FG_PROPOSALS: "
+                                           "the classifier trains on foreground RoIs only (unlabelled novel "
+                                           "objects are never taught as background); pair with "
+                                           "evaluate.multiply_rpn_score")
     iou_threshold: float = Field(0.5, gt=0, lt=1)
     min_sizes: list[int] = Field(default_factory=lambda: [640, 672, 704, 736, 768, 800])
     max_size: int = 1333
@@ -256,6 +260,8 @@ class EvaluateConfig(Section):
     min_size: int = Field(800, ge=32, description="test-time short side (detector and zero-shot)")
     max_size: int = Field(1333, ge=32)
     soft_nms_sigma: float = Field(0.5, gt=0)
+    multiply_rpn_score: bool = Field(False, description="RegionCLIP's MULTIPLY_RPN_SCORE: a detection "
+                                     "scores sqrt(p * sigmoid(RPN objectness))")
     proposals_per_image: int = Field(1000, ge=1, description="RPN post-NMS top-n at test time")
     rpn_nms_thresh: float = Field(0.7, gt=0, le=1, description="RPN NMS for the detector's proposals")
     zero_shot_rpn_nms_thresh: float = Field(0.9, gt=0, le=1)

@@ -64,7 +64,7 @@ def run(manifest: RunManifest, args: argparse.Namespace) -> dict:
     from trainer.evaluation import draw_detections, zero_shot_detect
     from trainer.region_encoder import RegionEncoder
     from trainer.text_embed import embed_names, load_teacher, load_vocabulary, resolve_device
-    from trainer.transfer import load_frozen_rpn
+    from trainer.transfer import apply_test_settings, load_frozen_rpn
 
     layout = RunLayout.of(manifest)
     cfg = manifest.evaluate
@@ -96,9 +96,7 @@ def run(manifest: RunManifest, args: argparse.Namespace) -> dict:
     rpn = load_frozen_rpn(manifest, device)
     if kind == "detector":
         detector = build_detector(arch, checkpoint, embeddings, device=device, class_names=names)
-        s = detector.settings
-        s.test_min_size, s.test_max_size = cfg.min_size, cfg.max_size
-        s.score_threshold, s.detections_per_image = cfg.score_threshold, cfg.detections_per_image
+        apply_test_settings(detector, cfg)
         nms = cfg.rpn_nms_thresh
     else:
         from trainer.clip import check_embedding_dim
@@ -119,7 +117,7 @@ def run(manifest: RunManifest, args: argparse.Namespace) -> dict:
                                              pre_nms_top_n=p.pre_nms_top_n, post_nms_top_n=cfg.proposals_per_image,
                                              nms_thresh=nms)
         if kind == "detector":
-            (found,) = detector.detect([image], [boxes])
+            (found,) = detector.detect([image], [boxes], [objectness])
         else:
             found = zero_shot_detect(encoder, image, boxes, embeddings, objectness=objectness,
                                      objectness_mode=cfg.objectness, min_size=cfg.min_size,

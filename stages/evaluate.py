@@ -37,8 +37,9 @@ def run(manifest: RunManifest) -> dict:
                                     zero_shot_detect)
     from trainer.region_encoder import RegionEncoder
     from trainer.text_embed import load_teacher, resolve_device
-    from trainer.transfer import (annotation_file, class_embeddings, clip_checkpoint, compute_proposals,
-                                  detect_dataset, images_root, load_frozen_rpn, rpn_proposal_fn)
+    from trainer.transfer import (annotation_file, apply_test_settings, class_embeddings, clip_checkpoint,
+                                  compute_proposals, detect_dataset, images_root, load_frozen_rpn,
+                                  rpn_proposal_fn)
 
     layout = RunLayout.of(manifest)
     cfg, t = manifest.evaluate, manifest.transfer
@@ -88,10 +89,7 @@ def run(manifest: RunManifest) -> dict:
         for init in inits:
             detector = build_detector(manifest.teacher.arch, layout.transfer_checkpoint(init), embeddings,
                                       allow_partial=t.allow_partial, device=device, class_names=vocab.names)
-            s = detector.settings      # the test-time settings come from this manifest
-            s.test_min_size, s.test_max_size = cfg.min_size, cfg.max_size
-            s.score_threshold, s.detections_per_image = cfg.score_threshold, cfg.detections_per_image
-            s.soft_nms_sigma = cfg.soft_nms_sigma
+            apply_test_settings(detector, cfg)
             t0 = time.time()
             detections = detect_dataset(detector, data, vocab, image_ids, proposals)
             metrics = score(detections)

@@ -41,7 +41,8 @@ def run(manifest: RunManifest) -> dict:
     settings = {"transfer": manifest.section_dict("transfer"), "rpn": rpn_settings,
                 "teacher": manifest.section_dict("teacher"), "ensemble": manifest.embed.ensemble,
                 "test": {k: manifest.section_dict("evaluate")[k] for k in
-                         ("min_size", "max_size", "score_threshold", "detections_per_image", "soft_nms_sigma")}}
+                         ("min_size", "max_size", "score_threshold", "detections_per_image", "soft_nms_sigma",
+                          "multiply_rpn_score")}}
     settings["transfer"].pop("device")
     common = {"annotations": file_record(annotations)["sha256"],
               "rpn": file_record(rpn_path)["sha256"] if rpn_path.is_file() else "missing",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import warnings
 
 import pytest
@@ -114,6 +115,47 @@ def test_classification_loss_focal_and_background_weight():
     sat = torch.tensor([[100.0, -100.0, -100.0, 0.0]], requires_grad=True)
     detector.classification_loss(sat, torch.tensor([0])).backward()
     assert torch.isfinite(sat.grad).all()
+
+
+def test_only_sample_fg_proposals_never_trains_on_background_rois():
+    """RegionCLIP's ONLY_SAMPLE_FG_PROPOSALS: the classifier sees foreground RoIs only, so background
+    proposals (where unlabelled novel objects sit) cannot change the loss; the default sampler can."""
+    images, proposals, targets = batch()
+    far = torch.tensor([[70.0, 0, 100, 8], [0, 70, 9, 80]])                  # IoU 0 with every GT box
+    with_bg = [torch.cat([proposals[0], far]), proposals[1]]
+
+    def loss(settings, props):
+        detector, _, _ = make_detector(settings=settings)
+        detector.train()
+        torch.manual_seed(0)
+        random.seed(0)                                                     # the multi-scale draw
+        return {k: float(v.detach()) for k, v in detector(images, props, targets).items()}
+
+    fg_only = DetectorSettings(**{**SMALL.__dict__, "only_sample_fg_proposals": True})
+    assert loss(fg_only, proposals) == loss(fg_only, with_bg)
+    assert loss(SMALL, proposals)["loss_cls"] != loss(SMALL, with_bg)["loss_cls"]
+    detector, _, _ = make_detector(settings=fg_only)
+    labels = torch.tensor([0, 1, 0, 1, 1, -1, 1, 0])                       # 1 = foreground
+    picked = detector._sample_foreground(labels)
+    assert sorted(picked.tolist()) == [1, 3, 4, 6]                          # 32 * 0.25 = 8 >= 4
+    assert detector._sample_foreground(torch.tensor([0, 0, -1])).tolist() == [0]   # no GT: one bg RoI
+
+
+def test_multiply_rpn_score_ranks_by_objectness():
+    """MULTIPLY_RPN_SCORE: score = sqrt(p * sigmoid(objectness)); without it objectness is ignored."""
+    detector, _, _ = make_detector(settings=DetectorSettings(
+        **{**SMALL.__dict__, "nms": "hard", "score_threshold": 0.0, "detections_per_image": 100}))
+    detector.eval()
+    image = torch.rand(3, 96, 96)
+    box = torch.tensor([[10.0, 10, 60, 60]])
+    plain = detector.detect([image], [box], [torch.tensor([3.0])])[0]
+    detector.settings.multiply_rpn_score = True
+    for logit in (3.0, -2.0):
+        found = detector.detect([image], [box], [torch.tensor([logit])])[0]
+        assert found["labels"].tolist() == plain["labels"].tolist()
+        expected = torch.sqrt(plain["scores"] * torch.sigmoid(torch.tensor(logit)))
+        assert torch.allclose(found["scores"], expected, atol=1e-6)
+    assert torch.equal(detector.detect([image], [box])[0]["scores"], plain["scores"])   # no objectness given
 
 
 def test_classifier_is_cosine_over_temperature_with_zero_background():

@@ -60,6 +60,8 @@ class DetectorSettings:
     detections_per_image: int = 100
     nms: str = "soft"                           # "soft" (gaussian) or "hard"
     soft_nms_sigma: float = 0.5
+    only_sample_fg_proposals: bool = False      # train the classifier on foreground RoIs only
+    multiply_rpn_score: bool = False            # score sqrt(p * sigmoid(objectness)) at inference
     nms_thresh: float = 0.5                     # hard NMS only
     roi_chunk: int = 256                        # RoIs per res5 pass at inference (memory)
 
@@ -289,8 +291,11 @@ class OpenVocabDetector(nn.Module):
             # The sampler wants 1 = positive, 0 = negative, -1 = ignore.
             sampler_labels = torch.where(cls == self.num_classes, torch.zeros_like(cls),
                                          torch.where(cls >= 0, torch.ones_like(cls), cls))
-            pos, neg = self.sampler([sampler_labels])
-            keep = (pos[0] | neg[0]).nonzero(as_tuple=True)[0]
+            if s.only_sample_fg_proposals:
+                keep = self._sample_foreground(sampler_labels)
+            else:
+                pos, neg = self.sampler([sampler_labels])
+                keep = (pos[0] | neg[0]).nonzero(as_tuple=True)[0]
             rois.append(props[keep])
             labels.append(cls[keep])
             regression.append(self.box_coder.encode_single(matched_gt[keep], props[keep]))
@@ -300,6 +305,15 @@ class OpenVocabDetector(nn.Module):
         regression = torch.cat(regression)
         return {"loss_cls": self.classification_loss(logits, labels),
                 "loss_box": self.box_loss(deltas, regression, labels)}
+
+    def _sample_foreground(self, sampler_labels: torch.Tensor) -> torch.Tensor:
+        """RegionCLIP's ONLY_SAMPLE_FG_PROPOSALS: up to rois_per_image * positive_fraction foreground
+        RoIs at random, no background (an image without boxes keeps one background RoI)."""
+        positive = (sampler_labels == 1).nonzero(as_tuple=True)[0]
+        if len(positive) == 0:
+            return (sampler_labels == 0).nonzero(as_tuple=True)[0][:1]
+        count = min(len(positive), int(self.settings.rois_per_image * self.settings.positive_fraction))
+        return positive[torch.randperm(len(positive), device=positive.device)[:count]]
 
     def classification_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         s = self.settings
@@ -327,12 +341,18 @@ class OpenVocabDetector(nn.Module):
 
     # -- inference ---------------------------------------------------------------------------------------
     @torch.no_grad()
-    def detect(self, images: Sequence[torch.Tensor], proposals: Sequence[torch.Tensor]) -> list[dict]:
-        """Detections per image: boxes [K, 4] in original pixels, scores [K], labels [K] (vocabulary index)."""
+    def detect(self, images: Sequence[torch.Tensor], proposals: Sequence[torch.Tensor],
+               objectness: Optional[Sequence[torch.Tensor]] = None) -> list[dict]:
+        """Detections per image: boxes [K, 4] in original pixels, scores [K], labels [K] (vocabulary index).
+
+        With `objectness` (the RPN's logits per proposal) and settings.multiply_rpn_score, a score is
+        sqrt(p_c * sigmoid(objectness)), RegionCLIP's MULTIPLY_RPN_SCORE."""
         s = self.settings
         device = self.class_embeddings.device
         results = []
-        for image, props in zip(images, proposals):
+        if objectness is None or not s.multiply_rpn_score:
+            objectness = [None] * len(images)
+        for image, props, obj in zip(images, proposals, objectness):
             batch, (scale,), (size,) = prepare_images([image], s.test_min_size, s.test_max_size, device)
             features = self.encoder.features(batch)
             props = scale_boxes(props.to(device, torch.float32).reshape(-1, 4), scale)
@@ -345,6 +365,8 @@ class OpenVocabDetector(nn.Module):
                 results.append(_empty_detections(device))
                 continue
             probs = torch.cat(logits).softmax(dim=1)[:, :-1]
+            if obj is not None:
+                probs = torch.sqrt(probs * torch.sigmoid(obj.to(device, torch.float32).reshape(-1, 1)))
             boxes = self.box_coder.decode_single(torch.cat(deltas), props)
             boxes = clip_boxes_to_image(boxes, size)
             found = select_detections(boxes, probs, s, size)

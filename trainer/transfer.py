@@ -145,7 +145,8 @@ def detect_dataset(detector: OpenVocabDetector, data: DetectionSet, vocab: Vocab
     for image_id in tqdm(list(image_ids), desc="detect", unit="img", disable=not progress,
                          dynamic_ncols=True, mininterval=2.0):
         image = data.load_image(data.image_by_id[image_id])
-        (found,) = detector.detect([image], [proposals[image_id][0]])
+        boxes, objectness = proposals[image_id]
+        (found,) = detector.detect([image], [boxes], [objectness])
         results += to_coco_results(image_id, found["boxes"].cpu(), found["scores"].cpu(),
                                    found["labels"].cpu(), vocab)
     return results
@@ -240,8 +241,18 @@ def detector_settings(manifest) -> "DetectorSettings":
         min_sizes=tuple(t.min_sizes), max_size=t.max_size, test_min_size=e.min_size, test_max_size=e.max_size,
         flip=t.flip, rois_per_image=t.rois_per_image, positive_fraction=t.positive_fraction,
         iou_threshold=t.iou_threshold, focal_gamma=t.focal_gamma, background_weight=t.background_weight,
-        score_threshold=e.score_threshold, detections_per_image=e.detections_per_image,
-        soft_nms_sigma=e.soft_nms_sigma)
+        only_sample_fg_proposals=t.only_sample_fg_proposals, score_threshold=e.score_threshold,
+        detections_per_image=e.detections_per_image, soft_nms_sigma=e.soft_nms_sigma,
+        multiply_rpn_score=e.multiply_rpn_score)
+
+
+def apply_test_settings(detector, evaluate_cfg) -> None:
+    """The manifest's `evaluate` section decides how a trained detector is tested (sizes, scores,
+    suppression), whatever its checkpoint recorded."""
+    s, e = detector.settings, evaluate_cfg
+    s.test_min_size, s.test_max_size = e.min_size, e.max_size
+    s.score_threshold, s.detections_per_image = e.score_threshold, e.detections_per_image
+    s.soft_nms_sigma, s.multiply_rpn_score = e.soft_nms_sigma, e.multiply_rpn_score
 
 
 def train_settings(manifest) -> TrainSettings:
