@@ -6,9 +6,14 @@ MANIFEST ?= manifests/demo.yaml
 
 .PHONY: demo test venv bench clean
 
+# The demo needs the package alone; the tests add pytest and lvis (which pulls in OpenCV).
 $(BIN)/regionclip: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.test-extras: $(BIN)/regionclip
 	$(BIN)/pip install --quiet -e ".[test]"
 	touch $@
 
@@ -17,7 +22,7 @@ venv: $(BIN)/regionclip
 demo: venv
 	$(BIN)/regionclip run $(MANIFEST)
 
-test: venv
+test: $(VENV)/.test-extras
 	$(BIN)/python -m pytest -q tests
 
 bench: venv

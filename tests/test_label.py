@@ -161,19 +161,27 @@ def test_codec_round_trips(run):
     assert (dec.argmax(-1) == full.argmax(-1)).float().mean() > 0.8
 
 
-def test_pq_training_is_reproducible_and_leaves_the_process_threads_alone():
-    # k-means runs on one OpenMP thread for reproducibility; torch shares that runtime, so a stage that
-    # trains the codebook must not leave the rest of the process (`regionclip run`: pretrain, transfer,
-    # evaluate) on one thread.
-    before = torch.get_num_threads()
+def test_pq_codebook_is_the_same_on_any_thread_count_and_leaves_torch_threads_alone():
+    # The codebook trains on all cores; it must not depend on how many there are (a rerun on another
+    # machine must give the same labels), and it must not change the threads of the rest of the process
+    # (torch shares the OpenMP runtime; an earlier version left pretrain/transfer/evaluate on one thread).
+    import faiss
+
+    before, faiss_before = torch.get_num_threads(), faiss.omp_get_max_threads()
     torch.set_num_threads(2)
     try:
-        sample = np.random.default_rng(0).standard_normal((600, 16)).astype(np.float32)
-        a, b = PQCodec.train(sample, 4, 4, seed=1), PQCodec.train(sample, 4, 4, seed=1)
-        assert torch.get_num_threads() == 2
-        np.testing.assert_array_equal(a.encode(sample), b.encode(sample))
+        sample = np.random.default_rng(0).standard_t(3, size=(3000, 32)).astype(np.float32)
+        codebooks = []
+        for threads in (1, 2):
+            faiss.omp_set_num_threads(threads)          # the same OpenMP runtime as torch's
+            torch_threads = torch.get_num_threads()
+            codebooks.append(PQCodec.train(sample, 8, 6, seed=1))
+            assert (faiss.omp_get_max_threads(), torch.get_num_threads()) == (threads, torch_threads)
+        np.testing.assert_array_equal(codebooks[0]._centroids_np, codebooks[1]._centroids_np)
+        np.testing.assert_array_equal(codebooks[0].encode(sample), codebooks[1].encode(sample))
     finally:
         torch.set_num_threads(before)
+        faiss.omp_set_num_threads(faiss_before)
 
 
 def test_faiss_scoring_matches_the_matrix_product(run):
