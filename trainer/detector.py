@@ -10,9 +10,11 @@
 Training (per image): proposals + GT matched at IoU 0.5 (torchvision's Matcher), 512 RoIs with 25%
 positives (BalancedPositiveNegativeSampler); loss = classification (cross-entropy, optionally
 focal-scaled by (1 - p_t)^gamma, background rows weighted) + L1 box loss over foreground rows
-divided by the number of sampled RoIs (detectron2's normalisation).
+divided by the number of sampled RoIs (detectron2's normalisation). With only_sample_fg_proposals
+(RegionCLIP's ONLY_SAMPLE_FG_PROPOSALS) only foreground RoIs are sampled.
 
-Inference: softmax over classes + background, deltas applied to the proposals, per-class soft-NMS
+Inference: softmax over classes + background (times the RPN's sigmoid objectness, square-rooted, with
+multiply_rpn_score), deltas applied to the proposals, per-class soft-NMS
 (gaussian, sigma 0.5, implemented here: torchvision has none), score threshold, top-k per image.
 The vocabulary is a buffer, not a weight: `set_vocabulary` swaps base classes for all classes (or any
 custom list) at test time, with no class count anywhere in the weights.
