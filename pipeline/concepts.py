@@ -493,7 +493,7 @@ def assign_shard(shard_id: int, sidecars, matcher: ConceptMatcher, fingerprint: 
     import pyarrow as pa
 
     from pipeline.io import read_parquet, write_parquet
-    from pipeline.stage import write_shard_stats
+    from pipeline.stage import forget_marker, write_shard_stats
 
     started = time.time()
     path = sidecars.parquet(shard_id)
@@ -503,6 +503,7 @@ def assign_shard(shard_id: int, sidecars, matcher: ConceptMatcher, fingerprint: 
     if matcher.phrases and shard_parquet is not None:
         _, texts = shard_captions(shard_parquet)
     ids = [matcher(n, t) for n, t in zip(nouns, texts)]
+    forget_marker(sidecars, shard_id)  # pass 1's marker: a kill before the new one leaves a shard to parse
     write_parquet(path, pa.table({"key": table["key"], "nouns": table["nouns"],
                                   "concept_ids": pa.array(ids, pa.list_(pa.int32()))}))
     counts = {"captions": len(ids), "with_concepts": sum(1 for x in ids if x),

@@ -6,7 +6,7 @@ shard's other files, so a shard killed half-way is simply not done. A rerun does
 are not done; a stage whose fingerprint changed redoes everything (old markers no longer match).
 
     state = StageState.open("label", layout.stage("label"), settings, inputs={"proposals": fp})
-    for shard_id in state.pending(all_shard_ids):
+    for shard_id in state.start_pending(all_shard_ids):
         ... write the shard's files, then:
         state.mark_shard_done(shard_id, counts={...}, files=[...])
     state.finish()
@@ -91,6 +91,13 @@ class StageState:
     def pending(self, shard_ids: Iterable[int]) -> list[int]:
         return [s for s in shard_ids if self.shard_stats(s) is None]
 
+    def start_pending(self, shard_ids: Iterable[int]) -> list[int]:
+        """The pending shards, with their stale markers removed before any of their files is replaced."""
+        pending = self.pending(shard_ids)
+        for shard_id in pending:
+            forget_marker(self.stage_dir, shard_id)
+        return pending
+
     def is_done(self, shard_ids: Iterable[int] = ()) -> bool:
         manifest = read_stage_manifest(self.stage_dir)
         return (manifest is not None and manifest.get("status") == "done"
@@ -136,6 +143,12 @@ class StageState:
             manifest.update(extra)
         write_json(self.stage_dir.manifest, manifest)
         return manifest
+
+
+def forget_marker(stage_dir: StageDir, shard_id: int) -> None:
+    """Remove a shard's marker before its files are replaced: a kill between the new files and the new
+    marker would otherwise leave the old marker vouching for bytes it never saw."""
+    stage_dir.stats(shard_id).unlink(missing_ok=True)
 
 
 def write_shard_stats(stage_dir: StageDir, shard_id: int, fingerprint: str, counts: dict,

@@ -15,8 +15,8 @@ from pipeline.concepts import read_concepts, read_marker, shard_captions
 from pipeline.config import RunManifest
 from pipeline.io import write_parquet
 from pipeline.layout import RunLayout
-from pipeline.stage import (StageState, fingerprint_of, read_stage_manifest, require_complete,
-                            write_shard_stats)
+from pipeline.stage import (StageState, fingerprint_of, forget_marker, read_stage_manifest,
+                            require_complete, write_shard_stats)
 from trainer.text_embed import (TEMPLATES, build_faiss_index, caption_embedding_table, checkpoint_identity,
                                 embed_captions, embed_names, embedding_width, load_teacher,
                                 resolve_device, teacher_checkpoint_path, write_faiss_index, write_npy)
@@ -64,6 +64,7 @@ def run(manifest: RunManifest) -> dict:
         emb = embed_captions(model, tokenizer, captions, batch_size=cfg.batch_size, device=device,
                              progress=True)
         path = sidecars.parquet(s)
+        forget_marker(sidecars, s)
         write_parquet(path, caption_embedding_table(keys, emb.reshape(len(keys), dim)))
         write_shard_stats(sidecars, s, caption_fp, {"captions": len(keys)}, [path],
                           seconds=round(time.time() - started, 3))

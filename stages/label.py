@@ -54,7 +54,7 @@ def run(manifest: RunManifest) -> dict:
     state = StageState.open(STAGE, layout.labels, settings,
                             {"proposals": proposals["fingerprint"], "embed": embed["fingerprint"]})
     job.fingerprint = state.fingerprint
-    pending, nodes = state.pending(shard_ids), set()
+    pending, nodes = state.start_pending(shard_ids), set()
     if pending:
         state.clean_temporaries()
         print(f"label: {len(shard_ids)} shards ({len(pending)} to do), teacher {teacher['arch']}, "

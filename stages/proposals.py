@@ -41,7 +41,7 @@ def run(manifest: RunManifest, rpn_loader: str = DEFAULT_RPN_LOADER) -> dict:
         print(f"proposals: up to date ({len(shard_ids)} shards)")
         return state.finish(shard_ids)
     state.clean_temporaries()
-    pending, nodes = state.pending(shard_ids), set()
+    pending, nodes = state.start_pending(shard_ids), set()
     print(f"proposals: {len(shard_ids)} shards ({len(pending)} to do), RPN {checkpoint}")
     init_ray(manifest.ray)
     job = ProposalJob(str(layout.root), str(checkpoint), cfg.min_size, cfg.max_size, cfg.pre_nms_top_n,

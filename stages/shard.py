@@ -37,7 +37,7 @@ def run(manifest: RunManifest) -> dict:
     options = ShardOptions(max_side=cfg.max_side, max_pixels=cfg.max_pixels, min_side=cfg.min_side,
                            jpeg_quality=cfg.jpeg_quality, max_caption_chars=cfg.max_caption_chars,
                            key_digits=max(4, len(str(per_shard - 1))))
-    pending = state.pending(shard_ids)
+    pending = state.start_pending(shard_ids)
     print(f"shard: {rows.num_rows} rows -> {len(shard_ids)} shards ({len(pending)} to write)")
     init_ray(manifest.ray)
     tasks = [(sid, rows.slice(sid * per_shard, per_shard), options, layout.shards,

@@ -191,3 +191,36 @@ def test_stage_counts_are_exact_and_reruns_do_only_what_changed(sharded):
     pool = read_pool(layout)
     assert {k: pool[k] for k in EXPECTED} == EXPECTED and pool["zebra"] == 0 and pool["hot dog"] == 0
     assert lower["fingerprint"] != first["fingerprint"]
+
+
+def test_a_kill_between_a_sidecar_and_its_marker_leaves_no_marker_naming_the_wrong_bytes(sharded, monkeypatch):
+    """Pass 2 replaces the sidecar that pass 1's marker vouches for; a kill between the two writes
+    (found by CI's SIGKILL test) must leave the shard to parse again, and the rerun the clean rows."""
+    import shutil
+
+    import pipeline.stage
+    from stages import concepts
+    from tests.faultkit import markers_truthful
+
+    concepts.run(sharded("concepts: {min_count: 2}\n"))
+    lower = sharded("concepts: {min_count: 1}\n")
+    layout = RunLayout.of(lower)
+
+    class Killed(Exception):
+        pass
+
+    def killed_before_the_marker(*args, **kwargs):
+        raise Killed
+
+    monkeypatch.setattr(pipeline.stage, "write_shard_stats", killed_before_the_marker)
+    with pytest.raises(Killed):
+        concepts.run(lower)
+    monkeypatch.undo()
+    assert markers_truthful(layout.concepts.root) == []
+
+    resumed = concepts.run(lower)
+    assert resumed["work"] == {"extracted": 1, "assigned": 3, "pool": True}
+    rows = [pq.read_table(layout.caption_concepts.parquet(s)).to_pylist() for s in range(3)]
+    shutil.rmtree(layout.concepts.root)
+    concepts.run(lower)
+    assert rows == [pq.read_table(layout.caption_concepts.parquet(s)).to_pylist() for s in range(3)]

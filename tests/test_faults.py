@@ -12,6 +12,11 @@ from tests.test_verify import make_run
 KILLS = 2  # CI budget; bench/faults.py does five per stage
 
 
+def why_not_matched(report: dict) -> dict:
+    """The parts of a report that say what differed (pytest cuts a long dict short)."""
+    return {k: report[k] for k in ("differences", "untruthful_markers", "leftover_temporaries", "moments")}
+
+
 def session_ray(ray_local) -> str:
     """The test session's Ray: each stage process joins it rather than starting its own (seconds each)."""
     return ray_local.get_runtime_context().gcs_address
@@ -25,7 +30,7 @@ def test_concepts_killed_then_resumed_matches_an_uninterrupted_run(ray_local, tm
     shard.run(load_manifest(path))
     report = kill_and_resume("concepts", path, kills=KILLS, seed=7, log=tmp_path / "log.txt",
                              ray_address=session_ray(ray_local), inline_reference=True)
-    assert report["matched"], report
+    assert report["matched"], why_not_matched(report)
     assert report["compared"] >= 9  # 8 caption sidecars + the pool
     assert not report["leftover_temporaries"]
 
@@ -41,7 +46,7 @@ def test_proposals_killed_then_resumed_matches_an_uninterrupted_run(ray_local, t
     prepare_run(load_manifest(path))
     report = kill_and_resume("proposals", path, kills=KILLS, seed=3, log=tmp_path / "log.txt",
                              ray_address=session_ray(ray_local), inline_reference=True)
-    assert report["matched"], report
+    assert report["matched"], why_not_matched(report)
     assert report["compared"] == 4
 
 

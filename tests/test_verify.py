@@ -149,3 +149,23 @@ def test_unreadable_marker_and_manifest_are_named(run_dir):
     found = {(d.stage, d.file, d.problem.split(":")[0]) for d in verify_run(manifest)}
     assert found == {("shard", "shards/00001_stats.json", UNREADABLE),
                      ("concepts", "concepts/manifest.json", UNREADABLE)}
+
+
+def test_a_shard_to_redo_loses_its_old_marker_before_its_files_are_replaced(tmp_path):
+    """Settings changed: the old marker must go before the new files land, or a kill between the new
+    files and the new marker leaves a marker vouching for bytes it never saw."""
+    from pipeline.layout import StageDir
+    from pipeline.stage import StageState
+
+    folder = StageDir(tmp_path / "stage")
+    old = StageState.open("demo", folder, {"quality": 90})
+    for shard_id in (0, 1):
+        (folder.root / f"{shard_id:05d}.bin").write_bytes(b"old")
+        old.mark_shard_done(shard_id, {"rows": 1}, [folder.root / f"{shard_id:05d}.bin"])
+
+    assert old.start_pending([0, 1]) == []  # done under its own settings: markers kept
+    new = StageState.open("demo", folder, {"quality": 95})
+    assert new.pending([0, 1]) == [0, 1]
+    assert folder.stats(0).exists() and folder.stats(1).exists()  # asking does not change anything
+    assert new.start_pending([0, 1]) == [0, 1]
+    assert not folder.stats(0).exists() and not folder.stats(1).exists()
