@@ -46,6 +46,21 @@ def _env() -> dict:
     return env
 
 
+def wait_until_ray_is_idle(timeout: float = 60.0) -> None:
+    """After a driver of the shared Ray is killed: wait until Ray has killed the tasks and actors of the
+    dead job (their CPUs are free again), so that none of them writes after the moment counted as the kill."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    deadline = time.time() + timeout
+    total = ray.cluster_resources().get("CPU", 0)
+    while ray.available_resources().get("CPU", 0) < total:
+        if time.time() > deadline:
+            raise TimeoutError(f"Ray still busy {timeout:.0f}s after the kill: {ray.available_resources()}")
+        time.sleep(0.05)
+
+
 def stage_command(stage: str, manifest_path: Path) -> list[str]:
     return [sys.executable, "-m", f"stages.{stage.replace('-', '_')}", str(manifest_path)]
 
@@ -219,6 +234,8 @@ def kill_and_resume(stage: str, manifest_path: str | os.PathLike, kills: int = 5
             except ProcessLookupError:
                 running = False
         proc.wait()
+        if _RAY_ADDRESS:
+            wait_until_ray_is_idle()
         interrupted += running
         moments.append({"after_s": round(time.time() - t0, 2), "outputs_present": len(watched & set(_files(root))),
                         "interrupted": running})

@@ -16,6 +16,7 @@ import pytest
 
 from pipeline.layout import RunLayout
 from stages import label, proposals
+from tests.faultkit import wait_until_ray_is_idle
 from tests.labelkit import concepts_from_regions, manifest_body, prepare_run, read_rows, rpn_loader
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,11 +80,13 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-def test_sigkill_mid_stage_then_rerun_gives_the_uninterrupted_rows(runs):
+def test_sigkill_mid_stage_then_rerun_gives_the_uninterrupted_rows(runs, ray_local):
     root, _, reference = runs
     layout = RunLayout(root / "killed" / "out")
     cmd = [sys.executable, "-m", "stages.label", str(root / "killed" / "m.yaml")]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, start_new_session=True, stdout=subprocess.DEVNULL,
+    # Both runs join the session's Ray (the killed driver's actors die with it): no Ray start per run.
+    env = {**ENV, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     rng = random.Random(1234)
     try:
@@ -95,10 +98,11 @@ def test_sigkill_mid_stage_then_rerun_gives_the_uninterrupted_rows(runs):
         time.sleep(rng.uniform(0.0, 0.2))   # a seeded moment after the first shard is done
     finally:
         _kill_group(proc)
+    wait_until_ray_is_idle()
     done_at_kill = len(list(layout.labels.root.glob("*_stats.json")))
     assert 0 < done_at_kill < 10, f"{done_at_kill} shards were done when the run was killed"
     assert not layout.labels.manifest.exists()
-    rerun = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300,
+    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
                            start_new_session=True)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert f"({10 - done_at_kill} to do)" in rerun.stdout

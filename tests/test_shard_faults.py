@@ -15,6 +15,7 @@ from pipeline.io import sha256_file
 from pipeline.layout import RunLayout
 from stages import shard
 from tests.corpora import jpeg_bytes
+from tests.faultkit import wait_until_ray_is_idle
 
 KILL_SEED = 1234
 
@@ -58,7 +59,9 @@ def test_sigkill_at_random_moments_then_rerun_is_exact(ray_local, tmp_path):
     rng = random.Random(KILL_SEED)
     manifest_path = write_yaml(tmp_path / "killed.yaml", corpus, tmp_path / "killed")
     layout = RunLayout.of(load_manifest(manifest_path))
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    # Each run joins the session's Ray (a killed driver's tasks die with it) rather than starting its own.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     done_after_kill = []
     for _ in range(5):
         proc = subprocess.Popen([sys.executable, "-m", "stages.shard", str(manifest_path)], env=env,
@@ -73,6 +76,7 @@ def test_sigkill_at_random_moments_then_rerun_is_exact(ray_local, tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        wait_until_ray_is_idle()
         assert_markers_truthful(layout)
         done_after_kill.append(len(list(layout.shards.root.glob("*_stats.json"))))
     shard.run(load_manifest(manifest_path))
