@@ -18,9 +18,11 @@ from tests.corpora import jpeg_bytes
 from tests.faultkit import wait_until_ray_is_idle
 
 KILL_SEED = 1234
+IMAGES, PER_SHARD = 24, 3
+SHARDS = IMAGES // PER_SHARD
 
 
-def make_corpus(root: Path, n: int = 36) -> None:
+def make_corpus(root: Path, n: int = IMAGES) -> None:
     root.mkdir(parents=True)
     for i in range(n):
         # Oversized images force a decode-resize-encode per sample, so shards take measurable time.
@@ -30,7 +32,8 @@ def make_corpus(root: Path, n: int = 36) -> None:
 
 def write_yaml(path: Path, corpus: Path, out: Path) -> Path:
     path.write_text(f"name: kill\noutput_dir: {out}\ncorpus: {{format: folder, path: {corpus}}}\n"
-                    "ray: {num_cpus: 2}\nshard: {samples_per_shard: 3, max_side: 320}\n")
+                    "ray: {num_cpus: 2}\n"
+                    f"shard: {{samples_per_shard: {PER_SHARD}, max_side: 320}}\n")
     return path
 
 
@@ -63,13 +66,13 @@ def test_sigkill_at_random_moments_then_rerun_is_exact(ray_local, tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     done_after_kill = []
-    for _ in range(5):
+    for _ in range(3):
         proc = subprocess.Popen([sys.executable, "-m", "stages.shard", str(manifest_path)], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         # Kill once a seeded number of further shards is done, plus a seeded fraction of a shard:
         # the moments spread over the run whatever the machine's speed.
         done_now = len(list(layout.shards.root.glob("*_stats.json")))
-        target, extra_delay = min(done_now + rng.randint(0, 2), 10), rng.uniform(0.0, 0.3)
+        target, extra_delay = min(done_now + rng.randint(0, 2), SHARDS - 2), rng.uniform(0.0, 0.3)
         while proc.poll() is None and len(list(layout.shards.root.glob("*_stats.json"))) < target:
             time.sleep(0.01)
         time.sleep(extra_delay)
@@ -84,4 +87,4 @@ def test_sigkill_at_random_moments_then_rerun_is_exact(ray_local, tmp_path):
     assert not list(layout.shards.root.glob(".tmp-*"))
     # the kills landed at different stages of progress (not all before or all after the work)
     assert len(set(done_after_kill)) >= 2, done_after_kill
-    assert done_after_kill[-1] < 12, "the last kill must interrupt work, not a finished run"
+    assert done_after_kill[-1] < SHARDS, "the last kill must interrupt work, not a finished run"
