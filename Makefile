@@ -23,7 +23,7 @@ demo: venv
 	$(BIN)/regionclip run $(MANIFEST)
 
 test: $(VENV)/.test-extras
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 bench: venv
 	$(BIN)/python bench/report.py
