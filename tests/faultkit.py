@@ -173,8 +173,8 @@ def kill_and_resume(stage: str, manifest_path: str | os.PathLike, kills: int = 5
     """Run `stage` uninterrupted, then from scratch with `kills` SIGKILLs, then to the end; compare.
 
     The upstream stages must be complete. `ray_address`: each run joins that Ray cluster (a killed
-    driver's tasks and actors die with it) instead of starting its own local Ray. `inline_reference`: the uninterrupted run happens in this
-    process (kills are then timed by output progress only). Returns a report: kills, how many interrupted work (the
+    driver's tasks and actors die with it) instead of starting its own local Ray. `inline_reference`: the uninterrupted run and the last
+    resume happen in this process (kills are then timed by output progress only). Returns a report: kills, how many interrupted work (the
     process was still running), outputs compared, matched, differences, untruthful markers, seconds.
     """
     global _RAY_ADDRESS
@@ -184,15 +184,18 @@ def kill_and_resume(stage: str, manifest_path: str | os.PathLike, kills: int = 5
     cmd = stage_command(stage, manifest_path)
     rng = random.Random(f"{stage}-{seed}")
 
-    before = _files(root)
-    if inline_reference:  # in this process (its Ray already up): saves a process start in CI
+    def run_inline() -> float:
         import importlib
 
         from pipeline.config import load_manifest
 
-        ref_t0 = time.time()
+        started = time.time()
         importlib.import_module(f"stages.{stage.replace('-', '_')}").run(load_manifest(manifest_path))
-        ref_seconds, inline_seconds = None, time.time() - ref_t0
+        return time.time() - started
+
+    before = _files(root)
+    if inline_reference:  # in this process (its Ray already up): saves a process start in CI
+        ref_seconds, inline_seconds = None, run_inline()
     else:
         ref_seconds = _run(cmd, timeout, log)
     after = _files(root)
@@ -241,7 +244,7 @@ def kill_and_resume(stage: str, manifest_path: str | os.PathLike, kills: int = 5
                         "interrupted": running})
         untruthful += markers_truthful(root)
     kill_seconds = time.time() - started_all
-    resume_seconds = _run(cmd, timeout, log)
+    resume_seconds = run_inline() if inline_reference else _run(cmd, timeout, log)
     final = _files(root)
     leftovers = [str(p.relative_to(root)) for p in root.rglob(f"{TMP_PREFIX}*")]
     differences = sorted(k for k in set(outputs) ^ {k for k in final if k in watched or k not in before}
