@@ -2,7 +2,6 @@
 the keys and bytes of an uninterrupted run, and no half-written file ever counts as done."""
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -15,7 +14,7 @@ from pipeline.io import sha256_file
 from pipeline.layout import RunLayout
 from stages import shard
 from tests.corpora import jpeg_bytes
-from tests.faultkit import wait_until_ray_is_idle
+from tests.faultkit import markers_truthful, wait_until_ray_is_idle
 
 KILL_SEED = 1234
 IMAGES, PER_SHARD = 24, 3
@@ -40,14 +39,6 @@ def write_yaml(path: Path, corpus: Path, out: Path) -> Path:
 def outputs(layout: RunLayout) -> dict[str, str]:
     return {p.name: sha256_file(p) for p in sorted(layout.shards.root.glob("[0-9]*"))
             if not p.name.endswith("_stats.json")}
-
-
-def assert_markers_truthful(layout: RunLayout) -> None:
-    """Every shard marked done has complete files whose checksums the marker recorded."""
-    for marker in layout.shards.root.glob("*_stats.json"):
-        stats = json.loads(marker.read_text())
-        for name, record in stats["files"].items():
-            assert sha256_file(layout.shards.root / name) == record["sha256"], name
 
 
 def test_sigkill_at_random_moments_then_rerun_is_exact(ray_local, tmp_path):
@@ -80,7 +71,7 @@ def test_sigkill_at_random_moments_then_rerun_is_exact(ray_local, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         wait_until_ray_is_idle()
-        assert_markers_truthful(layout)
+        assert markers_truthful(layout.root) == []
         done_after_kill.append(len(list(layout.shards.root.glob("*_stats.json"))))
     shard.run(load_manifest(manifest_path))
     assert outputs(layout) == expected
