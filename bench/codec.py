@@ -6,7 +6,7 @@ every shard, plus the whole-image boxes).
 
 Needs the run's proposals, concept embeddings and teacher (e.g. `regionclip run manifests/demo.yaml`
 up to `proposals`). The teacher's region embeddings are computed here, in this process, exactly as
-the label stage does (trainer/teacher_labels.py); each codec is built as the stage builds it (PQ:
+the label stage does (trainer/offline/labels.py); each codec is built as the stage builds it (PQ:
 trained on a seeded sample of label.pq_train_regions regions, taken from the first shards), then
 every region is encoded and decoded with `decode_logits` at the label temperature.
 Prints a table, then (last line) one JSON object.
@@ -31,9 +31,9 @@ from pipeline.images import load_rgb  # noqa: E402
 from pipeline.layout import RunLayout  # noqa: E402
 from pipeline.sidecars import read_proposals, read_shard_images, sidecar_shards  # noqa: E402
 from stages.label import teacher_scale  # noqa: E402
-from trainer.clip import load_model_ref  # noqa: E402
-from trainer.codecs import build_codec  # noqa: E402
-from trainer.teacher_labels import Teacher, chunks  # noqa: E402
+from stages.resolve import load_model_ref  # noqa: E402
+from trainer.offline.codecs import build_codec  # noqa: E402
+from trainer.offline.labels import Teacher, chunks  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = {"bytes_per_region": 128, "top1_agreement": 0.99, "mean_kl_nats": 0.02}

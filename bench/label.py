@@ -36,9 +36,9 @@ from pipeline.sidecars import read_proposals, read_shard_images, sidecar_shards,
 from pipeline.io import write_json  # noqa: E402
 from pipeline.stage import read_stage_manifest  # noqa: E402
 from stages.label import teacher_scale  # noqa: E402
-from trainer.codecs import load_codec  # noqa: E402
-from trainer.teacher_labels import Teacher, label_images  # noqa: E402
-from trainer.clip import load_model_ref  # noqa: E402
+from trainer.offline.codecs import load_codec  # noqa: E402
+from trainer.offline.labels import Teacher, label_images  # noqa: E402
+from stages.resolve import load_model_ref  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

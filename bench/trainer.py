@@ -32,9 +32,10 @@ import torch  # noqa: E402
 
 from pipeline.config import PretrainConfig  # noqa: E402
 from tests.pretrain_world import make_world  # noqa: E402
-from trainer.clip import create_clip  # noqa: E402
-from trainer.data import shard_sources  # noqa: E402
-from trainer.pretrain import HookBase, OnlineTeacher, PretrainPaths, PretrainTrainer  # noqa: E402
+from trainer.engine.device import resolve_device  # noqa: E402
+from trainer.models.clip import create_clip  # noqa: E402
+from trainer.data.pretrain_stream import shard_sources  # noqa: E402
+from trainer.tasks.pretrain import HookBase, OnlineTeacher, PretrainPaths, PretrainTrainer  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -112,7 +113,7 @@ def build_rpn(kind: str, arch: str, min_size: int, max_size: int, device):
         from tests.rpn_standin import StandInRPN
 
         return StandInRPN().to(device).eval()
-    from trainer.rpn import build_rpn as build
+    from trainer.models.rpn import build_rpn as build
 
     rpn = build(kind, clip_arch=arch if kind == "clip_res4" else None, min_size=min_size, max_size=max_size)
     return rpn.to(device).eval()
@@ -154,7 +155,7 @@ def main() -> None:
         shards = max(4, 2 * max(1, args.workers))
         world = make_world(tmp / "run", num_shards=shards, per_shard=48, dim=create_clip(args.arch)[0].visual.output_dim,
                            num_concepts=512, boxes=300, size=(320, 240), seed=0)
-        device = PretrainTrainer.__init__.__globals__["resolve_device"](args.device)
+        device = resolve_device(args.device)
         print(f"device {device}; {args.arch}; batch {args.batch}; short side {args.min_size} (max {args.max_size}); "
               f"{args.regions} of 300 boxes per image; {shards} shards x 48 images; torch threads {torch.get_num_threads()}")
 

@@ -127,7 +127,7 @@ class RunLayout:
 
     @property
     def rpn_checkpoint(self) -> Path:
-        """train-rpn's output: the class-agnostic RPN (trainer/rpn.py's load_rpn)."""
+        """train-rpn's output: the class-agnostic RPN (trainer/models/rpn.py's load_rpn)."""
         return self.checkpoints("rpn") / "rpn.pt"
 
     @property

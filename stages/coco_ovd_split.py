@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(manifest: RunManifest, args: argparse.Namespace) -> dict:
-    from trainer.detection_data import write_coco_ovd_split
+    from trainer.data.detection import write_coco_ovd_split
 
     t = manifest.transfer
     if args.out_dir is None and not (t.annotations and t.val_annotations):

@@ -59,12 +59,13 @@ def run(manifest: RunManifest, args: argparse.Namespace) -> dict:
     from PIL import Image
 
     from pipeline.concepts import read_vocabulary
-    from trainer.clip import embedding_dim, load_clip
-    from trainer.detector import build_detector, read_checkpoint_kind
+    from trainer.models.clip import embedding_dim, load_clip
+    from trainer.models.detector import build_detector, read_checkpoint_kind
     from trainer.evaluation import draw_detections, zero_shot_detect
-    from trainer.region_encoder import RegionEncoder
-    from trainer.text_embed import embed_names, load_teacher, load_vocabulary, resolve_device
-    from trainer.transfer import apply_test_settings, load_frozen_rpn
+    from trainer.models.region_encoder import RegionEncoder
+    from trainer.engine.device import resolve_device
+    from stages.resolve import apply_test_settings, load_frozen_rpn, load_teacher_clip
+    from trainer.offline.text_embed import embed_names, load_vocabulary
 
     layout = RunLayout.of(manifest)
     cfg = manifest.evaluate
@@ -86,7 +87,7 @@ def run(manifest: RunManifest, args: argparse.Namespace) -> dict:
         names, embeddings = vocab["names"], torch.from_numpy(vocab["embeddings"]).to(device)
     else:
         names = read_vocabulary(args.vocabulary).names
-        model, tokenizer = text_model or load_teacher(manifest, device=device)
+        model, tokenizer = text_model or load_teacher_clip(manifest, device=device)
         embeddings = torch.from_numpy(embed_names(model, tokenizer, names, manifest.embed.ensemble,
                                                   device=device, progress=False)).to(device)
     ids = list(range(1, len(names) + 1))
@@ -99,7 +100,7 @@ def run(manifest: RunManifest, args: argparse.Namespace) -> dict:
         apply_test_settings(detector, cfg)
         nms = cfg.rpn_nms_thresh
     else:
-        from trainer.clip import check_embedding_dim
+        from trainer.models.clip import check_embedding_dim
 
         model = clip_model[0]
         check_embedding_dim(embedding_dim(model), embeddings.shape[1], "the class embeddings", arch)

@@ -17,9 +17,10 @@ from pipeline.io import write_parquet
 from pipeline.layout import RunLayout
 from pipeline.stage import (StageState, fingerprint_of, forget_marker, read_stage_manifest,
                             require_complete, write_shard_stats)
-from trainer.text_embed import (TEMPLATES, build_faiss_index, caption_embedding_table, checkpoint_identity,
-                                embed_captions, embed_names, embedding_width, load_teacher,
-                                resolve_device, teacher_checkpoint_path, write_faiss_index, write_npy)
+from stages.resolve import load_teacher_clip, teacher_checkpoint_path
+from trainer.engine.device import resolve_device
+from trainer.offline.text_embed import (TEMPLATES, build_faiss_index, caption_embedding_table, checkpoint_identity,
+                                        embed_captions, embed_names, embedding_width, write_faiss_index, write_npy)
 
 STAGE = "embed"
 
@@ -49,7 +50,7 @@ def run(manifest: RunManifest) -> dict:
 
     state.clean_temporaries()
     device = resolve_device(cfg.device)
-    model, tokenizer = load_teacher(manifest, device=device)
+    model, tokenizer = load_teacher_clip(manifest, device=device)
     dim = embedding_width(model)
     print(f"embed: teacher {manifest.teacher.arch} (dim {dim}) on {device}; concepts "
           f"{'to embed' if concepts_todo else 'up to date'}, {len(captions_todo)}/{len(shard_ids)} caption shards")

@@ -29,17 +29,17 @@ SUMMARY_SECTION = "evaluate"
 def run(manifest: RunManifest) -> dict:
     from tqdm import tqdm
 
-    from trainer.clip import load_clip
-    from trainer.detection_data import DetectionSet
-    from trainer.detector import build_detector
+    from trainer.models.clip import load_clip
+    from trainer.data.detection import DetectionSet
+    from trainer.models.detector import build_detector
     from trainer.evaluation import (RecognitionTally, coco_evaluate, draw_detections, image_features,
                                     lvis_evaluate, merge_summary, results_table, to_coco_results,
                                     zero_shot_detect)
-    from trainer.region_encoder import RegionEncoder
-    from trainer.text_embed import load_teacher, resolve_device
-    from trainer.transfer import (annotation_file, apply_test_settings, class_embeddings, clip_checkpoint,
-                                  compute_proposals, detect_dataset, images_root, load_frozen_rpn,
-                                  rpn_proposal_fn)
+    from trainer.models.region_encoder import RegionEncoder
+    from trainer.engine.device import resolve_device
+    from stages.resolve import (annotation_file, apply_test_settings, class_embeddings, clip_checkpoint,
+                                images_root, load_frozen_rpn, load_teacher_clip)
+    from trainer.tasks.transfer import compute_proposals, detect_dataset, rpn_proposal_fn
 
     layout = RunLayout.of(manifest)
     cfg, t = manifest.evaluate, manifest.transfer
@@ -56,7 +56,7 @@ def run(manifest: RunManifest) -> dict:
     novel_ids = set(data.category_split["novel"])
     image_ids = [im["id"] for im in data.images][: cfg.max_images]
     names = dict(zip(vocab.ids, vocab.names))
-    embeddings = class_embeddings(manifest, vocab.names, device, load_teacher(manifest, device=device))
+    embeddings = class_embeddings(manifest, vocab.names, device, load_teacher_clip(manifest, device=device))
     print(f"evaluate: {len(image_ids)} images of {val_path} ({data.kind}), {len(vocab)} classes "
           f"({len(novel_ids)} novel)")
 

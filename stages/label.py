@@ -18,11 +18,12 @@ from pipeline.io import file_record
 from pipeline.layout import RunLayout
 from pipeline.ray_runtime import cluster_gpus, init_ray, map_with_actor_pool, run_tasks
 from pipeline.stage import StageState, fingerprint_of, require_complete
-from trainer.clip import check_embedding_dim, embedding_dim, load_model_ref
-from trainer.codecs import codec_from_settings, read_codec_description
-from trainer.region_index import write_region_index
-from trainer.teacher_labels import LabelJob, LabelShardWorker, sample_region_embeddings
-from trainer.text_embed import load_concept_embeddings
+from stages.resolve import load_model_ref
+from trainer.models.clip import check_embedding_dim, embedding_dim
+from trainer.offline.codecs import codec_from_settings, read_codec_description
+from trainer.offline.region_index import write_region_index
+from trainer.offline.labels import LabelJob, LabelShardWorker, sample_region_embeddings
+from trainer.offline.text_embed import load_concept_embeddings
 
 STAGE = "label"
 RUNTIME_ONLY = ("num_gpus_per_actor", "num_actors", "region_index", "keep_threshold")

@@ -25,10 +25,10 @@ _RUNTIME_SETTINGS = ("resume", "log_every", "device", "num_workers", "checkpoint
 
 
 def run(manifest: RunManifest) -> dict:
-    from trainer.clip import load_model_ref
-    from trainer.data import shard_sources
-    from trainer.pretrain import OnlineTeacher, PretrainPaths, PretrainTrainer
-    from trainer.text_embed import load_concept_embeddings
+    from stages.resolve import load_model_ref, rpn_checkpoint_path
+    from trainer.data.pretrain_stream import shard_sources
+    from trainer.tasks.pretrain import OnlineTeacher, PretrainPaths, PretrainTrainer
+    from trainer.offline.text_embed import load_concept_embeddings
 
     layout = RunLayout.of(manifest)
     cfg = manifest.pretrain
@@ -51,15 +51,15 @@ def run(manifest: RunManifest) -> dict:
     concepts = load_concept_embeddings(layout)
     codec = online = None
     if cfg.online_teacher:
-        from trainer.pretrain import resolve_device
-        from trainer.rpn import load_rpn
+        from trainer.engine.device import resolve_device
+        from trainer.models.rpn import load_rpn
 
         teacher, _ = load_model_ref(manifest.teacher, manifest, fallback=layout.teacher_checkpoint)
         p = manifest.proposals
-        rpn = load_rpn(manifest.resolve(p.checkpoint) or layout.rpn_checkpoint, resolve_device(cfg.device))
+        rpn = load_rpn(rpn_checkpoint_path(manifest), resolve_device(cfg.device))
         online = OnlineTeacher(rpn, teacher, p.pre_nms_top_n, p.post_nms_top_n, p.nms_thresh)
     else:
-        from trainer.codecs import load_codec
+        from trainer.offline.codecs import load_codec
 
         codec = load_codec(layout.labels.root)
     paths = PretrainPaths(state=layout.pretrain_state, student=layout.student_checkpoint,

@@ -13,19 +13,11 @@ from pipeline.io import file_record
 from pipeline.layout import RunLayout
 from pipeline.ray_runtime import init_ray, map_with_actor_pool
 from pipeline.stage import StageState, require_complete
-from trainer.proposals import DEFAULT_RPN_LOADER, ProposalJob, ProposalShardWorker
+from stages.resolve import rpn_checkpoint_path
+from trainer.offline.proposals import DEFAULT_RPN_LOADER, ProposalJob, ProposalShardWorker
 
 STAGE = "proposals"
 RUNTIME_ONLY = ("batch_size", "num_gpus_per_actor", "num_actors")  # do not change the outputs
-
-
-def checkpoint_path(manifest: RunManifest):
-    layout = RunLayout.of(manifest)
-    path = manifest.resolve(manifest.proposals.checkpoint) or layout.rpn_checkpoint
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no RPN checkpoint; set proposals.checkpoint to a class-agnostic RPN "
-                                "(trainer/rpn.py), or enable train_rpn and run `regionclip train-rpn MANIFEST`")
-    return path
 
 
 def run(manifest: RunManifest, rpn_loader: str = DEFAULT_RPN_LOADER) -> dict:
@@ -33,7 +25,7 @@ def run(manifest: RunManifest, rpn_loader: str = DEFAULT_RPN_LOADER) -> dict:
     cfg = manifest.proposals
     shards = require_complete("shard", layout.shards)
     shard_ids = sorted(int(s) for s in shards["shards"])
-    checkpoint = checkpoint_path(manifest)
+    checkpoint = rpn_checkpoint_path(manifest)
     settings = {k: v for k, v in manifest.section_dict(STAGE).items() if k not in RUNTIME_ONLY}
     settings["checkpoint"] = {"sha256": file_record(checkpoint)["sha256"]}  # content, not path: runs move
     state = StageState.open(STAGE, layout.proposals, settings, {"shard": shards["fingerprint"]})

@@ -2,10 +2,10 @@
 set (by default the synthetic world's instances_train.json, which boxes the *base* categories only).
 Optional: runs when `train_rpn.enabled` is true.
 
-Builds the RPN (trainer/rpn.py: ResNet-50-FPN / ResNet-18-FPN from a local weights file or from
-scratch, or a CLIP ResNet's res4 map), trains it with SGD (trainer/rpn_training.py), measures proposal
+Builds the RPN (trainer/models/rpn.py: ResNet-50-FPN / ResNet-18-FPN from a local weights file or from
+scratch, or a CLIP ResNet's res4 map), trains it with SGD (trainer/tasks/rpn.py), measures proposal
 recall at 100/300 proposals (IoU 0.5 and 0.7) on `train_rpn.val_annotations`, per category split
-(novel vs base), and writes `checkpoints/rpn/rpn.pt` (trainer.rpn.load_rpn) with a training curve.
+(novel vs base), and writes `checkpoints/rpn/rpn.pt` (trainer.models.rpn.load_rpn) with a training curve.
 The `proposals` stage uses it when `proposals.checkpoint` is null.
 """
 from __future__ import annotations
@@ -44,8 +44,8 @@ def annotation_files(manifest: RunManifest) -> tuple[Path, Path]:
 def run(manifest: RunManifest) -> dict:
     import torch
 
-    from trainer.rpn import build_rpn, save_rpn_checkpoint
-    from trainer.rpn_training import evaluate_recall, plot_rpn_curve, read_coco_boxes, train_rpn
+    from trainer.models.rpn import build_rpn, save_rpn_checkpoint
+    from trainer.tasks.rpn import evaluate_recall, plot_rpn_curve, read_coco_boxes, train_rpn
 
     layout = RunLayout.of(manifest)
     cfg = manifest.train_rpn

@@ -1,11 +1,11 @@
 """Stage `train-teacher`: an image-level CLIP trained on the shards, for a world without CLIP weights
 (or a new domain). Optional: runs when `train_teacher.enabled` is true.
 
-Reads the shards' image + caption pairs as a stream (trainer/wds_data.py), trains the open_clip model
-`teacher.arch` with open_clip's ClipLoss (trainer/teacher_training.py), holds out the *last shard*
+Reads the shards' image + caption pairs as a stream (trainer/data/image_text.py), trains the open_clip model
+`teacher.arch` with open_clip's ClipLoss (trainer/tasks/teacher.py), holds out the *last shard*
 for image-to-caption retrieval (R@1, R@5 and their chance levels; the synthetic world's val images
 have no captions), and writes `checkpoints/teacher/teacher.pt` in open_clip's format: it loads with
-`open_clip.create_model(arch, pretrained=path)` and with trainer.clip.load_clip. Later stages use it
+`open_clip.create_model(arch, pretrained=path)` and with trainer.models.clip.load_clip. Later stages use it
 when `teacher.checkpoint` is null.
 """
 from __future__ import annotations
@@ -26,9 +26,9 @@ def run(manifest: RunManifest) -> dict:
     import torch
 
     from pipeline.concepts import read_caption_concepts
-    from trainer.clip import create_clip, load_clip, save_clip_checkpoint
-    from trainer.teacher_training import plot_teacher_curve, retrieval_recall, train_clip, clip_transforms
-    from trainer.wds_data import read_image_text
+    from trainer.models.clip import create_clip, load_clip, save_clip_checkpoint
+    from trainer.tasks.teacher import plot_teacher_curve, retrieval_recall, train_clip, clip_transforms
+    from trainer.data.image_text import read_image_text
 
     layout = RunLayout.of(manifest)
     cfg, arch = manifest.train_teacher, manifest.teacher.arch

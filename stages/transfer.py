@@ -5,7 +5,7 @@
     proposals the frozen class-agnostic RPN (proposals.checkpoint or train-rpn's output), computed once
     init      each of transfer.init: `pretrain` (the student, checkpoints/pretrain/student.pt) and/or
               `teacher` (the plain CLIP: the baseline)
-    output    checkpoints/transfer/detector_<init>.pt  (trainer.detector.build_detector loads it)
+    output    checkpoints/transfer/detector_<init>.pt  (trainer.models.detector.build_detector loads it)
 
 A detector whose settings and inputs (checkpoint hashes, annotation file) are unchanged is not retrained.
 """
@@ -24,12 +24,12 @@ STAGE = "transfer"
 def run(manifest: RunManifest) -> dict:
     import torch
 
-    from trainer.detection_data import DetectionSet
-    from trainer.detector import build_detector, save_detector
-    from trainer.text_embed import load_teacher, resolve_device
-    from trainer.transfer import (annotation_file, class_embeddings, clip_checkpoint, compute_proposals,
-                                  detector_settings, images_root, load_frozen_rpn, rpn_proposal_fn,
-                                  train_detector, train_settings)
+    from trainer.data.detection import DetectionSet
+    from trainer.models.detector import build_detector, save_detector
+    from trainer.engine.device import resolve_device
+    from stages.resolve import (annotation_file, class_embeddings, clip_checkpoint, detector_settings,
+                                images_root, load_frozen_rpn, load_teacher_clip, train_settings)
+    from trainer.tasks.transfer import compute_proposals, rpn_proposal_fn, train_detector
 
     layout = RunLayout.of(manifest)
     cfg = manifest.transfer
@@ -66,7 +66,7 @@ def run(manifest: RunManifest) -> dict:
     started = time.time()
     data = DetectionSet(annotations, images_root(manifest, "train"), cache_images=True)
     vocab = data.vocabulary("base")
-    text_model = load_teacher(manifest, device=device)
+    text_model = load_teacher_clip(manifest, device=device)
     embeddings = class_embeddings(manifest, vocab.names, device, text_model)
     del text_model
     image_ids = data.image_ids_with_boxes(vocab)

@@ -7,7 +7,7 @@
 list. Each name goes through the 81 templates of the teacher's text encoder (`teacher` section,
 `embed.ensemble`). The .npz holds `names`, `embeddings` (float32 [C, D], L2-normalized), `arch`,
 `dim`, `ensemble`, and `category_ids` for a JSON. Consumers read it with
-`trainer.text_embed.load_vocabulary(path, expected_dim, model_name)`, which refuses a wrong width.
+`trainer.offline.text_embed.load_vocabulary(path, expected_dim, model_name)`, which refuses a wrong width.
 """
 from __future__ import annotations
 
@@ -28,15 +28,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(manifest: RunManifest, args: argparse.Namespace) -> dict:
     # Imported here so that `regionclip --help` does not import torch.
     from pipeline.concepts import read_vocabulary
-    from trainer.text_embed import (checkpoint_identity, embed_names, load_teacher, resolve_device,
-                                    save_vocabulary, teacher_checkpoint_path)
+    from trainer.engine.device import resolve_device
+    from stages.resolve import load_teacher_clip, teacher_checkpoint_path
+    from trainer.offline.text_embed import checkpoint_identity, embed_names, save_vocabulary
 
     out = Path(args.out)
     if out.suffix != ".npz":
         raise ValueError(f"--out {out}: a vocabulary file ends in .npz")
     vocab = read_vocabulary(args.classes)
     device = resolve_device(manifest.embed.device)
-    model, tokenizer = load_teacher(manifest, device=device)
+    model, tokenizer = load_teacher_clip(manifest, device=device)
     emb = embed_names(model, tokenizer, vocab.names, manifest.embed.ensemble,
                       batch_size=manifest.embed.batch_size, device=device)
     checkpoint = checkpoint_identity(teacher_checkpoint_path(manifest))

@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from trainer.clip import create_clip, save_clip_checkpoint
+from trainer.models.clip import create_clip, save_clip_checkpoint
 
 
 def tiny_clip(seed: int = 0, arch: str = "RN50-tiny"):
@@ -37,7 +37,7 @@ def grid_boxes(height: int, width: int, sizes=(24, 40, 64), step: int = 16) -> t
 
 
 class StandInRPN:
-    """`propose` like trainer/rpn.py's ProposalNetwork: grid boxes (and jittered known boxes, when
+    """`propose` like trainer/models/rpn.py's ProposalNetwork: grid boxes (and jittered known boxes, when
     `known` maps an image size to boxes) with deterministic objectness logits, best first."""
 
     def __init__(self, known: Optional[dict] = None, max_boxes: int = 64):

@@ -16,10 +16,10 @@ RPN_LOADER = "tests.rpn_standin:load_rpn"
 
 
 def rpn_loader() -> str:
-    """The real trainer/rpn.py once it exists; until then the torchvision stand-in."""
+    """The real trainer/models/rpn.py once it exists; until then the torchvision stand-in."""
     try:
-        import trainer.rpn  # noqa: F401
-        return "trainer.rpn:load_rpn"
+        import trainer.models.rpn  # noqa: F401
+        return "trainer.models.rpn:load_rpn"
     except ImportError:
         return RPN_LOADER
 
@@ -36,7 +36,7 @@ label: {{codec: {codec}, pq_subquantizers: 16, pq_bits: 6, pq_train_regions: 256
 
 
 def make_teacher(layout: RunLayout, seed: int = 0) -> Path:
-    from trainer.clip import create_clip, save_clip_checkpoint
+    from trainer.models.clip import create_clip, save_clip_checkpoint
 
     torch.manual_seed(seed)
     model, _ = create_clip("RN50-tiny")
@@ -66,7 +66,7 @@ def make_rpn(layout: RunLayout) -> Path:
     if rpn_loader() == RPN_LOADER:
         path.write_bytes(b"stand-in rpn (weights are seeded)")
     else:
-        from trainer.rpn import build_rpn, save_rpn_checkpoint  # the real one, random weights
+        from trainer.models.rpn import build_rpn, save_rpn_checkpoint  # the real one, random weights
         torch.manual_seed(0)
         save_rpn_checkpoint(build_rpn("clip_res4", clip_arch="RN50-tiny", anchor_sizes=(16, 32, 64)), path)
     return path
@@ -90,8 +90,8 @@ def concepts_from_regions(layout: RunLayout, num: int = 12, seed: int = 0) -> np
     (minus their mean), so pseudo-labels vary across regions. Stands in for the embed stage."""
     from pipeline.images import load_rgb
     from pipeline.sidecars import read_proposals, read_shard_images
-    from trainer.clip import load_clip
-    from trainer.teacher_labels import Teacher
+    from trainer.models.clip import load_clip
+    from trainer.offline.labels import Teacher
 
     model, _ = load_clip("RN50-tiny", layout.teacher_checkpoint)
     props = read_proposals(layout.proposals, 0)

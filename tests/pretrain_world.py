@@ -1,6 +1,6 @@
 """A tiny pretraining world written in the documented sidecar formats (tests and bench/trainer.py).
 
-Shards of small JPEGs, proposals, labels with the fp16 codec (trainer/codecs.py: code = the float16
+Shards of small JPEGs, proposals, labels with the fp16 codec (trainer/offline/codecs.py: code = the float16
 bytes of the teacher's normalised region embedding, code_size = 2*D; labels/codec.json written),
 caption embeddings and concept embeddings.
 """
@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.layout import RunLayout, sample_key
-from trainer.codecs import FP16Codec, load_codec
+from trainer.offline.codecs import FP16Codec, load_codec
 
 
 def _jpeg(rng: np.random.Generator, w: int, h: int) -> bytes:

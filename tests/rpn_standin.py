@@ -1,4 +1,4 @@
-"""A test-only stand-in for trainer/rpn.py's contract, built from torchvision parts (random weights).
+"""A test-only stand-in for trainer/models/rpn.py's contract, built from torchvision parts (random weights).
 
     load_rpn(path, device) -> object with .propose(images: list[Tensor[3,H,W] in 0..1], *, min_size,
         max_size, pre_nms_top_n, post_nms_top_n, nms_thresh) -> list[(boxes[N,4] original pixels, logits[N])]

@@ -1,4 +1,4 @@
-"""The open-vocabulary detector (trainer/detector.py), transfer/evaluate stages and `regionclip detect`.
+"""The open-vocabulary detector (trainer/models/detector.py), transfer/evaluate stages and `regionclip detect`.
 Tiny random CLIPs, a stand-in RPN, a tiny synthetic world."""
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 from torchvision.ops import box_iou
 
 from tests.detection_helpers import StandInRPN, save_tiny_clip, text_embeddings, tiny_clip
-from trainer.clip import CheckpointError, EmbeddingDimError
-from trainer.detector import (DetectorSettings, OpenVocabDetector, build_detector, save_detector,
+from trainer.models.clip import CheckpointError, EmbeddingDimError
+from trainer.models.detector import (DetectorSettings, OpenVocabDetector, build_detector, save_detector,
                               select_detections, soft_nms)
 
 SMALL = DetectorSettings(min_sizes=(64, 96), max_size=128, test_min_size=96, test_max_size=128,
@@ -162,7 +162,7 @@ def test_classifier_is_cosine_over_temperature_with_zero_background():
     detector, _, _ = make_detector()
     x = torch.randn(5, detector.embed_dim)
     detector.bbox_pred.weight.data.zero_()
-    from trainer.detector import class_logits
+    from trainer.models.detector import class_logits
     logits = class_logits(x, detector.class_embeddings, 0.01)
     expected = torch.nn.functional.normalize(x, dim=-1) @ detector.class_embeddings.t() / 0.01
     assert torch.allclose(logits[:, :3], expected, atol=1e-4) and torch.all(logits[:, 3] == 0)
@@ -246,7 +246,7 @@ evaluate: {min_size: 96, max_size: 128, proposals_per_image: 48}
 
 
 def test_transfer_evaluate_detect_on_a_tiny_world(write_manifest, monkeypatch, tmp_path):
-    import trainer.transfer
+    import stages.resolve
     from pipeline.layout import RunLayout
     from pipeline.synth import generate_world
     from stages import evaluate, transfer
@@ -258,7 +258,7 @@ def test_transfer_evaluate_detect_on_a_tiny_world(write_manifest, monkeypatch, t
     save_tiny_clip(manifest.resolve("teacher.pt"), seed=0)
     save_tiny_clip(layout.student_checkpoint, seed=1)
     rpn = StandInRPN()
-    monkeypatch.setattr(trainer.transfer, "load_frozen_rpn", lambda m, device="cpu": rpn)
+    monkeypatch.setattr(stages.resolve, "load_frozen_rpn", lambda m, device="cpu": rpn)
 
     first = transfer.run(manifest)
     assert set(first["detectors"]) == {"teacher", "pretrain"}

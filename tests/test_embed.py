@@ -10,8 +10,8 @@ import torch
 
 from pipeline.layout import RunLayout
 from tests.test_concepts import CAPTIONS, make_caption_folder
-from trainer.clip import EmbeddingDimError, create_clip, save_clip_checkpoint
-from trainer.text_embed import (TEMPLATES, embed_captions, embed_names, load_concept_embeddings,
+from trainer.models.clip import EmbeddingDimError, create_clip, save_clip_checkpoint
+from trainer.offline.text_embed import (TEMPLATES, embed_captions, embed_names, load_concept_embeddings,
                                 load_vocabulary, read_caption_embeddings)
 
 # The COCO open-vocabulary split's 65 classes (48 base + 17 novel, REFERENCE §6).

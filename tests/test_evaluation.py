@@ -1,4 +1,4 @@
-"""Evaluation (trainer/evaluation.py), detection data and splits (trainer/detection_data.py)."""
+"""Evaluation (trainer/evaluation.py), detection data and splits (trainer/data/detection.py)."""
 from __future__ import annotations
 
 import contextlib
@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from tests.detection_helpers import text_embeddings, tiny_clip
-from trainer.detection_data import (COCO_OVD_BASE, COCO_OVD_NOVEL, DetectionSet, category_split,
+from trainer.data.detection import (COCO_OVD_BASE, COCO_OVD_NOVEL, DetectionSet, category_split,
                                     coco_ovd_split, hflip, repeat_factor_epoch, repeat_factors)
 from trainer.evaluation import (LvisNotInstalledError, coco_evaluate, ground_truth_as_detections,
                                 lvis_evaluate, merge_summary, region_recognition, zero_shot_detect)
-from trainer.region_encoder import RegionEncoder
+from trainer.models.region_encoder import RegionEncoder
 
 
 def toy_gt(num_images: int = 8, seed: int = 0) -> dict:

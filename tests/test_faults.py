@@ -65,7 +65,7 @@ def test_a_stream_resumed_exactly_at_the_end_of_an_epoch_goes_on(tmp_path):
     import torch
 
     from tests.pretrain_world import make_world
-    from trainer.data import DataOptions, PretrainStream, shard_sources
+    from trainer.data.pretrain_stream import DataOptions, PretrainStream, shard_sources
 
     w = make_world(tmp_path / "run", num_shards=1, per_shard=8, boxes=4)
     sources = shard_sources(w["layout"], [0])

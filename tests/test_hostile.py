@@ -80,10 +80,10 @@ def test_a_yaml_override_with_an_object_tag_is_refused(tmp_path):
 # -- checkpoints that pickle code --------------------------------------------------------------------------
 
 def test_every_checkpoint_loader_refuses_files_that_pickle_code(tmp_path):
-    from trainer.checkpoint import load_state
-    from trainer.clip import load_clip
-    from trainer.detector import build_detector, read_checkpoint_kind
-    from trainer.rpn import load_rpn
+    from trainer.engine.checkpoint import load_state
+    from trainer.models.clip import load_clip
+    from trainer.models.detector import build_detector, read_checkpoint_kind
+    from trainer.models.rpn import load_rpn
 
     files, marker = evil_files(tmp_path)
     classes = torch.nn.functional.normalize(torch.randn(3, 64), dim=-1)
@@ -102,8 +102,8 @@ def test_every_checkpoint_loader_refuses_files_that_pickle_code(tmp_path):
 
 
 def test_numpy_files_that_pickle_objects_are_refused(tmp_path):
-    from trainer.codecs import load_codec
-    from trainer.text_embed import load_concept_embeddings, load_vocabulary
+    from trainer.offline.codecs import load_codec
+    from trainer.offline.text_embed import load_concept_embeddings, load_vocabulary
 
     marker = tmp_path / "PWNED"
     layout = RunLayout(tmp_path / "run")
@@ -161,7 +161,7 @@ def test_no_module_reads_data_with_an_unsafe_loader():
 def test_the_trainer_and_sidecar_readers_never_follow_unsafe_tar_members(tmp_path):
     from pipeline.sidecars import read_shard_images
     from tests.corpora import add_tar_member, jpeg_bytes
-    from trainer.data import read_tar
+    from trainer.data.pretrain_stream import read_tar
 
     work = tmp_path / "work"
     work.mkdir()
@@ -217,7 +217,7 @@ def hostile_world(tmp_path: Path) -> dict:
 
 
 def test_the_streaming_trainer_counts_and_skips_each_hostile_row(tmp_path):
-    from trainer.data import DataOptions, PretrainStream, shard_sources
+    from trainer.data.pretrain_stream import DataOptions, PretrainStream, shard_sources
 
     w = hostile_world(tmp_path)
     layout, keys = w["layout"], w["keys"]
@@ -235,7 +235,7 @@ def test_the_streaming_trainer_counts_and_skips_each_hostile_row(tmp_path):
 
 
 def test_each_hostile_sidecar_row_is_a_named_skip(tmp_path):
-    from trainer.data import DataOptions, Sidecars, SkipSample, prepare_sample, read_tar, shard_sources
+    from trainer.data.pretrain_stream import DataOptions, Sidecars, SkipSample, prepare_sample, read_tar, shard_sources
 
     w = hostile_world(tmp_path)
     layout, keys = w["layout"], w["keys"]
@@ -260,8 +260,8 @@ def test_each_hostile_sidecar_row_is_a_named_skip(tmp_path):
 
 
 def test_outside_and_degenerate_boxes_pool_to_finite_region_features(tmp_path):
-    from trainer.clip import create_clip
-    from trainer.region_encoder import RegionEncoder
+    from trainer.models.clip import create_clip
+    from trainer.models.region_encoder import RegionEncoder
 
     torch.manual_seed(0)
     enc = RegionEncoder.from_clip(create_clip("RN50-tiny")[0]).eval()
@@ -273,9 +273,9 @@ def test_outside_and_degenerate_boxes_pool_to_finite_region_features(tmp_path):
 
 def test_label_stage_inputs_zero_boxes_ok_and_non_finite_boxes_a_clear_error(tmp_path):
     from pipeline.sidecars import read_proposals
-    from trainer.codecs import FP16Codec
-    from trainer.clip import create_clip
-    from trainer.teacher_labels import Teacher, label_images
+    from trainer.offline.codecs import FP16Codec
+    from trainer.models.clip import create_clip
+    from trainer.offline.labels import Teacher, label_images
     from PIL import Image
 
     w = hostile_world(tmp_path)
@@ -294,7 +294,7 @@ def test_label_stage_inputs_zero_boxes_ok_and_non_finite_boxes_a_clear_error(tmp
 
 def test_non_finite_concept_embeddings_are_a_clear_error_before_any_work(tmp_path):
     from pipeline.layout import RunLayout
-    from trainer.text_embed import load_concept_embeddings
+    from trainer.offline.text_embed import load_concept_embeddings
 
     layout = RunLayout(tmp_path)
     layout.concept_embeddings.parent.mkdir(parents=True)

@@ -1,4 +1,4 @@
-"""CLIP loading (trainer/clip.py) and the region encoder (trainer/region_encoder.py). Random weights only."""
+"""CLIP loading (trainer/models/clip.py) and the region encoder (trainer/models/region_encoder.py). Random weights only."""
 from __future__ import annotations
 
 import json
@@ -11,10 +11,11 @@ from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
 from pipeline.config import ModelRef
-from trainer.clip import (CLIP_MEAN, CLIP_STD, CheckpointError, CheckpointNotFoundError, EmbeddingDimError,
+from trainer.models.clip import (CLIP_MEAN, CLIP_STD, CheckpointError, CheckpointNotFoundError, EmbeddingDimError,
                           MODEL_CONFIG_DIR, check_embedding_dim, create_clip, embedding_dim, load_clip,
-                          load_model_ref, read_clip_state_dict, save_clip_checkpoint, uses_quick_gelu)
-from trainer.region_encoder import RegionEncoder
+                          read_clip_state_dict, save_clip_checkpoint, uses_quick_gelu)
+from stages.resolve import load_model_ref
+from trainer.models.region_encoder import RegionEncoder
 
 
 def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -17,9 +17,9 @@ import torch
 from pipeline.config import PretrainConfig
 from pipeline.layout import RunLayout, sample_key
 from tests.pretrain_world import make_world
-from trainer.clip import create_clip, load_clip
-from trainer.data import DataError, DataOptions, PretrainStream, Sidecars, prepare_sample, sample_rng, shard_sources, read_tar
-from trainer.pretrain import PretrainPaths, PretrainTrainer, lr_at
+from trainer.models.clip import create_clip, load_clip
+from trainer.data.pretrain_stream import DataError, DataOptions, PretrainStream, Sidecars, prepare_sample, sample_rng, shard_sources, read_tar
+from trainer.tasks.pretrain import PretrainPaths, PretrainTrainer, lr_at
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(batch_size=4, regions_per_image=8, min_size=64, max_size=96, warmup_steps=2, lr=0.01,
@@ -152,9 +152,9 @@ SIGTERM_CHILD = textwrap.dedent("""
     sys.path.insert(0, {repo!r})
     torch.set_num_threads(1)
     from pathlib import Path
-    from trainer.codecs import load_codec
+    from trainer.offline.codecs import load_codec
     from tests.test_pretrain import _trainer
-    from trainer.pretrain import HookBase
+    from trainer.tasks.pretrain import HookBase
     import numpy as np
     from pipeline.layout import RunLayout
     root = Path({root!r})
@@ -205,7 +205,7 @@ DDP_SCRIPT = textwrap.dedent("""
     from pathlib import Path
     import numpy as np
     from pipeline.layout import RunLayout
-    from trainer.codecs import load_codec
+    from trainer.offline.codecs import load_codec
     from tests.test_pretrain import _trainer
     root, out = Path({root!r}), Path({out!r})
     world = dict(layout=RunLayout(root), shard_ids=[0, 1], codec=load_codec(RunLayout(root).labels.root),
@@ -292,7 +292,7 @@ def test_auto_resume_skips_a_state_saved_under_other_settings(world, tmp_path):
 
 def _stage_world(tmp_path, write_manifest, extra: str = ""):
     from pipeline.io import write_json
-    from trainer.clip import save_clip_checkpoint
+    from trainer.models.clip import save_clip_checkpoint
 
     manifest = write_manifest(f"""
         teacher: {{arch: RN50-tiny}}
@@ -328,7 +328,7 @@ def test_stage_online_teacher_runs_rpn_and_teacher_in_the_step(tmp_path, write_m
     import tests.rpn_standin as standin
     from stages import pretrain as stage
 
-    monkeypatch.setitem(sys.modules, "trainer.rpn", standin)  # the stand-in RPN (trainer/rpn.py's contract)
+    monkeypatch.setitem(sys.modules, "trainer.models.rpn", standin)  # the stand-in RPN (trainer/models/rpn.py's contract)
     manifest, layout, _ = _stage_world(tmp_path, write_manifest, ", online_teacher: true")
     result = stage.run(manifest)
     assert result["status"] == "done" and result["step"] == 3

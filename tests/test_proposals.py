@@ -10,7 +10,7 @@ from pipeline.images import load_rgb
 from pipeline.sidecars import PROPOSALS_SCHEMA, read_proposals, read_shard_images, written_keys
 from stages import proposals
 from tests.labelkit import manifest_body, prepare_run, read_rows, rpn_loader
-from trainer.proposals import clean_boxes, import_loader
+from trainer.offline.proposals import clean_boxes, import_loader
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from pipeline.layout import RunLayout
-from trainer.clip import CheckpointError
-from trainer.rpn import build_rpn, load_rpn, proposal_recall, save_rpn_checkpoint
+from trainer.models.clip import CheckpointError
+from trainer.models.rpn import build_rpn, load_rpn, proposal_recall, save_rpn_checkpoint
 
 
 def _small_rpn(**kwargs):
@@ -144,7 +144,7 @@ def test_resnet_weights_file_loads_into_backbone(tmp_path):
 
 def test_stage_trains_and_reports_recall_by_split(write_manifest):
     from stages import train_rpn
-    from trainer.rpn_training import read_coco_boxes
+    from trainer.tasks.rpn import read_coco_boxes
 
     manifest = write_manifest("""
         corpus: {format: synthetic}

@@ -17,7 +17,7 @@ from tests.corpora import make_folder_corpus
 OPEN_CLIP_TRAIN = textwrap.dedent("""
     import sys
     import open_clip
-    from trainer.clip import our_model_configs  # registers trainer/model_configs with open_clip
+    from trainer.models.clip import our_model_configs  # registers trainer/models/model_configs with open_clip
     from open_clip_train.main import main
     main(sys.argv[1:])
 """)

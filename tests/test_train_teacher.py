@@ -43,9 +43,9 @@ def sharded(tmp_path_factory):
 
 
 def test_reader_streams_decoded_pairs_in_order_and_seeded_shuffle(sharded):
-    from trainer.clip import create_clip
-    from trainer.teacher_training import clip_transforms
-    from trainer.wds_data import image_text_batches, read_image_text
+    from trainer.models.clip import create_clip
+    from trainer.tasks.teacher import clip_transforms
+    from trainer.data.image_text import image_text_batches, read_image_text
 
     layout = RunLayout.of(sharded)
     tars = sorted(layout.shards.root.glob("*.tar"))
@@ -69,8 +69,8 @@ def test_reader_streams_decoded_pairs_in_order_and_seeded_shuffle(sharded):
 
 def test_stage_trains_reports_retrieval_and_checkpoint_loads_in_open_clip(sharded):
     from stages import train_teacher
-    from trainer.clip import load_clip
-    from trainer.teacher_training import clip_transforms
+    from trainer.models.clip import load_clip
+    from trainer.tasks.teacher import clip_transforms
 
     assert train_teacher.enabled(sharded)
     result = train_teacher.run(sharded)
@@ -93,7 +93,7 @@ def test_stage_trains_reports_retrieval_and_checkpoint_loads_in_open_clip(sharde
     ours, _ = load_clip("RN50-tiny", layout.teacher_checkpoint)
     theirs = open_clip.create_model("RN50-tiny", pretrained=str(layout.teacher_checkpoint)).eval()
     _, eval_tf = clip_transforms(ours)
-    from trainer.wds_data import read_image_text
+    from trainer.data.image_text import read_image_text
     images = torch.stack([eval_tf(s["image"]) for s in list(read_image_text(
         [layout.shards.root / "00002.tar"]))[:4]])
     with torch.no_grad():
@@ -106,7 +106,7 @@ def test_stage_trains_reports_retrieval_and_checkpoint_loads_in_open_clip(sharde
 
 
 def test_same_concepts_recall_counts_captions_of_the_image_s_group():
-    from trainer.teacher_training import retrieval_recall
+    from trainer.tasks.teacher import retrieval_recall
 
     class Lookup(torch.nn.Module):
         """An image (a number r) and a caption (a token r) both embed as row r of the identity."""
@@ -136,7 +136,7 @@ def test_disabled_by_default_and_needs_shards(write_manifest):
 
 
 def test_warmup_cosine_schedule():
-    from trainer.teacher_training import warmup_cosine
+    from trainer.tasks.teacher import warmup_cosine
 
     f = warmup_cosine(4, 12)
     assert [round(f(s), 3) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]

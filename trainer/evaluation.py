@@ -24,9 +24,9 @@ from PIL import Image, ImageDraw, ImageFont
 from torchvision.ops import batched_nms
 
 from pipeline.io import atomic_path
-from trainer.detection_data import DetectionSet, Vocabulary
-from trainer.detector import class_logits, prepare_images, scale_boxes
-from trainer.region_encoder import RegionEncoder
+from trainer.data.detection import DetectionSet, Vocabulary
+from trainer.models.detector import class_logits, prepare_images, scale_boxes
+from trainer.models.region_encoder import RegionEncoder
 
 COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 

@@ -42,10 +42,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.io import read_parquet
 from pipeline.layout import RunLayout, shard_name
+from trainer.models.geometry import padded, resized_size
 
 log = logging.getLogger(__name__)
 
-PAD_MULTIPLE = 32  # the padded batch is a multiple of this (res5 stride)
 
 
 class DataError(RuntimeError):
@@ -176,12 +176,6 @@ class Sidecars:
 
 # -- one sample ----------------------------------------------------------------------------------------
 
-def resized_size(width: int, height: int, min_size: int, max_size: int) -> tuple[int, int]:
-    """(w, h) with the short side min_size and the long side at most max_size (detectron2's rule)."""
-    scale = min_size / min(width, height)
-    if max(width, height) * scale > max_size:
-        scale = max_size / max(width, height)
-    return max(1, int(round(width * scale))), max(1, int(round(height * scale)))
 
 
 def sample_rng(seed: int, epoch: int, shard_id: int, index: int) -> np.random.Generator:
@@ -247,7 +241,7 @@ def collate(samples: list[dict], regions: int, online: bool) -> dict:
     b = len(samples)
     hmax = max(s["size"][0] for s in samples)
     wmax = max(s["size"][1] for s in samples)
-    hp, wp = (math.ceil(v / PAD_MULTIPLE) * PAD_MULTIPLE for v in (hmax, wmax))
+    hp, wp = padded(hmax), padded(wmax)
     images = torch.zeros((b, 3, hp, wp), dtype=torch.uint8)
     for i, s in enumerate(samples):
         h, w = s["size"]

@@ -34,7 +34,6 @@ import torch
 from torch import nn
 
 from pipeline.io import atomic_path
-from pipeline.config import ModelRef
 
 # CLIP's image normalisation (REFERENCE §3); the same numbers as open_clip's OPENAI_DATASET_MEAN/STD.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -67,7 +66,7 @@ class EmbeddingDimError(ValueError):
 # -- architectures ---------------------------------------------------------------------------------
 
 def our_model_configs() -> list[str]:
-    """The names of the model configs shipped in trainer/model_configs."""
+    """The names of the model configs shipped in trainer/models/model_configs."""
     return sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
 
 
@@ -287,23 +286,6 @@ def load_clip(arch: str, checkpoint: PathLike, allow_partial: bool = False,
         raise
     model.regionclip_load_report = report
     return model.to(device).eval(), tokenizer
-
-
-def load_model_ref(ref: ModelRef, manifest=None, fallback: Optional[PathLike] = None,
-                   device: Union[str, torch.device] = "cpu"):
-    """load_clip for a manifest's ModelRef: `ref.checkpoint` resolved against the manifest's folder;
-    when it is null, `fallback` (e.g. train-teacher's output)."""
-    checkpoint = ref.checkpoint
-    if checkpoint is not None and manifest is not None:
-        checkpoint = manifest.resolve(checkpoint)
-    if checkpoint is None and (fallback is None or not Path(fallback).is_file()):
-        produced = f" (expected at {fallback})" if fallback is not None else ""
-        raise CheckpointNotFoundError(
-            f"no checkpoint for {ref.arch}: the checkpoint setting is null and train-teacher's output is "
-            f"missing{produced}. Set teacher.checkpoint to a local weights file (e.g. OpenAI's "
-            f"{ref.arch}.pt), or enable train_teacher and run `regionclip train-teacher MANIFEST`.")
-    checkpoint = checkpoint or fallback
-    return load_clip(ref.arch, checkpoint, allow_partial=ref.allow_partial, device=device)
 
 
 # -- writing checkpoints -------------------------------------------------------------------------------

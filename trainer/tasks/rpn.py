@@ -24,8 +24,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from trainer.rpn import ProposalNetwork, proposal_hits
-from trainer.teacher_training import _save_figure, _summary_writer, resolve_device
+from trainer.models.rpn import ProposalNetwork, proposal_hits
+from trainer.engine.device import resolve_device
+from trainer.tasks.teacher import _save_figure, _summary_writer
 
 log = logging.getLogger(__name__)
 

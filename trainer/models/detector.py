@@ -21,7 +21,6 @@ custom list) at test time, with no class count anywhere in the weights.
 """
 from __future__ import annotations
 
-import math
 import os
 import random
 from dataclasses import asdict, dataclass, fields
@@ -35,12 +34,12 @@ from torchvision.models.detection._utils import BalancedPositiveNegativeSampler,
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image
 
 from pipeline.io import atomic_path
-from trainer.clip import (CLIP_MEAN, CLIP_STD, CheckpointError, CheckpointNotFoundError, LoadReport,
+from trainer.models.clip import (CLIP_MEAN, CLIP_STD, CheckpointError, CheckpointNotFoundError, LoadReport,
                           check_embedding_dim, create_clip, load_clip, read_clip_state_dict)
-from trainer.region_encoder import RegionEncoder
+from trainer.models.geometry import padded, resized_size
+from trainer.models.region_encoder import RegionEncoder
 
 DETECTOR_FORMAT = "regionclip-detector-v1"
-SIZE_DIVISIBILITY = 32
 
 
 @dataclass
@@ -76,12 +75,6 @@ class DetectorSettings:
 
 # -- images ----------------------------------------------------------------------------------------
 
-def resize_scale(height: int, width: int, min_size: int, max_size: int) -> float:
-    """detectron2's ResizeShortestEdge: short side to min_size unless the long side exceeds max_size."""
-    scale = min_size / min(height, width)
-    if max(height, width) * scale > max_size:
-        scale = max_size / max(height, width)
-    return scale
 
 
 def prepare_images(images: Sequence[torch.Tensor], min_size: Union[int, Sequence[int]], max_size: int,
@@ -95,8 +88,7 @@ def prepare_images(images: Sequence[torch.Tensor], min_size: Union[int, Sequence
     for image in images:
         size = random.choice(list(min_size)) if isinstance(min_size, (list, tuple)) else min_size
         h, w = image.shape[-2:]
-        scale = resize_scale(h, w, size, max_size)
-        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        nw, nh = resized_size(w, h, size, max_size)
         x = image.to(device=device, dtype=torch.float32)
         if (nh, nw) != (h, w):
             x = F.interpolate(x[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
@@ -104,8 +96,7 @@ def prepare_images(images: Sequence[torch.Tensor], min_size: Union[int, Sequence
         # Boxes scale per axis exactly as the pixels did.
         scales.append((nw / w, nh / h))
         sizes.append((nh, nw))
-    hp = int(math.ceil(max(s[0] for s in sizes) / SIZE_DIVISIBILITY) * SIZE_DIVISIBILITY)
-    wp = int(math.ceil(max(s[1] for s in sizes) / SIZE_DIVISIBILITY) * SIZE_DIVISIBILITY)
+    hp, wp = padded(max(s[0] for s in sizes)), padded(max(s[1] for s in sizes))
     batch = torch.zeros(len(resized), 3, hp, wp, device=device)
     for i, x in enumerate(resized):
         batch[i, :, : x.shape[1], : x.shape[2]] = x

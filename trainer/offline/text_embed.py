@@ -55,21 +55,9 @@ ENSEMBLE_MODES = ("mean_unnormalized", "normalize_mean_normalize")
 VOCAB_FORMAT = "regionclip-vocab-v1"
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 # -- the teacher ---------------------------------------------------------------------------------------
-
-def teacher_checkpoint_path(manifest) -> Path:
-    """The teacher's weights: `teacher.checkpoint` (relative to the manifest) if set, else the
-    train-teacher stage's output `checkpoints/teacher/teacher.pt`."""
-    if manifest.teacher.checkpoint:
-        return Path(manifest.resolve(manifest.teacher.checkpoint))
-    return RunLayout.of(manifest).teacher_checkpoint
-
 
 def checkpoint_identity(path: Union[str, os.PathLike]) -> dict:
     """Size and sha256 of a weights file (part of the embed stage's fingerprint)."""
@@ -77,14 +65,6 @@ def checkpoint_identity(path: Union[str, os.PathLike]) -> dict:
     if not path.is_file():
         return {"path": str(path), "missing": True}
     return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-
-
-def load_teacher(manifest, device: Union[str, torch.device] = "cpu"):
-    """(model, tokenizer) of the manifest's teacher, in eval mode on `device`."""
-    from trainer.clip import load_model_ref
-
-    return load_model_ref(manifest.teacher, manifest, fallback=teacher_checkpoint_path(manifest),
-                          device=device)
 
 
 # -- encoding ------------------------------------------------------------------------------------------
@@ -107,7 +87,7 @@ def encode_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 256,
 
 
 def embedding_width(model) -> int:
-    from trainer.clip import embedding_dim
+    from trainer.models.clip import embedding_dim
 
     return embedding_dim(model)
 
@@ -187,7 +167,7 @@ def write_npy(path: Union[str, os.PathLike], array: np.ndarray) -> None:
 def _check_dim(expected_dim: Optional[int], got: int, what: str, model_name: str, fix: str) -> None:
     if expected_dim is None:
         return
-    from trainer.clip import check_embedding_dim
+    from trainer.models.clip import check_embedding_dim
 
     check_embedding_dim(expected_dim, got, what, model_name, hint=fix)
 

@@ -19,7 +19,7 @@ import torch
 
 from pipeline.io import atomic_path, write_parquet
 from pipeline.sidecars import read_labels
-from trainer.codecs import PQCodec, load_codec
+from trainer.offline.codecs import PQCodec, load_codec
 
 
 def write_region_index(layout, shard_ids: list[int]) -> list[Path]:

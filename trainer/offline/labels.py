@@ -1,10 +1,10 @@
 """The teacher's pseudo-labels for proposals (REFERENCE §3): region embeddings, concept logits, the
-argmax concept and its probability, and the compact teacher targets (trainer/codecs.py).
+argmax concept and its probability, and the compact teacher targets (trainer/offline/codecs.py).
 
 Input to the teacher: the whole image resized to the canonical scale (short side `min_size`, long
 side at most `max_size`, bicubic), CLIP-normalised, zero-padded to a multiple of 32 in a batch; the
 boxes (original pixels) are scaled by the same factors. Region embedding = RoIAlign on res4 -> res5
--> attention pool (trainer/region_encoder.py); the whole-image embedding is the box (0, 0, w, h).
+-> attention pool (trainer/models/region_encoder.py); the whole-image embedding is the box (0, 0, w, h).
 With `flip` the resized image is mirrored and boxes become (w - x2, y1, w - x1, y2), same order.
 
 Batches are fixed chunks of a shard in shard order, so the outputs of a shard do not depend on which
@@ -16,7 +16,6 @@ worker computes them (padding reaches into the border features, so batch composi
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -28,16 +27,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from trainer.clip import CLIP_MEAN, CLIP_STD
-from trainer.region_encoder import RegionEncoder
+from trainer.models.clip import CLIP_MEAN, CLIP_STD
+from trainer.engine.device import resolve_device
+from trainer.models.geometry import padded, resized_size
+from trainer.models.region_encoder import RegionEncoder
 
-PAD_DIVISOR = 32
 
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def make_deterministic(device: torch.device) -> None:
@@ -51,21 +46,14 @@ def make_deterministic(device: torch.device) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def canonical_size(width: int, height: int, min_size: int, max_size: int) -> tuple[int, int]:
-    """(new_width, new_height): short side min_size, long side at most max_size (detectron2's
-    ResizeShortestEdge rounding)."""
-    scale = min_size / min(width, height)
-    if max(width, height) * scale > max_size:
-        scale = max_size / max(width, height)
-    return max(1, int(width * scale + 0.5)), max(1, int(height * scale + 0.5))
 
 
 def resize_canonical(img: Image.Image, min_size: int, max_size: int) -> Image.Image:
-    size = canonical_size(img.width, img.height, min_size, max_size)
+    size = resized_size(img.width, img.height, min_size, max_size)
     return img if size == img.size else img.resize(size, Image.BICUBIC)
 
 
-def scale_boxes(boxes: np.ndarray, src: tuple[int, int], dst: tuple[int, int]) -> np.ndarray:
+def boxes_to_size(boxes: np.ndarray, src: tuple[int, int], dst: tuple[int, int]) -> np.ndarray:
     """Boxes [N, 4] from a (width, height) image to another size."""
     sx, sy = dst[0] / src[0], dst[1] / src[1]
     return np.asarray(boxes, np.float32).reshape(-1, 4) * np.array([sx, sy, sx, sy], np.float32)
@@ -123,7 +111,7 @@ class Teacher:
             sizes.append((img.width, img.height))
         h = max(t.shape[1] for t in tensors)
         w = max(t.shape[2] for t in tensors)
-        h, w = (math.ceil(v / PAD_DIVISOR) * PAD_DIVISOR for v in (h, w))
+        h, w = padded(h), padded(w)
         batch = torch.zeros(len(tensors), 3, h, w, device=self.device)
         for i, t in enumerate(tensors):
             batch[i, :, : t.shape[1], : t.shape[2]] = t
@@ -136,7 +124,7 @@ class Teacher:
         batch, sizes = self.prepare(images, flip=flip)
         rois = []
         for img, b, size in zip(images, boxes, sizes):
-            scaled = scale_boxes(b, img.size, size)
+            scaled = boxes_to_size(b, img.size, size)
             if flip:
                 scaled = mirror_boxes(scaled, size[0])
             rois.append(torch.from_numpy(scaled).to(self.device))
@@ -242,7 +230,7 @@ class LabelJob:
 
 
 def load_teacher(job: LabelJob, device: str | torch.device = "auto") -> Teacher:
-    from trainer.clip import load_clip
+    from trainer.models.clip import load_clip
 
     model, _ = load_clip(job.teacher_arch, job.teacher_checkpoint, allow_partial=job.teacher_allow_partial)
     return Teacher(model, np.load(job.concept_embeddings), min_size=job.min_size, max_size=job.max_size,
@@ -279,7 +267,7 @@ class LabelShardWorker:
     """Ray Data actor: holds the teacher and codec; each call labels whole shards (one per row)."""
 
     def __init__(self, job: LabelJob):
-        from trainer.codecs import load_codec
+        from trainer.offline.codecs import load_codec
 
         if job.torch_threads:
             torch.set_num_threads(job.torch_threads)

@@ -1,7 +1,7 @@
 """Image-level CLIP training on the shards (the `train-teacher` stage's loop).
 
 open_clip model + open_clip's contrastive loss (`open_clip.loss.ClipLoss`) over batches streamed from
-the WebDataset tars (trainer/wds_data.py); AdamW (no weight decay on gains, biases and the logit
+the WebDataset tars (trainer/data/image_text.py); AdamW (no weight decay on gains, biases and the logit
 scale, as open_clip's trainer), linear warmup then cosine decay, the logit scale clamped at 100.
 Held-out image-to-caption retrieval (R@1, R@5 with their chance levels) after every epoch.
 
@@ -20,15 +20,12 @@ import open_clip
 import torch
 from tqdm import tqdm
 
-from trainer.wds_data import image_text_batches
+from trainer.data.image_text import image_text_batches
+from trainer.engine.device import resolve_device
 
 log = logging.getLogger(__name__)
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def clip_transforms(model, min_crop_scale: float = 0.9):

@@ -8,7 +8,7 @@ Reads `{key}.jpg` + `{key}.txt` members, decodes with PIL to RGB under the decom
 (pipeline.images.load_rgb), applies open_clip's preprocess transform and tokenizer. Shards are split
 across nodes (torch.distributed rank) and data-loader workers (wds.split_by_node / split_by_worker);
 shard order and a sample shuffle buffer are seeded by (seed, epoch), so an epoch is reproducible.
-The pretrain loader that joins the Parquet sidecars is trainer/data.py; this one reads the tars only.
+The pretrain loader that joins the Parquet sidecars is trainer/data/pretrain_stream.py; this one reads the tars only.
 """
 from __future__ import annotations
 

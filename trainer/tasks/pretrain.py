@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import signal
 import sys
 import time
@@ -36,12 +35,13 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.config import PretrainConfig
-from trainer.checkpoint import load_state, rng_state, save_state, set_rng_state
-from trainer.clip import CLIP_MEAN, CLIP_STD, check_embedding_dim, save_clip_checkpoint
-from trainer.data import DataOptions, DataPosition, ShardSource, make_loader
+from trainer.engine.device import init_distributed, resolve_device
+from trainer.engine.checkpoint import load_state, rng_state, save_state, set_rng_state
+from trainer.models.clip import CLIP_MEAN, CLIP_STD, check_embedding_dim, save_clip_checkpoint
+from trainer.data.pretrain_stream import DataOptions, DataPosition, ShardSource, make_loader
 from trainer.losses import (concept_logits, distillation_loss, gather_with_grad, image_caption_loss,
                             keep_mask, region_concept_loss)
-from trainer.region_encoder import RegionEncoder
+from trainer.models.region_encoder import RegionEncoder
 
 log = logging.getLogger(__name__)
 
@@ -51,28 +51,8 @@ LOSS_NAMES = ("region_concept", "distill", "image_caption")
 
 # -- small helpers -------------------------------------------------------------------------------------
 
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return dev
 
 
-def init_distributed(device: torch.device) -> tuple[int, int]:
-    """(rank, world size); starts the process group under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend)
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def lr_at(cfg: PretrainConfig, step: int) -> float:
@@ -215,7 +195,7 @@ class PretrainTrainer:
         if cfg.online_teacher and online is None:
             raise ValueError("pretrain.online_teacher needs the RPN and the teacher (OnlineTeacher)")
         if not cfg.online_teacher and codec is None:
-            raise ValueError("precomputed targets need the label stage's codec (trainer.codecs.load_codec)")
+            raise ValueError("precomputed targets need the label stage's codec (trainer.offline.codecs.load_codec)")
         self.codec, self.online = codec, online if cfg.online_teacher else None
 
         torch.manual_seed(cfg.seed + self.rank)

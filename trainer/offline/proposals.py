@@ -1,6 +1,6 @@
 """Region proposals for pretraining (REFERENCE §2): a frozen class-agnostic RPN over every shard image.
 
-The RPN (trainer/rpn.py, `load_rpn(path, device).propose(...)`) resizes each image to the canonical
+The RPN (trainer/models/rpn.py, `load_rpn(path, device).propose(...)`) resizes each image to the canonical
 scale itself and returns boxes in original-image pixels with objectness logits. Here they are made
 safe to store: clipped to the image, degenerate boxes (zero width or height) dropped, ordered by
 objectness (stable, highest first), at most post_nms_top_n. An image with no box keeps its row
@@ -19,7 +19,7 @@ import torch
 
 from pipeline.sidecars import Proposals
 
-DEFAULT_RPN_LOADER = "trainer.rpn:load_rpn"
+DEFAULT_RPN_LOADER = "trainer.models.rpn:load_rpn"
 
 
 def clean_boxes(boxes, scores, width: int, height: int, top_n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -64,7 +64,8 @@ def image_tensor(img) -> torch.Tensor:
 
 class Proposer:
     def __init__(self, job: ProposalJob):
-        from trainer.teacher_labels import make_deterministic, resolve_device
+        from trainer.engine.device import resolve_device
+        from trainer.offline.labels import make_deterministic
 
         if job.torch_threads:
             torch.set_num_threads(job.torch_threads)
@@ -90,7 +91,7 @@ class Proposer:
         from pipeline.layout import RunLayout
         from pipeline.sidecars import read_shard_images, write_proposals, written_keys
         from pipeline.stage import write_shard_stats
-        from trainer.teacher_labels import chunks
+        from trainer.offline.labels import chunks
 
         started = time.time()
         layout = RunLayout(Path(self.job.run_root))

@@ -36,7 +36,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform, res
 from torchvision.ops import FrozenBatchNorm2d, batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
 
 from pipeline.io import atomic_path
-from trainer.clip import CLIP_MEAN, CLIP_STD, CheckpointError, CheckpointNotFoundError, load_clip
+from trainer.models.clip import CLIP_MEAN, CLIP_STD, CheckpointError, CheckpointNotFoundError, load_clip
 
 BACKBONES = ("resnet50_fpn", "resnet18_fpn", "clip_res4")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -77,14 +77,14 @@ class ClipRes4Backbone(nn.Module):
 
 
 def _freeze_bn(module: nn.Module) -> nn.Module:
-    from trainer.region_encoder import freeze_batch_norm
+    from trainer.models.region_encoder import freeze_batch_norm
 
     return freeze_batch_norm(module)
 
 
 def _clip_backbone(clip_arch: str, weights: Optional[PathLike], frozen_bn: bool,
                    trainable_layers: int) -> ClipRes4Backbone:
-    from trainer.clip import create_clip
+    from trainer.models.clip import create_clip
 
     if weights is not None:
         model, _ = load_clip(clip_arch, weights)
@@ -337,7 +337,7 @@ def load_rpn(path: PathLike, device: Union[str, torch.device] = "cpu") -> Propos
         raise RpnCheckpointNotFoundError(
             f"{path}: no such RPN checkpoint. Train one with `regionclip train-rpn MANIFEST` "
             "(train_rpn.enabled: true), or set proposals.checkpoint to a class-agnostic RPN checkpoint "
-            "saved by trainer.rpn.save_rpn_checkpoint.")
+            "saved by trainer.models.rpn.save_rpn_checkpoint.")
     obj = _torch_load(path)
     if not (isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict)
             and isinstance(obj.get("config"), dict)):

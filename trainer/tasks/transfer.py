@@ -12,13 +12,12 @@ import random
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from trainer.detection_data import DetectionSet, Vocabulary, hflip, repeat_factors, training_order
-from trainer.detector import DetectorSettings, OpenVocabDetector
+from trainer.data.detection import DetectionSet, Vocabulary, hflip, repeat_factors, training_order
+from trainer.models.detector import OpenVocabDetector
 from trainer.evaluation import to_coco_results
 
 # images (float [3, H, W] in 0..1) -> per image (boxes [N, 4] original pixels, objectness logits [N])
@@ -44,7 +43,7 @@ class TrainSettings:
 
 def rpn_proposal_fn(rpn, *, min_size: int, max_size: int, pre_nms_top_n: int, post_nms_top_n: int,
                     nms_thresh: float) -> BatchProposalFn:
-    """Adapt trainer/rpn.py's ProposalNetwork.propose to a BatchProposalFn with fixed settings."""
+    """Adapt trainer/models/rpn.py's ProposalNetwork.propose to a BatchProposalFn with fixed settings."""
     def propose(images: list) -> list:
         with torch.no_grad():
             return rpn.propose(images, min_size=min_size, max_size=max_size, pre_nms_top_n=pre_nms_top_n,
@@ -150,113 +149,3 @@ def detect_dataset(detector: OpenVocabDetector, data: DetectionSet, vocab: Vocab
         results += to_coco_results(image_id, found["boxes"].cpu(), found["scores"].cpu(),
                                    found["labels"].cpu(), vocab)
     return results
-
-
-# -- what the transfer / evaluate / detect recipes share (manifest -> files and models) ----------------
-
-def annotation_file(manifest, which: str) -> "Path":
-    """transfer.annotations (which='train') or transfer.val_annotations ('val'); default: the
-    synthetic world's instances_train.json / instances_val.json."""
-    from pathlib import Path
-
-    from pipeline.layout import RunLayout
-    from pipeline.stage import StageInputError
-
-    cfg = manifest.transfer
-    explicit = cfg.annotations if which == "train" else cfg.val_annotations
-    if explicit:
-        path = Path(manifest.resolve(explicit))
-        if not path.is_file():
-            raise FileNotFoundError(f"transfer.{'annotations' if which == 'train' else 'val_annotations'}: "
-                                    f"{path}: no such file")
-        return path
-    if manifest.corpus.format != "synthetic":
-        raise StageInputError(f"set transfer.{'annotations' if which == 'train' else 'val_annotations'} to "
-                              "a COCO/LVIS-format file (the default is the synthetic world's)")
-    world = Path(manifest.resolve(manifest.corpus.path) or RunLayout.of(manifest).synth)
-    path = world / f"instances_{which}.json"
-    if not path.is_file():
-        raise StageInputError(f"{path}: the synthetic world is not there; run `regionclip synth MANIFEST`")
-    return path
-
-
-def images_root(manifest, which: str):
-    cfg = manifest.transfer
-    root = cfg.images_root if which == "train" else cfg.val_images_root
-    return manifest.resolve(root) if root else None
-
-
-def clip_checkpoint(manifest, which: str) -> "Path":
-    """The CLIP checkpoint of `teacher` (teacher.checkpoint or train-teacher's output) or `pretrain`
-    (the exported student); a missing file is an error naming the stage that makes it."""
-    from pathlib import Path
-
-    from pipeline.layout import RunLayout
-    from trainer.clip import CheckpointNotFoundError
-    from trainer.text_embed import teacher_checkpoint_path
-
-    if which == "teacher":
-        path = Path(teacher_checkpoint_path(manifest))
-        hint = "set teacher.checkpoint or run `regionclip train-teacher MANIFEST`"
-    elif which == "pretrain":
-        path = RunLayout.of(manifest).student_checkpoint
-        hint = "run `regionclip pretrain MANIFEST` first"
-    else:
-        raise ValueError(f"unknown model {which!r}; use teacher or pretrain")
-    if not path.is_file():
-        raise CheckpointNotFoundError(f"{path}: no {which} checkpoint; {hint}")
-    return path
-
-
-def class_embeddings(manifest, names: Sequence[str], device="cpu", text_model=None) -> torch.Tensor:
-    """Class text embeddings [C, D] (L2-normalized) from the teacher's text encoder over the 81
-    templates (embed.ensemble), checked against the teacher's width."""
-    from trainer.clip import check_embedding_dim, embedding_dim
-    from trainer.text_embed import embed_names, load_teacher
-
-    if text_model is None:
-        text_model = load_teacher(manifest, device=device)
-    model, tokenizer = text_model
-    emb = embed_names(model, tokenizer, list(names), manifest.embed.ensemble, device=device, progress=False)
-    check_embedding_dim(embedding_dim(model), emb.shape[1], "the class embeddings", manifest.teacher.arch)
-    return torch.from_numpy(emb).to(device)
-
-
-def load_frozen_rpn(manifest, device="cpu"):
-    """The class-agnostic RPN (proposals.checkpoint, or train-rpn's output), frozen."""
-    from pipeline.layout import RunLayout
-    from trainer.rpn import load_rpn
-
-    rpn = load_rpn(manifest.resolve(manifest.proposals.checkpoint) or RunLayout.of(manifest).rpn_checkpoint,
-                   device)
-    rpn.requires_grad_(False)
-    return rpn.eval()
-
-
-def detector_settings(manifest) -> "DetectorSettings":
-    from trainer.detector import DetectorSettings
-
-    t, e = manifest.transfer, manifest.evaluate
-    return DetectorSettings(
-        min_sizes=tuple(t.min_sizes), max_size=t.max_size, test_min_size=e.min_size, test_max_size=e.max_size,
-        flip=t.flip, rois_per_image=t.rois_per_image, positive_fraction=t.positive_fraction,
-        iou_threshold=t.iou_threshold, focal_gamma=t.focal_gamma, background_weight=t.background_weight,
-        only_sample_fg_proposals=t.only_sample_fg_proposals, score_threshold=e.score_threshold,
-        detections_per_image=e.detections_per_image, soft_nms_sigma=e.soft_nms_sigma,
-        multiply_rpn_score=e.multiply_rpn_score)
-
-
-def apply_test_settings(detector, evaluate_cfg) -> None:
-    """The manifest's `evaluate` section decides how a trained detector is tested (sizes, scores,
-    suppression), whatever its checkpoint recorded."""
-    s, e = detector.settings, evaluate_cfg
-    s.test_min_size, s.test_max_size = e.min_size, e.max_size
-    s.score_threshold, s.detections_per_image = e.score_threshold, e.detections_per_image
-    s.soft_nms_sigma, s.multiply_rpn_score = e.soft_nms_sigma, e.multiply_rpn_score
-
-
-def train_settings(manifest) -> TrainSettings:
-    t = manifest.transfer
-    return TrainSettings(steps=t.steps, batch_size=t.batch_size, lr=t.lr, momentum=t.momentum,
-                         weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, lr_steps=list(t.lr_steps),
-                         repeat_factor_threshold=t.repeat_factor_threshold, flip=t.flip, seed=t.seed)

@@ -1,0 +1,161 @@
+"""Turning a run manifest into the paths, models and settings that trainer/ functions take.
+
+trainer/ knows nothing of manifests; the stage recipes call these. Every default that points into the
+run folder (train-teacher's teacher, train-rpn's RPN, the synthetic world's annotations) is chosen here,
+and a missing file is an error that names the command that makes it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+
+from pipeline.config import ModelRef, RunManifest
+from pipeline.layout import RunLayout
+from pipeline.stage import StageInputError
+
+
+def teacher_checkpoint_path(manifest: RunManifest) -> Path:
+    """The teacher's weights: `teacher.checkpoint` (relative to the manifest) if set, else the
+    train-teacher stage's output `checkpoints/teacher/teacher.pt`."""
+    if manifest.teacher.checkpoint:
+        return Path(manifest.resolve(manifest.teacher.checkpoint))
+    return RunLayout.of(manifest).teacher_checkpoint
+
+
+def load_model_ref(ref: ModelRef, manifest: Optional[RunManifest] = None, fallback: Optional[Path] = None,
+                   device: Union[str, torch.device] = "cpu"):
+    """load_clip for a manifest's ModelRef: `ref.checkpoint` resolved against the manifest's folder;
+    when it is null, `fallback` (e.g. train-teacher's output)."""
+    from trainer.models.clip import CheckpointNotFoundError, load_clip
+
+    checkpoint = ref.checkpoint
+    if checkpoint is not None and manifest is not None:
+        checkpoint = manifest.resolve(checkpoint)
+    if checkpoint is None and (fallback is None or not Path(fallback).is_file()):
+        produced = f" (expected at {fallback})" if fallback is not None else ""
+        raise CheckpointNotFoundError(
+            f"no checkpoint for {ref.arch}: the checkpoint setting is null and train-teacher's output is "
+            f"missing{produced}. Set teacher.checkpoint to a local weights file (e.g. OpenAI's "
+            f"{ref.arch}.pt), or enable train_teacher and run `regionclip train-teacher MANIFEST`.")
+    checkpoint = checkpoint or fallback
+    return load_clip(ref.arch, checkpoint, allow_partial=ref.allow_partial, device=device)
+
+
+def load_teacher_clip(manifest: RunManifest, device: Union[str, torch.device] = "cpu"):
+    """(model, tokenizer) of the manifest's teacher CLIP, in eval mode on `device`."""
+    return load_model_ref(manifest.teacher, manifest, fallback=teacher_checkpoint_path(manifest), device=device)
+
+
+def rpn_checkpoint_path(manifest: RunManifest) -> Path:
+    """The class-agnostic RPN: proposals.checkpoint, or train-rpn's output."""
+    path = manifest.resolve(manifest.proposals.checkpoint) or RunLayout.of(manifest).rpn_checkpoint
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no RPN checkpoint; set proposals.checkpoint to a class-agnostic RPN "
+                                "(trainer/models/rpn.py), or enable train_rpn and run `regionclip train-rpn MANIFEST`")
+    return path
+
+
+def annotation_file(manifest, which: str) -> Path:
+    """transfer.annotations (which='train') or transfer.val_annotations ('val'); default: the
+    synthetic world's instances_train.json / instances_val.json."""
+
+    cfg = manifest.transfer
+    explicit = cfg.annotations if which == "train" else cfg.val_annotations
+    if explicit:
+        path = Path(manifest.resolve(explicit))
+        if not path.is_file():
+            raise FileNotFoundError(f"transfer.{'annotations' if which == 'train' else 'val_annotations'}: "
+                                    f"{path}: no such file")
+        return path
+    if manifest.corpus.format != "synthetic":
+        raise StageInputError(f"set transfer.{'annotations' if which == 'train' else 'val_annotations'} to "
+                              "a COCO/LVIS-format file (the default is the synthetic world's)")
+    world = Path(manifest.resolve(manifest.corpus.path) or RunLayout.of(manifest).synth)
+    path = world / f"instances_{which}.json"
+    if not path.is_file():
+        raise StageInputError(f"{path}: the synthetic world is not there; run `regionclip synth MANIFEST`")
+    return path
+
+
+def images_root(manifest, which: str):
+    cfg = manifest.transfer
+    root = cfg.images_root if which == "train" else cfg.val_images_root
+    return manifest.resolve(root) if root else None
+
+
+def clip_checkpoint(manifest, which: str) -> Path:
+    """The CLIP checkpoint of `teacher` (teacher.checkpoint or train-teacher's output) or `pretrain`
+    (the exported student); a missing file is an error naming the stage that makes it."""
+    from trainer.models.clip import CheckpointNotFoundError
+
+    if which == "teacher":
+        path = Path(teacher_checkpoint_path(manifest))
+        hint = "set teacher.checkpoint or run `regionclip train-teacher MANIFEST`"
+    elif which == "pretrain":
+        path = RunLayout.of(manifest).student_checkpoint
+        hint = "run `regionclip pretrain MANIFEST` first"
+    else:
+        raise ValueError(f"unknown model {which!r}; use teacher or pretrain")
+    if not path.is_file():
+        raise CheckpointNotFoundError(f"{path}: no {which} checkpoint; {hint}")
+    return path
+
+
+def class_embeddings(manifest, names: Sequence[str], device="cpu", text_model=None) -> torch.Tensor:
+    """Class text embeddings [C, D] (L2-normalized) from the teacher's text encoder over the 81
+    templates (embed.ensemble), checked against the teacher's width."""
+    from trainer.models.clip import check_embedding_dim, embedding_dim
+    from trainer.offline.text_embed import embed_names
+
+    if text_model is None:
+        text_model = load_teacher_clip(manifest, device=device)
+    model, tokenizer = text_model
+    emb = embed_names(model, tokenizer, list(names), manifest.embed.ensemble, device=device, progress=False)
+    check_embedding_dim(embedding_dim(model), emb.shape[1], "the class embeddings", manifest.teacher.arch)
+    return torch.from_numpy(emb).to(device)
+
+
+def load_frozen_rpn(manifest, device="cpu"):
+    """The class-agnostic RPN (proposals.checkpoint, or train-rpn's output), frozen."""
+    from trainer.models.rpn import load_rpn
+
+    rpn = load_rpn(rpn_checkpoint_path(manifest), device)
+    rpn.requires_grad_(False)
+    return rpn.eval()
+
+
+def test_settings(evaluate_cfg) -> dict:
+    """How a detector is tested (sizes, score threshold, detections, suppression): the `evaluate` section."""
+    e = evaluate_cfg
+    return {"test_min_size": e.min_size, "test_max_size": e.max_size, "score_threshold": e.score_threshold,
+            "detections_per_image": e.detections_per_image, "soft_nms_sigma": e.soft_nms_sigma,
+            "multiply_rpn_score": e.multiply_rpn_score}
+
+
+def detector_settings(manifest: RunManifest) -> "DetectorSettings":  # noqa: F821
+    from trainer.models.detector import DetectorSettings
+
+    t = manifest.transfer
+    return DetectorSettings(
+        min_sizes=tuple(t.min_sizes), max_size=t.max_size, flip=t.flip, rois_per_image=t.rois_per_image,
+        positive_fraction=t.positive_fraction, iou_threshold=t.iou_threshold, focal_gamma=t.focal_gamma,
+        background_weight=t.background_weight, only_sample_fg_proposals=t.only_sample_fg_proposals,
+        **test_settings(manifest.evaluate))
+
+
+def apply_test_settings(detector, evaluate_cfg) -> None:
+    """The manifest's `evaluate` section decides how a trained detector is tested, whatever its
+    checkpoint recorded."""
+    for name, value in test_settings(evaluate_cfg).items():
+        setattr(detector.settings, name, value)
+
+
+def train_settings(manifest):
+    from trainer.tasks.transfer import TrainSettings
+
+    t = manifest.transfer
+    return TrainSettings(steps=t.steps, batch_size=t.batch_size, lr=t.lr, momentum=t.momentum,
+                         weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, lr_steps=list(t.lr_steps),
+                         repeat_factor_threshold=t.repeat_factor_threshold, flip=t.flip, seed=t.seed)

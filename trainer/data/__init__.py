@@ -1,0 +1,1 @@
+"""Data for training: the streaming pretraining dataset, image-text pairs, COCO-format detection sets."""
