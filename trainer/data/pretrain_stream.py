@@ -87,7 +87,8 @@ def read_tar(path: Path) -> tuple[list[tuple[str, dict]], int]:
     """(samples in tar order as (key, {ext: bytes}), 1 if the tar ended early else 0)."""
     samples = []
     try:
-        samples.extend(shard_samples(path))
+        for sample in shard_samples(path):
+            samples.append(sample)
     except DamagedTarError as err:  # a truncated or damaged tar keeps its complete samples
         log.warning("%s; keeping %d samples", err, len(samples))
         return samples, 1
