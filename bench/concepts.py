@@ -26,13 +26,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-import pyarrow as pa  # noqa: E402
-
 import pipeline.concepts as pc  # noqa: E402
 from pipeline.config import ConceptsConfig, RayConfig, load_manifest  # noqa: E402
-from pipeline.io import read_parquet, write_parquet  # noqa: E402
-from pipeline.layout import StageDir  # noqa: E402
+from pipeline.layout import StageDir, sample_key  # noqa: E402
 from pipeline.ray_runtime import init_ray, run_tasks  # noqa: E402
+from pipeline.sidecars import read_caption_nouns, write_shard_rows  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -98,27 +96,26 @@ def main() -> None:
         shards = StageDir(tmp / "shards")
         for s in range(args.shards):
             chunk = corpus[s * per_shard:(s + 1) * per_shard]
-            write_parquet(shards.parquet(s), pa.table({
-                "key": [f"{s:05d}{i:06d}" for i in range(len(chunk))], "caption": chunk,
-                "status": ["ok"] * len(chunk)}))
+            write_shard_rows(shards, s, [{"key": sample_key(s, i, 6), "caption": caption, "status": "ok"}
+                                         for i, caption in enumerate(chunk)])
         pc._cached_parser(cfg_json)                         # parser load is not part of the loop
         started = time.perf_counter()
         for s in range(args.shards):
-            pc.extract_shard(s, shards.parquet(s), StageDir(tmp / "single"), cfg_json, "bench")
+            pc.extract_shard(s, shards, StageDir(tmp / "single"), cfg_json, "bench")
         single = len(corpus) / (time.perf_counter() - started)
 
         init_ray(RayConfig(num_cpus=args.num_cpus))
         rates = []
         for run in ("cold", "warm"):    # cold: Ray starts workers, each loads the parser; warm: reused
             started = time.perf_counter()
-            tasks = [(s, shards.parquet(s), StageDir(tmp / "parallel"), cfg_json, "bench")
+            tasks = [(s, shards, StageDir(tmp / "parallel"), cfg_json, "bench")
                      for s in range(args.shards)]
             for _ in run_tasks(pc.extract_shard, tasks, desc=f"parallel ({run})"):
                 pass
             rates.append(len(corpus) / (time.perf_counter() - started))
         parallel_cold, parallel = rates
-        same = all(read_parquet(StageDir(tmp / "single").parquet(s)).equals(
-                   read_parquet(StageDir(tmp / "parallel").parquet(s))) for s in range(args.shards))
+        same = all(read_caption_nouns(StageDir(tmp / "single"), s) == read_caption_nouns(StageDir(tmp / "parallel"), s)
+                   for s in range(args.shards))
 
     print(f"throughput on {len(corpus)} captions ({args.shards} shards, {args.num_cpus} CPUs for Ray, "
           f"{os.cpu_count()} on the machine):")

@@ -30,6 +30,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
+from pipeline.sidecars import read_caption_nouns, shard_captions, write_caption_concepts, write_caption_nouns
+
 # Bump when extraction changes, so cached per-shard nouns are recomputed.
 EXTRACTOR_VERSION = 1
 
@@ -57,7 +59,6 @@ _SUBJECT_PRONOUNS = frozenset("he she it they we i you who which that".split())
 _BE_WORDS = frozenset("is are was were be been being am 's 're can will may might could would "
                       "should does do did has have had to".split())
 
-_CLEAN_RE = re.compile(r"[^a-z0-9' \-]+")
 
 
 # -- name clean-up (REFERENCE §1) --------------------------------------------------------------
@@ -368,13 +369,14 @@ def count_phrases(names: Sequence[str], texts: Iterable[str]) -> Counter:
 # -- vocabularies (class lists) -------------------------------------------------------------------------
 
 @dataclass
-class Vocabulary:
+class ClassList:
+    """A user's class list as given (a file, a COCO/LVIS JSON or a comma list)."""
     names: list[str]
     category_ids: Optional[list[int]] = None   # COCO/LVIS category ids, in the order of `names`
     source: str = ""
 
 
-def read_vocabulary(spec: str, base: Optional[Path] = None) -> Vocabulary:
+def read_vocabulary(spec: str, base: Optional[Path] = None) -> ClassList:
     """Class names from a text file (one per line, '#' comments), a COCO/LVIS JSON (its `categories`,
     sorted by id), or a comma list ("cat,dog,hot dog"). Names are kept as written (clean-up happens
     at prompt time); duplicates are refused."""
@@ -389,17 +391,17 @@ def read_vocabulary(spec: str, base: Optional[Path] = None) -> Vocabulary:
                 raise ValueError(f"{path}: expected a COCO/LVIS JSON with a 'categories' list of "
                                  "{id, name} records")
             cats = sorted(cats, key=lambda c: c.get("id", 0))
-            vocab = Vocabulary([str(c["name"]) for c in cats],
+            vocab = ClassList([str(c["name"]) for c in cats],
                                [int(c["id"]) for c in cats] if all("id" in c for c in cats) else None,
                                str(path))
         else:
             lines = [ln.split("#", 1)[0].strip() for ln in path.read_text(encoding="utf-8").splitlines()]
-            vocab = Vocabulary([ln for ln in lines if ln], None, str(path))
+            vocab = ClassList([ln for ln in lines if ln], None, str(path))
     elif spec.lower().endswith((".json", ".txt")) or "/" in spec:
         raise FileNotFoundError(f"{spec}: no such class-list file (give a text file, a COCO/LVIS JSON, "
                                 "or a comma list such as 'cat,dog,hot dog')")
     else:
-        vocab = Vocabulary([s.strip() for s in spec.split(",") if s.strip()], None, "comma list")
+        vocab = ClassList([s.strip() for s in spec.split(",") if s.strip()], None, "comma list")
     if not vocab.names:
         raise ValueError(f"{spec}: the class list is empty")
     lowered = [normalize_concept(n) for n in vocab.names]
@@ -426,15 +428,6 @@ def _cached_parser(cfg_json: str) -> NounParser:
     return load_parser(ConceptsConfig(**json.loads(cfg_json)))
 
 
-def shard_captions(shard_parquet: Path) -> tuple[list[str], list[str]]:
-    """(keys, captions) of the written ('ok') rows of a shard, in shard order."""
-    from pipeline.io import read_parquet
-
-    table = read_parquet(shard_parquet, columns=["key", "caption", "status"]).to_pydict()
-    keep = [i for i, s in enumerate(table["status"]) if s == "ok"]
-    return [table["key"][i] for i in keep], [table["caption"][i] or "" for i in keep]
-
-
 def read_marker(stage_dir, shard_id: int) -> Optional[dict]:
     from pipeline.io import read_json
 
@@ -444,21 +437,16 @@ def read_marker(stage_dir, shard_id: int) -> Optional[dict]:
         return None
 
 
-def extract_shard(shard_id: int, shard_parquet: Path, sidecars, cfg_json: str, extract_fp: str) -> dict:
+def extract_shard(shard_id: int, shards, sidecars, cfg_json: str, extract_fp: str) -> dict:
     """Pass 1 for one shard: noun lemmas of every written caption -> the sidecar (key, nouns)."""
     import time
 
-    import pyarrow as pa
-
-    from pipeline.io import write_parquet
     from pipeline.stage import write_shard_stats
 
     started = time.time()
-    keys, captions = shard_captions(shard_parquet)
+    keys, captions = shard_captions(shards, shard_id)
     nouns = _cached_parser(cfg_json).extract_nouns(captions)
-    path = sidecars.parquet(shard_id)
-    write_parquet(path, pa.table({"key": pa.array(keys, pa.string()),
-                                  "nouns": pa.array(nouns, pa.list_(pa.string()))}))
+    path = write_caption_nouns(sidecars, shard_id, keys, nouns)
     counts = {"captions": len(keys), "nouns": sum(map(len, nouns))}
     # Not done under the stage's fingerprint yet (pass 2 adds concept ids); the extraction is.
     write_shard_stats(sidecars, shard_id, f"extracted-{extract_fp}", counts, [path],
@@ -466,59 +454,33 @@ def extract_shard(shard_id: int, shard_parquet: Path, sidecars, cfg_json: str, e
     return {"shard": shard_id, **counts}
 
 
-def caption_counts(sidecar_paths: Iterable[Path]) -> Counter:
+def caption_counts(sidecars, shard_ids: Iterable[int]) -> Counter:
     """For each noun lemma, the number of captions that name it (a caption counts once)."""
-    from pipeline.io import read_parquet
-
     counts = Counter()
-    for path in sidecar_paths:
-        for nouns in read_parquet(path, columns=["nouns"])["nouns"].to_pylist():
+    for shard_id in shard_ids:
+        for nouns in read_caption_nouns(sidecars, shard_id)[1]:
             counts.update(set(nouns))
     return counts
 
 
-def read_caption_concepts(sidecars, shard_id: int) -> dict[str, list[int]]:
-    """{key: concept ids} of one shard's captions, from the sidecar that pass 2 wrote."""
-    from pipeline.io import read_parquet
-
-    table = read_parquet(sidecars.parquet(shard_id), columns=["key", "concept_ids"])
-    return dict(zip(table["key"].to_pylist(), table["concept_ids"].to_pylist()))
-
-
 def assign_shard(shard_id: int, sidecars, matcher: ConceptMatcher, fingerprint: str, extract_fp: str,
-                 shard_parquet: Optional[Path] = None) -> dict:
-    """Pass 2 for one shard: add concept_ids (list<int32>) to the sidecar and mark it done."""
+                 shards=None) -> dict:
+    """Pass 2 for one shard: add concept_ids to the sidecar and mark it done (`shards`: the shard
+    stage's folder, for the caption texts that multi-word names are matched against)."""
     import time
 
-    import pyarrow as pa
-
-    from pipeline.io import read_parquet, write_parquet
     from pipeline.stage import forget_marker, write_shard_stats
 
     started = time.time()
-    path = sidecars.parquet(shard_id)
-    table = read_parquet(path, columns=["key", "nouns"])
-    nouns = table["nouns"].to_pylist()
+    keys, nouns = read_caption_nouns(sidecars, shard_id)
     texts = [""] * len(nouns)
-    if matcher.phrases and shard_parquet is not None:
-        _, texts = shard_captions(shard_parquet)
+    if matcher.phrases and shards is not None:
+        _, texts = shard_captions(shards, shard_id)
     ids = [matcher(n, t) for n, t in zip(nouns, texts)]
     forget_marker(sidecars, shard_id)  # pass 1's marker: a kill before the new one leaves a shard to parse
-    write_parquet(path, pa.table({"key": table["key"], "nouns": table["nouns"],
-                                  "concept_ids": pa.array(ids, pa.list_(pa.int32()))}))
+    path = write_caption_concepts(sidecars, shard_id, keys, nouns, ids)
     counts = {"captions": len(ids), "with_concepts": sum(1 for x in ids if x),
               "concept_mentions": sum(map(len, ids))}
     return write_shard_stats(sidecars, shard_id, fingerprint, counts, [path],
                              extra={"extract_fingerprint": extract_fp},
                              seconds=round(time.time() - started, 3))
-
-
-def read_concepts(path: Path) -> list[str]:
-    """Concept names in concept_id order from concepts.parquet."""
-    from pipeline.io import read_parquet
-
-    table = read_parquet(path, columns=["concept_id", "name"]).to_pydict()
-    order = sorted(range(len(table["name"])), key=lambda i: table["concept_id"][i])
-    if [table["concept_id"][i] for i in order] != list(range(len(order))):
-        raise ValueError(f"{path}: concept_id is not dense from 0; re-run `regionclip concepts MANIFEST`")
-    return [table["name"][i] for i in order]

@@ -1,19 +1,25 @@
-"""Safe image decoding and resizing.
+"""Safe image decoding and resizing: the one way bytes or files become an RGB image.
 
 Every way an image can be bad becomes an `ImageError` with a short reason code that ends up in the
 shard's Parquet `error` column; nothing here raises anything else for bad bytes.
+
+The rules, the same for every stage: EXIF orientation is applied (the shard stage stores images
+upright, so decoding shard bytes again changes nothing) and an image with more than `max_pixels`
+pixels is refused from its header, before any pixel is decoded. PIL's own decompression-bomb guard
+stays on for the process: beyond twice `Image.MAX_IMAGE_PIXELS` PIL refuses while reading the header.
 """
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-# We enforce our own pixel limit before decoding; PIL's global one would raise a different error type.
-Image.MAX_IMAGE_PIXELS = None
+# PIL's default Image.MAX_IMAGE_PIXELS, and shard.max_pixels's default.
+DEFAULT_MAX_PIXELS = 89_478_485
 
 
 class ImageError(ValueError):
@@ -36,27 +42,30 @@ def decode_image(data: bytes, max_pixels: int, min_side: int = 1) -> DecodedImag
         raise ImageError("empty_file", "zero bytes")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # PIL warns above its own limit; `max_pixels` decides, checked just below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
-            width, height = img.size
-            if width * height > max_pixels:
-                # Checked from the header, before any pixel is decoded.
-                raise ImageError("too_many_pixels", f"{width}x{height} exceeds the limit of {max_pixels} pixels")
-            fmt = img.format or "unknown"
-            img.load()
+        width, height = img.size
+        if width * height > max_pixels:
+            # Checked from the header, before any pixel is decoded.
+            raise ImageError("too_many_pixels", f"{width}x{height} exceeds the limit of {max_pixels} pixels")
+        fmt = img.format or "unknown"
+        img.load()
+        if min(width, height) < min_side:
+            raise ImageError("too_small", f"{width}x{height} is below the minimum side {min_side}")
+        orientation = img.getexif().get(0x0112, 1)
+        rgb = to_rgb(ImageOps.exif_transpose(img) if orientation != 1 else img)
     except ImageError:
         raise
     except UnidentifiedImageError:
         # PIL's message names a BytesIO object's address, which would make reruns differ.
         raise ImageError("not_an_image", f"no known image format ({len(data)} bytes)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError as err:
+        raise ImageError("too_many_pixels", str(err)) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
         msg = str(err)
         reason = "truncated_image" if "truncated" in msg or "broken data stream" in msg else "decode_error"
         raise ImageError(reason, msg) from None
-    if min(width, height) < min_side:
-        raise ImageError("too_small", f"{width}x{height} is below the minimum side {min_side}")
-    orientation = img.getexif().get(0x0112, 1)
-    rgb = to_rgb(ImageOps.exif_transpose(img) if orientation != 1 else img)
     needs_reencode = fmt != "JPEG" or img.mode != "RGB" or orientation != 1
     return DecodedImage(rgb, fmt, (width, height), needs_reencode)
 
@@ -95,6 +104,12 @@ def encode_jpeg(img: Image.Image, quality: int = 95) -> bytes:
     return buf.getvalue()
 
 
-def load_rgb(data: bytes, max_pixels: int = 89_478_485) -> Image.Image:
-    """Decode shard image bytes for a model (raises ImageError on bad data)."""
+def load_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode image bytes (a shard member, a file's content) for a model (raises ImageError on bad data)."""
     return decode_image(data, max_pixels).image
+
+
+def open_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """An image file decoded for a model (raises ImageError on bad data, OSError when unreadable)."""
+    with open(path, "rb") as f:
+        return load_rgb(f.read(), max_pixels)

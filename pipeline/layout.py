@@ -23,7 +23,7 @@ def shard_name(shard_id: int) -> str:
 
 def sample_key(shard_id: int, index: int, index_digits: int = 4) -> str:
     """img2dataset's key convention: shard id and index inside the shard, zero-padded."""
-    return f"{shard_id:0{SHARD_ID_DIGITS}d}{index:0{index_digits}d}"
+    return f"{shard_name(shard_id)}{index:0{index_digits}d}"
 
 
 @dataclass(frozen=True)

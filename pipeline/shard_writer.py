@@ -1,7 +1,7 @@
 """Write one WebDataset shard (img2dataset conventions) from a slice of input rows.
 
 Members per sample: `{key}.jpg`, `{key}.txt` (caption), `{key}.json` (metadata). The shard's Parquet
-holds every input row, rejected ones too, with `status` and `error`, so that
+holds every input row, rejected ones too, with `status` and `error` (pipeline/sidecars.py), so that
 rows in = samples written + rows rejected. Files are written under temporary names and renamed; the
 `_stats.json` marker is written last.
 """
@@ -16,22 +16,14 @@ import pyarrow as pa
 import webdataset as wds
 
 from pipeline.images import ImageError, decode_image, encode_jpeg, resize_max_side
-from pipeline.io import atomic_path, write_parquet
+from pipeline.io import atomic_path
 from pipeline.layout import StageDir, sample_key
 from pipeline.readers import read_image_bytes
+from pipeline.sidecars import write_shard_rows
 from pipeline.stage import write_shard_stats
 
 # Fixed tar metadata so that a rerun writes byte-identical shards.
 TAR_MTIME = 0.0
-
-SHARD_PARQUET_SCHEMA = pa.schema([
-    ("key", pa.string()), ("uid", pa.string()), ("source_id", pa.string()), ("url", pa.string()),
-    ("caption", pa.string()), ("status", pa.string()), ("error", pa.string()),
-    ("width", pa.int32()), ("height", pa.int32()),
-    ("original_width", pa.int32()), ("original_height", pa.int32()),
-    ("sha256", pa.string()), ("bytes", pa.int64()),
-])
-
 
 @dataclass(frozen=True)
 class ShardOptions:
@@ -111,8 +103,7 @@ def write_shard(shard_id: int, rows: pa.Table, opt: ShardOptions, stage_dir: Sta
                 sink.write({"__key__": key, "jpg": payload, "txt": caption, "json": meta})
                 records.append({**rec, **sizes, "caption": caption, "status": "ok", "error": None,
                                 "sha256": digest, "bytes": len(payload)})
-    parquet_path = stage_dir.parquet(shard_id)
-    write_parquet(parquet_path, pa.Table.from_pylist(records, schema=SHARD_PARQUET_SCHEMA))
+    parquet_path = write_shard_rows(stage_dir, shard_id, records)
     written = sum(r["status"] == "ok" for r in records)
     counts = {"in": len(records), "written": written, "rejected": len(records) - written}
     return write_shard_stats(stage_dir, shard_id, fingerprint, counts, [tar_path, parquet_path],
@@ -124,11 +115,3 @@ def _safe_text(raw) -> str:
     if raw is None:
         return ""
     return raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else str(raw)
-
-
-def read_shard_samples(tar_path) -> list[dict]:
-    """All samples of one shard tar as dicts of raw bytes per extension (tests and tools)."""
-    out = []
-    for sample in wds.WebDataset(str(tar_path), shardshuffle=False):
-        out.append(sample)
-    return out

@@ -1,8 +1,20 @@
-"""Per-shard sidecars: what a shard holds, its images, and the proposals / labels Parquet files.
+"""Every file format of a run folder but the stage markers: each schema with its writer and reader,
+and the one reader of shard tars.
 
-Sidecars (docs/formats.md) have one Parquet file per shard and one row per *written* key of that
-shard (shard Parquet rows with status `ok`), in the shard's order. Boxes are float32 x1,y1,x2,y2 in
-the pixels of the image stored in the shard tar ("original pixels"), flattened into one list.
+| file | schema | writer | readers |
+|---|---|---|---|
+| `shards/NNNNN.tar` | WebDataset members `{key}.jpg`, `.txt`, `.json` | `pipeline.shard_writer` (webdataset's `TarWriter`) | `shard_samples`, `read_shard_images` |
+| `shards/NNNNN.parquet` | `SHARD_ROWS_SCHEMA` (every input row) | `write_shard_rows` | `written_keys`, `shard_captions` |
+| `concepts/concepts.parquet` | `CONCEPT_POOL_SCHEMA` | `write_concept_pool` | `read_concept_names` |
+| `concepts/captions/NNNNN.parquet` | `CAPTION_NOUNS_SCHEMA`, then `CAPTION_CONCEPTS_SCHEMA` | `write_caption_nouns`, `write_caption_concepts` | `read_caption_nouns`, `read_caption_concepts` |
+| `concepts/caption_embeddings/NNNNN.parquet` | key + fixed_size_list<float16>[D] | `write_caption_embeddings` | `read_caption_embeddings` |
+| `proposals/NNNNN.parquet` | `PROPOSALS_SCHEMA` | `write_proposals` | `read_proposals` |
+| `labels/NNNNN.parquet` | `labels_schema(store_flipped)` | `write_labels` | `read_labels` (a table), `read_region_labels` (the trainer's) |
+| `labels/regions.parquet` | `REGION_IDS_SCHEMA` | `write_region_ids` | `read_region_ids` |
+
+Per-shard sidecars (docs/formats.md) have one Parquet file per shard and one row per *written* key of
+that shard (shard Parquet rows with status `ok`), in the shard's order. Boxes are float32 x1,y1,x2,y2
+in the pixels of the image stored in the shard tar ("original pixels"), flattened into one list.
 
     keys = written_keys(layout.shards, 3)                # [{"key", "width", "height"}, ...]
     images = read_shard_images(layout.shard_tar(3), [k["key"] for k in keys])
@@ -10,23 +22,288 @@ the pixels of the image stored in the shard tar ("original pixels"), flattened i
 """
 from __future__ import annotations
 
+import os
 import tarfile
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.io import write_parquet
-from pipeline.layout import StageDir
+from pipeline.io import read_parquet, write_parquet
+from pipeline.layout import SHARD_ID_DIGITS, StageDir
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+# -- shard tars ------------------------------------------------------------------------------------
+
+class DamagedTarError(OSError):
+    """A tar that cannot be read to its end (cut off, or a broken header or member)."""
+
+
+def _member_key(member: tarfile.TarInfo) -> tuple[Optional[str], str]:
+    """(key, extension) of a plain-file member as WebDataset groups them: the key is the name up to the
+    first dot of its base name, the extension the rest in lower case. (None, "") for what is never read:
+    links, devices, folders, absolute or '..' names, names without an extension."""
+    name = member.name
+    if not member.isfile() or name.startswith("/") or ".." in name.split("/"):
+        return None, ""
+    folder, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    if not dot or not stem or not ext:
+        return None, ""
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def shard_samples(tar_path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) for each sample of a WebDataset tar, in tar order, streamed.
+
+    Members are read one at a time (memory holds one sample) and never written to disk; links and
+    names outside the tar are skipped. A sample is yielded once the next one starts (or the tar ends),
+    so a tar that breaks off raises DamagedTarError after its complete samples, without the sample it
+    was reading. A tar that stops at a member boundary counts as broken off too: a complete tar ends
+    with two zero blocks (tarfile itself stops there quietly).
+    """
+    path = Path(tar_path)
+    key, members, end_of_members = None, {}, 0
+    with open(path, "rb") as stream:
+        size = os.fstat(stream.fileno()).st_size
+        try:
+            with tarfile.open(fileobj=stream, mode="r|*") as tar:
+                for member in tar:
+                    end_of_members = member.offset_data + -(-member.size // 512) * 512
+                    member_key, ext = _member_key(member)
+                    if member_key is None:
+                        continue
+                    if member_key != key:
+                        if key is not None:
+                            yield key, members
+                        key, members = member_key, {}
+                    if ext not in members:  # a repeated member name: the first one counts
+                        members[ext] = tar.extractfile(member).read()
+        except (tarfile.TarError, EOFError) as err:
+            raise DamagedTarError(f"{path}: reading stopped early ({str(err) or type(err).__name__})") from None
+    if size < end_of_members + 1024:
+        raise DamagedTarError(f"{path}: the file ends before the end-of-archive marker")
+    if key is not None:
+        yield key, members
+
+
+def read_shard_images(tar_path: str | os.PathLike, keys: Optional[Iterable[str]] = None) -> dict[str, bytes]:
+    """The image bytes (`{key}.jpg` or another image member) of a shard tar, by key; only `keys` when
+    given (FileNotFoundError names those that have no image)."""
+    wanted = set(keys) if keys is not None else None
+    out: dict[str, bytes] = {}
+    for key, members in shard_samples(tar_path):
+        if wanted is not None and key not in wanted:
+            continue
+        image = next((members[ext] for ext in IMAGE_EXTENSIONS if ext in members), None)
+        if image is not None:
+            out[key] = image
+    if wanted is not None and len(out) != len(wanted):
+        missing = sorted(wanted - set(out))[:5]
+        raise FileNotFoundError(f"{tar_path}: no image for keys {missing}")
+    return out
+
+
+def shard_of_key(key: str) -> int:
+    """The shard id a sample key starts with (pipeline.layout.sample_key)."""
+    return int(key[:SHARD_ID_DIGITS])
+
+
+# -- the shard Parquet: every input row, rejected ones too ----------------------------------------------
+
+SHARD_ROWS_SCHEMA = pa.schema([
+    ("key", pa.string()), ("uid", pa.string()), ("source_id", pa.string()), ("url", pa.string()),
+    ("caption", pa.string()), ("status", pa.string()), ("error", pa.string()),
+    ("width", pa.int32()), ("height", pa.int32()),
+    ("original_width", pa.int32()), ("original_height", pa.int32()),
+    ("sha256", pa.string()), ("bytes", pa.int64()),
+])
+
+
+def write_shard_rows(shards: StageDir, shard_id: int, records: list[dict]) -> Path:
+    """One dict per input row (fields of SHARD_ROWS_SCHEMA; absent ones are null), in input order."""
+    path = shards.parquet(shard_id)
+    write_parquet(path, pa.Table.from_pylist(records, schema=SHARD_ROWS_SCHEMA))
+    return path
+
+
+def written_keys(shards: StageDir, shard_id: int) -> list[dict]:
+    """The written samples of a shard in shard order: key, width, height (pixels in the tar)."""
+    table = read_parquet(shards.parquet(shard_id), columns=["key", "status", "width", "height"])
+    return [{"key": r["key"], "width": int(r["width"]), "height": int(r["height"])}
+            for r in table.to_pylist() if r["status"] == "ok"]
+
+
+def shard_captions(shards: StageDir, shard_id: int) -> tuple[list[str], list[str]]:
+    """(keys, captions) of the written ('ok') rows of a shard, in shard order."""
+    table = read_parquet(shards.parquet(shard_id), columns=["key", "caption", "status"]).to_pydict()
+    keep = [i for i, s in enumerate(table["status"]) if s == "ok"]
+    return [table["key"][i] for i in keep], [table["caption"][i] or "" for i in keep]
+
+
+# -- the concept pool ---------------------------------------------------------------------------------
+
+CONCEPT_POOL_SCHEMA = pa.schema([("concept_id", pa.int32()), ("name", pa.string()), ("count", pa.int64()),
+                                 ("source", pa.string())])
+
+
+def write_concept_pool(path: str | os.PathLike, rows: Sequence[dict]) -> None:
+    """Rows {concept_id, name, count, source ("corpus" or "vocabulary")}, ids dense from 0."""
+    write_parquet(path, pa.table({name: pa.array([r[name] for r in rows], CONCEPT_POOL_SCHEMA.field(name).type)
+                                  for name in CONCEPT_POOL_SCHEMA.names}))
+
+
+def read_concept_names(path: str | os.PathLike) -> list[str]:
+    """Concept names in concept_id order."""
+    table = read_parquet(path, columns=["concept_id", "name"]).to_pydict()
+    order = sorted(range(len(table["name"])), key=lambda i: table["concept_id"][i])
+    if [table["concept_id"][i] for i in order] != list(range(len(order))):
+        raise ValueError(f"{path}: concept_id is not dense from 0; re-run `regionclip concepts MANIFEST`")
+    return [table["name"][i] for i in order]
+
+
+# -- caption concepts: each caption's noun lemmas (pass 1), then its pool concept ids (pass 2) -----------
+
+CAPTION_NOUNS_SCHEMA = pa.schema([("key", pa.string()), ("nouns", pa.list_(pa.string()))])
+# Pass 2 rewrites pass 1's nouns as Parquet reads them back, with the list items named `element`.
+CAPTION_CONCEPTS_SCHEMA = pa.schema([("key", pa.string()), ("nouns", pa.list_(pa.field("element", pa.string()))),
+                                     ("concept_ids", pa.list_(pa.int32()))])
+
+
+def write_caption_nouns(sidecars: StageDir, shard_id: int, keys: Sequence[str],
+                        nouns: Sequence[Sequence[str]]) -> Path:
+    path = sidecars.parquet(shard_id)
+    write_parquet(path, pa.table([pa.array(keys, pa.string()), pa.array(nouns, pa.list_(pa.string()))],
+                                 schema=CAPTION_NOUNS_SCHEMA))
+    return path
+
+
+def write_caption_concepts(sidecars: StageDir, shard_id: int, keys: Sequence[str],
+                           nouns: Sequence[Sequence[str]], concept_ids: Sequence[Sequence[int]]) -> Path:
+    path = sidecars.parquet(shard_id)
+    columns = [keys, nouns, concept_ids]
+    write_parquet(path, pa.table([pa.array(values, field.type) for values, field in zip(columns, CAPTION_CONCEPTS_SCHEMA)],
+                                 schema=CAPTION_CONCEPTS_SCHEMA))
+    return path
+
+
+def read_caption_nouns(sidecars: StageDir, shard_id: int) -> tuple[list[str], list[list[str]]]:
+    """(keys, noun lemmas of each caption) in shard order."""
+    table = read_parquet(sidecars.parquet(shard_id), columns=["key", "nouns"])
+    return table["key"].to_pylist(), table["nouns"].to_pylist()
+
+
+def read_caption_concepts(sidecars: StageDir, shard_id: int) -> dict[str, list[int]]:
+    """{key: concept ids} of one shard's captions (pass 2's column)."""
+    table = read_parquet(sidecars.parquet(shard_id), columns=["key", "concept_ids"])
+    return dict(zip(table["key"].to_pylist(), table["concept_ids"].to_pylist()))
+
+
+# -- caption embeddings ---------------------------------------------------------------------------------
+
+def write_caption_embeddings(sidecars: StageDir, shard_id: int, keys: Sequence[str],
+                             embeddings: np.ndarray) -> Path:
+    """key, embedding (fixed_size_list<float16>[D]): one L2-normalized caption embedding per key."""
+    embeddings = np.ascontiguousarray(embeddings, np.float16)
+    values = pa.array(embeddings.reshape(-1))
+    path = sidecars.parquet(shard_id)
+    write_parquet(path, pa.table({"key": pa.array(list(keys), pa.string()),
+                                  "embedding": pa.FixedSizeListArray.from_arrays(values, embeddings.shape[1])}))
+    return path
+
+
+def read_caption_embeddings(sidecars: StageDir, shard_id: int) -> tuple[list[str], np.ndarray]:
+    """(keys, float16 [N, D]) of one shard; a row that is null or not D long (D: the longest) is NaN."""
+    table = read_parquet(sidecars.parquet(shard_id), columns=["key", "embedding"])
+    keys = table["key"].to_pylist()
+    column = table["embedding"].combine_chunks()
+    if len(column) == 0:
+        return keys, np.zeros((0, 0), np.float16)
+    lengths = np.asarray(pc.fill_null(pc.list_value_length(column), 0).to_numpy(zero_copy_only=False))
+    dim = int(lengths.max())
+    flat = np.asarray(pc.list_flatten(column).to_numpy(zero_copy_only=False), np.float16)
+    out = np.full((len(column), dim), np.nan, np.float16)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    for i in np.flatnonzero(lengths == dim):
+        out[i] = flat[starts[i]:starts[i] + dim]
+    return keys, out
+
+
+# -- proposals ---------------------------------------------------------------------------------------
 
 PROPOSALS_SCHEMA = pa.schema([
     ("key", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
     ("boxes", pa.list_(pa.float32())), ("objectness", pa.list_(pa.float32())),
     ("num_boxes", pa.int32()),
 ])
+
+
+@dataclass
+class Proposals:
+    key: str
+    width: int
+    height: int
+    boxes: np.ndarray       # [N, 4] float32, original pixels, ordered by objectness
+    objectness: np.ndarray  # [N] float32 logits
+
+
+def _list_rows(table: pa.Table, name: str, dtype) -> list[Optional[np.ndarray]]:
+    """Each row of a list column as a numpy array (None for a null row), without a Python object per value."""
+    column = table.column(name).combine_chunks()
+    valid = np.asarray(column.is_valid().to_numpy(zero_copy_only=False), bool)
+    offsets = np.asarray(column.offsets.to_numpy(), np.int64)
+    values = np.asarray(column.values.to_numpy(zero_copy_only=False), dtype)
+    return [values[offsets[i]:offsets[i + 1]] if valid[i] else None for i in range(len(column))]
+
+
+def write_proposals(stage_dir: StageDir, shard_id: int, rows: list[Proposals]) -> Path:
+    path = stage_dir.parquet(shard_id)
+    write_parquet(path, pa.table({
+        "key": pa.array([r.key for r in rows], pa.string()),
+        "width": pa.array([r.width for r in rows], pa.int32()),
+        "height": pa.array([r.height for r in rows], pa.int32()),
+        "boxes": pa.array([np.asarray(r.boxes, np.float32).reshape(-1) for r in rows], pa.list_(pa.float32())),
+        "objectness": pa.array([np.asarray(r.objectness, np.float32) for r in rows], pa.list_(pa.float32())),
+        "num_boxes": pa.array([len(r.boxes) for r in rows], pa.int32()),
+    }, schema=PROPOSALS_SCHEMA))
+    return path
+
+
+def read_proposals(stage_dir: StageDir, shard_id: int, *, skip_damaged: bool = False) -> dict[str, Proposals]:
+    """A shard's proposals by key (insertion order = shard order).
+
+    A damaged row (boxes that are not num_boxes finite x1,y1,x2,y2 rows, no image size) is a ValueError
+    naming the file and key; with `skip_damaged` it is left out instead (the trainer counts it missing)."""
+    path = stage_dir.parquet(shard_id)
+    table = read_parquet(path)
+    out = {}
+    for key, width, height, n, boxes, objectness in zip(
+            table["key"].to_pylist(), table["width"].to_pylist(), table["height"].to_pylist(),
+            table["num_boxes"].to_pylist(), _list_rows(table, "boxes", np.float32),
+            _list_rows(table, "objectness", np.float32)):
+        boxes = boxes if boxes is not None else np.zeros(0, np.float32)
+        if n is None or boxes.size != 4 * n or not np.isfinite(boxes).all():
+            problem = f"boxes are not {n} finite x1,y1,x2,y2 rows"
+        elif width is None or height is None or width <= 0 or height <= 0:
+            problem = f"no image size ({width}x{height})"
+        else:
+            objectness = objectness if objectness is not None else np.zeros(0, np.float32)
+            out[key] = Proposals(key, width, height, boxes.reshape(n, 4), objectness)
+            continue
+        if not skip_damaged:
+            raise ValueError(f"{path}: key {key}: {problem}; the sidecar is damaged "
+                             "(`regionclip verify MANIFEST --repair`, then rerun proposals)")
+    return out
+
+
+# -- labels ------------------------------------------------------------------------------------------
 
 LABELS_SCHEMA = pa.schema([
     ("key", pa.string()), ("num_regions", pa.int32()),
@@ -43,92 +320,55 @@ def labels_schema(store_flipped: bool) -> pa.Schema:
     return schema
 
 
-# -- the shard stage's outputs ----------------------------------------------------------------------
-
-def written_keys(shards: StageDir, shard_id: int) -> list[dict]:
-    """The written samples of a shard in shard order: key, width, height (pixels in the tar)."""
-    table = pq.read_table(shards.parquet(shard_id), columns=["key", "status", "width", "height"])
-    return [{"key": r["key"], "width": int(r["width"]), "height": int(r["height"])}
-            for r in table.to_pylist() if r["status"] == "ok"]
-
-
-def read_shard_images(tar_path: str | Path, keys: Optional[Iterable[str]] = None) -> dict[str, bytes]:
-    """The image bytes (`{key}.jpg` members) of a shard tar, by key; only `keys` when given."""
-    wanted = set(keys) if keys is not None else None
-    out: dict[str, bytes] = {}
-    with tarfile.open(tar_path, "r") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            stem, _, ext = member.name.rpartition(".")
-            if ext.lower() not in ("jpg", "jpeg", "png", "webp"):
-                continue
-            if wanted is not None and stem not in wanted:
-                continue
-            out[stem] = tar.extractfile(member).read()
-    if wanted is not None and len(out) != len(wanted):
-        missing = sorted(wanted - set(out))[:5]
-        raise FileNotFoundError(f"{tar_path}: no image for keys {missing}")
-    return out
-
-
-def shard_of_key(key: str, shard_digits: int = 5) -> int:
-    return int(key[:shard_digits])
-
-
-# -- proposals ---------------------------------------------------------------------------------------
-
-@dataclass
-class Proposals:
-    key: str
-    width: int
-    height: int
-    boxes: np.ndarray       # [N, 4] float32, original pixels, ordered by objectness
-    objectness: np.ndarray  # [N] float32 logits
-
-
-def proposals_table(rows: list[Proposals]) -> pa.Table:
-    return pa.table({
-        "key": pa.array([r.key for r in rows], pa.string()),
-        "width": pa.array([r.width for r in rows], pa.int32()),
-        "height": pa.array([r.height for r in rows], pa.int32()),
-        "boxes": pa.array([np.asarray(r.boxes, np.float32).reshape(-1) for r in rows], pa.list_(pa.float32())),
-        "objectness": pa.array([np.asarray(r.objectness, np.float32) for r in rows], pa.list_(pa.float32())),
-        "num_boxes": pa.array([len(r.boxes) for r in rows], pa.int32()),
-    }, schema=PROPOSALS_SCHEMA)
-
-
-def write_proposals(stage_dir: StageDir, shard_id: int, rows: list[Proposals]) -> Path:
-    path = stage_dir.parquet(shard_id)
-    write_parquet(path, proposals_table(rows))
-    return path
-
-
-def read_proposals(stage_dir: StageDir, shard_id: int) -> dict[str, Proposals]:
-    """A shard's proposals by key (insertion order = shard order)."""
-    out = {}
-    path = stage_dir.parquet(shard_id)
-    for r in pq.read_table(path).to_pylist():
-        n = r["num_boxes"]
-        boxes = np.asarray(r["boxes"] or [], np.float32)
-        if n is None or boxes.size != 4 * n or not np.isfinite(boxes).all():
-            raise ValueError(f"{path}: key {r['key']}: boxes are not {n} finite x1,y1,x2,y2 rows; the sidecar "
-                             "is damaged (`regionclip verify MANIFEST --repair`, then rerun proposals)")
-        out[r["key"]] = Proposals(r["key"], r["width"], r["height"], boxes.reshape(n, 4),
-                                  np.asarray(r["objectness"], np.float32))
-    return out
-
-
-# -- labels ------------------------------------------------------------------------------------------
-
 def write_labels(stage_dir: StageDir, shard_id: int, columns: dict, store_flipped: bool) -> Path:
+    """`columns`: key and the other fields of labels_schema(store_flipped), one list each."""
     path = stage_dir.parquet(shard_id)
     write_parquet(path, pa.table(columns, schema=labels_schema(store_flipped)))
     return path
 
 
 def read_labels(stage_dir: StageDir, shard_id: int, columns: Optional[list[str]] = None) -> pa.Table:
-    return pq.read_table(stage_dir.parquet(shard_id), columns=columns)
+    return read_parquet(stage_dir.parquet(shard_id), columns=columns)
+
+
+@dataclass
+class RegionLabels:
+    """The teacher's outputs for one image's regions, in proposal order."""
+    pseudo_label: np.ndarray              # [N] int64 concept ids
+    pseudo_prob: np.ndarray               # [N] float32
+    region_codes: bytes                   # N codes of the label codec, concatenated
+    flipped_region_codes: Optional[bytes]  # the same for the mirrored image (label.store_flipped)
+
+
+def read_region_labels(stage_dir: StageDir, shard_id: int) -> dict[str, RegionLabels]:
+    """The region targets of a shard by key; a row missing any of them is left out."""
+    path = stage_dir.parquet(shard_id)
+    flipped = "flipped_region_codes" in pq.read_schema(path).names
+    table = read_parquet(path, ["key", "pseudo_label", "pseudo_prob", "region_codes"]
+                         + (["flipped_region_codes"] if flipped else []))
+    codes = table["region_codes"].to_pylist()
+    flipped_codes = table["flipped_region_codes"].to_pylist() if flipped else [None] * len(codes)
+    out = {}
+    for key, y, p, c, fc in zip(table["key"].to_pylist(), _list_rows(table, "pseudo_label", np.int64),
+                                _list_rows(table, "pseudo_prob", np.float32), codes, flipped_codes):
+        if y is not None and p is not None and c is not None:
+            out[key] = RegionLabels(y, p, c, fc)
+    return out
+
+
+# -- the region index's row ids ----------------------------------------------------------------------
+
+REGION_IDS_SCHEMA = pa.schema([("key", pa.string()), ("region", pa.int32())])
+
+
+def write_region_ids(path: str | os.PathLike, keys: Sequence[str], regions: Sequence[int]) -> None:
+    """Row i of the region index is region `regions[i]` (proposal order) of sample `keys[i]`."""
+    write_parquet(path, pa.table([pa.array(keys, pa.string()), pa.array(regions, pa.int32())],
+                                 schema=REGION_IDS_SCHEMA))
+
+
+def read_region_ids(path: str | os.PathLike) -> pa.Table:
+    return read_parquet(path)
 
 
 def sidecar_shards(stage_dir: StageDir) -> list[int]:

@@ -13,15 +13,12 @@ import json
 import time
 from pathlib import Path
 
-import pyarrow as pa
-
 from pipeline.concepts import (ConceptMatcher, assign_shard, build_pool, caption_counts, count_phrases,
-                               extract_shard, load_parser, read_marker, read_vocabulary,
-                               shard_captions, stopword_set)
+                               extract_shard, load_parser, read_marker, read_vocabulary, stopword_set)
 from pipeline.config import RunManifest
-from pipeline.io import write_parquet
 from pipeline.layout import RunLayout
 from pipeline.ray_runtime import init_ray, run_tasks
+from pipeline.sidecars import shard_captions, write_concept_pool
 from pipeline.stage import StageState, fingerprint_of, read_stage_manifest, require_complete
 
 STAGE = "concepts"
@@ -58,28 +55,23 @@ def run(manifest: RunManifest) -> dict:
     if to_extract:
         init_ray(manifest.ray)
         cfg_json = json.dumps(manifest.section_dict("concepts"), sort_keys=True)
-        tasks = [(s, layout.shards.parquet(s), sidecars, cfg_json, extract_fp) for s in to_extract]
+        tasks = [(s, layout.shards, sidecars, cfg_json, extract_fp) for s in to_extract]
         for _ in run_tasks(extract_shard, tasks, desc="concepts: parse"):
             pass
 
     # The pool, from the counts over every shard.
     started = time.time()
-    counts = caption_counts(sidecars.parquet(s) for s in shard_ids)
+    counts = caption_counts(sidecars, shard_ids)
     phrase_counts = (count_phrases(vocab.names, (c for s in shard_ids
-                                                 for c in shard_captions(layout.shards.parquet(s))[1]))
+                                                 for c in shard_captions(layout.shards, s)[1]))
                      if vocab else None)
     pool = build_pool(counts, cfg, vocab.names if vocab else (), phrase_counts)
-    write_parquet(layout.concepts_parquet, pa.table({
-        "concept_id": pa.array([r["concept_id"] for r in pool], pa.int32()),
-        "name": pa.array([r["name"] for r in pool], pa.string()),
-        "count": pa.array([r["count"] for r in pool], pa.int64()),
-        "source": pa.array([r["source"] for r in pool], pa.string()),
-    }))
+    write_concept_pool(layout.concepts_parquet, pool)
 
     matcher = ConceptMatcher([r["name"] for r in pool])
     to_assign = _pending(sidecars, shard_ids, state.fingerprint)
     for s in to_assign:
-        assign_shard(s, sidecars, matcher, state.fingerprint, extract_fp, layout.shards.parquet(s))
+        assign_shard(s, sidecars, matcher, state.fingerprint, extract_fp, layout.shards)
     per_shard = {s: read_marker(sidecars, s) for s in shard_ids}
     totals = {"captions": sum(m["counts"]["captions"] for m in per_shard.values()),
               "with_concepts": sum(m["counts"]["with_concepts"] for m in per_shard.values()),

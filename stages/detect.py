@@ -54,11 +54,11 @@ def image_files(specs: list[str]) -> list[Path]:
 
 
 def run(manifest: RunManifest, args: argparse.Namespace) -> dict:
-    import numpy as np
     import torch
-    from PIL import Image
 
     from pipeline.concepts import read_vocabulary
+    from pipeline.images import open_rgb
+    from trainer.data.images import image_tensor
     from trainer.models.clip import embedding_dim, load_clip
     from trainer.models.detector import build_detector, read_checkpoint_kind
     from trainer.evaluation import draw_detections, zero_shot_detect
@@ -111,9 +111,8 @@ def run(manifest: RunManifest, args: argparse.Namespace) -> dict:
     report = {"checkpoint": str(checkpoint), "kind": kind, "arch": arch, "vocabulary": list(names),
               "mode": "detector" if kind == "detector" else "zero-shot (RPN boxes)", "images": []}
     for path in image_files(args.images):
-        with Image.open(path) as im:
-            rgb = im.convert("RGB")
-        image = torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
+        rgb = open_rgb(path)
+        image = image_tensor(rgb, unit_range=True)
         ((boxes, objectness),) = rpn.propose([image], min_size=p.min_size, max_size=p.max_size,
                                              pre_nms_top_n=p.pre_nms_top_n, post_nms_top_n=cfg.proposals_per_image,
                                              nms_thresh=nms)

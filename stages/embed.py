@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import time
 
-from pipeline.concepts import read_concepts, read_marker, shard_captions
+from pipeline.concepts import read_marker
 from pipeline.config import RunManifest
-from pipeline.io import write_parquet
 from pipeline.layout import RunLayout
+from pipeline.sidecars import read_concept_names, shard_captions, write_caption_embeddings
 from pipeline.stage import (StageState, fingerprint_of, forget_marker, read_stage_manifest,
                             require_complete, write_shard_stats)
 from stages.resolve import load_teacher_clip, teacher_checkpoint_path
 from trainer.engine.device import resolve_device
-from trainer.offline.text_embed import (TEMPLATES, build_faiss_index, caption_embedding_table, checkpoint_identity,
+from trainer.offline.text_embed import (TEMPLATES, build_faiss_index, checkpoint_identity,
                                         embed_captions, embed_names, embedding_width, write_faiss_index, write_npy)
 
 STAGE = "embed"
@@ -55,21 +55,20 @@ def run(manifest: RunManifest) -> dict:
     print(f"embed: teacher {manifest.teacher.arch} (dim {dim}) on {device}; concepts "
           f"{'to embed' if concepts_todo else 'up to date'}, {len(captions_todo)}/{len(shard_ids)} caption shards")
     if concepts_todo:
-        names = read_concepts(layout.concepts_parquet)
+        names = read_concept_names(layout.concepts_parquet)
         emb = embed_names(model, tokenizer, names, cfg.ensemble, batch_size=cfg.batch_size, device=device)
         write_npy(layout.concept_embeddings, emb)
         write_faiss_index(build_faiss_index(emb), layout.concepts_faiss)
     for s in captions_todo:
         started = time.time()
-        keys, captions = shard_captions(layout.shards.parquet(s))
+        keys, captions = shard_captions(layout.shards, s)
         emb = embed_captions(model, tokenizer, captions, batch_size=cfg.batch_size, device=device,
                              progress=True)
-        path = sidecars.parquet(s)
         forget_marker(sidecars, s)
-        write_parquet(path, caption_embedding_table(keys, emb.reshape(len(keys), dim)))
+        path = write_caption_embeddings(sidecars, s, keys, emb.reshape(len(keys), dim))
         write_shard_stats(sidecars, s, caption_fp, {"captions": len(keys)}, [path],
                           seconds=round(time.time() - started, 3))
-    num_concepts = len(read_concepts(layout.concepts_parquet))
+    num_concepts = len(read_concept_names(layout.concepts_parquet))
     per_shard = {f"{s:05d}": {"status": "done", "counts": read_marker(sidecars, s)["counts"]}
                  for s in shard_ids}
     result = state.finish([], outputs=[layout.concept_embeddings, layout.concepts_faiss], extra={

@@ -43,9 +43,12 @@ def run(manifest: RunManifest) -> dict:
     checkpoint = manifest.resolve(manifest.teacher.checkpoint) or layout.teacher_checkpoint
     teacher = {"arch": manifest.teacher.arch, "sha256": file_record(checkpoint)["sha256"]}
     scale = teacher_scale(manifest)
-    job = LabelJob(str(layout.root), manifest.teacher.arch, str(checkpoint), manifest.teacher.allow_partial,
-                   str(layout.concept_embeddings), str(layout.labels_codec), scale["min_size"], scale["max_size"],
-                   cfg.temperature, cfg.faiss_threshold, cfg.batch_size, cfg.store_flipped, fingerprint="")
+    job = LabelJob(run_root=str(layout.root), teacher_arch=manifest.teacher.arch, teacher_checkpoint=str(checkpoint),
+                   teacher_allow_partial=manifest.teacher.allow_partial,
+                   concept_embeddings=str(layout.concept_embeddings), codec_json=str(layout.labels_codec),
+                   min_size=scale["min_size"], max_size=scale["max_size"], temperature=cfg.temperature,
+                   faiss_threshold=cfg.faiss_threshold, batch_size=cfg.batch_size, store_flipped=cfg.store_flipped,
+                   fingerprint="")
     init_ray(manifest.ray)
     codec = ensure_codec(manifest, layout, job, dim, concepts, teacher, proposals, shard_ids)
 

@@ -36,8 +36,10 @@ def run(manifest: RunManifest, rpn_loader: str = DEFAULT_RPN_LOADER) -> dict:
     pending, nodes = state.start_pending(shard_ids), set()
     print(f"proposals: {len(shard_ids)} shards ({len(pending)} to do), RPN {checkpoint}")
     init_ray(manifest.ray)
-    job = ProposalJob(str(layout.root), str(checkpoint), cfg.min_size, cfg.max_size, cfg.pre_nms_top_n,
-                      cfg.post_nms_top_n, cfg.nms_thresh, cfg.batch_size, state.fingerprint, rpn_loader)
+    job = ProposalJob(run_root=str(layout.root), checkpoint=str(checkpoint), min_size=cfg.min_size,
+                      max_size=cfg.max_size, pre_nms_top_n=cfg.pre_nms_top_n, post_nms_top_n=cfg.post_nms_top_n,
+                      nms_thresh=cfg.nms_thresh, batch_size=cfg.batch_size, fingerprint=state.fingerprint,
+                      rpn_loader=rpn_loader)
     for row in map_with_actor_pool(ProposalShardWorker, [{"shard": s} for s in pending], constructor_args=(job,),
                                  num_gpus_per_actor=cfg.num_gpus_per_actor, num_actors=cfg.num_actors,
                                  desc="proposals"):

@@ -6,13 +6,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from pipeline.config import RunManifest
 from pipeline.images import load_rgb
-from pipeline.layout import RunLayout
+from pipeline.layout import RunLayout, shard_name
 from pipeline.pictures import draw_labelled_boxes
-from pipeline.sidecars import read_labels, read_proposals, read_shard_images, shard_of_key, sidecar_shards
+from pipeline.sidecars import (read_concept_names, read_labels, read_proposals, read_shard_images, shard_of_key,
+                               sidecar_shards)
 from pipeline.stage import StageInputError
 
 
@@ -31,10 +30,10 @@ def run(manifest: RunManifest, args: argparse.Namespace) -> dict:
     shard_id = shard_of_key(key)
     props = read_proposals(layout.proposals, shard_id)
     if key not in props:
-        raise ValueError(f"key {key!r} is not in proposals/{shard_id:05d}.parquet")
+        raise ValueError(f"key {key!r} is not in proposals/{shard_name(shard_id)}.parquet")
     labels = {r["key"]: r for r in read_labels(layout.labels, shard_id, ["key", "pseudo_label", "pseudo_prob",
                                                                        "image_pseudo_label"]).to_pylist()}
-    names = pq.read_table(layout.concepts_parquet, columns=["name"]).column("name").to_pylist()
+    names = read_concept_names(layout.concepts_parquet)
     image = load_rgb(read_shard_images(layout.shard_tar(shard_id), [key])[key])
     p, lab = props[key], labels[key]
     top = min(args.top, len(p.boxes))

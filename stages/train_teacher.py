@@ -25,7 +25,7 @@ def enabled(manifest: RunManifest) -> bool:
 def run(manifest: RunManifest) -> dict:
     import torch
 
-    from pipeline.concepts import read_caption_concepts
+    from pipeline.sidecars import read_caption_concepts
     from trainer.models.clip import create_clip, load_clip, save_clip_checkpoint
     from trainer.tasks.teacher import plot_teacher_curve, retrieval_recall, train_clip, clip_transforms
     from trainer.data.image_text import read_image_text

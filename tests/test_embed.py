@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from pipeline.layout import RunLayout
+from pipeline.sidecars import read_caption_embeddings
 from tests.test_concepts import CAPTIONS, make_caption_folder
 from trainer.models.clip import EmbeddingDimError, create_clip, save_clip_checkpoint
 from trainer.offline.text_embed import (TEMPLATES, embed_captions, embed_names, load_concept_embeddings,
-                                load_vocabulary, read_caption_embeddings)
+                                        load_vocabulary)
 
 # The COCO open-vocabulary split's 65 classes (48 base + 17 novel, REFERENCE §6).
 COCO65 = ("person bicycle car motorcycle train truck boat bench bird horse sheep bear zebra giraffe "
@@ -130,7 +131,7 @@ def test_embed_stage_outputs_and_what_reruns(ray_local, teacher, tmp_path, write
     assert ids[:, 0].tolist() == list(range(6))
     keys, caps = [], []
     for s in range(3):
-        k, e = read_caption_embeddings(layout.caption_embeddings.parquet(s), expected_dim=64)
+        k, e = read_caption_embeddings(layout.caption_embeddings, s)
         assert e.dtype == np.float16 and e.shape == (len(k), 64)
         shard_rows = pq.read_table(layout.shards.parquet(s)).to_pylist()
         assert k == [r["key"] for r in shard_rows if r["status"] == "ok"]

@@ -52,7 +52,7 @@ def test_same_seed_gives_identical_bytes_and_another_seed_differs(tmp_path):
 
 
 def test_worker_processes_draw_the_same_world(tmp_path, monkeypatch):
-    import pipeline.synth as synth
+    import pipeline.synth.world as synth
 
     cfg = SynthConfig(seed=5, num_images=24, num_val_images=8, min_side=64, max_side=96)
     generate_world(cfg, tmp_path / "here", progress=False)              # below PARALLEL_FROM: this process

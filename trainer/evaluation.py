@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torchvision.ops import batched_nms
 
 from pipeline.io import atomic_path
-from trainer.data.detection import DetectionSet, Vocabulary
+from trainer.data.detection import DetectionSet, DetectorClasses
 from trainer.models.detector import class_logits, prepare_images, scale_boxes
 from trainer.models.region_encoder import RegionEncoder
 
@@ -41,7 +41,7 @@ class LvisNotInstalledError(ImportError):
 # -- COCO results ---------------------------------------------------------------------------------------
 
 def to_coco_results(image_id: int, boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
-                    vocab: Vocabulary) -> list[dict]:
+                    vocab: DetectorClasses) -> list[dict]:
     """Detections of one image (xyxy boxes, vocabulary indices) -> COCO result records."""
     out = []
     for (x1, y1, x2, y2), s, c in zip(boxes.tolist(), scores.tolist(), labels.tolist()):
@@ -203,7 +203,7 @@ def zero_shot_detect(encoder: RegionEncoder, image: Optional[torch.Tensor], boxe
 class RecognitionTally:
     """Top-1 accuracy of zero-shot region recognition over GT regions, by split."""
 
-    def __init__(self, vocab: Vocabulary, novel_ids):
+    def __init__(self, vocab: DetectorClasses, novel_ids):
         novel_ids = set(novel_ids)
         self.group = ["novel" if cid in novel_ids else "base" for cid in vocab.ids]
         self.hits = {"all": 0, "base": 0, "novel": 0}
@@ -222,7 +222,7 @@ class RecognitionTally:
 
 @torch.no_grad()
 def region_recognition(encoder: RegionEncoder, data: DetectionSet, class_embeddings: torch.Tensor,
-                       vocab: Vocabulary, image_ids: Sequence[int], *, min_size: int = 800,
+                       vocab: DetectorClasses, image_ids: Sequence[int], *, min_size: int = 800,
                        max_size: int = 1333, temperature: float = 0.01) -> dict:
     """Zero-shot recognition of ground-truth regions: top-1 accuracy (percent) of argmax_c cos(v, e_c)
     over the whole vocabulary, for GT regions of novel, base and all categories."""

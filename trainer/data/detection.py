@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
-import numpy as np
 import torch
-from PIL import Image
+
+from trainer.data.images import as_unit_range, read_image_tensor
 
 
 # REFERENCE §6 (OVR-CNN's split), COCO 2017 category names.
@@ -41,7 +41,7 @@ COCO_OVD_BASE: tuple[str, ...] = (
 
 
 @dataclass(frozen=True)
-class Vocabulary:
+class DetectorClasses:
     """The classes a detector scores, in order: index i <-> category id ids[i] <-> names[i]."""
     names: tuple[str, ...]
     ids: tuple[int, ...]
@@ -110,7 +110,7 @@ class DetectionSet:
         self._cache: Optional[dict] = {} if cache_images else None
 
     # -- classes ----------------------------------------------------------------------------------------
-    def vocabulary(self, which: str = "all") -> Vocabulary:
+    def vocabulary(self, which: str = "all") -> DetectorClasses:
         """'all', 'base' or 'novel' categories, in id order."""
         if which == "all":
             cats = self.categories
@@ -119,7 +119,7 @@ class DetectionSet:
             cats = [c for c in self.categories if c["id"] in keep]
         else:
             raise ValueError(f"unknown vocabulary {which!r}; use all, base or novel")
-        return Vocabulary(tuple(c["name"] for c in cats), tuple(c["id"] for c in cats))
+        return DetectorClasses(tuple(c["name"] for c in cats), tuple(c["id"] for c in cats))
 
     # -- images and boxes -------------------------------------------------------------------------------
     def image_path(self, record: dict) -> Path:
@@ -129,15 +129,13 @@ class DetectionSet:
         """float [3, H, W] in 0..1 (RGB)."""
         key = record["id"]
         if self._cache is not None and key in self._cache:
-            return self._cache[key].float().div_(255)
-        with Image.open(self.image_path(record)) as im:
-            array = np.asarray(im.convert("RGB"), dtype=np.uint8)
-        tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+            return as_unit_range(self._cache[key])
+        pixels = read_image_tensor(self.image_path(record)).contiguous()
         if self._cache is not None:
-            self._cache[key] = tensor
-        return tensor.float().div_(255)
+            self._cache[key] = pixels
+        return as_unit_range(pixels)
 
-    def targets(self, image_id: int, vocab: Optional[Vocabulary] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def targets(self, image_id: int, vocab: Optional[DetectorClasses] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(boxes [N, 4] xyxy original pixels, labels [N] vocabulary indices) of the non-crowd boxes
         whose category is in `vocab` (default: all categories)."""
         index = (vocab or self.vocabulary("all")).index_of()
@@ -153,7 +151,7 @@ class DetectionSet:
         return (torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
                 torch.tensor(labels, dtype=torch.long))
 
-    def image_ids_with_boxes(self, vocab: Optional[Vocabulary] = None) -> list[int]:
+    def image_ids_with_boxes(self, vocab: Optional[DetectorClasses] = None) -> list[int]:
         """Images with at least one usable box of `vocab` (the training images)."""
         return [im["id"] for im in self.images if len(self.targets(im["id"], vocab)[1])]
 
@@ -171,7 +169,7 @@ def hflip(image: torch.Tensor, *boxes: torch.Tensor) -> tuple[torch.Tensor, ...]
 # -- repeat-factor sampling (LVIS) ---------------------------------------------------------------------
 
 def repeat_factors(data: DetectionSet, image_ids: Sequence[int], threshold: float = 0.001,
-                   vocab: Optional[Vocabulary] = None) -> torch.Tensor:
+                   vocab: Optional[DetectorClasses] = None) -> torch.Tensor:
     """Gupta et al. (LVIS): r(c) = max(1, sqrt(t / f(c))) with f(c) the fraction of training images
     holding category c; an image repeats r(I) = max over its categories."""
     index = (vocab or data.vocabulary("all")).index_of()

@@ -4,8 +4,9 @@ training (train-teacher) and anything else that needs (image, caption) batches s
     loader = image_text_batches(layout_tars, preprocess, tokenizer, batch_size=64, seed=0, epoch=3)
     for images, texts in loader: ...     # images [B,3,S,S] float, texts [B, context_length] long
 
-Reads `{key}.jpg` + `{key}.txt` members, decodes with PIL to RGB under the decompression-bomb limit
-(pipeline.images.load_rgb), applies open_clip's preprocess transform and tokenizer. Shards are split
+Reads `{key}.jpg` + `{key}.txt` members (pipeline.sidecars.shard_samples, the one shard-tar reader),
+decodes them as every stage does (pipeline.images.load_rgb), applies open_clip's preprocess transform
+and tokenizer. Shards are split
 across nodes (torch.distributed rank) and data-loader workers (wds.split_by_node / split_by_worker);
 shard order and a sample shuffle buffer are seeded by (seed, epoch), so an epoch is reproducible.
 The pretrain loader that joins the Parquet sidecars is trainer/data/pretrain_stream.py; this one reads the tars only.
@@ -20,6 +21,14 @@ import torch
 import webdataset as wds
 
 from pipeline.images import load_rgb
+from pipeline.sidecars import shard_samples
+
+
+def _tar_samples(shards: Iterable[dict]) -> Iterator[dict]:
+    """A pipeline stage: WebDataset's shard dicts {'url'} -> samples {'__key__', ext: bytes, ...}."""
+    for shard in shards:
+        for key, members in shard_samples(shard["url"]):
+            yield {"__key__": key, **members}
 
 
 def _decode_sample(sample: dict) -> Optional[dict]:
@@ -45,7 +54,7 @@ def image_text_samples(tars: Sequence[str | Path], *, shuffle_buffer: int = 0, s
         stages.append(wds.detshuffle(bufsize=len(urls), initial=len(urls), seed=seed, epoch=epoch))
     if split:
         stages += [wds.split_by_node, wds.split_by_worker]
-    stages.append(wds.tarfile_to_samples(handler=wds.reraise_exception))
+    stages.append(_tar_samples)
     if shuffle_buffer:
         stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100),
                                   rng=random.Random(seed * 1_000_003 + epoch)))

@@ -27,7 +27,6 @@ samples and counts `truncated_tar`.
 """
 from __future__ import annotations
 
-import io
 import logging
 import math
 from dataclasses import dataclass, field
@@ -35,13 +34,15 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
-import pyarrow.compute as pc
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.io import read_parquet
-from pipeline.layout import RunLayout, shard_name
+from pipeline.images import ImageError, load_rgb
+from pipeline.layout import RunLayout, StageDir, shard_name
+from pipeline.sidecars import (DamagedTarError, Proposals, RegionLabels, read_caption_embeddings, read_proposals,
+                               read_region_labels, shard_samples)
+from trainer.data.images import image_tensor
 from trainer.models.geometry import padded, resized_size
 
 log = logging.getLogger(__name__)
@@ -56,17 +57,16 @@ class DataError(RuntimeError):
 class ShardSource:
     shard_id: int
     tar: Path
-    captions: Path
-    proposals: Optional[Path] = None   # None in online-teacher mode
-    labels: Optional[Path] = None
+    caption_embeddings: StageDir
+    proposals: Optional[StageDir] = None   # None in online-teacher mode
+    labels: Optional[StageDir] = None
 
 
 def shard_sources(layout: RunLayout, shard_ids: Sequence[int], online: bool = False) -> list[ShardSource]:
     """The files of each shard, from the run layout (sidecar files need not exist: missing rows are
     counted at read time)."""
-    return [ShardSource(s, layout.shard_tar(s), layout.caption_embeddings.parquet(s),
-                        None if online else layout.proposals.parquet(s),
-                        None if online else layout.labels.parquet(s)) for s in shard_ids]
+    return [ShardSource(s, layout.shard_tar(s), layout.caption_embeddings, None if online else layout.proposals,
+                        None if online else layout.labels) for s in shard_ids]
 
 
 @dataclass
@@ -85,92 +85,34 @@ class DataOptions:
 
 def read_tar(path: Path) -> tuple[list[tuple[str, dict]], int]:
     """(samples in tar order as (key, {ext: bytes}), 1 if the tar ended early else 0)."""
-    from webdataset import tariterators
-
-    samples, truncated = [], 0
+    samples = []
     try:
-        with open(path, "rb") as f:
-            members = (dict(m, __url__=str(path)) for m in tariterators.tar_file_iterator(f))
-            for sample in tariterators.group_by_keys(members):
-                key = sample.get("__key__")
-                samples.append((str(key), {k: v for k, v in sample.items() if not k.startswith("__")}))
-    except FileNotFoundError:
-        raise
-    except Exception as err:  # noqa: BLE001 - a truncated or damaged tar keeps what was read
-        log.warning("%s: read stopped early (%s: %s); keeping %d samples", path, type(err).__name__,
-                    err, len(samples))
-        truncated = 1
-        if samples:  # the last group may be incomplete
-            samples.pop()
-    return samples, truncated
-
-
-def _list_rows(table, name: str, dtype) -> list[Optional[np.ndarray]]:
-    col = table.column(name).combine_chunks()
-    valid = np.asarray(col.is_valid().to_numpy(zero_copy_only=False), bool)
-    offsets = np.asarray(col.offsets.to_numpy(), np.int64) if hasattr(col, "offsets") else None
-    values = np.asarray(col.values.to_numpy(zero_copy_only=False), dtype)
-    rows = []
-    for i in range(len(col)):
-        rows.append(values[offsets[i]:offsets[i + 1]] if valid[i] else None)
-    return rows
-
-
-def _embedding_rows(table, name: str = "embedding") -> np.ndarray:
-    """[N, D] float32 of a list<float16/32> or fixed_size_list column (nulls become NaN rows)."""
-    col = table.column(name).combine_chunks()
-    n = len(col)
-    if n == 0:
-        return np.zeros((0, 0), np.float32)
-    lengths = np.asarray(pc.fill_null(pc.list_value_length(col), 0).to_numpy(zero_copy_only=False))
-    dim = int(lengths.max())
-    out = np.full((n, dim), np.nan, np.float32)
-    flat = np.asarray(pc.list_flatten(col).to_numpy(zero_copy_only=False), np.float32)
-    pos = 0
-    for i, length in enumerate(lengths):
-        if length == dim:
-            out[i] = flat[pos:pos + dim]
-        pos += int(length)
-    return out
+        for sample in shard_samples(path):
+            samples.append(sample)
+    except DamagedTarError as err:  # a truncated or damaged tar keeps its complete samples
+        log.warning("%s; keeping %d samples", err, len(samples))
+        return samples, 1
+    return samples, 0
 
 
 @dataclass
 class Sidecars:
-    """One shard's sidecar rows, looked up by key."""
+    """One shard's sidecar rows, looked up by key (a row that is missing or damaged is absent)."""
     captions: dict = field(default_factory=dict)     # key -> row in caption_emb
-    caption_emb: Optional[np.ndarray] = None
-    proposals: dict = field(default_factory=dict)    # key -> (width, height, boxes [N, 4])
-    labels: dict = field(default_factory=dict)       # key -> (labels [N], probs [N], codes, flipped codes)
+    caption_emb: Optional[np.ndarray] = None         # [N, D] float16
+    proposals: dict[str, Proposals] = field(default_factory=dict)
+    labels: dict[str, RegionLabels] = field(default_factory=dict)
 
     @classmethod
     def read(cls, src: ShardSource) -> "Sidecars":
-        side = cls()
-        if src.captions.exists():
-            t = read_parquet(src.captions, ["key", "embedding"])
-            side.caption_emb = _embedding_rows(t)
-            side.captions = {k: i for i, k in enumerate(t.column("key").to_pylist())
-                             if np.isfinite(side.caption_emb[i]).all()}
-        if src.proposals is not None and src.proposals.exists():
-            t = read_parquet(src.proposals, ["key", "width", "height", "boxes"])
-            boxes = _list_rows(t, "boxes", np.float32)
-            for k, w, h, b in zip(t.column("key").to_pylist(), t.column("width").to_pylist(),
-                                  t.column("height").to_pylist(), boxes):
-                if b is not None and w and h and len(b) % 4 == 0 and np.isfinite(b).all():
-                    side.proposals[k] = (float(w), float(h), b.reshape(-1, 4))
-        if src.labels is not None and src.labels.exists():
-            import pyarrow.parquet as pq
-
-            schema = pq.read_schema(src.labels)
-            cols = ["key", "pseudo_label", "pseudo_prob", "region_codes"]
-            flipped = "flipped_region_codes" in schema.names
-            t = read_parquet(src.labels, cols + (["flipped_region_codes"] if flipped else []))
-            lab = _list_rows(t, "pseudo_label", np.int64)
-            prob = _list_rows(t, "pseudo_prob", np.float32)
-            codes = t.column("region_codes").to_pylist()
-            fcodes = t.column("flipped_region_codes").to_pylist() if flipped else [None] * len(codes)
-            for k, y, p, c, fc in zip(t.column("key").to_pylist(), lab, prob, codes, fcodes):
-                if y is not None and p is not None and c is not None:
-                    side.labels[k] = (y, p, c, fc)
+        side, s = cls(), src.shard_id
+        if src.caption_embeddings.parquet(s).exists():
+            keys, side.caption_emb = read_caption_embeddings(src.caption_embeddings, s)
+            side.captions = {k: i for i, k in enumerate(keys) if np.isfinite(side.caption_emb[i]).all()}
+        if src.proposals is not None and src.proposals.parquet(s).exists():
+            side.proposals = read_proposals(src.proposals, s, skip_damaged=True)
+        if src.labels is not None and src.labels.parquet(s).exists():
+            side.labels = read_region_labels(src.labels, s)
         return side
 
 
@@ -202,10 +144,8 @@ def prepare_sample(key: str, members: dict, side: Sidecars, opts: DataOptions,
     if not data:
         raise SkipSample("missing_image")
     try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-        img = img.convert("RGB")
-    except Exception:  # noqa: BLE001 - any undecodable image is skipped and counted
+        img = load_rgb(data)
+    except ImageError:
         raise SkipSample("corrupt_image") from None
     flip = bool(rng.random() < 0.5) and opts.flip  # always drawn: the box sample does not depend on flip
     w, h = resized_size(img.width, img.height, opts.min_size, opts.max_size)
@@ -213,13 +153,14 @@ def prepare_sample(key: str, members: dict, side: Sidecars, opts: DataOptions,
         img = img.resize((w, h), Image.BICUBIC)
     if flip:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    image = torch.from_numpy(np.asarray(img, np.uint8).copy()).permute(2, 0, 1)
+    image = image_tensor(img)
     out = {"key": key, "image": image, "size": (h, w), "flip": flip,
            "caption": side.caption_emb[side.captions[key]]}
     if opts.online:
         return out
-    pw, ph, boxes = side.proposals[key]
-    y, p, codes, fcodes = side.labels[key]
+    proposals, labels = side.proposals[key], side.labels[key]
+    pw, ph, boxes = proposals.width, proposals.height, proposals.boxes
+    y, p, codes, fcodes = labels.pseudo_label, labels.pseudo_prob, labels.region_codes, labels.flipped_region_codes
     n = len(boxes)
     if n == 0 or len(y) != n or len(p) != n or len(codes) % n:
         raise SkipSample("misaligned_sidecars")

@@ -65,9 +65,3 @@ def load_state(path: str | os.PathLike, map_location="cpu") -> Optional[dict]:
         raise RuntimeError(f"{path}: not a pretrain trainer state of version {STATE_VERSION}; "
                            "delete it (or set pretrain.resume: never) to start over")
     return state
-
-
-def trainable_state_dict(module: torch.nn.Module) -> dict:
-    """Every tensor of the module (frozen ones too: a resumed run must not depend on the init file)."""
-    module = getattr(module, "module", module)
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}

@@ -35,7 +35,7 @@ from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image
 
 from pipeline.io import atomic_path
 from trainer.models.clip import (CLIP_MEAN, CLIP_STD, CheckpointError, CheckpointNotFoundError, LoadReport,
-                          check_embedding_dim, create_clip, load_clip, read_clip_state_dict)
+                          check_embedding_dim, create_clip, load_clip)
 from trainer.models.geometry import padded, resized_size
 from trainer.models.region_encoder import RegionEncoder
 
@@ -451,8 +451,3 @@ def build_detector(arch: str, checkpoint: Union[str, os.PathLike], class_embeddi
     if class_names is not None:
         detector.class_names = list(class_names)
     return detector.to(device)
-
-
-def clip_state_dict_of(path: Union[str, os.PathLike]) -> dict:
-    """The tensors of a CLIP checkpoint (for tools that inspect keys)."""
-    return read_clip_state_dict(path)[0]

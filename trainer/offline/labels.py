@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from trainer.data.images import as_unit_range, image_tensor
 from trainer.models.clip import CLIP_MEAN, CLIP_STD
 from trainer.engine.device import resolve_device
 from trainer.models.geometry import padded, resized_size
@@ -102,11 +103,10 @@ class Teacher:
         """A padded, normalised batch [B, 3, H, W] and each image's resized (width, height)."""
         tensors, sizes = [], []
         for img in images:
-            img = resize_canonical(img.convert("RGB"), self.min_size, self.max_size)
+            img = resize_canonical(img, self.min_size, self.max_size)
             if flip:
                 img = img.transpose(Image.FLIP_LEFT_RIGHT)
-            t = torch.from_numpy(np.asarray(img, np.uint8).copy()).to(self.device)
-            t = (t.permute(2, 0, 1).float() / 255.0 - self.mean) / self.std
+            t = (as_unit_range(image_tensor(img).to(self.device)) - self.mean) / self.std
             tensors.append(t)
             sizes.append((img.width, img.height))
         h = max(t.shape[1] for t in tensors)
@@ -209,7 +209,7 @@ def label_images(teacher: Teacher, codec, images: Sequence[Image.Image], boxes: 
 
 # -- the Ray actor ----------------------------------------------------------------------------------------
 
-@dataclass
+@dataclass(kw_only=True)
 class LabelJob:
     """Everything a label worker needs, as plain data (it travels to Ray actors)."""
     run_root: str
@@ -225,8 +225,6 @@ class LabelJob:
     batch_size: int
     store_flipped: bool
     fingerprint: str
-    torch_threads: Optional[int] = None
-    extra: dict = field(default_factory=dict)
 
 
 def load_teacher(job: LabelJob, device: str | torch.device = "auto") -> Teacher:
@@ -269,8 +267,6 @@ class LabelShardWorker:
     def __init__(self, job: LabelJob):
         from trainer.offline.codecs import load_codec
 
-        if job.torch_threads:
-            torch.set_num_threads(job.torch_threads)
         self.job = job
         self.teacher = load_teacher(job)
         self.codec = load_codec(job.codec_json)
@@ -287,8 +283,6 @@ def sample_region_embeddings(job: LabelJob, shard_ids: list[int], max_regions: i
     from pipeline.layout import RunLayout
     from pipeline.sidecars import read_proposals, read_shard_images
 
-    if job.torch_threads:
-        torch.set_num_threads(job.torch_threads)
     teacher = load_teacher(job)
     layout = RunLayout(Path(job.run_root))
     parts = []

@@ -12,12 +12,11 @@ import importlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
-
 import numpy as np
 import torch
 
 from pipeline.sidecars import Proposals
+from trainer.data.images import image_tensor
 
 DEFAULT_RPN_LOADER = "trainer.models.rpn:load_rpn"
 
@@ -40,7 +39,7 @@ def import_loader(spec: str):
     return getattr(importlib.import_module(module), name)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ProposalJob:
     """What a proposal worker needs, as plain data (it travels to Ray actors)."""
     run_root: str
@@ -54,12 +53,6 @@ class ProposalJob:
     fingerprint: str
     rpn_loader: str = DEFAULT_RPN_LOADER
     device: str = "auto"
-    torch_threads: Optional[int] = None
-
-
-def image_tensor(img) -> torch.Tensor:
-    """PIL RGB -> float [3, H, W] in 0..1."""
-    return torch.from_numpy(np.asarray(img.convert("RGB"), np.uint8).copy()).permute(2, 0, 1).float() / 255.0
 
 
 class Proposer:
@@ -67,8 +60,6 @@ class Proposer:
         from trainer.engine.device import resolve_device
         from trainer.offline.labels import make_deterministic
 
-        if job.torch_threads:
-            torch.set_num_threads(job.torch_threads)
         self.job = job
         self.device = resolve_device(job.device)
         make_deterministic(self.device)
@@ -80,7 +71,7 @@ class Proposer:
     def propose(self, images) -> list[tuple[np.ndarray, np.ndarray]]:
         """Cleaned (boxes, objectness) per PIL image, in original pixels."""
         j = self.job
-        tensors = [image_tensor(img).to(self.device) for img in images]
+        tensors = [image_tensor(img, unit_range=True).to(self.device) for img in images]
         raw = self.rpn.propose(tensors, min_size=j.min_size, max_size=j.max_size, pre_nms_top_n=j.pre_nms_top_n,
                                post_nms_top_n=j.post_nms_top_n, nms_thresh=j.nms_thresh)
         return [clean_boxes(b, s, img.width, img.height, j.post_nms_top_n) for (b, s), img in zip(raw, images)]

@@ -2,7 +2,7 @@
 
 `labels/regions.faiss`: inner product over L2-normalized embeddings decoded from the stored codes
 (pq: an IndexPQ with the label run's own codebook, so the index holds exactly the stored codes;
-fp16: a flat index). Row i is described by row i of `labels/regions.parquet` (key, region): region
+fp16: a flat index). Row i is described by row i of `labels/regions.parquet` (pipeline/sidecars.py: key, region): region
 `region` of sample `key`, in proposal order. The topk codec keeps no embedding and cannot be indexed.
 
     index, ids = read_region_index(layout)
@@ -13,12 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
-from pipeline.io import atomic_path, write_parquet
-from pipeline.sidecars import read_labels
+from pipeline.io import atomic_path
+from pipeline.sidecars import read_labels, read_region_ids, write_region_ids
 from trainer.offline.codecs import PQCodec, load_codec
 
 
@@ -50,12 +48,11 @@ def write_region_index(layout, shard_ids: list[int]) -> list[Path]:
             regions.extend(range(n))
     with atomic_path(layout.labels_region_index) as tmp:
         faiss.write_index(index, str(tmp))
-    write_parquet(layout.labels_region_ids, pa.table({"key": pa.array(keys, pa.string()),
-                                                      "region": pa.array(regions, pa.int32())}))
+    write_region_ids(layout.labels_region_ids, keys, regions)
     return [layout.labels_region_index, layout.labels_region_ids]
 
 
 def read_region_index(layout):
     import faiss
 
-    return faiss.read_index(str(layout.labels_region_index)), pq.read_table(layout.labels_region_ids)
+    return faiss.read_index(str(layout.labels_region_index)), read_region_ids(layout.labels_region_ids)

@@ -234,29 +234,3 @@ def load_vocabulary(path: Union[str, os.PathLike], expected_dim: Optional[int] =
                f"re-run `regionclip vocab MANIFEST --classes ... --out {path.name}` with a teacher of "
                f"the model's architecture{' (' + model_name + ')' if model_name else ''}")
     return vocab
-
-
-# -- caption embedding sidecars ----------------------------------------------------------------------
-
-def caption_embedding_table(keys: Sequence[str], embeddings: np.ndarray):
-    """key, embedding (fixed_size_list<float16>[D]) for a caption-embedding sidecar."""
-    import pyarrow as pa
-
-    embeddings = np.ascontiguousarray(embeddings, np.float16)
-    values = pa.array(embeddings.reshape(-1))
-    return pa.table({"key": pa.array(list(keys), pa.string()),
-                     "embedding": pa.FixedSizeListArray.from_arrays(values, embeddings.shape[1])})
-
-
-def read_caption_embeddings(path: Union[str, os.PathLike], expected_dim: Optional[int] = None,
-                            model_name: str = "") -> tuple[list[str], np.ndarray]:
-    """(keys, float16 [N, D] L2-normalized caption embeddings) of one shard's sidecar."""
-    from pipeline.io import read_parquet
-
-    table = read_parquet(path, columns=["key", "embedding"])
-    column = table["embedding"].combine_chunks()
-    dim = column.type.list_size
-    _check_dim(expected_dim, dim, f"the caption embeddings in {path}", model_name,
-               "re-run `regionclip embed MANIFEST` with the teacher whose width the model has")
-    values = np.asarray(column.values.to_numpy(zero_copy_only=False), np.float16)
-    return table["key"].to_pylist(), values.reshape(len(table), dim)

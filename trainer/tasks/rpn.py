@@ -21,9 +21,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
+from trainer.data.images import read_image_tensor
 from trainer.models.rpn import ProposalNetwork, proposal_hits
 from trainer.engine.device import resolve_device
 from trainer.tasks.teacher import _save_figure, _summary_writer
@@ -73,13 +73,6 @@ def read_coco_boxes(annotations: Path, images_root: Optional[Path] = None) -> Co
                      {k: np.asarray(v, np.int64) for k, v in cats.items()}, split_of)
 
 
-def load_image(path: str) -> torch.Tensor:
-    """An image file as a float tensor [3, H, W] in 0..1."""
-    with Image.open(path) as im:
-        array = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
-
-
 def lr_factor(step: int, total: int, warmup: int) -> float:
     """Linear warmup, then x0.1 at 2/3 and again at 8/9 of training (detectron2's step schedule shape)."""
     if step < warmup:
@@ -127,7 +120,7 @@ def train_rpn(model: ProposalNetwork, data: CocoBoxes, cfg, *, seed: int = 0,
             images, targets = [], []
             for i in order[start:start + cfg.batch_size]:
                 record = data.images[i]
-                image = load_image(record["path"])
+                image = read_image_tensor(record["path"], unit_range=True)
                 boxes = torch.from_numpy(data.boxes[record["id"]].copy())
                 if torch.rand((), generator=generator) < 0.5:       # horizontal flip
                     image = image.flip(-1)
@@ -190,7 +183,7 @@ def evaluate_recall(model: ProposalNetwork, data: CocoBoxes, *, min_size: int, m
     labels = []
     for start in tqdm(range(0, len(images), batch_size), desc="rpn recall", disable=not progress):
         chunk = images[start:start + batch_size]
-        tensors = [load_image(im["path"]).to(device) for im in chunk]
+        tensors = [read_image_tensor(im["path"], unit_range=True).to(device) for im in chunk]
         results = model.propose(tensors, min_size=min_size, max_size=max_size, pre_nms_top_n=pre_nms_top_n,
                                 post_nms_top_n=post, nms_thresh=nms_thresh)
         gts = [torch.from_numpy(data.boxes.get(im["id"], np.zeros((0, 4), np.float32))) for im in chunk]

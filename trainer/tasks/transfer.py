@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from tqdm import tqdm
 
-from trainer.data.detection import DetectionSet, Vocabulary, hflip, repeat_factors, training_order
+from trainer.data.detection import DetectionSet, DetectorClasses, hflip, repeat_factors, training_order
 from trainer.models.detector import OpenVocabDetector
 from trainer.evaluation import to_coco_results
 
@@ -74,7 +74,7 @@ def lr_factor(step: int, s: TrainSettings) -> float:
     return factor
 
 
-def train_detector(detector: OpenVocabDetector, data: DetectionSet, vocab: Vocabulary, proposals: dict,
+def train_detector(detector: OpenVocabDetector, data: DetectionSet, vocab: DetectorClasses, proposals: dict,
                    settings: TrainSettings, log: Callable[[str], None] = print, progress: bool = True) -> dict:
     """Train `detector` (its vocabulary must be `vocab`) on the images of `data` holding at least one
     box of `vocab`. Returns a report: steps, seconds, loss history, images seen."""
@@ -134,7 +134,7 @@ def train_detector(detector: OpenVocabDetector, data: DetectionSet, vocab: Vocab
             "final": history[-1] if history else {}}
 
 
-def detect_dataset(detector: OpenVocabDetector, data: DetectionSet, vocab: Vocabulary,
+def detect_dataset(detector: OpenVocabDetector, data: DetectionSet, vocab: DetectorClasses,
                    image_ids: Sequence[int], proposals: dict, progress: bool = True) -> list[dict]:
     """COCO results of the detector over `image_ids` with `vocab` (the detector's current vocabulary)."""
     if len(vocab) != detector.num_classes:
