@@ -21,6 +21,14 @@ from pipeline.io import atomic_path
 STATE_VERSION = 2
 
 
+def seed_all(seed: int) -> None:
+    """Seed every generator a state captures (python, numpy, torch and CUDA): a run's saved RNG state
+    then depends on its seed only, not on the process it ran in."""
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
 def rng_state() -> dict:
     """This process's random generators as tensors and plain data."""
     version, internal, gauss = random.getstate()

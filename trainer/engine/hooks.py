@@ -61,7 +61,8 @@ class Metrics(HookBase):
 
     def before_train(self, loop: TrainLoop) -> None:
         if loop.rank == 0 and self.tensorboard is not None:
-            self.writer = _summary_writer(self.tensorboard, purge_step=loop.step or None)
+            # a resumed run drops what the killed one logged after its state was saved
+            self.writer = _summary_writer(self.tensorboard, purge_step=loop.step + 1 if loop.step else None)
 
     def after_step(self, loop: TrainLoop) -> None:
         self.window.append({**{f"loss_{k}": v for k, v in loop.last_losses.items()},
@@ -161,6 +162,12 @@ class Curve(HookBase):
     def after_train(self, loop: TrainLoop) -> None:
         if loop.rank == 0 and loop.history:
             plot_training_curve(loop.history, self.path, loop.name, loop.epoch_records, self.epoch_keys)
+
+
+def log_every_for(max_steps: int, records: int = 1000) -> int:
+    """Log every step of a short run, and about `records` times in a long one (the history is saved in
+    every state and drawn in the curve, so it stays small)."""
+    return max(1, max_steps // records)
 
 
 def standard_hooks(*, log_every: int = 1, checkpoint_every: int = 500, tensorboard: Optional[Path] = None,

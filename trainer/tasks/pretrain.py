@@ -22,7 +22,6 @@ every rank (with gradient); the region-concept loss stays per local batch as in 
 from __future__ import annotations
 
 import logging
-import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from torch import nn
 
 from pipeline.config import PretrainConfig
 from trainer.data.pretrain_stream import DataOptions, DataPosition, ShardSource, make_loader
+from trainer.engine.checkpoint import seed_all
 from trainer.engine.device import init_distributed, resolve_device
 from trainer.engine.hooks import standard_hooks
 from trainer.engine.loop import HookBase, TrainLoop
@@ -97,9 +97,7 @@ class PretrainTrainer(TrainLoop):
             raise ValueError("precomputed targets need the label stage's codec (trainer.offline.codecs.load_codec)")
         self.codec, self.online = codec, online if cfg.online_teacher else None
 
-        torch.manual_seed(cfg.seed + self.rank)
-        np.random.seed((cfg.seed + self.rank) % 2 ** 32)
-        random.seed(cfg.seed + self.rank)
+        seed_all(cfg.seed + self.rank)
 
         self.clip_model = clip_model
         self.encoder = RegionEncoder.from_clip(clip_model, freeze_stem_res2=True, freeze_bn=True).to(self.device)

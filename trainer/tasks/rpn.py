@@ -23,8 +23,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from trainer.engine.checkpoint import seed_all
 from trainer.engine.device import resolve_device
-from trainer.engine.hooks import Callback, standard_hooks
+from trainer.engine.hooks import Callback, log_every_for, standard_hooks
 from trainer.engine.loop import TrainFiles, TrainingInterrupted, TrainLoop
 from trainer.engine.schedules import WarmupMultiStep
 from trainer.models.rpn import ProposalNetwork, proposal_hits
@@ -109,7 +110,7 @@ class RpnTrainer(TrainLoop):
                  fingerprint: str = "", progress: bool = True):
         device = resolve_device(cfg.device)
         self.generator = torch.Generator().manual_seed(seed)
-        torch.manual_seed(seed)
+        seed_all(seed)
         data = data.with_boxes()
         if not data.images:
             raise ValueError("train-rpn: the training set has no boxes")
@@ -125,7 +126,8 @@ class RpnTrainer(TrainLoop):
         self.cfg, self.data, self.val = cfg, data, val
         self.epoch, self.order, self.place, self.epoch_losses = 0, None, 0, []
         self.register_hooks(standard_hooks(
-            checkpoint_every=checkpoint_every, tensorboard=files.tensorboard if files else None,
+            log_every=log_every_for(total), checkpoint_every=checkpoint_every,
+            tensorboard=files.tensorboard if files else None,
             curve=files.curve if files else None, progress=progress,
             epoch_keys=("recall_all", "recall_base", "recall_novel"), task_hooks=[Callback(self._after_step)]))
 
@@ -173,12 +175,12 @@ class RpnTrainer(TrainLoop):
         self.epoch, self.order, self.place, self.epoch_losses = self.epoch + 1, None, 0, []
 
     def data_state(self) -> dict:
-        return {"epoch": self.epoch, "order": list(self.order or []), "place": self.place,
+        return {"epoch": self.epoch, "order": torch.tensor(self.order or [], dtype=torch.int64), "place": self.place,
                 "losses": list(self.epoch_losses), "generator": self.generator.get_state()}
 
     def load_data_state(self, state: dict) -> None:
         self.epoch, self.place = int(state["epoch"]), int(state["place"])
-        self.order = list(state["order"]) or None
+        self.order = state["order"].tolist() or None
         self.epoch_losses = list(state["losses"])
         self.generator.set_state(state["generator"])
 

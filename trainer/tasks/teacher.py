@@ -21,9 +21,9 @@ import open_clip
 import torch
 
 from trainer.data.image_text import image_text_batches
-from trainer.engine.checkpoint import rng_state, set_rng_state
+from trainer.engine.checkpoint import rng_state, seed_all, set_rng_state
 from trainer.engine.device import resolve_device
-from trainer.engine.hooks import Callback, standard_hooks
+from trainer.engine.hooks import Callback, log_every_for, standard_hooks
 from trainer.engine.loop import DataExhausted, TrainFiles, TrainingInterrupted, TrainLoop
 from trainer.engine.schedules import WarmupCosine
 
@@ -119,7 +119,7 @@ class ClipTrainer(TrainLoop):
                  files: Optional[TrainFiles] = None, checkpoint_every: int = 500, fingerprint: str = "",
                  progress: bool = True):
         device = resolve_device(cfg.device)
-        torch.manual_seed(seed)
+        seed_all(seed)
         model.to(device).train()
         self.train_tf, self.eval_tf = clip_transforms(model, cfg.min_crop_scale)
         total = cfg.epochs * steps_per_epoch
@@ -137,7 +137,8 @@ class ClipTrainer(TrainLoop):
         self._epoch_rng: Optional[dict] = None   # the RNG state when this epoch's stream was opened
         self._batches = None
         self.register_hooks(standard_hooks(
-            checkpoint_every=checkpoint_every, tensorboard=files.tensorboard if files else None,
+            log_every=log_every_for(total), checkpoint_every=checkpoint_every,
+            tensorboard=files.tensorboard if files else None,
             curve=files.curve if files else None, progress=progress, epoch_keys=("r1", "r5", "r1_same_group"),
             task_hooks=[Callback(self._after_step)]))
 
@@ -172,6 +173,9 @@ class ClipTrainer(TrainLoop):
             return batch
 
     def open_epoch(self):
+        """This epoch's batch stream; when resuming mid-epoch, advanced past the batches already trained
+        on. Those are decoded and cropped again: the crops draw on the RNG (of the loader workers, whose
+        seeds come from the epoch's start), so skipping them undecoded would change every later crop."""
         resuming = self.epoch_batches > 0
         now = rng_state()
         if resuming:

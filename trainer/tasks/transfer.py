@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from trainer.data.detection import DetectionSet, Vocabulary, hflip, repeat_factors, training_order
+from trainer.engine.checkpoint import seed_all
 from trainer.engine.hooks import standard_hooks
 from trainer.engine.loop import TrainFiles, TrainingInterrupted, TrainLoop
 from trainer.engine.schedules import WarmupMultiStep
@@ -86,8 +87,7 @@ class DetectorTrainer(TrainLoop):
                         if settings.repeat_factor_threshold else None)
         self.data, self.vocab, self.proposals, self.image_ids, self.s = data, vocab, proposals, image_ids, settings
         self.start_order(images_drawn=0)
-        torch.manual_seed(settings.seed)
-        random.seed(settings.seed)
+        seed_all(settings.seed)
         self.params = detector.trainable_parameters()
         optimizer = torch.optim.SGD(self.params, lr=settings.lr, momentum=settings.momentum,
                                     weight_decay=settings.weight_decay)
