@@ -111,6 +111,7 @@ class TrainTeacherConfig(Section):
                                            "domain) instead of random ones")
     device: str = "auto"
     num_workers: int = Field(0, ge=0)
+    checkpoint_every: int = Field(500, ge=1, description="steps between training states (resumed after a kill)")
 
 
 class TrainRpnConfig(Section):
@@ -138,6 +139,7 @@ class TrainRpnConfig(Section):
     max_size: int = Field(1333, ge=32)
     eval_each_epoch: bool = Field(False, description="val recall after every epoch (for the curve)")
     device: str = "auto"
+    checkpoint_every: int = Field(500, ge=1, description="steps between training states (resumed after a kill)")
 
 
 class RpnInferenceConfig(Section):
@@ -244,6 +246,7 @@ class TransferConfig(Section):
     allow_partial: bool = False
     seed: int = 0
     device: str = "auto"
+    checkpoint_every: int = Field(1000, ge=1, description="steps between training states (resumed after a kill)")
 
     @field_validator("init", mode="before")
     @classmethod

@@ -126,9 +126,19 @@ class RunLayout:
         return self.checkpoints("teacher") / "teacher.pt"
 
     @property
+    def teacher_state(self) -> Path:
+        """train-teacher's full training state (model, optimizer, schedule, RNG, data position) for resuming."""
+        return self.checkpoints("teacher") / "last.pt"
+
+    @property
     def rpn_checkpoint(self) -> Path:
         """train-rpn's output: the class-agnostic RPN (trainer/models/rpn.py's load_rpn)."""
         return self.checkpoints("rpn") / "rpn.pt"
+
+    @property
+    def rpn_state(self) -> Path:
+        """train-rpn's full training state for resuming."""
+        return self.checkpoints("rpn") / "last.pt"
 
     @property
     def pretrain_state(self) -> Path:
@@ -143,6 +153,10 @@ class RunLayout:
     def transfer_checkpoint(self, init: str) -> Path:
         """transfer's detector, per initialisation (`pretrain` or `teacher`)."""
         return self.checkpoints("transfer") / f"detector_{init}.pt"
+
+    def transfer_state(self, init: str) -> Path:
+        """transfer's full training state per initialisation, for resuming."""
+        return self.checkpoints("transfer") / f"last_{init}.pt"
 
     @property
     def labels_codec(self) -> Path:

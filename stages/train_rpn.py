@@ -45,7 +45,8 @@ def run(manifest: RunManifest) -> dict:
     import torch
 
     from trainer.models.rpn import build_rpn, save_rpn_checkpoint
-    from trainer.tasks.rpn import evaluate_recall, plot_rpn_curve, read_coco_boxes, train_rpn
+    from trainer.engine.loop import TrainFiles
+    from trainer.tasks.rpn import evaluate_recall, read_coco_boxes, train_rpn
 
     layout = RunLayout.of(manifest)
     cfg = manifest.train_rpn
@@ -74,12 +75,13 @@ def run(manifest: RunManifest) -> dict:
     print(f"train-rpn: {cfg.backbone}{f' ({clip_arch})' if clip_arch else ''}, "
           f"{'weights ' + str(weights) if weights else 'from scratch'}; {len(train.images)} images, "
           f"{train.num_boxes} boxes, {cfg.epochs} epochs")
-    history = train_rpn(model, train, cfg, seed=manifest.seed, tensorboard_dir=layout.tensorboard / STAGE,
-                        val=val if cfg.eval_each_epoch else None)
+    curve = checkpoint.with_name("training_curve.png")
+    history = train_rpn(model, train, cfg, seed=manifest.seed, val=val if cfg.eval_each_epoch else None,
+                        files=TrainFiles(layout.rpn_state, layout.tensorboard / STAGE, curve),
+                        checkpoint_every=cfg.checkpoint_every, fingerprint=state.fingerprint)
     recall = evaluate_recall(model, val, min_size=cfg.min_size, max_size=cfg.max_size)
     recall["val_annotations"] = str(val_file)
     save_rpn_checkpoint(model, checkpoint, recall=recall)
-    curve = plot_rpn_curve(history, checkpoint.with_name("training_curve.png"))
     parts = [f"{name} {recall[name]['recall@300']} ({recall[name]['num_boxes']} boxes)"
              for name in ("novel", "base", "all") if name in recall]
     print(f"train-rpn: val recall@300 (IoU 0.5): {'; '.join(parts)}")

@@ -27,7 +27,8 @@ def run(manifest: RunManifest) -> dict:
 
     from pipeline.sidecars import read_caption_concepts
     from trainer.models.clip import create_clip, load_clip, save_clip_checkpoint
-    from trainer.tasks.teacher import plot_teacher_curve, retrieval_recall, train_clip, clip_transforms
+    from trainer.engine.loop import TrainFiles
+    from trainer.tasks.teacher import retrieval_recall, train_clip, clip_transforms
     from trainer.data.image_text import read_image_text
 
     layout = RunLayout.of(manifest)
@@ -69,9 +70,11 @@ def run(manifest: RunManifest) -> dict:
           f"{steps_per_epoch} steps; held out: {heldout_tars[0].name} ({len(heldout)} images)")
     _, eval_tf = clip_transforms(model)
     before = retrieval_recall(model, tokenizer, heldout, eval_tf, groups=groups)
+    curve = checkpoint.with_name("training_curve.png")
     history = train_clip(model, tokenizer, train_tars, heldout, cfg.model_copy(update={"batch_size": batch_size}),
-                         steps_per_epoch=steps_per_epoch, seed=manifest.seed,
-                         tensorboard_dir=layout.tensorboard / STAGE, heldout_groups=groups)
+                         steps_per_epoch=steps_per_epoch, seed=manifest.seed, heldout_groups=groups,
+                         files=TrainFiles(layout.teacher_state, layout.tensorboard / STAGE, curve),
+                         checkpoint_every=cfg.checkpoint_every, fingerprint=state.fingerprint)
     final = history.epochs[-1]
     metrics = {"heldout": {"shard": heldout_tars[0].name, "in_sample": len(tars) == 1, **{
                    k: v for k, v in final.items() if k.startswith("r") or k == "num_images"}},
@@ -80,7 +83,6 @@ def run(manifest: RunManifest) -> dict:
                "steps": history.steps[-1] if history.steps else 0, "train_images": num_train,
                "train_seconds": history.seconds, "epochs": history.epochs}
     save_clip_checkpoint(model, checkpoint, arch=arch, epoch=cfg.epochs, recall=metrics["heldout"])
-    curve = plot_teacher_curve(history, checkpoint.with_name("training_curve.png"))
     h = metrics["heldout"]
     print(f"train-teacher: held-out image->caption R@1 {h.get('r1')} (chance {h.get('r1_chance')}), "
           f"R@5 {h.get('r5')} (chance {h.get('r5_chance')}), R@1 counting a caption with the same concepts "

@@ -29,6 +29,7 @@ def run(manifest: RunManifest) -> dict:
     from trainer.engine.device import resolve_device
     from stages.resolve import (annotation_file, class_embeddings, clip_checkpoint, detector_settings,
                                 images_root, load_frozen_rpn, load_teacher_clip, train_settings)
+    from trainer.engine.loop import TrainFiles
     from trainer.tasks.transfer import compute_proposals, rpn_proposal_fn, train_detector
 
     layout = RunLayout.of(manifest)
@@ -85,8 +86,11 @@ def run(manifest: RunManifest) -> dict:
         detector = build_detector(manifest.teacher.arch, checkpoint, embeddings, detector_settings(manifest),
                                   allow_partial=cfg.allow_partial, device=device, class_names=vocab.names)
         print(f"transfer[{init}]: from {checkpoint} ({cfg.steps} steps x {cfg.batch_size} images)")
-        report = train_detector(detector, data, vocab, proposals, train_settings(manifest))
         path = layout.transfer_checkpoint(init)
+        report = train_detector(detector, data, vocab, proposals, train_settings(manifest),
+                                files=TrainFiles(layout.transfer_state(init), layout.tensorboard / STAGE / init,
+                                                 path.with_suffix(".png")),
+                                checkpoint_every=cfg.checkpoint_every, fingerprint=fingerprints[init])
         save_detector(detector, path, init=init, init_checkpoint=str(checkpoint),
                       train_category_ids=list(vocab.ids))
         print(f"transfer[{init}]: {report['seconds']}s, final losses {report['final']} -> {path}")

@@ -264,6 +264,10 @@ def test_transfer_evaluate_detect_on_a_tiny_world(write_manifest, monkeypatch, t
     assert set(first["detectors"]) == {"teacher", "pretrain"}
     assert layout.transfer_checkpoint("teacher").is_file() and layout.transfer_checkpoint("pretrain").is_file()
     assert rpn.calls[0]["post_nms_top_n"] == 48
+    for init in ("teacher", "pretrain"):             # the training state, TensorBoard scalars, the curve
+        assert torch.load(layout.transfer_state(init), weights_only=True)["step"] == 2
+        assert list((layout.tensorboard / "transfer" / init).glob("events.*"))
+        assert layout.transfer_checkpoint(init).with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     again = transfer.run(manifest)                   # up to date: nothing retrained
     assert again["detectors"]["teacher"]["seconds"] == first["detectors"]["teacher"]["seconds"]
 

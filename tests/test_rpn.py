@@ -172,6 +172,7 @@ def test_stage_trains_and_reports_recall_by_split(write_manifest):
     model = load_rpn(layout.rpn_checkpoint)
     assert model.recall["novel"] == recall["novel"]
     assert (layout.rpn_checkpoint.parent / "training_curve.png").exists()
+    assert torch.load(layout.rpn_state, weights_only=True)["step"] == metrics["steps"] > 0
     stamp = layout.rpn_checkpoint.stat().st_mtime_ns
     train_rpn.run(manifest)                                  # up to date: skipped
     assert layout.rpn_checkpoint.stat().st_mtime_ns == stamp

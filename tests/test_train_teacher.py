@@ -88,6 +88,7 @@ def test_stage_trains_reports_retrieval_and_checkpoint_loads_in_open_clip(sharde
     assert metrics["loss_last_epoch"] < metrics["loss_first_epoch"]
     assert (layout.teacher_checkpoint.parent / "training_curve.png").stat().st_size > 1000
     assert list((layout.tensorboard / "train-teacher").glob("events.out.tfevents.*"))
+    assert torch.load(layout.teacher_state, weights_only=True)["step"] == 8   # the training state (resume)
 
     # The checkpoint loads in open_clip unchanged and gives the same image features as ours.
     ours, _ = load_clip("RN50-tiny", layout.teacher_checkpoint)
@@ -133,11 +134,3 @@ def test_disabled_by_default_and_needs_shards(write_manifest):
     assert not train_teacher.enabled(write_manifest(""))
     with pytest.raises(StageInputError, match="regionclip shard"):
         train_teacher.run(write_manifest("train_teacher: {enabled: true}"))
-
-
-def test_warmup_cosine_schedule():
-    from trainer.tasks.teacher import warmup_cosine
-
-    f = warmup_cosine(4, 12)
-    assert [round(f(s), 3) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert f(4) == pytest.approx(1.0) and f(8) == pytest.approx(0.5) and f(12) == pytest.approx(0.0)

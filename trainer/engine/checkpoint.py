@@ -1,10 +1,10 @@
-"""The pretraining trainer state: written atomically, read with `torch.load(weights_only=True)`.
+"""A training run's state file: written atomically, read with `torch.load(weights_only=True)`.
 
-The state holds only tensors and plain Python data:
-    step, model (the region encoder's trainable CLIP visual tower), optimizer, scaler,
-    rng (per rank: python, numpy, torch, cuda), data (per rank: DataPosition.state_dict()),
-    history (logged scalars, for the training curve), config (the pretrain settings), meta.
-The learning-rate schedule is a pure function of the step, so restoring the step restores it.
+The state (trainer/engine/loop.py's TrainLoop.save_checkpoint) holds only tensors and plain data:
+    step, model (every tensor of the trained module, frozen ones too), optimizer, scaler, schedule
+    (its settings: the lr is a pure function of the step), history (logged records, for the curve),
+    epochs (per-epoch evaluations), seconds, settings, meta (task name, fingerprint, world size, ...),
+    and per rank: rng (python, numpy, torch, cuda), data (the task's data position), hooks.
 """
 from __future__ import annotations
 
@@ -18,7 +18,15 @@ import torch
 
 from pipeline.io import atomic_path
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+
+
+def seed_all(seed: int) -> None:
+    """Seed every generator a state captures (python, numpy, torch and CUDA): a run's saved RNG state
+    then depends on its seed only, not on the process it ran in."""
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
 
 
 def rng_state() -> dict:
@@ -62,6 +70,7 @@ def load_state(path: str | os.PathLike, map_location="cpu") -> Optional[dict]:
         return None
     state = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-        raise RuntimeError(f"{path}: not a pretrain trainer state of version {STATE_VERSION}; "
-                           "delete it (or set pretrain.resume: never) to start over")
+        raise RuntimeError(f"{path}: not a trainer state of version {STATE_VERSION} (an older release wrote "
+                           "it?); delete it to start that training over")
     return state
+

@@ -1,4 +1,4 @@
-"""The lean streaming pretraining loop (REFERENCE §4-5), in detectron2's hooks style.
+"""The lean streaming pretraining task (REFERENCE §4-5) on the training engine (trainer/engine/loop.py).
 
     trainer = PretrainTrainer(cfg, clip_model, concept_embeddings, sources=..., codec=..., paths=...)
     summary = trainer.train()            # resumes from paths.state when cfg.resume == "auto"
@@ -6,8 +6,10 @@
 One step: `grad_accum` micro-batches; each one runs the student once over the whole batch (res4 of
 every image, then RoIAlign -> res5 -> attention pool for the sampled regions *and* one whole-image
 box per image), decodes the teacher's stored codes into concept logits on the device, and adds the
-three losses (trainer/losses.py) with their weights. Then per-parameter gradient clipping, the
-optimizer step and the hooks (logging, checkpoints). The schedule is a pure function of the step.
+three losses (trainer/losses.py) with their weights. Then per-parameter gradient clipping and the
+optimizer step. The engine's hooks do the rest: the lr schedule (WarmupMultiStep), logging and
+TensorBoard, checkpoints (with every rank's exact data position, trainer/data/pretrain_stream.py's
+DataPosition), SIGTERM, the NaN guard and the curve.
 
 With `online_teacher` the RPN and the teacher run inside the step (as the reference does): boxes from
 the RPN on the (flipped) batch images, `regions_per_image` of them sampled, teacher logits from the
@@ -20,9 +22,6 @@ every rank (with gradient); the region-concept loss stays per local batch as in 
 from __future__ import annotations
 
 import logging
-import math
-import signal
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -35,33 +34,22 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.config import PretrainConfig
-from trainer.engine.device import init_distributed, resolve_device
-from trainer.engine.checkpoint import load_state, rng_state, save_state, set_rng_state
-from trainer.models.clip import CLIP_MEAN, CLIP_STD, check_embedding_dim, save_clip_checkpoint
 from trainer.data.pretrain_stream import DataOptions, DataPosition, ShardSource, make_loader
+from trainer.engine.checkpoint import seed_all
+from trainer.engine.device import init_distributed, resolve_device
+from trainer.engine.hooks import standard_hooks
+from trainer.engine.loop import HookBase, TrainLoop
+from trainer.engine.schedules import WarmupMultiStep
 from trainer.losses import (concept_logits, distillation_loss, gather_with_grad, image_caption_loss,
                             keep_mask, region_concept_loss)
+from trainer.models.clip import CLIP_MEAN, CLIP_STD, check_embedding_dim, save_clip_checkpoint
 from trainer.models.region_encoder import RegionEncoder
+
+__all__ = ["HookBase", "OnlineTeacher", "PretrainPaths", "PretrainTrainer"]  # HookBase: bench/trainer.py's hooks
 
 log = logging.getLogger(__name__)
 
-WARMUP_FACTOR = 0.001  # detectron2's linear warmup starts at lr * 0.001
 LOSS_NAMES = ("region_concept", "distill", "image_caption")
-
-
-# -- small helpers -------------------------------------------------------------------------------------
-
-
-
-
-
-def lr_at(cfg: PretrainConfig, step: int) -> float:
-    """Linear warmup from lr * 0.001 over warmup_steps, then x0.1 at every step in lr_steps."""
-    factor = 0.1 ** sum(1 for s in cfg.lr_steps if step >= s)
-    if step < cfg.warmup_steps:
-        alpha = step / cfg.warmup_steps
-        factor *= WARMUP_FACTOR * (1 - alpha) + alpha
-    return cfg.lr * factor
 
 
 def clip_per_parameter(params: Iterable[torch.Tensor], max_norm: float) -> None:
@@ -70,94 +58,6 @@ def clip_per_parameter(params: Iterable[torch.Tensor], max_norm: float) -> None:
         if p.grad is not None:
             torch.nn.utils.clip_grad_norm_([p], max_norm)
 
-
-def _all_reduce_mean(values: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The mean over ranks (on `device`: nccl reduces CUDA tensors only); returned on the CPU."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        values = values.to(device)
-        dist.all_reduce(values)
-        values = values.cpu() / dist.get_world_size()
-    return values
-
-
-# -- hooks -------------------------------------------------------------------------------------------------
-
-class HookBase:
-    def before_train(self, trainer: "PretrainTrainer") -> None: ...
-    def after_step(self, trainer: "PretrainTrainer") -> None: ...
-    def after_train(self, trainer: "PretrainTrainer") -> None: ...
-
-
-class LoggerHook(HookBase):
-    """Scalars (losses, lr, images/s, data wait) to TensorBoard and the history; tqdm on rank 0."""
-
-    def __init__(self, every: int, tensorboard: Optional[Path], progress: bool = True):
-        self.every, self.tensorboard, self.progress = every, tensorboard, progress
-        self.writer = self.bar = None
-        self._window: list[tuple[float, float, int]] = []
-
-    def before_train(self, t):
-        if t.rank != 0:
-            return
-        if self.tensorboard is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.tensorboard), purge_step=t.step or None)
-        if self.progress:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=t.cfg.steps, initial=t.step, desc="pretrain", dynamic_ncols=True,
-                            mininterval=1.0, file=sys.stderr)
-
-    def after_step(self, t):
-        self._window.append((t.last_step_seconds, t.last_data_seconds, t.global_batch))
-        # Loss values of every rank, averaged (every rank takes part: a collective).
-        if t.step % self.every and t.step != t.cfg.steps and not t.stopping:
-            if self.bar is not None:
-                self.bar.update(1)
-            return
-        losses = _all_reduce_mean(torch.tensor([t.last_losses[k] for k in (*LOSS_NAMES, "total")],
-                                               dtype=torch.float64), t.device)
-        seconds = sum(w[0] for w in self._window)
-        images = sum(w[2] for w in self._window)
-        record = {"step": t.step, **{f"loss_{k}": float(v) for k, v in zip((*LOSS_NAMES, "total"), losses)},
-                  "lr": t.last_lr, "images_per_s": images / max(seconds, 1e-9),
-                  "data_wait_s": sum(w[1] for w in self._window) / len(self._window)}
-        self._window = []
-        t.history.append(record)
-        if t.rank != 0:
-            return
-        if self.writer is not None:
-            for k, v in record.items():
-                if k != "step":
-                    self.writer.add_scalar(f"pretrain/{k}", v, t.step)
-            for reason, n in t.position.skipped_total().items():
-                self.writer.add_scalar(f"pretrain/skipped_{reason}", n, t.step)
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{record['loss_total']:.3f}", lr=f"{record['lr']:.2e}",
-                                 ips=f"{record['images_per_s']:.1f}", refresh=False)
-
-    def after_train(self, t):
-        if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()
-        if self.bar is not None:
-            self.bar.close()
-
-
-class CheckpointHook(HookBase):
-    """The trainer state every `every` steps, when stopping (SIGTERM) and at the end; the curve PNG."""
-
-    def __init__(self, every: int):
-        self.every = every
-
-    def after_step(self, t):
-        if t.step % self.every == 0 or t.stopping or t.step >= t.cfg.steps:
-            t.save_checkpoint()
-
-
-# -- the trainer ---------------------------------------------------------------------------------------------
 
 @dataclass
 class PretrainPaths:
@@ -177,7 +77,7 @@ class OnlineTeacher:
     nms_thresh: float = 0.5
 
 
-class PretrainTrainer:
+class PretrainTrainer(TrainLoop):
     def __init__(self, cfg: PretrainConfig, clip_model: nn.Module, concept_embeddings,
                  paths: PretrainPaths, *, sources: Sequence[ShardSource] = (), codec=None,
                  online: Optional[OnlineTeacher] = None, arch: Optional[str] = None,
@@ -186,7 +86,6 @@ class PretrainTrainer:
         self.device = resolve_device(cfg.device)
         self.rank, self.world = init_distributed(self.device)
         self.arch = arch or getattr(clip_model, "regionclip_arch", None)
-        self.fingerprint = fingerprint
         if cfg.batch_size % (self.world * cfg.grad_accum):
             raise ValueError(f"pretrain.batch_size={cfg.batch_size} must be a multiple of ranks x grad_accum "
                              f"= {self.world} x {cfg.grad_accum}")
@@ -198,11 +97,7 @@ class PretrainTrainer:
             raise ValueError("precomputed targets need the label stage's codec (trainer.offline.codecs.load_codec)")
         self.codec, self.online = codec, online if cfg.online_teacher else None
 
-        torch.manual_seed(cfg.seed + self.rank)
-        np.random.seed((cfg.seed + self.rank) % 2 ** 32)
-        import random
-
-        random.seed(cfg.seed + self.rank)
+        seed_all(cfg.seed + self.rank)
 
         self.clip_model = clip_model
         self.encoder = RegionEncoder.from_clip(clip_model, freeze_stem_res2=True, freeze_bn=True).to(self.device)
@@ -217,96 +112,57 @@ class PretrainTrainer:
             self.teacher.requires_grad_(False)
         self.params = [p for p in self.encoder.parameters() if p.requires_grad]
         if cfg.optimizer == "sgd":
-            self.optimizer = torch.optim.SGD(self.params, lr=cfg.lr, momentum=cfg.momentum,
-                                             weight_decay=cfg.weight_decay)
+            optimizer = torch.optim.SGD(self.params, lr=cfg.lr, momentum=cfg.momentum,
+                                        weight_decay=cfg.weight_decay)
         else:
-            self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.amp = bool(cfg.amp and self.device.type == "cuda")
         # bf16 autocast needs no loss scaling; the scaler is kept (disabled) so the state format is fixed.
-        self.scaler = torch.amp.GradScaler("cuda", enabled=False)
-        self.model: nn.Module = self.encoder
+        scaler = torch.amp.GradScaler("cuda", enabled=False)
+        model: nn.Module = self.encoder
         if self.world > 1:
-            self.model = nn.parallel.DistributedDataParallel(
+            model = nn.parallel.DistributedDataParallel(
                 self.encoder, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 broadcast_buffers=False)
         mean = torch.tensor(CLIP_MEAN, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(CLIP_STD, device=self.device).view(1, 3, 1, 1)
         self._norm = (mean * 255.0, std * 255.0)
 
-        self.step = 0
+        super().__init__("pretrain", model=model, optimizer=optimizer, max_steps=cfg.steps,
+                         schedule=WarmupMultiStep(cfg.warmup_steps, tuple(cfg.lr_steps)), device=self.device,
+                         scaler=scaler, state_path=paths.state, fingerprint=fingerprint,
+                         settings=cfg.model_dump(mode="json"), resume=cfg.resume,
+                         images_per_step=cfg.batch_size, rank=self.rank, world=self.world)
         self.position = DataPosition()
-        self.history: list[dict] = []
-        self.stopping = False
-        self._signalled = False
-        self.last_losses: dict = {}
-        self.last_lr = 0.0
-        self.last_step_seconds = self.last_data_seconds = 0.0
-        self.hooks: list[HookBase] = [LoggerHook(cfg.log_every, paths.tensorboard, progress),
-                                      CheckpointHook(cfg.checkpoint_every)]
+        self._batches: Optional[Iterator[dict]] = None   # given to train(), else the streaming loader
+        self._data: Optional[Iterator[dict]] = None
+        self.register_hooks(standard_hooks(log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+                                           tensorboard=paths.tensorboard, curve=paths.curve, progress=progress))
 
-    # -- state ---------------------------------------------------------------------------------------------
-    def state_dict_parts(self) -> dict:
-        return {"step": self.step, "model": {k: v.detach().cpu() for k, v in self.encoder.state_dict().items()},
-                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "history": list(self.history)}
+    # -- state: the engine's, plus the data layout (an exact data position needs the same one) ----------
+    def checkpoint_meta(self) -> dict:
+        return {"num_workers": self.cfg.num_workers, "local_batch": self.local_batch, "arch": self.arch or "",
+                "online_teacher": self.cfg.online_teacher}
 
-    def save_checkpoint(self) -> None:
-        mine = {"rng": rng_state(), "data": self.position.state_dict()}
-        if self.world > 1:
-            everyone: list = [None] * self.world
-            dist.all_gather_object(everyone, mine)
-        else:
-            everyone = [mine]
-        if self.rank == 0:
-            state = {**self.state_dict_parts(), "rng": [e["rng"] for e in everyone],
-                     "data": [e["data"] for e in everyone],
-                     "meta": {"world_size": self.world, "num_workers": self.cfg.num_workers,
-                              "local_batch": self.local_batch, "arch": self.arch or "",
-                              "fingerprint": self.fingerprint, "online_teacher": self.cfg.online_teacher},
-                     "config": self.cfg.model_dump(mode="json")}
-            save_state(self.paths.state, state)
-            if self.paths.curve is not None and self.history:
-                plot_curve(self.history, self.paths.curve)
-        if self.world > 1:
-            dist.barrier()
+    def data_state(self) -> dict:
+        return self.position.state_dict()
 
-    def resume(self, path: Optional[Path] = None) -> bool:
-        """Load a saved trainer state. Without `path` (resume: auto) only this run's own state counts: one
-        saved under another fingerprint (other settings or inputs) is left alone and training starts anew,
-        so a changed manifest never continues a stale run. An explicit `path` is loaded whatever made it."""
-        state = load_state(path or self.paths.state)
-        if state is None:
-            return False
-        saved = state.get("meta", {}).get("fingerprint", "")
-        if path is None and saved and self.fingerprint and saved != self.fingerprint:
-            log.warning("not resuming %s: it was saved under fingerprint %s, this run is %s (settings or inputs "
-                        "changed); starting from step 0. To continue it anyway, set pretrain.resume to its path",
-                        self.paths.state, saved, self.fingerprint)
-            return False
-        self.encoder.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.step = int(state["step"])
-        self.history = list(state.get("history", []))
+    def load_data_state(self, state: dict) -> None:
+        self.position = DataPosition.from_state(state)
+
+    def load_rank_states(self, state: dict) -> None:
         meta = state.get("meta", {})
-        same_layout = (meta.get("world_size") == self.world and meta.get("num_workers") == self.cfg.num_workers
-                       and meta.get("local_batch") == self.local_batch)
-        if same_layout:
-            set_rng_state(state["rng"][self.rank])
-            self.position = DataPosition.from_state(state["data"][self.rank])
-        else:
-            # Another rank/worker layout: the per-slot positions do not transfer; restart the data
-            # at the epoch after the furthest one any slot reached (no sample seen twice in that epoch).
-            epochs = [w[0] for d in state["data"] for w in d.get("workers", {}).values()]
-            nxt = max(epochs, default=-1) + 1
-            log.warning("resuming with %d rank(s) x %d worker(s) x batch %d (saved: %s x %s x %s): the "
-                        "data restarts at epoch %d, not at the exact sample", self.world, self.cfg.num_workers,
-                        self.local_batch, meta.get("world_size"), meta.get("num_workers"),
-                        meta.get("local_batch"), nxt)
-            self.position = DataPosition(0, {str(w): (nxt, 0, 0) for w in range(max(1, self.cfg.num_workers))})
-        if self.rank == 0:
-            log.info("resumed from %s at step %d", path or self.paths.state, self.step)
-        return True
+        if (meta.get("world_size") == self.world and meta.get("num_workers") == self.cfg.num_workers
+                and meta.get("local_batch") == self.local_batch):
+            return super().load_rank_states(state)
+        # Another rank/worker layout: the per-slot positions do not transfer; restart the data at the
+        # epoch after the furthest one any slot reached (no sample seen twice in that epoch).
+        epochs = [w[0] for d in state["data"] for w in d.get("workers", {}).values()]
+        nxt = max(epochs, default=-1) + 1
+        log.warning("resuming with %d rank(s) x %d worker(s) x batch %d (saved: %s x %s x %s): the data "
+                    "restarts at epoch %d, not at the exact sample", self.world, self.cfg.num_workers,
+                    self.local_batch, meta.get("world_size"), meta.get("num_workers"), meta.get("local_batch"), nxt)
+        self.position = DataPosition(0, {str(w): (nxt, 0, 0) for w in range(max(1, self.cfg.num_workers))})
 
     # -- data ------------------------------------------------------------------------------------------------
     def data_options(self) -> DataOptions:
@@ -394,19 +250,15 @@ class PretrainTrainer:
                 "image_caption": image_caption_loss(gather_with_grad(images), gather_with_grad(captions),
                                                     cfg.temperature)}
 
-    def run_step(self, data: Iterator[dict]) -> None:
+    def run_step(self) -> dict[str, float]:
         cfg = self.cfg
-        started = time.perf_counter()
         data_seconds = 0.0
-        self.last_lr = lr_at(cfg, self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.last_lr
         weights = {"region_concept": cfg.loss_region_concept, "distill": cfg.loss_distill,
                    "image_caption": cfg.loss_image_caption}
         sums = dict.fromkeys((*LOSS_NAMES, "total"), 0.0)
         for micro in range(cfg.grad_accum):
             t0 = time.perf_counter()
-            batch = next(data)
+            batch = self.next_batch()
             data_seconds += time.perf_counter() - t0
             if "_worker" in batch:
                 self.position.update(batch)
@@ -418,110 +270,40 @@ class PretrainTrainer:
             for k, v in losses.items():
                 sums[k] += float(v.detach()) / cfg.grad_accum
             sums["total"] += float(total.detach()) / cfg.grad_accum
-        if not all(math.isfinite(v) for v in sums.values()):
-            raise FloatingPointError(f"step {self.step}: non-finite loss {sums}")
         if cfg.grad_clip:
             clip_per_parameter(self.params, cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        self.last_losses = sums
-        self.last_data_seconds = data_seconds
-        self.last_step_seconds = time.perf_counter() - started
+        self.put_scalar("data_wait_s", data_seconds)
+        for reason, n in self.position.skipped_total().items():
+            self.put_scalar(f"skipped_{reason}", n, mean=False)
+        return sums
+
+    def next_batch(self) -> dict:
+        if self._data is None:  # after the resume: the loader starts at the restored position
+            self._data = self._batches if self._batches is not None else self.loader()
+        return next(self._data)
 
     # -- the loop ----------------------------------------------------------------------------------------------
-    def _on_sigterm(self, signum, frame):  # noqa: ARG002
-        self._signalled = True
-
-    def _agree_to_stop(self) -> bool:
-        flag = torch.tensor([1.0 if self._signalled else 0.0])
-        if self.world > 1:
-            flag = flag.to(self.device)
-            dist.all_reduce(flag)
-        return bool(flag.item() > 0)
-
     def train(self, batches: Optional[Iterable[dict]] = None, stop_after: Optional[int] = None) -> dict:
         """Run until cfg.steps (or `stop_after` more steps, then stop as on SIGTERM: state saved).
 
         `batches`: an iterable of collated batches to use instead of the streaming loader (benchmarks,
-        tests). Returns a summary (steps, seconds, images/s, last losses, skipped samples).
+        tests). Returns a summary (status, steps, seconds, images/s, last losses, skipped samples, history).
         """
-        cfg = self.cfg
-        if cfg.resume == "auto":
-            self.resume()
-        elif cfg.resume != "never":
-            if not self.resume(Path(cfg.resume)):
-                raise FileNotFoundError(f"pretrain.resume: no trainer state at {cfg.resume}")
-        previous = None
-        if threading_main():
-            previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-        data = iter(batches) if batches is not None else self.loader()
-        first_step, started = self.step, time.perf_counter()
-        status = "done"
-        for h in self.hooks:
-            h.before_train(self)
+        self._batches = iter(batches) if batches is not None else None
         try:
-            while self.step < cfg.steps:
-                self.run_step(data)
-                self.stopping = self._agree_to_stop() or (stop_after is not None
-                                                          and self.step - first_step >= stop_after)
-                for h in self.hooks:
-                    h.after_step(self)
-                if self.stopping:
-                    status = "interrupted"
-                    break
+            summary = super().train(stop_after=stop_after)
         finally:
-            for h in self.hooks:
-                h.after_train(self)
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
-            del data
-        if status == "done" and self.rank == 0 and self.paths.student is not None:
+            self._data = self._batches = None  # the loader's workers end with it
+        if summary["status"] == "done" and self.rank == 0 and self.paths.student is not None:
             self.export_student(self.paths.student)
         if self.world > 1:
             dist.barrier()
-        seconds = time.perf_counter() - started
-        steps = self.step - first_step
-        return {"status": status, "step": self.step, "steps_run": steps, "seconds": seconds,
-                "images_per_s": steps * self.global_batch / max(seconds, 1e-9),
-                "losses": dict(self.last_losses), "skipped": self.position.skipped_total(),
-                "history": self.history}
+        images_per_s = summary["steps_run"] * self.global_batch / max(summary["seconds"], 1e-9)
+        return {**summary, "images_per_s": images_per_s, "skipped": self.position.skipped_total()}
 
     def export_student(self, path: Path) -> Path:
         """The student as an open_clip checkpoint (load_clip(arch, path)); text tower unchanged."""
         return save_clip_checkpoint(self.clip_model, path, arch=self.arch, pretrain_step=self.step,
                                     pretrain_fingerprint=self.fingerprint)
-
-
-def threading_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
-def plot_curve(history: list[dict], path: Path) -> None:
-    """Losses and lr against the step (matplotlib Agg), written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from pipeline.io import atomic_path
-
-    steps = [h["step"] for h in history]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for k in (*LOSS_NAMES, "total"):
-        ax.plot(steps, [h[f"loss_{k}"] for h in history], label=k)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_yscale("log")
-    ax.legend()
-    ax.set_title("pretrain losses")
-    ax2.plot(steps, [h["lr"] for h in history], color="k")
-    ax2.set_xlabel("step")
-    ax2.set_ylabel("lr")
-    ax2.set_title(f"lr; last images/s {history[-1]['images_per_s']:.1f}")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)

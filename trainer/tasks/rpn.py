@@ -1,4 +1,4 @@
-"""Training and evaluating the class-agnostic RPN (the `train-rpn` stage's loop).
+"""Training and evaluating the class-agnostic RPN (the `train-rpn` stage's task on trainer/engine/).
 
     train = read_coco_boxes("instances_train.json")          # every category's boxes, as one class
     history = train_rpn(model, train, cfg)                     # SGD, warmup, x0.1 steps, flips
@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -24,9 +23,12 @@ import torch
 from tqdm import tqdm
 
 from trainer.data.images import read_image_tensor
-from trainer.models.rpn import ProposalNetwork, proposal_hits
+from trainer.engine.checkpoint import seed_all
 from trainer.engine.device import resolve_device
-from trainer.tasks.teacher import _save_figure, _summary_writer
+from trainer.engine.hooks import Callback, log_every_for, standard_hooks
+from trainer.engine.loop import TrainFiles, TrainingInterrupted, TrainLoop
+from trainer.engine.schedules import WarmupMultiStep
+from trainer.models.rpn import ProposalNetwork, proposal_hits
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +75,6 @@ def read_coco_boxes(annotations: Path, images_root: Optional[Path] = None) -> Co
                      {k: np.asarray(v, np.int64) for k, v in cats.items()}, split_of)
 
 
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warmup, then x0.1 at 2/3 and again at 8/9 of training (detectron2's step schedule shape)."""
-    if step < warmup:
-        return 0.001 + (1 - 0.001) * step / warmup
-    return 0.1 ** sum(step >= m for m in (int(total * 2 / 3), int(total * 8 / 9)))
-
-
 @dataclass
 class RpnHistory:
     steps: list[int] = field(default_factory=list)
@@ -90,82 +85,116 @@ class RpnHistory:
     seconds: float = 0.0
 
 
-def train_rpn(model: ProposalNetwork, data: CocoBoxes, cfg, *, seed: int = 0,
-              tensorboard_dir: Optional[Path] = None, val: Optional[CocoBoxes] = None,
-              progress: bool = True) -> RpnHistory:
-    """Train `model` in place on every box of `data` (one class): SGD momentum 0.9, weight decay 1e-4,
-    warmup, step decay, random horizontal flips, gradient-norm clip 10. `cfg`: TrainRpnConfig (epochs,
-    batch_size, lr, min_size, max_size, device, warmup_steps). `val`: recall after each epoch."""
-    device = resolve_device(cfg.device)
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    data = data.with_boxes()
-    if not data.images:
-        raise ValueError("train-rpn: the training set has no boxes")
-    model.to(device).train()
-    model.transform.min_size, model.transform.max_size = (int(cfg.min_size),), int(cfg.max_size)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=1e-4)
-    steps_per_epoch = math.ceil(len(data.images) / cfg.batch_size)
-    total = cfg.epochs * steps_per_epoch
-    warmup = min(getattr(cfg, "warmup_steps", 100), max(1, total // 4))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup))
-    writer = _summary_writer(tensorboard_dir)
-    history = RpnHistory()
-    started, step = time.time(), 0
-    bar = tqdm(total=total, desc="train-rpn", unit="step", disable=not progress)
-    for epoch in range(cfg.epochs):
-        order = torch.randperm(len(data.images), generator=generator).tolist()
-        for start in range(0, len(order), cfg.batch_size):
-            images, targets = [], []
-            for i in order[start:start + cfg.batch_size]:
-                record = data.images[i]
-                image = read_image_tensor(record["path"], unit_range=True)
-                boxes = torch.from_numpy(data.boxes[record["id"]].copy())
-                if torch.rand((), generator=generator) < 0.5:       # horizontal flip
-                    image = image.flip(-1)
-                    width = image.shape[-1]
-                    boxes = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], 1)
-                images.append(image.to(device))
-                targets.append({"boxes": boxes.to(device)})
-            losses = model(images, targets)
-            loss = losses["loss_objectness"] + losses["loss_rpn_box_reg"]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 10.0)
-            optimizer.step()
-            schedule.step()
-            step += 1
-            history.steps.append(step)
-            history.losses.append(loss.item())
-            history.loss_objectness.append(losses["loss_objectness"].item())
-            history.loss_box.append(losses["loss_rpn_box_reg"].item())
-            if writer:
-                writer.add_scalar("train/loss", loss.item(), step)
-                writer.add_scalar("train/loss_objectness", losses["loss_objectness"].item(), step)
-                writer.add_scalar("train/loss_rpn_box_reg", losses["loss_rpn_box_reg"].item(), step)
-                writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
-            bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
-        record = {"epoch": epoch + 1, "step": step,
-                  "loss": round(float(np.mean(history.losses[-steps_per_epoch:])), 5)}
-        if val is not None:
-            report = evaluate_recall(model, val, min_size=cfg.min_size, max_size=cfg.max_size, device=device)
+def rpn_schedule(cfg, total_steps: int) -> WarmupMultiStep:
+    """Linear warmup (at most a quarter of training), then x0.1 at 2/3 and again at 8/9 of training
+    (detectron2's step schedule shape)."""
+    warmup = min(cfg.warmup_steps, max(1, total_steps // 4))
+    return WarmupMultiStep(warmup, (int(total_steps * 2 / 3), int(total_steps * 8 / 9)))
+
+
+class RpnTrainer(TrainLoop):
+    """SGD on every box of a COCO-format set as one class: momentum 0.9, weight decay 1e-4, random
+    horizontal flips, gradient-norm clip 10. Epoch e visits the images in a random order; the order and
+    the flips are drawn from one seeded generator, whose state (with the epoch's order and place) is
+    the data position."""
+
+    def __init__(self, model: ProposalNetwork, data: CocoBoxes, cfg, *, seed: int = 0,
+                 val: Optional[CocoBoxes] = None, files: Optional[TrainFiles] = None, checkpoint_every: int = 500,
+                 fingerprint: str = "", progress: bool = True):
+        device = resolve_device(cfg.device)
+        self.generator = torch.Generator().manual_seed(seed)
+        seed_all(seed)
+        data = data.with_boxes()
+        if not data.images:
+            raise ValueError("train-rpn: the training set has no boxes")
+        model.to(device).train()
+        model.transform.min_size, model.transform.max_size = (int(cfg.min_size),), int(cfg.max_size)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(self.params, lr=cfg.lr, momentum=0.9, weight_decay=1e-4)
+        total = cfg.epochs * math.ceil(len(data.images) / cfg.batch_size)
+        super().__init__("train-rpn", model=model, optimizer=optimizer, max_steps=total,
+                         schedule=rpn_schedule(cfg, total), device=device, state_path=files.state if files else None,
+                         fingerprint=fingerprint, settings={**cfg.model_dump(mode="json"), "seed": seed},
+                         images_per_step=cfg.batch_size)
+        self.cfg, self.data, self.val = cfg, data, val
+        self.epoch, self.order, self.place, self.epoch_losses = 0, None, 0, []
+        self.register_hooks(standard_hooks(
+            log_every=log_every_for(total), checkpoint_every=checkpoint_every,
+            tensorboard=files.tensorboard if files else None,
+            curve=files.curve if files else None, progress=progress,
+            epoch_keys=("recall_all", "recall_base", "recall_novel"), task_hooks=[Callback(self._after_step)]))
+
+    def run_step(self) -> dict[str, float]:
+        if self.order is None:
+            self.order = torch.randperm(len(self.data.images), generator=self.generator).tolist()
+        chunk = self.order[self.place:self.place + self.cfg.batch_size]
+        self.place += len(chunk)
+        images, targets = [], []
+        for i in chunk:
+            record = self.data.images[i]
+            image = read_image_tensor(record["path"], unit_range=True)
+            boxes = torch.from_numpy(self.data.boxes[record["id"]].copy())
+            if torch.rand((), generator=self.generator) < 0.5:       # horizontal flip
+                image = image.flip(-1)
+                width = image.shape[-1]
+                boxes = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], 1)
+            images.append(image.to(self.device))
+            targets.append({"boxes": boxes.to(self.device)})
+        losses = self.model(images, targets)
+        loss = losses["loss_objectness"] + losses["loss_rpn_box_reg"]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 10.0)
+        self.optimizer.step()
+        self.epoch_losses.append(loss.item())
+        return {"total": loss.item(), "objectness": losses["loss_objectness"].item(),
+                "rpn_box_reg": losses["loss_rpn_box_reg"].item()}
+
+    def _after_step(self) -> None:
+        if self.place < len(self.order):
+            return
+        record = {"epoch": self.epoch + 1, "step": self.step, "loss": round(float(np.mean(self.epoch_losses)), 5)}
+        if self.val is not None:
+            report = evaluate_recall(self.model, self.val, min_size=self.cfg.min_size, max_size=self.cfg.max_size,
+                                     device=self.device)
             record.update({f"recall_{name}": part["recall@300"] for name, part in report.items()
                            if isinstance(part, dict) and "recall@300" in part})
-            model.train()
-            if writer:
-                for name, value in record.items():
-                    if name.startswith("recall_"):
-                        writer.add_scalar(f"val/{name}", value, step)
-        history.epochs.append(record)
-        log.info("train-rpn epoch %d: %s", epoch + 1, record)
-    bar.close()
-    if writer:
-        writer.close()
+            self.model.train()
+            for name, value in record.items():
+                if name.startswith("recall_") and value is not None:
+                    self.put_scalar(f"val_{name}", value, mean=False)
+        self.epoch_records.append(record)
+        log.info("train-rpn epoch %d: %s", self.epoch + 1, record)
+        self.epoch, self.order, self.place, self.epoch_losses = self.epoch + 1, None, 0, []
+
+    def data_state(self) -> dict:
+        return {"epoch": self.epoch, "order": torch.tensor(self.order or [], dtype=torch.int64), "place": self.place,
+                "losses": list(self.epoch_losses), "generator": self.generator.get_state()}
+
+    def load_data_state(self, state: dict) -> None:
+        self.epoch, self.place = int(state["epoch"]), int(state["place"])
+        self.order = state["order"].tolist() or None
+        self.epoch_losses = list(state["losses"])
+        self.generator.set_state(state["generator"])
+
+
+def train_rpn(model: ProposalNetwork, data: CocoBoxes, cfg, *, seed: int = 0, val: Optional[CocoBoxes] = None,
+              files: Optional[TrainFiles] = None, checkpoint_every: int = 500, fingerprint: str = "",
+              progress: bool = True) -> RpnHistory:
+    """Train `model` in place on every box of `data` (one class); resumes from `files.state` when it holds
+    this run's state (same `fingerprint`). `cfg`: TrainRpnConfig (epochs, batch_size, lr, min_size,
+    max_size, device, warmup_steps). `val`: recall after each epoch. SIGTERM: the state is saved and
+    TrainingInterrupted (exit 143) is raised."""
+    trainer = RpnTrainer(model, data, cfg, seed=seed, val=val, files=files, checkpoint_every=checkpoint_every,
+                         fingerprint=fingerprint, progress=progress)
+    summary = trainer.train()
+    TrainingInterrupted.raise_if(trainer, summary)
     model.eval()
-    history.seconds = round(time.time() - started, 2)
-    return history
+    history = trainer.history
+    return RpnHistory(steps=[h["step"] for h in history], losses=[h["loss_total"] for h in history],
+                      loss_objectness=[h["loss_objectness"] for h in history],
+                      loss_box=[h["loss_rpn_box_reg"] for h in history], epochs=list(trainer.epoch_records),
+                      seconds=round(trainer.seconds, 2))
 
 
 @torch.no_grad()
@@ -204,29 +233,3 @@ def evaluate_recall(model: ProposalNetwork, data: CocoBoxes, *, min_size: int, m
             part[key] = round(float(flat[mask].mean()), 4) if mask.any() else None
         report[name] = part
     return report
-
-
-def plot_rpn_curve(history: RpnHistory, path: Path) -> Path:
-    """Loss per step (total, objectness, box) and val recall per epoch, as a PNG (matplotlib, Agg)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
-    ax[0].plot(history.steps, history.losses, lw=1, label="total")
-    ax[0].plot(history.steps, history.loss_objectness, lw=1, label="objectness")
-    ax[0].plot(history.steps, history.loss_box, lw=1, label="box")
-    ax[0].set_xlabel("step")
-    ax[0].set_title("train-rpn: loss")
-    ax[0].legend()
-    for key in sorted({k for e in history.epochs for k in e if k.startswith("recall_")}):
-        ax[1].plot([e["epoch"] for e in history.epochs if key in e],
-                   [e[key] for e in history.epochs if key in e], marker="o", label=key[len("recall_"):])
-    ax[1].set_ylim(0, 1)
-    ax[1].set_xlabel("epoch")
-    ax[1].set_title("val recall@300, IoU 0.5")
-    if any(k.startswith("recall_") for e in history.epochs for k in e):
-        ax[1].legend()
-    fig.tight_layout()
-    return _save_figure(fig, path)

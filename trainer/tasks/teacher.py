@@ -1,31 +1,33 @@
-"""Image-level CLIP training on the shards (the `train-teacher` stage's loop).
+"""Image-level CLIP training on the shards (the `train-teacher` stage's task on trainer/engine/).
 
 open_clip model + open_clip's contrastive loss (`open_clip.loss.ClipLoss`) over batches streamed from
 the WebDataset tars (trainer/data/image_text.py); AdamW (no weight decay on gains, biases and the logit
-scale, as open_clip's trainer), linear warmup then cosine decay, the logit scale clamped at 100.
-Held-out image-to-caption retrieval (R@1, R@5 with their chance levels) after every epoch.
+scale, as open_clip's trainer), linear warmup then cosine decay (WarmupCosine), the logit scale
+clamped at 100. Held-out image-to-caption retrieval (R@1, R@5 with their chance levels) after every
+epoch. Checkpoints, resume, TensorBoard, progress and the curve come from the engine's hooks.
 
-    history = train_clip(model, tokenizer, train_tars, heldout_tars, cfg, steps_per_epoch=...)
+    history = train_clip(model, tokenizer, train_tars, heldout, cfg, steps_per_epoch=...,
+                         files=TrainFiles(layout.teacher_state, tensorboard, curve))
 """
 from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
 import open_clip
 import torch
-from tqdm import tqdm
 
 from trainer.data.image_text import image_text_batches
+from trainer.engine.checkpoint import rng_state, seed_all, set_rng_state
 from trainer.engine.device import resolve_device
+from trainer.engine.hooks import Callback, log_every_for, standard_hooks
+from trainer.engine.loop import DataExhausted, TrainFiles, TrainingInterrupted, TrainLoop
+from trainer.engine.schedules import WarmupCosine
 
 log = logging.getLogger(__name__)
-
-
 
 
 def clip_transforms(model, min_crop_scale: float = 0.9):
@@ -49,16 +51,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         exclude = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
         (no_decay if exclude else decay).append(p)
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
-
-
-def warmup_cosine(warmup_steps: int, total_steps: int):
-    """LR multiplier: linear warmup from 0 to 1 over warmup_steps, then cosine down to 0 at total_steps."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return factor
 
 
 @torch.no_grad()
@@ -112,127 +104,143 @@ class TeacherHistory:
     epochs: list[dict] = field(default_factory=list)   # {'epoch', 'step', 'loss', 'r1', ...}
     seconds: float = 0.0
 
-    def epoch_mean_loss(self, epoch_index: int, steps_per_epoch: int) -> float:
-        part = self.losses[epoch_index * steps_per_epoch:(epoch_index + 1) * steps_per_epoch]
-        return sum(part) / max(1, len(part))
+
+class ClipTrainer(TrainLoop):
+    """open_clip's ClipLoss on (image, caption) batches streamed from the tars, epoch after epoch.
+
+    Epoch e reads the tars in an order drawn from (seed, e) (trainer/data/image_text.py); its end (after
+    `steps_per_epoch` batches, or when its stream runs dry) runs the held-out retrieval. The data position
+    is (epoch, batches read in it); a resumed run rebuilds the epoch's stream from the RNG state saved at
+    the epoch's start (loader workers draw their seeds from it), reads the batches already trained on
+    again and drops them, then restores the RNG state of the step it resumes at."""
+
+    def __init__(self, model, tokenizer, train_tars: Sequence[Path], heldout: Sequence[dict], cfg, *,
+                 steps_per_epoch: int, seed: int = 0, heldout_groups: Optional[Sequence] = None,
+                 files: Optional[TrainFiles] = None, checkpoint_every: int = 500, fingerprint: str = "",
+                 progress: bool = True):
+        device = resolve_device(cfg.device)
+        seed_all(seed)
+        model.to(device).train()
+        self.train_tf, self.eval_tf = clip_transforms(model, cfg.min_crop_scale)
+        total = cfg.epochs * steps_per_epoch
+        optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98),
+                                      eps=1e-6)
+        super().__init__("train-teacher", model=model, optimizer=optimizer, max_steps=total,
+                         schedule=WarmupCosine(cfg.warmup_steps, total), device=device,
+                         state_path=files.state if files else None, fingerprint=fingerprint,
+                         settings={**cfg.model_dump(mode="json"), "seed": seed, "steps_per_epoch": steps_per_epoch},
+                         images_per_step=cfg.batch_size)
+        self.cfg, self.tokenizer, self.train_tars, self.seed = cfg, tokenizer, list(train_tars), seed
+        self.heldout, self.heldout_groups, self.steps_per_epoch = heldout, heldout_groups, steps_per_epoch
+        self.loss_fn = open_clip.loss.ClipLoss()
+        self.epoch, self.epoch_batches, self.epoch_losses = 0, 0, []
+        self._epoch_rng: Optional[dict] = None   # the RNG state when this epoch's stream was opened
+        self._batches = None
+        self.register_hooks(standard_hooks(
+            log_every=log_every_for(total), checkpoint_every=checkpoint_every,
+            tensorboard=files.tensorboard if files else None,
+            curve=files.curve if files else None, progress=progress, epoch_keys=("r1", "r5", "r1_same_group"),
+            task_hooks=[Callback(self._after_step)]))
+
+    def run_step(self) -> dict[str, float]:
+        images, texts = self.next_batch()
+        images, texts = images.to(self.device, non_blocking=True), texts.to(self.device, non_blocking=True)
+        image_features = self.model.encode_image(images, normalize=True)
+        text_features = self.model.encode_text(texts, normalize=True)
+        loss = self.loss_fn(image_features, text_features, self.model.logit_scale.exp())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        with torch.no_grad():  # open_clip clamps the learned temperature at 100
+            self.model.logit_scale.clamp_(0, math.log(100))
+        self.epoch_losses.append(loss.item())
+        self.put_scalar("logit_scale", self.model.logit_scale.exp().item(), mean=False)
+        return {"contrastive": loss.item()}
+
+    # -- data --------------------------------------------------------------------------------------------
+    def next_batch(self):
+        while True:
+            if self._batches is None:
+                if self.epoch >= self.cfg.epochs:
+                    raise DataExhausted
+                self._batches = self.open_epoch()
+            try:
+                batch = next(self._batches)
+            except StopIteration:  # the stream ran dry early (loader workers drop their partial batches)
+                self.end_epoch()
+                continue
+            self.epoch_batches += 1
+            return batch
+
+    def open_epoch(self):
+        """This epoch's batch stream; when resuming mid-epoch, advanced past the batches already trained
+        on. Those are decoded and cropped again: the crops draw on the RNG (of the loader workers, whose
+        seeds come from the epoch's start), so skipping them undecoded would change every later crop."""
+        resuming = self.epoch_batches > 0
+        now = rng_state()
+        if resuming:
+            set_rng_state(self._epoch_rng)
+        else:
+            self._epoch_rng = now
+        batches = iter(image_text_batches(self.train_tars, self.train_tf, self.tokenizer,
+                                          batch_size=self.cfg.batch_size,
+                                          shuffle_buffer=max(self.cfg.batch_size * 4, 256), seed=self.seed,
+                                          epoch=self.epoch, num_workers=self.cfg.num_workers, drop_last=True))
+        if resuming:
+            for _ in range(self.epoch_batches):
+                next(batches)
+            set_rng_state(now)
+        return batches
+
+    def _after_step(self) -> None:
+        if self.epoch_batches >= self.steps_per_epoch:
+            next(self._batches, None)  # as a `for` over the stream: it ends (its partial batch read, dropped)
+            self.end_epoch()
+
+    def end_epoch(self) -> None:
+        """Held-out retrieval and the epoch's record; the next step opens the next epoch."""
+        self._batches = None
+        metrics = (retrieval_recall(self.model, self.tokenizer, self.heldout, self.eval_tf, device=self.device,
+                                    groups=self.heldout_groups) if self.heldout else {})
+        losses = self.epoch_losses
+        record = {"epoch": self.epoch + 1, "step": self.step,
+                  "loss": round(sum(losses) / max(1, len(losses)), 5), **metrics}
+        self.epoch_records.append(record)
+        for k in ("r1", "r5", "r1_same_group"):
+            if k in metrics:
+                self.put_scalar(f"heldout_{k}", metrics[k], mean=False)
+        log.info("train-teacher epoch %d: %s", self.epoch + 1, record)
+        self.epoch, self.epoch_batches, self.epoch_losses = self.epoch + 1, 0, []
+
+    def data_state(self) -> dict:
+        return {"epoch": self.epoch, "batches": self.epoch_batches, "losses": list(self.epoch_losses),
+                "epoch_rng": self._epoch_rng if self.epoch_batches else {}}
+
+    def load_data_state(self, state: dict) -> None:
+        self.epoch, self.epoch_batches = int(state["epoch"]), int(state["batches"])
+        self.epoch_losses = list(state["losses"])
+        self._epoch_rng = state["epoch_rng"] or None
+        self._batches = None
 
 
 def train_clip(model, tokenizer, train_tars: Sequence[Path], heldout: Sequence[dict], cfg, *,
-               steps_per_epoch: int, seed: int = 0, tensorboard_dir: Optional[Path] = None,
-               progress: bool = True, heldout_groups: Optional[Sequence] = None) -> TeacherHistory:
-    """Train `model` (open_clip CLIP) in place with ClipLoss on (image, caption) batches of `train_tars`.
+               steps_per_epoch: int, seed: int = 0, heldout_groups: Optional[Sequence] = None,
+               files: Optional[TrainFiles] = None, checkpoint_every: int = 500, fingerprint: str = "",
+               progress: bool = True) -> TeacherHistory:
+    """Train `model` (open_clip CLIP) in place with ClipLoss on (image, caption) batches of `train_tars`;
+    resumes from `files.state` when it holds this run's state (same `fingerprint`).
 
     `cfg`: the manifest's TrainTeacherConfig (epochs, batch_size, lr, weight_decay, warmup_steps,
     min_crop_scale, device, num_workers). `heldout`: decoded samples for retrieval after each epoch;
-    `heldout_groups`: their caption groups (retrieval_recall's `groups`)."""
-    device = resolve_device(cfg.device)
-    torch.manual_seed(seed)
-    model.to(device).train()
-    train_tf, eval_tf = clip_transforms(model, cfg.min_crop_scale)
-    total = cfg.epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98),
-                                  eps=1e-6)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, total))
-    loss_fn = open_clip.loss.ClipLoss()
-    writer = _summary_writer(tensorboard_dir)
-    history = TeacherHistory()
-    started, step = time.time(), 0
-    bar = tqdm(total=total, desc="train-teacher", unit="step", disable=not progress)
-    for epoch in range(cfg.epochs):
-        batches = image_text_batches(train_tars, train_tf, tokenizer, batch_size=cfg.batch_size,
-                                     shuffle_buffer=max(cfg.batch_size * 4, 256), seed=seed, epoch=epoch,
-                                     num_workers=cfg.num_workers, drop_last=True)
-        for images, texts in batches:
-            if step >= (epoch + 1) * steps_per_epoch:
-                break
-            images, texts = images.to(device, non_blocking=True), texts.to(device, non_blocking=True)
-            image_features = model.encode_image(images, normalize=True)
-            text_features = model.encode_text(texts, normalize=True)
-            loss = loss_fn(image_features, text_features, model.logit_scale.exp())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            with torch.no_grad():  # open_clip clamps the learned temperature at 100
-                model.logit_scale.clamp_(0, math.log(100))
-            step += 1
-            lr = optimizer.param_groups[0]["lr"]
-            history.steps.append(step)
-            history.losses.append(loss.item())
-            history.lrs.append(lr)
-            if writer:
-                writer.add_scalar("train/loss", loss.item(), step)
-                writer.add_scalar("train/lr", lr, step)
-                writer.add_scalar("train/logit_scale", model.logit_scale.exp().item(), step)
-            bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
-        metrics = (retrieval_recall(model, tokenizer, heldout, eval_tf, device=device, groups=heldout_groups)
-                   if heldout else {})
-        record = {"epoch": epoch + 1, "step": step,
-                  "loss": round(sum(history.losses[-steps_per_epoch:]) / max(1, min(steps_per_epoch,
-                                                                                    len(history.losses))), 5),
-                  **metrics}
-        history.epochs.append(record)
-        if writer and metrics:
-            for k in ("r1", "r5", "r1_same_group"):
-                if k in metrics:
-                    writer.add_scalar(f"heldout/{k}", metrics[k], step)
-        log.info("train-teacher epoch %d: %s", epoch + 1, record)
-    bar.close()
-    if writer:
-        writer.close()
+    `heldout_groups`: their caption groups (retrieval_recall's `groups`). SIGTERM: the state is saved and
+    TrainingInterrupted (exit 143) is raised."""
+    trainer = ClipTrainer(model, tokenizer, train_tars, heldout, cfg, steps_per_epoch=steps_per_epoch, seed=seed,
+                          heldout_groups=heldout_groups, files=files, checkpoint_every=checkpoint_every,
+                          fingerprint=fingerprint, progress=progress)
+    summary = trainer.train()
+    TrainingInterrupted.raise_if(trainer, summary)
     model.eval()
-    history.seconds = round(time.time() - started, 2)
-    return history
-
-
-def _summary_writer(folder: Optional[Path]):
-    if folder is None:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard not installed: scalars are still in the stage manifest
-        log.warning("tensorboard is not installed; no TensorBoard scalars written")
-        return None
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    return SummaryWriter(str(folder))
-
-
-def plot_teacher_curve(history: TeacherHistory, path: Path) -> Path:
-    """Training loss per step and held-out R@1 per epoch, as a PNG (matplotlib, Agg)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
-    ax[0].plot(history.steps, history.losses, lw=1)
-    ax[0].set_xlabel("step")
-    ax[0].set_ylabel("contrastive loss")
-    ax[0].set_title("train-teacher: loss")
-    epochs = [e for e in history.epochs if "r1" in e]
-    if epochs:
-        ax[1].plot([e["epoch"] for e in epochs], [e["r1"] for e in epochs], marker="o", label="R@1")
-        ax[1].plot([e["epoch"] for e in epochs], [e["r5"] for e in epochs], marker="o", label="R@5")
-        ax[1].axhline(epochs[-1]["r1_chance"], ls="--", c="gray", label="R@1 chance")
-        if "r1_same_group" in epochs[-1]:
-            ax[1].plot([e["epoch"] for e in epochs], [e["r1_same_group"] for e in epochs], marker="o",
-                       label="R@1, same concepts")
-            ax[1].axhline(epochs[-1]["r1_same_group_chance"], ls=":", c="gray", label="same-concepts chance")
-        ax[1].legend()
-    ax[1].set_xlabel("epoch")
-    ax[1].set_title("held-out image->caption retrieval")
-    fig.tight_layout()
-    return _save_figure(fig, path)
-
-
-def _save_figure(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    from pipeline.io import atomic_path
-
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
-    return path
+    history = trainer.history
+    return TeacherHistory(steps=[h["step"] for h in history], losses=[h["loss_contrastive"] for h in history],
+                          lrs=[h["lr"] for h in history], epochs=list(trainer.epoch_records),
+                          seconds=round(trainer.seconds, 2))

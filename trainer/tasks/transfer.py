@@ -1,5 +1,6 @@
-"""Detector transfer: the training loop (base classes, frozen RPN proposals) and inference over a
-detection set. The stage modules `stages/transfer.py` and `stages/evaluate.py` are recipes over these.
+"""Detector transfer: the training task on trainer/engine/ (base classes, frozen RPN proposals; the
+engine's hooks give it checkpoints, resume, TensorBoard and a curve) and inference over a detection
+set. The stage modules `stages/transfer.py` and `stages/evaluate.py` are recipes over these.
 
 Proposals come from a frozen class-agnostic RPN and do not depend on the detector, so they are
 computed once per training image (at the RPN's own input size, unflipped) and kept in memory; a
@@ -7,18 +8,20 @@ flipped image gets its proposals mirrored. The GT boxes are added to the proposa
 """
 from __future__ import annotations
 
-import math
 import random
-import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
 from tqdm import tqdm
 
 from trainer.data.detection import DetectionSet, DetectorClasses, hflip, repeat_factors, training_order
-from trainer.models.detector import OpenVocabDetector
+from trainer.engine.checkpoint import seed_all
+from trainer.engine.hooks import standard_hooks
+from trainer.engine.loop import TrainFiles, TrainingInterrupted, TrainLoop
+from trainer.engine.schedules import WarmupMultiStep
 from trainer.evaluation import to_coco_results
+from trainer.models.detector import OpenVocabDetector
 
 # images (float [3, H, W] in 0..1) -> per image (boxes [N, 4] original pixels, objectness logits [N])
 BatchProposalFn = Callable[[list], list]
@@ -65,73 +68,95 @@ def compute_proposals(propose: BatchProposalFn, data: DetectionSet, image_ids: S
     return out
 
 
-def lr_factor(step: int, s: TrainSettings) -> float:
-    """Linear warmup from warmup_factor, then x0.1 at each of lr_steps (detectron2's WarmupMultiStepLR)."""
-    factor = 0.1 ** sum(step >= m for m in s.lr_steps)
-    if step < s.warmup_steps:
-        alpha = step / max(1, s.warmup_steps)
-        factor *= s.warmup_factor * (1 - alpha) + alpha
-    return factor
+class DetectorTrainer(TrainLoop):
+    """The detector on the base classes (REFERENCE §6): SGD with WarmupMultiStep, `batch_size` images a
+    step drawn from `training_order` (shuffled or repeat-factor epochs), random flips. The images drawn so
+    far are the data position: a resumed run draws them again from the seeded order and flip generator
+    (no image is read) and continues."""
 
+    def __init__(self, detector: OpenVocabDetector, data: DetectionSet, vocab: DetectorClasses, proposals: dict,
+                 settings: TrainSettings, *, files: Optional[TrainFiles] = None, checkpoint_every: int = 1000,
+                 fingerprint: str = "", progress: bool = True):
+        if len(vocab) != detector.num_classes:
+            raise ValueError(f"the detector scores {detector.num_classes} classes but the training vocabulary "
+                             f"has {len(vocab)}")
+        image_ids = [i for i in data.image_ids_with_boxes(vocab) if i in proposals]
+        if not image_ids:
+            raise ValueError("no training image has a box of the training vocabulary (and proposals)")
+        self.factors = (repeat_factors(data, image_ids, settings.repeat_factor_threshold, vocab)
+                        if settings.repeat_factor_threshold else None)
+        self.data, self.vocab, self.proposals, self.image_ids, self.s = data, vocab, proposals, image_ids, settings
+        self.start_order(images_drawn=0)
+        seed_all(settings.seed)
+        self.params = detector.trainable_parameters()
+        optimizer = torch.optim.SGD(self.params, lr=settings.lr, momentum=settings.momentum,
+                                    weight_decay=settings.weight_decay)
+        detector.train()
+        super().__init__("transfer", model=detector, optimizer=optimizer, max_steps=settings.steps,
+                         schedule=WarmupMultiStep(settings.warmup_steps, tuple(settings.lr_steps),
+                                                  settings.warmup_factor),
+                         device=next(detector.parameters()).device, state_path=files.state if files else None,
+                         fingerprint=fingerprint, settings=asdict(settings), images_per_step=settings.batch_size)
+        self.register_hooks(standard_hooks(
+            log_every=settings.log_every, checkpoint_every=checkpoint_every,
+            tensorboard=files.tensorboard if files else None, curve=files.curve if files else None,
+            progress=progress))
 
-def train_detector(detector: OpenVocabDetector, data: DetectionSet, vocab: DetectorClasses, proposals: dict,
-                   settings: TrainSettings, log: Callable[[str], None] = print, progress: bool = True) -> dict:
-    """Train `detector` (its vocabulary must be `vocab`) on the images of `data` holding at least one
-    box of `vocab`. Returns a report: steps, seconds, loss history, images seen."""
-    if len(vocab) != detector.num_classes:
-        raise ValueError(f"the detector scores {detector.num_classes} classes but the training vocabulary "
-                         f"has {len(vocab)}")
-    image_ids = [i for i in data.image_ids_with_boxes(vocab) if i in proposals]
-    if not image_ids:
-        raise ValueError("no training image has a box of the training vocabulary (and proposals)")
-    factors = (repeat_factors(data, image_ids, settings.repeat_factor_threshold, vocab)
-               if settings.repeat_factor_threshold else None)
-    order = training_order(len(image_ids), settings.seed, factors)
-    torch.manual_seed(settings.seed)
-    random.seed(settings.seed)
-    flip_rng = random.Random(settings.seed + 1)
-    params = detector.trainable_parameters()
-    optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
-                                weight_decay=settings.weight_decay)
-    detector.train()
-    history, window = [], []
-    started = time.time()
-    bar = tqdm(range(settings.steps), desc="transfer", unit="step", disable=not progress,
-               dynamic_ncols=True, mininterval=2.0)
-    for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = settings.lr * lr_factor(step, settings)
+    def start_order(self, images_drawn: int) -> None:
+        """The image order and the flip draws, advanced past the first `images_drawn` images."""
+        self.order = training_order(len(self.image_ids), self.s.seed, self.factors)
+        self.flip_rng = random.Random(self.s.seed + 1)
+        for _ in range(images_drawn):
+            next(self.order)
+            if self.s.flip:
+                self.flip_rng.random()
+        self.images_drawn = images_drawn
+
+    def run_step(self) -> dict[str, float]:
         images, props, targets = [], [], []
-        for _ in range(settings.batch_size):
-            image_id = image_ids[next(order)]
-            image = data.load_image(data.image_by_id[image_id])
-            boxes, labels = data.targets(image_id, vocab)
-            p = proposals[image_id][0]
-            if settings.flip and flip_rng.random() < 0.5:
+        for _ in range(self.s.batch_size):
+            image_id = self.image_ids[next(self.order)]
+            self.images_drawn += 1
+            image = self.data.load_image(self.data.image_by_id[image_id])
+            boxes, labels = self.data.targets(image_id, self.vocab)
+            p = self.proposals[image_id][0]
+            if self.s.flip and self.flip_rng.random() < 0.5:
                 image, boxes, p = hflip(image, boxes, p)
             images.append(image)
             props.append(p)
             targets.append({"boxes": boxes, "labels": labels})
-        losses = detector(images, props, targets)
+        losses = self.model(images, props, targets)
         loss = sum(losses.values())
-        if not math.isfinite(float(loss.detach())):
-            raise FloatingPointError(f"transfer: loss is {float(loss)} at step {step}: "
-                                     f"{ {k: float(v) for k, v in losses.items()} }")
-        optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if settings.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
-        optimizer.step()
-        window.append({k: float(v.detach()) for k, v in losses.items()})
-        if (step + 1) % settings.log_every == 0 or step + 1 == settings.steps:
-            mean = {k: round(sum(w[k] for w in window) / len(window), 4) for k in window[0]}
-            history.append({"step": step + 1, "lr": optimizer.param_groups[0]["lr"], **mean})
-            bar.set_postfix(mean)
-            window = []
+        if self.s.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.s.grad_clip)
+        self.optimizer.step()
+        return {k.removeprefix("loss_"): float(v.detach()) for k, v in losses.items()}
+
+    def data_state(self) -> dict:
+        return {"images_drawn": self.images_drawn}
+
+    def load_data_state(self, state: dict) -> None:
+        self.start_order(int(state["images_drawn"]))
+
+
+def train_detector(detector: OpenVocabDetector, data: DetectionSet, vocab: DetectorClasses, proposals: dict,
+                   settings: TrainSettings, progress: bool = True, *, files: Optional[TrainFiles] = None,
+                   checkpoint_every: int = 1000, fingerprint: str = "") -> dict:
+    """Train `detector` (its vocabulary must be `vocab`) on the images of `data` holding at least one
+    box of `vocab`; resumes from `files.state` when it holds this run's state (same `fingerprint`).
+    Returns a report: steps, seconds, images, the loss history (means over `log_every` steps). SIGTERM:
+    the state is saved and TrainingInterrupted (exit 143) is raised."""
+    trainer = DetectorTrainer(detector, data, vocab, proposals, settings, files=files,
+                              checkpoint_every=checkpoint_every, fingerprint=fingerprint, progress=progress)
+    summary = trainer.train()
+    TrainingInterrupted.raise_if(trainer, summary)
     detector.eval()
-    return {"steps": settings.steps, "seconds": round(time.time() - started, 2),
-            "train_images": len(image_ids), "loss_history": history,
-            "final": history[-1] if history else {}}
+    history = [{"step": h["step"], "lr": h["lr"], **{k: round(v, 4) for k, v in h.items() if k.startswith("loss_")}}
+               for h in trainer.history]
+    return {"steps": settings.steps, "seconds": round(trainer.seconds, 2), "train_images": len(trainer.image_ids),
+            "loss_history": history, "final": history[-1] if history else {}}
 
 
 def detect_dataset(detector: OpenVocabDetector, data: DetectionSet, vocab: DetectorClasses,
