@@ -10,10 +10,14 @@ import pyarrow.parquet as pq
 
 from pipeline.config import RunManifest
 from pipeline.images import load_rgb
-from pipeline.layout import RunLayout
+from pipeline.layout import RunLayout, shard_name
 from pipeline.pictures import draw_labelled_boxes
 from pipeline.sidecars import read_labels, read_proposals, read_shard_images, shard_of_key, sidecar_shards
 from pipeline.stage import StageInputError
+
+
+COMMAND = "show"
+HELP = "PNG of one image with its top proposals and pseudo-labels (--key, --top, --out)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +35,7 @@ def run(manifest: RunManifest, args: argparse.Namespace) -> dict:
     shard_id = shard_of_key(key)
     props = read_proposals(layout.proposals, shard_id)
     if key not in props:
-        raise ValueError(f"key {key!r} is not in proposals/{shard_id:05d}.parquet")
+        raise ValueError(f"key {key!r} is not in proposals/{shard_name(shard_id)}.parquet")
     labels = {r["key"]: r for r in read_labels(layout.labels, shard_id, ["key", "pseudo_label", "pseudo_prob",
                                                                        "image_pseudo_label"]).to_pylist()}
     names = pq.read_table(layout.concepts_parquet, columns=["name"]).column("name").to_pylist()
@@ -47,3 +51,9 @@ def run(manifest: RunManifest, args: argparse.Namespace) -> dict:
     draw_labelled_boxes(image, p.boxes[:top], captions, title=title).save(out)
     print(f"show: {out}")
     return {"key": key, "path": str(out), "boxes": top}
+
+
+if __name__ == "__main__":
+    from stages.cli import stage_main
+
+    stage_main(COMMAND)

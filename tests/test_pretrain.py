@@ -312,7 +312,7 @@ def test_stage_trains_exports_and_is_then_up_to_date(tmp_path, write_manifest, c
     from stages import pretrain as stage
 
     manifest, layout, _ = _stage_world(tmp_path, write_manifest)
-    result = stage.run(manifest)
+    result = stage.run(manifest)["work"]
     assert result["status"] == "done" and result["step"] == 3
     assert layout.student_checkpoint.exists() and layout.pretrain_state.exists()
     assert layout.pretrain_state.with_suffix(".png").exists()
@@ -330,6 +330,6 @@ def test_stage_online_teacher_runs_rpn_and_teacher_in_the_step(tmp_path, write_m
 
     monkeypatch.setitem(sys.modules, "trainer.models.rpn", standin)  # the stand-in RPN (trainer/models/rpn.py's contract)
     manifest, layout, _ = _stage_world(tmp_path, write_manifest, ", online_teacher: true")
-    result = stage.run(manifest)
+    result = stage.run(manifest)["work"]
     assert result["status"] == "done" and result["step"] == 3
     assert all(np.isfinite(v) for v in result["losses"].values())
