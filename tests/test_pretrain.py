@@ -330,6 +330,8 @@ def test_stage_online_teacher_runs_rpn_and_teacher_in_the_step(tmp_path, write_m
 
     monkeypatch.setitem(sys.modules, "trainer.models.rpn", standin)  # the stand-in RPN (trainer/models/rpn.py's contract)
     manifest, layout, _ = _stage_world(tmp_path, write_manifest, ", online_teacher: true")
+    layout.rpn_checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    layout.rpn_checkpoint.write_bytes(b"stand-in rpn (its loader builds a seeded one)")
     result = stage.run(manifest)["work"]
     assert result["status"] == "done" and result["step"] == 3
     assert all(np.isfinite(v) for v in result["losses"].values())
