@@ -264,6 +264,23 @@ def run_lock(layout: RunLayout, command: str) -> Iterator[None]:
         lock.release()
 
 
+def run_in_progress(layout: RunLayout) -> Optional[str]:
+    """Who holds the run folder's lock now, or None (a killed run's leftover run.lock.json is no holder)."""
+    from filelock import FileLock, Timeout
+
+    if not layout.run_lock.exists():
+        return None
+    if os.environ.get(LOCK_HELD_ENV) == str(layout.run_lock.resolve()):
+        return _holder(layout)
+    lock = FileLock(str(layout.run_lock))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return _holder(layout)
+    lock.release()
+    return None
+
+
 def _holder(layout: RunLayout) -> str:
     try:
         holder = read_json(layout.run_lock_holder)

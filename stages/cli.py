@@ -18,10 +18,11 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 from pipeline.config import ManifestError, load_manifest
 from pipeline.layout import RunLayout
-from pipeline.runner import RunFolderBusy, run_lock, stage_status
+from pipeline.runner import RunFolderBusy, run_in_progress, run_lock, stage_status
 from pipeline.stage import StageInputError, read_stage_manifest
 from stages.registry import PIPELINE, STAGES, TOOL_MODULES, TOOLS
 
@@ -122,8 +123,9 @@ def print_status(manifest) -> None:
         if r["status"] == "out of date":
             print(f"\n{stage_status(layout, r['stage'])[1]}")
             break
-    if layout.run_lock_holder.exists():
-        print(f"\nin use by: {layout.run_lock_holder.read_text().strip()}")
+    holder = run_in_progress(layout)
+    if holder:
+        print(f"\nin use by {holder}")
     summary = layout.summary_json
     if summary.exists():
         content = json.loads(summary.read_text())
@@ -154,6 +156,17 @@ def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_library_chatter)
+
+
+_OURS = tuple(str(Path(__file__).resolve().parents[1] / package) for package in ("pipeline", "trainer", "stages"))
+
+
+def _library_chatter(record: logging.LogRecord) -> bool:
+    """False for a library's INFO record on the root logger (open_clip logs each model and tokenizer step
+    with `logging.info`); its warnings and our own records pass."""
+    return record.levelno >= logging.WARNING or record.name != "root" or record.pathname.startswith(_OURS)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -270,7 +270,7 @@ HOLDER = textwrap.dedent("""
 
 
 def test_a_second_run_on_one_output_dir_is_refused_naming_the_first(write_manifest, capfd):
-    from pipeline.runner import LOCK_HELD_ENV
+    from pipeline.runner import LOCK_HELD_ENV, run_in_progress
     from stages.cli import main
 
     manifest = write_manifest(WORLD)
@@ -285,6 +285,7 @@ def test_a_second_run_on_one_output_dir_is_refused_naming_the_first(write_manife
         assert f"pid {first.pid}" in err and f"`regionclip run {manifest.source_path}`" in err
         assert "started 20" in err and "in use by another run" in err
         assert not layout.stage("synth").manifest.exists()          # refused before any work
+        assert f"pid {first.pid}" in run_in_progress(layout)        # what `regionclip status` shows
 
         # A stage process that `regionclip run` starts works under the run's lock (no refusal, no wait).
         child = subprocess.run([sys.executable, "-m", "stages.synth", manifest.source_path], cwd=REPO,
@@ -295,7 +296,9 @@ def test_a_second_run_on_one_output_dir_is_refused_naming_the_first(write_manife
     finally:
         first.kill()
         first.wait()
-    # The first run is gone (killed: the kernel dropped its lock): the folder is free again.
+    # The first run is gone (killed: the kernel dropped its lock): the folder is free again, though the
+    # killed run could not remove its run.lock.json.
+    assert layout.run_lock_holder.exists() and run_in_progress(layout) is None
     assert main(["synth", manifest.source_path]) == 0
 
 
