@@ -35,6 +35,9 @@ def generate(run: StageRun) -> dict:
     from pipeline.synth import generate_world, write_contact_sheet
 
     world = synthetic_world(run.manifest)
+    if not all((world / name).is_file() for name in WORLD_FILES if name != "contact_sheet.png"):
+        # a file lost (or quarantined by `verify --repair`): world.json no longer vouches for the folder
+        (world / "world.json").unlink(missing_ok=True)
     info = generate_world(run.manifest.synth, world)
     sheet = world / "contact_sheet.png"
     write_contact_sheet(world, sheet)
