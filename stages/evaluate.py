@@ -50,7 +50,7 @@ def data_and_models(run: StageRun) -> dict:
     return {"val_annotations": sha256_file(annotation_file(manifest, "val")),
             "rpn": {"min_size": p.min_size, "max_size": p.max_size, "pre_nms_top_n": p.pre_nms_top_n,
                     "checkpoint": sha256_file(rpn) if rpn.is_file() else "missing"},
-            "teacher": manifest.section_dict("teacher"), "ensemble": manifest.embed.ensemble,
+            "ensemble": manifest.embed.ensemble,
             "detectors": {"init": list(dict.fromkeys(manifest.transfer.init)),
                           "allow_partial": manifest.transfer.allow_partial},
             "clip_checkpoints": {which: sha256_file(clip_checkpoint(manifest, which))
@@ -203,7 +203,7 @@ def summarize(results: dict) -> dict:
 
 STAGE = Stage(
     name="evaluate", help="detector AP50 novel/base/all, zero-shot (GT / RPN boxes), region top-1 -> eval/",
-    reads=reads, sections=("evaluate",), identify=data_and_models, outputs=metrics_files, work=evaluate)
+    reads=reads, sections=("evaluate", "teacher"), identify=data_and_models, outputs=metrics_files, work=evaluate)
 run = STAGE.run
 
 

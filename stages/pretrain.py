@@ -28,10 +28,6 @@ def reads(manifest) -> tuple[str, ...]:
     return upstream + (("train-teacher",) if teacher_from_train_teacher(manifest) else ())
 
 
-def teacher_section(run: StageRun) -> dict:
-    return {"teacher": run.manifest.section_dict("teacher")}
-
-
 def train(run: StageRun) -> dict:
     from stages.resolve import load_model_ref, rpn_checkpoint_path
     from trainer.data.pretrain_stream import shard_sources
@@ -81,8 +77,7 @@ def student_file(layout: RunLayout, manifest) -> list:
 
 STAGE = Stage(
     name="pretrain", help="streaming region-concept pretraining of the student (tars + sidecars; torchrun for DDP) "
-    "-> checkpoints/pretrain/", reads=reads, sections=("pretrain",), identify=teacher_section, outputs=student_file,
-    work=train)
+    "-> checkpoints/pretrain/", reads=reads, sections=("pretrain", "teacher"), outputs=student_file, work=train)
 run = STAGE.run
 
 

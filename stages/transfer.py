@@ -40,7 +40,7 @@ def data_models_and_tests(run: StageRun) -> dict:
     p, e = manifest.proposals, manifest.evaluate
     rpn = manifest.resolve(p.checkpoint) or run.layout.rpn_checkpoint   # loaded (or refused) by the work
     return {"rpn": {"min_size": p.min_size, "max_size": p.max_size, "pre_nms_top_n": p.pre_nms_top_n},
-            "teacher": manifest.section_dict("teacher"), "ensemble": manifest.embed.ensemble,
+            "ensemble": manifest.embed.ensemble,
             "test": {"min_size": e.min_size, "max_size": e.max_size, "score_threshold": e.score_threshold,
                      "detections_per_image": e.detections_per_image, "soft_nms_sigma": e.soft_nms_sigma,
                      "multiply_rpn_score": e.multiply_rpn_score},
@@ -133,7 +133,7 @@ def detector_files(layout: RunLayout, manifest) -> list:
 
 STAGE = Stage(
     name="transfer", help="open-vocabulary detector on base classes, per init (pretrain student, teacher)",
-    reads=reads, sections=("transfer",), identify=data_models_and_tests, outputs=detector_files,
+    reads=reads, sections=("transfer", "teacher"), identify=data_models_and_tests, outputs=detector_files,
     current=detectors_done, work=transfer, nothing_done={"trained": []})
 run = STAGE.run
 
