@@ -47,8 +47,9 @@ def scratch_run(layout: RunLayout, root: Path, shards: list[int]) -> RunLayout:
     """A run folder whose inputs link to `layout`'s, limited to `shards`, with an empty labels/."""
     new = RunLayout(root)
     root.mkdir(parents=True)
-    for d in ("shards", "concepts", "checkpoints"):
-        (root / d).symlink_to(layout.root / d)
+    for d in ("synth", "shards", "concepts", "checkpoints"):   # the stages label reads, all the way up
+        if (layout.root / d).exists():
+            (root / d).symlink_to(layout.root / d)
     new.proposals.root.mkdir(parents=True)
     for s in shards:
         for f in (layout.proposals.parquet(s), layout.proposals.stats(s)):

@@ -11,6 +11,7 @@ from typing import Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 
 class ManifestError(ValueError):
@@ -20,6 +21,26 @@ class ManifestError(ValueError):
 class Section(BaseModel):
     # extra="forbid" turns a typo ("max_sied") into an error that names the field.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+# The mark of a setting that changes how a stage runs but never what it writes (where it runs, how
+# many actors, how often it logs). Stage fingerprints leave these out, so changing one reruns nothing.
+# Only settings that provably leave the outputs alone carry it: a batch size whose items are padded
+# together (images of different sizes) or a worker count that decides the data order does not.
+RUNTIME_ONLY = {"runtime_only": True}
+
+
+def is_runtime_only(field: FieldInfo) -> bool:
+    extra = field.json_schema_extra
+    return isinstance(extra, dict) and extra.get("runtime_only") is True
+
+
+def fingerprinted_settings(section: BaseModel) -> dict:
+    """A section's settings that decide its stage's outputs, as plain data: every field except those
+    marked runtime-only (the input to a stage's fingerprint)."""
+    data = section.model_dump(mode="json")
+    return {name: data[name] for name, field in type(section).model_fields.items()
+            if name in data and not is_runtime_only(field)}
 
 
 class SynthConfig(Section):
@@ -48,10 +69,11 @@ class CorpusConfig(Section):
 class RayConfig(Section):
     address: Optional[str] = Field(
         None, description="null: start a local Ray in this process; 'auto' or host:port: an existing "
-        "cluster (RAY_ADDRESS is honoured too)")
-    num_cpus: Optional[int] = Field(None, ge=1, description="CPUs for a local Ray (default: all)")
-    include_dashboard: bool = False
-    dashboard_host: str = "127.0.0.1"
+        "cluster (RAY_ADDRESS is honoured too)", json_schema_extra=RUNTIME_ONLY)
+    num_cpus: Optional[int] = Field(None, ge=1, description="CPUs for a local Ray (default: all)",
+                                    json_schema_extra=RUNTIME_ONLY)
+    include_dashboard: bool = Field(False, json_schema_extra=RUNTIME_ONLY)
+    dashboard_host: str = Field("127.0.0.1", json_schema_extra=RUNTIME_ONLY)
 
     @model_validator(mode="after")
     def _dashboard_on_localhost(self):
@@ -81,7 +103,8 @@ class ConceptsConfig(Section):
                                  "the built-in list)")
     vocabulary: Optional[str] = Field(None, description="class names merged into the pool: a text file, "
                                       "a COCO/LVIS JSON, or a comma list")
-    batch_size: int = Field(256, ge=1)
+    batch_size: int = Field(256, ge=1, description="captions per spaCy nlp.pipe batch (each parsed on its own)",
+                            json_schema_extra=RUNTIME_ONLY)
 
 
 class ModelRef(Section):
@@ -94,8 +117,9 @@ class ModelRef(Section):
 
 class EmbedConfig(Section):
     ensemble: Literal["mean_unnormalized", "normalize_mean_normalize"] = "mean_unnormalized"
-    batch_size: int = Field(256, ge=1)
-    device: str = "auto"
+    batch_size: int = Field(256, ge=1, description="texts per forward pass (each padded to the context "
+                            "length on its own)", json_schema_extra=RUNTIME_ONLY)
+    device: str = Field("auto", json_schema_extra=RUNTIME_ONLY)
 
 
 class TrainTeacherConfig(Section):
@@ -109,9 +133,10 @@ class TrainTeacherConfig(Section):
                                   "(open_clip's default 0.9; lower regularises small corpora)")
     init_checkpoint: Optional[str] = Field(None, description="start from these CLIP weights (a new "
                                            "domain) instead of random ones")
-    device: str = "auto"
-    num_workers: int = Field(0, ge=0)
-    checkpoint_every: int = Field(500, ge=1, description="steps between training states (resumed after a kill)")
+    device: str = Field("auto", json_schema_extra=RUNTIME_ONLY)
+    num_workers: int = Field(0, ge=0, description="data loader processes (they split the shards, so the "
+                             "order of the samples depends on it)")
+    checkpoint_every: int = Field(500, ge=1, json_schema_extra=RUNTIME_ONLY, description="steps between training states (resumed after a kill)")
 
 
 class TrainRpnConfig(Section):
@@ -138,8 +163,8 @@ class TrainRpnConfig(Section):
     min_size: int = Field(800, ge=32)
     max_size: int = Field(1333, ge=32)
     eval_each_epoch: bool = Field(False, description="val recall after every epoch (for the curve)")
-    device: str = "auto"
-    checkpoint_every: int = Field(500, ge=1, description="steps between training states (resumed after a kill)")
+    device: str = Field("auto", json_schema_extra=RUNTIME_ONLY)
+    checkpoint_every: int = Field(500, ge=1, json_schema_extra=RUNTIME_ONLY, description="steps between training states (resumed after a kill)")
 
 
 class RpnInferenceConfig(Section):
@@ -150,9 +175,10 @@ class RpnInferenceConfig(Section):
     nms_thresh: float = Field(0.5, gt=0, le=1)
     pre_nms_top_n: int = Field(1000, ge=1)
     post_nms_top_n: int = Field(300, ge=1)
-    batch_size: int = Field(8, ge=1)
-    num_gpus_per_actor: float = Field(1.0, ge=0)
-    num_actors: Optional[int] = Field(None, ge=1)
+    batch_size: int = Field(8, ge=1, description="images per forward pass (padded to one size together, "
+                            "so it is part of the fingerprint)")
+    num_gpus_per_actor: float = Field(1.0, ge=0, json_schema_extra=RUNTIME_ONLY)
+    num_actors: Optional[int] = Field(None, ge=1, json_schema_extra=RUNTIME_ONLY)
 
 
 class LabelConfig(Section):
@@ -161,7 +187,6 @@ class LabelConfig(Section):
     pq_bits: int = Field(8, ge=1, le=16)
     pq_train_regions: int = Field(20000, ge=256)
     topk: int = Field(64, ge=1)
-    keep_threshold: float = Field(0.1, ge=0, le=1)
     temperature: float = Field(0.01, gt=0)
     store_flipped: bool = False
     min_size: Optional[int] = Field(None, ge=32, description="the teacher's input scale, short side "
@@ -169,10 +194,12 @@ class LabelConfig(Section):
                                     "sees regions best near the scale it was trained at")
     max_size: Optional[int] = Field(None, ge=32, description="... long side cap (default: proposals.max_size)")
     faiss_threshold: int = Field(100_000, ge=1, description="use FAISS search above this pool size")
-    region_index: bool = False
-    batch_size: int = Field(8, ge=1)
-    num_gpus_per_actor: float = Field(1.0, ge=0)
-    num_actors: Optional[int] = Field(None, ge=1)
+    region_index: bool = Field(False, description="also write a FAISS index over every region embedding "
+                               "(an extra output: turning it on later builds only the index)",
+                               json_schema_extra=RUNTIME_ONLY)
+    batch_size: int = Field(8, ge=1, description="images per forward pass (padded to one size together)")
+    num_gpus_per_actor: float = Field(1.0, ge=0, json_schema_extra=RUNTIME_ONLY)
+    num_actors: Optional[int] = Field(None, ge=1, json_schema_extra=RUNTIME_ONLY)
 
 
 class PretrainConfig(Section):
@@ -193,10 +220,12 @@ class PretrainConfig(Section):
     temperature: float = Field(0.01, gt=0)
     flip: bool = True
     online_teacher: bool = False
-    checkpoint_every: int = Field(500, ge=1)
-    num_workers: int = Field(0, ge=0)
+    checkpoint_every: int = Field(500, ge=1, description="steps between trainer states (a resume is exact "
+                                  "whichever step it starts from)", json_schema_extra=RUNTIME_ONLY)
+    num_workers: int = Field(0, ge=0, description="data loader processes per rank (each is a data slot: "
+                             "the order of the samples depends on it)")
     seed: int = 0
-    device: str = "auto"
+    device: str = Field("auto", json_schema_extra=RUNTIME_ONLY)
     amp: bool = True
     min_size: int = Field(800, ge=32, description="images resized so the short side is this (bicubic)")
     max_size: int = Field(1333, ge=32, description="... and the long side at most this")
@@ -205,8 +234,9 @@ class PretrainConfig(Section):
     resample_shards: bool = Field(False, description="draw shards with replacement per rank and worker "
                                   "(needed when there are fewer shards than ranks x workers)")
     resume: str = Field("auto", description="auto: resume from checkpoints/pretrain/last.pt if this run (same "
-                        "settings and inputs) saved it; never: start fresh; or a path to a trainer state")
-    log_every: int = Field(10, ge=1)
+                        "settings and inputs) saved it; never: start fresh; or a path to a trainer state",
+                        json_schema_extra=RUNTIME_ONLY)
+    log_every: int = Field(10, ge=1, json_schema_extra=RUNTIME_ONLY)
 
 
 class TransferConfig(Section):
@@ -245,8 +275,8 @@ class TransferConfig(Section):
     rpn_nms_thresh: float = Field(0.7, gt=0, le=1)
     allow_partial: bool = False
     seed: int = 0
-    device: str = "auto"
-    checkpoint_every: int = Field(1000, ge=1, description="steps between training states (resumed after a kill)")
+    device: str = Field("auto", json_schema_extra=RUNTIME_ONLY)
+    checkpoint_every: int = Field(1000, ge=1, json_schema_extra=RUNTIME_ONLY, description="steps between training states (resumed after a kill)")
 
     @field_validator("init", mode="before")
     @classmethod
@@ -274,7 +304,7 @@ class EvaluateConfig(Section):
         "(GT boxes, RPN boxes, region recognition)")
     max_images: Optional[int] = Field(None, ge=1, description="evaluate the first N images only (smoke runs)")
     picture_image: int = Field(0, ge=0, description="position of the evaluation image drawn with detections")
-    device: str = "auto"
+    device: str = Field("auto", json_schema_extra=RUNTIME_ONLY)
 
     @field_validator("zero_shot", mode="before")
     @classmethod
@@ -318,7 +348,7 @@ class RunManifest(Section):
         return self.resolve(self.output_dir)
 
     def section_dict(self, name: str) -> dict:
-        """The settings of one section as plain data (the input to a stage's fingerprint)."""
+        """Every setting of one section as plain data (a fingerprint takes `fingerprinted_settings`)."""
         return getattr(self, name).model_dump(mode="json")
 
 

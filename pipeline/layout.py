@@ -1,7 +1,8 @@
 """The run directory: the one place that knows file names. Every other module asks here.
 
 <output_dir>/
-  synth/       the synthetic world (when corpus.format is synthetic)
+  run.lock     held by the run using the folder (run.lock.json names it while it runs)
+  synth/       the synthetic world (when corpus.format is synthetic) and its stage manifest
   shards/      00000.tar  00000.parquet  00000_stats.json ...  sizes.json  manifest.json
   concepts/    concepts.parquet  concept_embeddings.npy  concepts.faiss  captions/00000.parquet  manifest.json
   proposals/   00000.parquet  00000_stats.json ...  manifest.json
@@ -55,9 +56,20 @@ class RunLayout:
     def of(cls, manifest) -> "RunLayout":
         return cls(Path(manifest.output_path))
 
+    # -- the run lock ----------------------------------------------------------------------------
+    @property
+    def run_lock(self) -> Path:
+        return self.root / "run.lock"
+
+    @property
+    def run_lock_holder(self) -> Path:
+        """Who holds run.lock (pid, command, start time); present only while a run holds it."""
+        return self.root / "run.lock.json"
+
     # -- synthetic world ---------------------------------------------------------------------
     @property
     def synth(self) -> Path:
+        """The synthetic world's default folder (corpus.path puts it elsewhere: `synthetic_world`)."""
         return self.root / "synth"
 
     # -- stage folders -------------------------------------------------------------------------
@@ -208,3 +220,8 @@ class RunLayout:
     @property
     def tensorboard(self) -> Path:
         return self.root / "tensorboard"
+
+
+def synthetic_world(manifest) -> Path:
+    """The folder of the synthetic world: corpus.path, or <output_dir>/synth."""
+    return Path(manifest.resolve(manifest.corpus.path) or RunLayout.of(manifest).synth)

@@ -166,17 +166,17 @@ def read_folder(folder: Path) -> Iterator[dict]:
 
 def read_corpus(manifest) -> pa.Table:
     """All input rows of the manifest's corpus, in a deterministic order, as an Arrow table."""
-    from pipeline.layout import RunLayout
+    from pipeline.layout import synthetic_world
 
     corpus = manifest.corpus
     path = manifest.resolve(corpus.path)
     images_root = manifest.resolve(corpus.images_root)
     if corpus.format == "synthetic":
-        from pipeline.synth import generate_world
-
-        world = path or RunLayout.of(manifest).synth
-        generate_world(manifest.synth, Path(world))
-        rows = read_caption_table(Path(world) / "captions.tsv", Path(world))
+        world = synthetic_world(manifest)
+        # world.json is written last: without it the world is absent or half-written.
+        if not (world / "world.json").is_file() or not (world / "captions.tsv").is_file():
+            raise FileNotFoundError(f"{world}: no synthetic world; run `regionclip synth MANIFEST` first")
+        rows = read_caption_table(world / "captions.tsv", world)
     elif path is None or not path.exists():
         raise FileNotFoundError(f"corpus.path: {corpus.path!r} does not exist; point it at the "
                                 f"{corpus.format} input (see README, 'Plugging in real data')")

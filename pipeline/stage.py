@@ -1,35 +1,35 @@
-"""Stage bookkeeping: fingerprints, per-shard completion markers and the stage manifest.
+"""Per-shard bookkeeping: fingerprints and the completion marker of each shard.
 
-A stage's *fingerprint* hashes its settings and the fingerprints of its inputs. A shard is done when
-its `_stats.json` marker exists and carries the current fingerprint; the marker is written after the
-shard's other files, so a shard killed half-way is simply not done. A rerun does only the shards that
-are not done; a stage whose fingerprint changed redoes everything (old markers no longer match).
+A stage's *fingerprint* hashes its settings and the fingerprints of its inputs (pipeline/runner.py
+computes it). A shard is done when its `_stats.json` marker exists and carries the current fingerprint;
+the marker is written after the shard's other files, so a shard killed half-way is simply not done. A
+rerun does only the shards that are not done; a stage whose fingerprint changed redoes every shard (old
+markers no longer match).
 
-    state = StageState.open("label", layout.stage("label"), settings, inputs={"proposals": fp})
-    for shard_id in state.start_pending(all_shard_ids):
+    markers = ShardMarkers(layout.labels, fingerprint)
+    for shard_id in markers.start_pending(all_shard_ids):
         ... write the shard's files, then:
-        state.mark_shard_done(shard_id, counts={...}, files=[...])
-    state.finish()
+        markers.mark_done(shard_id, counts={...}, files=[...])
+    markers.summary(all_shard_ids)          # {"shards": ..., "counts": ...} for the stage manifest
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
-from pipeline import __version__
-from pipeline.io import file_record, read_json, remove_stale_temporaries, write_json
+from pipeline.io import file_record, read_json, write_json
 from pipeline.layout import StageDir, shard_name
 
 # Bump when a stage's output format changes incompatibly, so old outputs are recomputed.
-FORMAT_VERSION = 1
+# 2: fingerprints are the runner's (sections without runtime-only fields, derived settings, upstream).
+FORMAT_VERSION = 2
 
 
 class StageInputError(RuntimeError):
-    """A stage's input is missing or incomplete; the message says which stage to run first."""
+    """A stage's input is missing, incomplete or stale; the message says which stage to run."""
 
 
 def fingerprint_of(stage: str, settings: dict, inputs: dict[str, str]) -> str:
@@ -40,37 +40,18 @@ def fingerprint_of(stage: str, settings: dict, inputs: dict[str, str]) -> str:
 
 def read_stage_manifest(stage_dir: StageDir) -> Optional[dict]:
     try:
-        return read_json(stage_dir.manifest)
-    except (FileNotFoundError, json.JSONDecodeError):
+        manifest = read_json(stage_dir.manifest)
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return None
+    return manifest if isinstance(manifest, dict) else None
 
 
-def require_complete(stage: str, stage_dir: StageDir) -> dict:
-    """The manifest of a finished upstream stage, or a clear error naming the command to run."""
-    manifest = read_stage_manifest(stage_dir)
-    if manifest is None or manifest.get("status") != "done":
-        raise StageInputError(f"stage '{stage}' has not finished (no complete {stage_dir.manifest}); "
-                              f"run `regionclip {stage} MANIFEST` first")
-    return manifest
-
-
-@dataclass
-class StageState:
-    stage: str
+@dataclass(frozen=True)
+class ShardMarkers:
+    """The per-shard markers of one stage folder under one fingerprint."""
     stage_dir: StageDir
-    settings: dict
-    inputs: dict[str, str]
     fingerprint: str
-    started: float = field(default_factory=time.time)
 
-    @classmethod
-    def open(cls, stage: str, stage_dir: StageDir, settings: dict,
-             inputs: Optional[dict[str, str]] = None) -> "StageState":
-        inputs = inputs or {}
-        stage_dir.root.mkdir(parents=True, exist_ok=True)
-        return cls(stage, stage_dir, settings, inputs, fingerprint_of(stage, settings, inputs))
-
-    # -- per-shard markers ---------------------------------------------------------------------
     def shard_stats(self, shard_id: int) -> Optional[dict]:
         """The shard's stats if it is done under the current fingerprint, else None."""
         try:
@@ -98,51 +79,22 @@ class StageState:
             forget_marker(self.stage_dir, shard_id)
         return pending
 
-    def is_done(self, shard_ids: Iterable[int] = ()) -> bool:
-        manifest = read_stage_manifest(self.stage_dir)
-        return (manifest is not None and manifest.get("status") == "done"
-                and manifest.get("fingerprint") == self.fingerprint
-                and not self.pending(shard_ids))
-
-    def clean_temporaries(self) -> None:
-        remove_stale_temporaries(self.stage_dir.root)
-
-    def mark_shard_done(self, shard_id: int, counts: dict, files: Iterable[Path],
-                        extra: Optional[dict] = None) -> dict:
+    def mark_done(self, shard_id: int, counts: dict, files: Iterable[Path], extra: Optional[dict] = None) -> dict:
         return write_shard_stats(self.stage_dir, shard_id, self.fingerprint, counts, files, extra)
 
-    # -- the stage manifest ----------------------------------------------------------------------
-    def finish(self, shard_ids: Iterable[int] = (), outputs: Iterable[Path] = (),
-               extra: Optional[dict] = None) -> dict:
-        """Write manifest.json (last) once every shard is done."""
-        shard_ids = list(shard_ids)
+    def summary(self, shard_ids: Iterable[int]) -> dict:
+        """Every shard's entry and the summed counts, for the stage manifest; every shard must be done."""
         shards, totals = {}, {}
         for s in shard_ids:
             stats = self.shard_stats(s)
             if stats is None:
-                raise RuntimeError(f"{self.stage}: shard {shard_name(s)} is not done; cannot finish")
+                raise RuntimeError(f"{self.stage_dir.root}: shard {shard_name(s)} is not done; cannot finish")
             shards[shard_name(s)] = {"status": "done", "counts": stats["counts"], "files": stats["files"],
                                      "seconds": stats.get("seconds")}
             for k, v in stats["counts"].items():
                 if isinstance(v, (int, float)):
                     totals[k] = totals.get(k, 0) + v
-        manifest = {
-            "stage": self.stage,
-            "status": "done",
-            "fingerprint": self.fingerprint,
-            "code_version": __version__,
-            "settings": self.settings,
-            "inputs": self.inputs,
-            "shards": shards,
-            "counts": totals,
-            "outputs": {Path(p).name: file_record(p) for p in outputs},
-            "seconds": round(time.time() - self.started, 3),
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        if extra:
-            manifest.update(extra)
-        write_json(self.stage_dir.manifest, manifest)
-        return manifest
+        return {"shards": shards, "counts": totals}
 
 
 def forget_marker(stage_dir: StageDir, shard_id: int) -> None:
@@ -156,7 +108,7 @@ def write_shard_stats(stage_dir: StageDir, shard_id: int, fingerprint: str, coun
                       seconds: Optional[float] = None) -> dict:
     """The per-shard completion marker. Call it only after the shard's files are in place.
 
-    A free function so that Ray workers can call it without holding a StageState.
+    A free function so that Ray workers can call it without holding a ShardMarkers.
     """
     stats = {"shard": shard_name(shard_id), "fingerprint": fingerprint, "counts": counts,
              "files": {Path(p).name: file_record(p) for p in files}, "seconds": seconds}

@@ -14,7 +14,7 @@ its shard are renamed to `<name>.damaged` (kept for inspection; delete them at w
 manifest's status becomes `damaged`, so the stage is no longer "done" and its rerun writes only the
 shards whose markers are gone. Shards that are intact keep their files and markers untouched.
 
-    damages = verify_run(manifest)
+    damages = verify_run(manifest, ["shard", "concepts", ...])     # the stages to check, in order
     quarantine(RunLayout.of(manifest), damages)
 """
 from __future__ import annotations
@@ -26,10 +26,6 @@ from typing import Iterable, Optional
 
 from pipeline.io import read_json, sha256_file, write_json
 from pipeline.layout import RunLayout, StageDir, shard_name
-
-# Every stage that can leave a manifest, in pipeline order (optional ones included).
-STAGES = ("shard", "concepts", "train-teacher", "embed", "train-rpn", "proposals", "label", "pretrain",
-          "transfer", "evaluate")
 
 DAMAGED_SUFFIX = ".damaged"
 
@@ -139,8 +135,9 @@ def verify_stage(layout: RunLayout, stage: str, full: bool = True) -> list[Damag
     return list(found.values())
 
 
-def verify_run(manifest, stages: Iterable[str] = STAGES, full: bool = True) -> list[Damage]:
-    """Every damaged file of the run, stage by stage. `full=False` compares sizes only (fast)."""
+def verify_run(manifest, stages: Iterable[str], full: bool = True) -> list[Damage]:
+    """Every damaged file of the run, stage by stage (`stages`: their names, e.g. the registry's in
+    stages/registry.py). `full=False` compares sizes only (fast)."""
     layout = manifest if isinstance(manifest, RunLayout) else RunLayout.of(manifest)
     damages: list[Damage] = []
     for stage in stages:
@@ -185,4 +182,4 @@ def damage_table(damages: list[Damage]) -> str:
 
 
 __all__ = ["Damage", "verify_run", "verify_stage", "quarantine", "files_intact", "damage_table",
-           "shard_name", "STAGES"]
+           "shard_name"]

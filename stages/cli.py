@@ -4,59 +4,35 @@
     regionclip run MANIFEST                                     run every stage in order, resuming
     regionclip status MANIFEST                                  what is done
 
-Each stage is a module `stages.<name>` with `run(manifest)`; it also runs as
-`python -m stages.<name> MANIFEST`.
+The stages and the other commands are those of stages/registry.py; each also runs as
+`python -m stages.<name> MANIFEST`. One run at a time per output_dir: a second is refused.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
+import contextlib
+import json
 import logging
 import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 from pipeline.config import ManifestError, load_manifest
 from pipeline.layout import RunLayout
+from pipeline.runner import RunFolderBusy, run_in_progress, run_lock, stage_status
 from pipeline.stage import StageInputError, read_stage_manifest
+from stages.registry import PIPELINE, STAGES, TOOL_MODULES, TOOLS
 
-# The pipeline in order: `regionclip run` runs these. Module name = stage name with '-' -> '_'.
-PIPELINE = ["shard", "concepts", "train-teacher", "embed", "train-rpn", "proposals", "label", "pretrain", "transfer", "evaluate"]
+COMMANDS = {"run": "run every enabled stage in order, each in its own process, resuming where outputs are complete",
+            "status": "show which stages and shards are done, and the results table"}
 
-# Commands that are not pipeline stages but follow the same `regionclip <cmd> MANIFEST` form.
-EXTRA_COMMANDS = ["verify", "synth", "vocab", "show", "detect", "coco-ovd-split"]
-
-# Commands with arguments of their own: their module has `add_arguments(parser)` and
-# `run(manifest, args)` (listed here so that building the parser imports only these modules).
-COMMANDS_WITH_ARGUMENTS = ["verify", "vocab", "show", "detect", "coco-ovd-split"]
-
-# One line per command for `regionclip --help` (kept here so that help does not import torch).
-HELP = {
-    "run": "run every stage in order, resuming where outputs are complete",
-    "status": "show which stages and shards are done",
-    "verify": "check every output against its recorded checksums; --repair makes the next run redo damaged shards",
-    "synth": "generate the synthetic world and a contact sheet of it",
-    "shard": "corpus -> img2dataset-style WebDataset tars + a Parquet per shard",
-    "concepts": "concept pool (object nouns of the captions) + each caption's concept ids",
-    "train-teacher": "optional: image-level CLIP (open_clip, ClipLoss) on the shards -> checkpoints/teacher",
-    "embed": "teacher text embeddings of the concepts (81 templates, FAISS index) and captions",
-    "train-rpn": "optional: class-agnostic RPN on base-category boxes, recall report -> checkpoints/rpn",
-    "proposals": "class-agnostic RPN boxes (top 300 after NMS) per shard image -> proposals/ (Ray actors)",
-    "label": "teacher region embeddings -> pseudo-labels + compact distillation targets -> labels/",
-    "show": "PNG of one image with its top proposals and pseudo-labels (--key, --top, --out)",
-    "vocab": "class list (text, comma list, COCO/LVIS JSON) -> class embeddings .npz (--classes, --out)",
-    "transfer": "open-vocabulary detector on base classes, per init (pretrain student, teacher)",
-    "evaluate": "detector AP50 novel/base/all, zero-shot (GT / RPN boxes), region top-1 -> eval/",
-    "detect": "checkpoint + vocabulary + images -> detections JSON + labelled PNG (--images, --vocabulary)",
-    "coco-ovd-split": "COCO instances files -> the 48 base / 17 novel open-vocabulary split (--train, --val)",
-    "pretrain": "streaming region-concept pretraining of the student (tars + sidecars; torchrun for DDP) -> checkpoints/pretrain/",
-}
-
-
-def stage_module(name: str):
-    return importlib.import_module(f"stages.{name.replace('-', '_')}")
+# Third-party loggers that speak at INFO about their own set-up (faiss's loader reports each CPU build
+# it could not load as a `ModuleNotFoundError(...)` line, which reads like a failure).
+# numexpr (pulled in by some installs) announces its thread count the same way.
+QUIET_LOGGERS = ("faiss", "numexpr")
 
 
 def _load(path: str, overrides: list[str]):
@@ -67,11 +43,11 @@ def _load(path: str, overrides: list[str]):
         raise SystemExit(2) from None
 
 
-def run_stage(name: str, manifest, args=None) -> dict:
+def run_one(name: str, manifest, args=None) -> dict:
+    """One stage (through the runner) or one other command, timed."""
     started = time.time()
     print(f"== {name}", flush=True)
-    module = stage_module(name)
-    result = module.run(manifest, args) if name in COMMANDS_WITH_ARGUMENTS else module.run(manifest)
+    result = STAGES[name].run(manifest) if name in STAGES else TOOL_MODULES[name].run(manifest, args)
     print(f"== {name} finished in {time.time() - started:.1f}s", flush=True)
     return result
 
@@ -79,20 +55,20 @@ def run_stage(name: str, manifest, args=None) -> dict:
 def run_all(manifest, manifest_path: str, overrides: list[str]) -> int:
     """Every enabled stage in order, each in a fresh process (`python -m stages.cli STAGE MANIFEST`, as
     a script or a Ray job would run it): a stage leaves nothing behind for the next one (thread
-    settings, allocator state, Ray workers, GPU memory). Stops at the first stage that fails and
-    returns its exit code; SIGTERM is passed on to the running stage (pretrain saves its state)."""
+    settings, allocator state, Ray workers, GPU memory). The stage processes run under this process's
+    run lock. Stops at the first stage that fails and returns its exit code; SIGTERM is passed on to
+    the running stage (pretrain saves its state)."""
     started = time.time()
-    for name in PIPELINE:
-        module = stage_module(name)
-        if hasattr(module, "enabled") and not module.enabled(manifest):
-            print(f"== {name}: skipped (disabled in the manifest)", flush=True)
+    for stage in PIPELINE:
+        if not stage.is_enabled(manifest):
+            print(f"== {stage.name}: skipped (disabled in the manifest)", flush=True)
             continue
-        command = [sys.executable, "-m", "stages.cli", name, manifest_path]
+        command = [sys.executable, "-m", "stages.cli", stage.name, manifest_path]
         for override in overrides:
             command += ["--set", override]
         code = run_child(command)
         if code != 0:
-            print(f"error: stage {name} exited with status {code}; fix it and run again to resume",
+            print(f"error: stage {stage.name} exited with status {code}; fix it and run again to resume",
                   file=sys.stderr)
             return code
     print(f"== run finished in {time.time() - started:.1f}s", flush=True)
@@ -112,23 +88,26 @@ def run_child(command: list[str]) -> int:
 
 
 def status(manifest) -> list[dict]:
-    """One row per stage: done shards, rows in / out / rejected, from the stage manifests."""
+    """One row per stage: its status (done, running, damaged, out of date, not run, disabled), done
+    shards, rows in / out / rejected, from the stage manifests."""
     layout = RunLayout.of(manifest)
     rows = []
-    for name in PIPELINE:
-        stage_dir = layout.stage(name)
-        m = read_stage_manifest(stage_dir)
-        counts = (m or {}).get("counts", {})
-        shards = (m or {}).get("shards", {})
-        if m is None and stage_dir.root.is_dir():  # running or interrupted: count markers so far
+    for stage in PIPELINE:
+        stage_dir = layout.stage(stage.name)
+        m = read_stage_manifest(stage_dir) or {}
+        word, _ = stage_status(layout, stage.name)
+        if not stage.is_enabled(manifest) and not m:
+            word = "disabled"
+        counts = m.get("counts", {}) if m.get("status") != "running" else {}
+        shards = m.get("shards", {}) if m.get("status") != "running" else {}
+        if m.get("status") == "running":  # running or interrupted: count the markers so far
             done = len(list(stage_dir.root.rglob("*_stats.json")))
             shard_text = f"{done} done" if done else "-"
         else:
             shard_text = f"{len(shards)}/{len(shards)}" if shards else "-"
-        rows.append({"stage": name, "status": (m or {}).get("status", "not run"), "shards": shard_text,
+        rows.append({"stage": stage.name, "status": word, "shards": shard_text,
                      "in": counts.get("in", ""), "out": counts.get("written", counts.get("out", "")),
-                     "rejected": counts.get("rejected", ""),
-                     "seconds": (m or {}).get("seconds", "")})
+                     "rejected": counts.get("rejected", ""), "seconds": m.get("seconds", "")})
     return rows
 
 
@@ -139,10 +118,16 @@ def print_status(manifest) -> None:
     print("  ".join(c.ljust(widths[c]) for c in cols))
     for r in rows:
         print("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
-    summary = RunLayout.of(manifest).summary_json
+    layout = RunLayout.of(manifest)
+    for r in rows:
+        if r["status"] == "out of date":
+            print(f"\n{stage_status(layout, r['stage'])[1]}")
+            break
+    holder = run_in_progress(layout)
+    if holder:
+        print(f"\nin use by {holder}")
+    summary = layout.summary_json
     if summary.exists():
-        import json
-
         content = json.loads(summary.read_text())
         table = content.get("results_table") if isinstance(content, dict) else None
         if isinstance(table, str):     # the headline figures (stages/evaluate.py), readable
@@ -156,31 +141,55 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="regionclip", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ["run", "status", *PIPELINE, *EXTRA_COMMANDS]:
-        p = sub.add_parser(name, help=HELP.get(name, name))
+    commands = [*COMMANDS.items(), *((s.name, s.help) for s in PIPELINE), *((t.COMMAND, t.HELP) for t in TOOLS)]
+    for name, help_text in commands:
+        p = sub.add_parser(name, help=help_text)
         p.add_argument("manifest", help="run manifest (YAML), e.g. manifests/demo.yaml")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a manifest setting (YAML value), e.g. --set shard.max_side=640")
-        if name in COMMANDS_WITH_ARGUMENTS:
-            stage_module(name).add_arguments(p)
+        if name in TOOL_MODULES:
+            TOOL_MODULES[name].add_arguments(p)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_library_chatter)
+
+
+_OURS = tuple(str(Path(__file__).resolve().parents[1] / package) for package in ("pipeline", "trainer", "stages"))
+
+
+def _library_chatter(record: logging.LogRecord) -> bool:
+    """False for a library's INFO record on the root logger (open_clip logs each model and tokenizer step
+    with `logging.info`); its warnings and our own records pass."""
+    return record.levelno >= logging.WARNING or record.name != "root" or record.pathname.startswith(_OURS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    configure_logging()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     manifest = _load(args.manifest, args.overrides)
+    holds_lock = (args.command == "run" or args.command in STAGES
+                  or getattr(TOOL_MODULES.get(args.command), "HOLDS_RUN_LOCK", False))
     try:
-        if args.command == "run":
-            code = run_all(manifest, args.manifest, args.overrides)
-            if code != 0:
-                return code
-            print_status(manifest)
-        elif args.command == "status":
-            print_status(manifest)
-        else:
-            run_stage(args.command, manifest, args)
-    except (StageInputError, FileNotFoundError, ValueError) as err:
+        lock = run_lock(RunLayout.of(manifest), " ".join(["regionclip", *argv])) if holds_lock else \
+            contextlib.nullcontext()
+        with lock:
+            if args.command == "run":
+                code = run_all(manifest, args.manifest, args.overrides)
+                if code != 0:
+                    return code
+                print_status(manifest)
+            elif args.command == "status":
+                print_status(manifest)
+            else:
+                run_one(args.command, manifest, args)
+    except (StageInputError, RunFolderBusy, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -16,7 +16,8 @@ import argparse
 
 from pipeline.config import RunManifest
 
-STAGE = "coco-ovd-split"
+COMMAND = "coco-ovd-split"
+HELP = "COCO instances files -> the 48 base / 17 novel open-vocabulary split (--train, --val)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,4 +46,4 @@ def run(manifest: RunManifest, args: argparse.Namespace) -> dict:
 if __name__ == "__main__":
     from stages.cli import stage_main
 
-    stage_main(STAGE)
+    stage_main(COMMAND)

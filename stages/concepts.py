@@ -13,48 +13,48 @@ import json
 import time
 from pathlib import Path
 
-from pipeline.concepts import (ConceptMatcher, assign_shard, build_pool, caption_counts, count_phrases,
-                               extract_shard, load_parser, read_marker, read_vocabulary, stopword_set)
-from pipeline.config import RunManifest
-from pipeline.layout import RunLayout
+from pipeline.layout import RunLayout, shard_name
 from pipeline.ray_runtime import init_ray, run_tasks
-from pipeline.sidecars import shard_captions, write_concept_pool
-from pipeline.stage import StageState, fingerprint_of, read_stage_manifest, require_complete
-
-STAGE = "concepts"
+from pipeline.runner import Stage, StageRun
+from pipeline.stage import fingerprint_of
 
 
-def shard_ids_of(shard_manifest: dict) -> list[int]:
-    return sorted(int(s) for s in shard_manifest.get("shards", {}))
+def parser_and_vocabulary(run: StageRun) -> dict:
+    from pipeline.concepts import load_parser, read_vocabulary
+
+    cfg = run.manifest.concepts
+    base = Path(run.manifest.source_path).parent if run.manifest.source_path else None
+    vocab = run.memo["vocabulary"] = read_vocabulary(cfg.vocabulary, base) if cfg.vocabulary else None
+    parser = run.memo["parser"] = load_parser(cfg)
+    return {"parser": parser.identity, "vocabulary_names": vocab.names if vocab else []}
 
 
-def run(manifest: RunManifest) -> dict:
-    layout = RunLayout.of(manifest)
-    cfg = manifest.concepts
-    shards = require_complete("shard", layout.shards)
-    shard_ids = shard_ids_of(shards)
-    sidecars = layout.caption_concepts
-    base = Path(manifest.source_path).parent if manifest.source_path else None
-    vocab = read_vocabulary(cfg.vocabulary, base) if cfg.vocabulary else None
+def sidecars_done(run: StageRun) -> bool:
+    return _to_assign(run) == []
 
-    parser = load_parser(cfg)
-    extract = {"parser": parser.identity, "shards": shards["fingerprint"]}
-    extract_fp = fingerprint_of("concepts-extract", extract, {})
-    settings = {k: v for k, v in manifest.section_dict("concepts").items() if k != "batch_size"}
-    settings.update(parser=parser.identity, vocabulary_names=vocab.names if vocab else [])
-    state = StageState.open(STAGE, layout.stage(STAGE), settings, {"shard": shards["fingerprint"]})
-    previous = read_stage_manifest(state.stage_dir)
-    if (previous and previous.get("fingerprint") == state.fingerprint and previous.get("status") == "done"
-            and layout.concepts_parquet.exists() and _pending(sidecars, shard_ids, state.fingerprint) == []):
-        print(f"concepts: up to date ({previous['counts'].get('concepts')} concepts, {len(shard_ids)} shards)")
-        return {**previous, "work": {"extracted": 0, "assigned": 0, "pool": False}}
 
-    state.clean_temporaries()
+def _to_assign(run: StageRun) -> list[int]:
+    from pipeline.concepts import read_marker
+
+    sidecars = run.layout.caption_concepts
+    return [s for s in run.shard_ids() if (read_marker(sidecars, s) or {}).get("fingerprint") != run.fingerprint]
+
+
+def build_concepts(run: StageRun) -> dict:
+    from pipeline.concepts import (ConceptMatcher, assign_shard, build_pool, caption_counts, count_phrases,
+                                   extract_shard, read_marker, stopword_set)
+    from pipeline.sidecars import shard_captions, write_concept_pool
+
+    layout, cfg = run.layout, run.manifest.concepts
+    shard_ids, sidecars = run.shard_ids(), layout.caption_concepts
+    parser, vocab = run.memo["parser"], run.memo["vocabulary"]
+    extract_fp = fingerprint_of("concepts-extract", {"parser": parser.identity,
+                                                     "shards": run.upstream["shard"]["fingerprint"]}, {})
     to_extract = [s for s in shard_ids if (read_marker(sidecars, s) or {}).get("extract_fingerprint") != extract_fp]
     print(f"concepts: parser {parser.kind}; {len(shard_ids)} shards ({len(to_extract)} to parse)")
     if to_extract:
-        init_ray(manifest.ray)
-        cfg_json = json.dumps(manifest.section_dict("concepts"), sort_keys=True)
+        init_ray(run.manifest.ray)
+        cfg_json = json.dumps(run.manifest.section_dict("concepts"), sort_keys=True)
         tasks = [(s, layout.shards, sidecars, cfg_json, extract_fp) for s in to_extract]
         for _ in run_tasks(extract_shard, tasks, desc="concepts: parse"):
             pass
@@ -69,9 +69,9 @@ def run(manifest: RunManifest) -> dict:
     write_concept_pool(layout.concepts_parquet, pool)
 
     matcher = ConceptMatcher([r["name"] for r in pool])
-    to_assign = _pending(sidecars, shard_ids, state.fingerprint)
+    to_assign = _to_assign(run)
     for s in to_assign:
-        assign_shard(s, sidecars, matcher, state.fingerprint, extract_fp, layout.shards)
+        assign_shard(s, sidecars, matcher, run.fingerprint, extract_fp, layout.shards)
     per_shard = {s: read_marker(sidecars, s) for s in shard_ids}
     totals = {"captions": sum(m["counts"]["captions"] for m in per_shard.values()),
               "with_concepts": sum(m["counts"]["with_concepts"] for m in per_shard.values()),
@@ -81,18 +81,24 @@ def run(manifest: RunManifest) -> dict:
     print(f"concepts: {totals['distinct_nouns']} distinct nouns -> {len(pool)} concepts "
           f"(min_count {cfg.min_count}); {totals['with_concepts']}/{totals['captions']} captions name one "
           f"({time.time() - started:.1f}s)")
-    result = state.finish([], outputs=[layout.concepts_parquet], extra={
-        "counts": totals, "parser": parser.identity, "extract_fingerprint": extract_fp,
-        "shards": {f"{s:05d}": {"status": "done", "counts": m["counts"]} for s, m in per_shard.items()},
-        "captions": str(sidecars.root)})
-    return {**result, "work": {"extracted": len(to_extract), "assigned": len(to_assign), "pool": True}}
+    run.report = {"extracted": len(to_extract), "assigned": len(to_assign), "pool": True}
+    return {"counts": totals, "parser": parser.identity, "extract_fingerprint": extract_fp,
+            "shards": {shard_name(s): {"status": "done", "counts": m["counts"]} for s, m in per_shard.items()},
+            "captions": str(sidecars.root)}
 
 
-def _pending(sidecars, shard_ids: list[int], fingerprint: str) -> list[int]:
-    return [s for s in shard_ids if (read_marker(sidecars, s) or {}).get("fingerprint") != fingerprint]
+def pool_file(layout: RunLayout, manifest) -> list:
+    return [layout.concepts_parquet]
+
+
+STAGE = Stage(
+    name="concepts", help="concept pool (object nouns of the captions) + each caption's concept ids",
+    reads=("shard",), sections=("concepts",), identify=parser_and_vocabulary, outputs=pool_file,
+    current=sidecars_done, work=build_concepts, nothing_done={"extracted": 0, "assigned": 0, "pool": False})
+run = STAGE.run
 
 
 if __name__ == "__main__":
     from stages.cli import stage_main
 
-    stage_main(STAGE)
+    stage_main(STAGE.name)

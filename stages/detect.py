@@ -22,7 +22,8 @@ from pipeline.config import RunManifest
 from pipeline.io import write_json
 from pipeline.layout import RunLayout
 
-STAGE = "detect"
+COMMAND = "detect"
+HELP = "checkpoint + vocabulary + images -> detections JSON + labelled PNG (--images, --vocabulary)"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
@@ -151,4 +152,4 @@ def _default_checkpoint(manifest: RunManifest, layout: RunLayout) -> Path:
 if __name__ == "__main__":
     from stages.cli import stage_main
 
-    stage_main(STAGE)
+    stage_main(COMMAND)

@@ -11,48 +11,75 @@ from __future__ import annotations
 
 import time
 
-from pipeline.concepts import read_marker
-from pipeline.config import RunManifest
-from pipeline.layout import RunLayout
-from pipeline.sidecars import read_concept_names, shard_captions, write_caption_embeddings
-from pipeline.stage import (StageState, fingerprint_of, forget_marker, read_stage_manifest,
-                            require_complete, write_shard_stats)
-from stages.resolve import load_teacher_clip, teacher_checkpoint_path
-from trainer.engine.device import resolve_device
-from trainer.offline.text_embed import (TEMPLATES, build_faiss_index, checkpoint_identity,
-                                        embed_captions, embed_names, embedding_width, write_faiss_index, write_npy)
-
-STAGE = "embed"
+from pipeline.layout import RunLayout, shard_name
+from pipeline.runner import Stage, StageRun
+from pipeline.stage import fingerprint_of
 
 
-def run(manifest: RunManifest) -> dict:
-    layout = RunLayout.of(manifest)
-    cfg = manifest.embed
-    concepts = require_complete("concepts", layout.stage("concepts"))
-    shards = require_complete("shard", layout.shards)
-    shard_ids = sorted(int(s) for s in shards.get("shards", {}))
-    checkpoint = teacher_checkpoint_path(manifest)
-    teacher = {"arch": manifest.teacher.arch, "allow_partial": manifest.teacher.allow_partial,
-               **checkpoint_identity(checkpoint)}
-    concept_fp = fingerprint_of("embed-concepts", {"ensemble": cfg.ensemble, "templates": list(TEMPLATES),
-                                                   "teacher": teacher}, {"concepts": concepts["fingerprint"]})
-    caption_fp = fingerprint_of("embed-captions", {"teacher": teacher}, {"shard": shards["fingerprint"]})
-    state = StageState.open(STAGE, layout.stage(STAGE), {"ensemble": cfg.ensemble, "teacher": teacher},
-                            {"concepts": concepts["fingerprint"], "shard": shards["fingerprint"]})
-    sidecars = layout.caption_embeddings
-    previous = read_stage_manifest(state.stage_dir) or {}
-    concepts_todo = not (previous.get("concept_fingerprint") == concept_fp
+def teacher_from_train_teacher(manifest) -> bool:
+    """Whether the teacher CLIP is train-teacher's output (teacher.checkpoint null, train-teacher on)."""
+    return manifest.teacher.checkpoint is None and manifest.train_teacher.enabled
+
+
+def reads(manifest) -> tuple[str, ...]:
+    return ("concepts", "shard") + (("train-teacher",) if teacher_from_train_teacher(manifest) else ())
+
+
+def teacher_identity(run: StageRun) -> dict:
+    from stages.resolve import teacher_checkpoint_path
+    from trainer.offline.text_embed import TEMPLATES, checkpoint_identity
+
+    manifest = run.manifest
+    run.memo["teacher"] = {"arch": manifest.teacher.arch, "allow_partial": manifest.teacher.allow_partial,
+                           **checkpoint_identity(teacher_checkpoint_path(manifest))}
+    return {"teacher": run.memo["teacher"], "templates": list(TEMPLATES)}
+
+
+def _parts(run: StageRun) -> tuple[str, str]:
+    """(concept part fingerprint, caption part fingerprint)."""
+    teacher = run.memo["teacher"]
+    concept_fp = fingerprint_of("embed-concepts", {"ensemble": run.manifest.embed.ensemble,
+                                                   "templates": run.settings["templates"], "teacher": teacher},
+                                {"concepts": run.upstream["concepts"]["fingerprint"]})
+    caption_fp = fingerprint_of("embed-captions", {"teacher": teacher}, {"shard": run.upstream["shard"]["fingerprint"]})
+    return concept_fp, caption_fp
+
+
+def _todo(run: StageRun) -> tuple[bool, list[int]]:
+    """(concept part to do, caption shards to do)."""
+    from pipeline.concepts import read_marker
+
+    concept_fp, caption_fp = _parts(run)
+    layout = run.layout
+    concepts_todo = not ((run.previous or {}).get("concept_fingerprint") == concept_fp
                          and layout.concept_embeddings.exists() and layout.concepts_faiss.exists())
-    captions_todo = [s for s in shard_ids if (read_marker(sidecars, s) or {}).get("fingerprint") != caption_fp]
-    if not concepts_todo and not captions_todo and previous.get("fingerprint") == state.fingerprint:
-        print(f"embed: up to date ({previous.get('num_concepts')} concepts, {len(shard_ids)} shards)")
-        return {**previous, "work": {"concepts": False, "caption_shards": 0}}
+    captions_todo = [s for s in run.shard_ids()
+                     if (read_marker(layout.caption_embeddings, s) or {}).get("fingerprint") != caption_fp]
+    return concepts_todo, captions_todo
 
-    state.clean_temporaries()
+
+def parts_done(run: StageRun) -> bool:
+    concepts_todo, captions_todo = _todo(run)
+    return not concepts_todo and not captions_todo
+
+
+def embed_texts(run: StageRun) -> dict:
+    from pipeline.concepts import read_marker
+    from pipeline.sidecars import read_concept_names, shard_captions, write_caption_embeddings
+    from pipeline.stage import forget_marker, write_shard_stats
+    from stages.resolve import load_teacher_clip
+    from trainer.engine.device import resolve_device
+    from trainer.offline.text_embed import (build_faiss_index, embed_captions,
+                                            embed_names, embedding_width, write_faiss_index, write_npy)
+
+    layout, cfg = run.layout, run.manifest.embed
+    shard_ids, sidecars = run.shard_ids(), layout.caption_embeddings
+    concept_fp, caption_fp = _parts(run)
+    concepts_todo, captions_todo = _todo(run)
     device = resolve_device(cfg.device)
-    model, tokenizer = load_teacher_clip(manifest, device=device)
+    model, tokenizer = load_teacher_clip(run.manifest, device=device)
     dim = embedding_width(model)
-    print(f"embed: teacher {manifest.teacher.arch} (dim {dim}) on {device}; concepts "
+    print(f"embed: teacher {run.manifest.teacher.arch} (dim {dim}) on {device}; concepts "
           f"{'to embed' if concepts_todo else 'up to date'}, {len(captions_todo)}/{len(shard_ids)} caption shards")
     if concepts_todo:
         names = read_concept_names(layout.concepts_parquet)
@@ -69,17 +96,27 @@ def run(manifest: RunManifest) -> dict:
         write_shard_stats(sidecars, s, caption_fp, {"captions": len(keys)}, [path],
                           seconds=round(time.time() - started, 3))
     num_concepts = len(read_concept_names(layout.concepts_parquet))
-    per_shard = {f"{s:05d}": {"status": "done", "counts": read_marker(sidecars, s)["counts"]}
+    per_shard = {shard_name(s): {"status": "done", "counts": read_marker(sidecars, s)["counts"]}
                  for s in shard_ids}
-    result = state.finish([], outputs=[layout.concept_embeddings, layout.concepts_faiss], extra={
-        "concept_fingerprint": concept_fp, "caption_fingerprint": caption_fp, "dim": dim,
-        "num_concepts": num_concepts, "device": str(device), "shards": per_shard,
-        "counts": {"concepts": num_concepts,
-                   "captions": sum(v["counts"]["captions"] for v in per_shard.values())}})
-    return {**result, "work": {"concepts": concepts_todo, "caption_shards": len(captions_todo)}}
+    run.report = {"concepts": concepts_todo, "caption_shards": len(captions_todo)}
+    return {"concept_fingerprint": concept_fp, "caption_fingerprint": caption_fp, "dim": dim,
+            "num_concepts": num_concepts, "device": str(device), "shards": per_shard,
+            "counts": {"concepts": num_concepts,
+                       "captions": sum(v["counts"]["captions"] for v in per_shard.values())}}
+
+
+def embedding_files(layout: RunLayout, manifest) -> list:
+    return [layout.concept_embeddings, layout.concepts_faiss]
+
+
+STAGE = Stage(
+    name="embed", help="teacher text embeddings of the concepts (81 templates, FAISS index) and captions",
+    reads=reads, sections=("embed",), identify=teacher_identity, outputs=embedding_files, current=parts_done,
+    work=embed_texts, nothing_done={"concepts": False, "caption_shards": 0})
+run = STAGE.run
 
 
 if __name__ == "__main__":
     from stages.cli import stage_main
 
-    stage_main(STAGE)
+    stage_main(STAGE.name)

@@ -17,16 +17,47 @@ from __future__ import annotations
 
 import time
 
-from pipeline.config import RunManifest
-from pipeline.io import write_json
 from pipeline.layout import RunLayout
-from pipeline.stage import StageState, require_complete
+from pipeline.runner import Stage, StageRun
+from stages.embed import teacher_from_train_teacher
+from stages.proposals import rpn_from_train_rpn
 
-STAGE = "evaluate"
 SUMMARY_SECTION = "evaluate"
 
 
-def run(manifest: RunManifest) -> dict:
+def reads(manifest) -> tuple[str, ...]:
+    upstream = ()
+    if manifest.transfer.val_annotations is None and manifest.corpus.format == "synthetic":
+        upstream += ("synth",)
+    if manifest.transfer.init:
+        upstream += ("transfer",)
+    if "pretrain" in manifest.evaluate.zero_shot:
+        upstream += ("pretrain",)
+    if teacher_from_train_teacher(manifest):
+        upstream += ("train-teacher",)
+    return upstream + (("train-rpn",) if rpn_from_train_rpn(manifest) else ())
+
+
+def data_and_models(run: StageRun) -> dict:
+    """What the figures depend on beyond the evaluate section: the evaluation set, the models (by
+    checksum) and how the detectors and the RPN are set up."""
+    from pipeline.io import sha256_file
+    from stages.resolve import annotation_file, clip_checkpoint
+
+    manifest = run.manifest
+    p = manifest.proposals
+    rpn = manifest.resolve(p.checkpoint) or run.layout.rpn_checkpoint   # loaded (or refused) by the work
+    return {"val_annotations": sha256_file(annotation_file(manifest, "val")),
+            "rpn": {"min_size": p.min_size, "max_size": p.max_size, "pre_nms_top_n": p.pre_nms_top_n,
+                    "checkpoint": sha256_file(rpn) if rpn.is_file() else "missing"},
+            "ensemble": manifest.embed.ensemble,
+            "detectors": {"init": list(dict.fromkeys(manifest.transfer.init)),
+                          "allow_partial": manifest.transfer.allow_partial},
+            "clip_checkpoints": {which: sha256_file(clip_checkpoint(manifest, which))
+                                 for which in dict.fromkeys(["teacher", *manifest.evaluate.zero_shot])}}
+
+
+def evaluate(run: StageRun) -> dict:
     from tqdm import tqdm
 
     from trainer.models.clip import load_clip
@@ -37,17 +68,15 @@ def run(manifest: RunManifest) -> dict:
                                     zero_shot_detect)
     from trainer.models.region_encoder import RegionEncoder
     from trainer.engine.device import resolve_device
+    from pipeline.io import write_json
     from stages.resolve import (annotation_file, apply_test_settings, class_embeddings, clip_checkpoint,
                                 images_root, load_frozen_rpn, load_teacher_clip)
     from trainer.tasks.transfer import compute_proposals, detect_dataset, rpn_proposal_fn
 
-    layout = RunLayout.of(manifest)
+    manifest, layout = run.manifest, run.layout
     cfg, t = manifest.evaluate, manifest.transfer
     device = resolve_device(cfg.device)
     inits = list(dict.fromkeys(t.init))
-    transfer = require_complete("transfer", layout.stage("transfer")) if inits else {}
-    state = StageState.open(STAGE, layout.stage(STAGE), manifest.section_dict("evaluate"),
-                            {"transfer": transfer.get("fingerprint", "")})
     started = time.time()
 
     val_path = annotation_file(manifest, "val")
@@ -140,9 +169,13 @@ def run(manifest: RunManifest) -> dict:
         table = results_table(summarize(results))
         merge_summary(layout.summary_json, "results_table", table)
         print(table)
-    outputs = [layout.eval_metrics(n) for n in
-               [f"detector_{i}" for i in inits] + [f"zeroshot_{m}_{w}" for w in cfg.zero_shot for m in ("gt", "rpn")]]
-    return state.finish([], outputs=outputs + [layout.summary_json], extra={"results": summarize(results)})
+    return {"results": summarize(results)}
+
+
+def metrics_files(layout: RunLayout, manifest) -> list:
+    names = ([f"detector_{i}" for i in dict.fromkeys(manifest.transfer.init)]
+             + [f"zeroshot_{m}_{w}" for w in manifest.evaluate.zero_shot for m in ("gt", "rpn")])
+    return [layout.eval_metrics(n) for n in names] + [layout.summary_json]
 
 
 def _headline(metrics: dict) -> str:
@@ -168,7 +201,13 @@ def summarize(results: dict) -> dict:
             "seconds": results["seconds"]}
 
 
+STAGE = Stage(
+    name="evaluate", help="detector AP50 novel/base/all, zero-shot (GT / RPN boxes), region top-1 -> eval/",
+    reads=reads, sections=("evaluate", "teacher"), identify=data_and_models, outputs=metrics_files, work=evaluate)
+run = STAGE.run
+
+
 if __name__ == "__main__":
     from stages.cli import stage_main
 
-    stage_main(STAGE)
+    stage_main(STAGE.name)

@@ -13,40 +13,30 @@ from __future__ import annotations
 
 import sys
 
-
-from pipeline.config import RunManifest
 from pipeline.layout import RunLayout
-from pipeline.stage import StageState, read_stage_manifest, require_complete
-
-STAGE = "pretrain"
-
-# Settings that do not change what is trained (how it runs, how it is watched).
-_RUNTIME_SETTINGS = ("resume", "log_every", "device", "num_workers", "checkpoint_every")
+from pipeline.runner import Stage, StageRun
+from stages.embed import teacher_from_train_teacher
+from stages.proposals import rpn_from_train_rpn
 
 
-def run(manifest: RunManifest) -> dict:
+def reads(manifest) -> tuple[str, ...]:
+    upstream = ("shard", "embed")
+    if manifest.pretrain.online_teacher:
+        upstream += ("train-rpn",) if rpn_from_train_rpn(manifest) else ()
+    else:
+        upstream += ("proposals", "label")
+    return upstream + (("train-teacher",) if teacher_from_train_teacher(manifest) else ())
+
+
+def train(run: StageRun) -> dict:
     from stages.resolve import load_model_ref, rpn_checkpoint_path
     from trainer.data.pretrain_stream import shard_sources
     from trainer.tasks.pretrain import OnlineTeacher, PretrainPaths, PretrainTrainer
     from trainer.offline.text_embed import load_concept_embeddings
 
-    layout = RunLayout.of(manifest)
+    manifest, layout = run.manifest, run.layout
     cfg = manifest.pretrain
-    shards = require_complete("shard", layout.shards)
-    inputs = {"shard": shards["fingerprint"],
-              "embed": require_complete("embed", layout.stage("embed"))["fingerprint"]}
-    if not cfg.online_teacher:
-        inputs["proposals"] = require_complete("proposals", layout.proposals)["fingerprint"]
-        inputs["label"] = require_complete("label", layout.labels)["fingerprint"]
-    settings = {k: v for k, v in manifest.section_dict(STAGE).items() if k not in _RUNTIME_SETTINGS}
-    settings["teacher"] = manifest.section_dict("teacher")
-    state = StageState.open(STAGE, layout.stage(STAGE), settings, inputs)
-    if state.is_done() and layout.student_checkpoint.exists():
-        print(f"pretrain: up to date ({layout.student_checkpoint})")
-        return {**(read_stage_manifest(state.stage_dir) or {}), "work": False}
-    state.clean_temporaries()
-
-    shard_ids = sorted(int(s) for s in shards.get("shards", {}))
+    shard_ids = run.shard_ids()
     student, _ = load_model_ref(manifest.teacher, manifest, fallback=layout.teacher_checkpoint)
     concepts = load_concept_embeddings(layout)
     codec = online = None
@@ -63,24 +53,32 @@ def run(manifest: RunManifest) -> dict:
 
         codec = load_codec(layout.labels.root)
     paths = PretrainPaths(state=layout.pretrain_state, student=layout.student_checkpoint,
-                          tensorboard=layout.tensorboard / STAGE,
+                          tensorboard=layout.tensorboard / run.stage.name,
                           curve=layout.pretrain_state.with_suffix(".png"))
     trainer = PretrainTrainer(cfg, student, concepts, paths,
                               sources=shard_sources(layout, shard_ids, online=cfg.online_teacher),
                               codec=codec, online=online, arch=manifest.teacher.arch,
-                              fingerprint=state.fingerprint)
+                              fingerprint=run.fingerprint)
     summary = trainer.train()
     print(f"pretrain: {summary['status']} at step {summary['step']}/{cfg.steps} "
           f"({summary['images_per_s']:.1f} images/s; losses "
           + ", ".join(f"{k} {v:.4f}" for k, v in summary["losses"].items()) + f"; skipped {summary['skipped']})")
     if summary["status"] != "done":
         raise SystemExit(143)  # stopped by SIGTERM: the state is saved, run again to resume
-    if trainer.rank == 0:
-        state.finish([], outputs=[layout.student_checkpoint], extra={
-            "counts": {"steps": summary["step"], "images": summary["step"] * cfg.batch_size,
+    run.report = {k: v for k, v in summary.items() if k != "history"}
+    return {"counts": {"steps": summary["step"], "images": summary["step"] * cfg.batch_size,
                        **{f"skipped_{k}": v for k, v in summary["skipped"].items()}},
-            "losses": summary["losses"], "world_size": trainer.world})
-    return {k: v for k, v in summary.items() if k != "history"}
+            "losses": summary["losses"], "world_size": trainer.world}
+
+
+def student_file(layout: RunLayout, manifest) -> list:
+    return [layout.student_checkpoint]
+
+
+STAGE = Stage(
+    name="pretrain", help="streaming region-concept pretraining of the student (tars + sidecars; torchrun for DDP) "
+    "-> checkpoints/pretrain/", reads=reads, sections=("pretrain", "teacher"), outputs=student_file, work=train)
+run = STAGE.run
 
 
 def _main(argv: list[str]) -> None:
@@ -95,7 +93,7 @@ def _main(argv: list[str]) -> None:
         args += ["--set", f"pretrain.resume={value}"]
     from stages.cli import main
 
-    raise SystemExit(main([STAGE, *args]))
+    raise SystemExit(main([STAGE.name, *args]))
 
 
 if __name__ == "__main__":

@@ -8,46 +8,59 @@ missing shards only.
 """
 from __future__ import annotations
 
-from pipeline.config import RunManifest
-from pipeline.io import file_record
-from pipeline.layout import RunLayout
-from pipeline.ray_runtime import init_ray, map_with_actor_pool
-from pipeline.stage import StageState, require_complete
-from stages.resolve import rpn_checkpoint_path
-from trainer.offline.proposals import DEFAULT_RPN_LOADER, ProposalJob, ProposalShardWorker
-
-STAGE = "proposals"
-RUNTIME_ONLY = ("batch_size", "num_gpus_per_actor", "num_actors")  # do not change the outputs
+from pipeline.runner import Stage, StageRun
 
 
-def run(manifest: RunManifest, rpn_loader: str = DEFAULT_RPN_LOADER) -> dict:
-    layout = RunLayout.of(manifest)
-    cfg = manifest.proposals
-    shards = require_complete("shard", layout.shards)
-    shard_ids = sorted(int(s) for s in shards["shards"])
-    checkpoint = rpn_checkpoint_path(manifest)
-    settings = {k: v for k, v in manifest.section_dict(STAGE).items() if k not in RUNTIME_ONLY}
-    settings["checkpoint"] = {"sha256": file_record(checkpoint)["sha256"]}  # content, not path: runs move
-    state = StageState.open(STAGE, layout.proposals, settings, {"shard": shards["fingerprint"]})
-    if state.is_done(shard_ids):
-        print(f"proposals: up to date ({len(shard_ids)} shards)")
-        return state.finish(shard_ids)
-    state.clean_temporaries()
-    pending, nodes = state.start_pending(shard_ids), set()
+def rpn_from_train_rpn(manifest) -> bool:
+    """Whether the RPN is train-rpn's output (proposals.checkpoint null, train-rpn on)."""
+    return manifest.proposals.checkpoint is None and manifest.train_rpn.enabled
+
+
+def reads(manifest) -> tuple[str, ...]:
+    return ("shard",) + (("train-rpn",) if rpn_from_train_rpn(manifest) else ())
+
+
+def rpn_checksum(run: StageRun) -> dict:
+    from pipeline.io import sha256_file
+    from stages.resolve import rpn_checkpoint_path
+
+    checkpoint = run.memo["checkpoint"] = rpn_checkpoint_path(run.manifest)
+    return {"checkpoint": {"sha256": sha256_file(checkpoint)}}  # content, not path: runs move
+
+
+def shards_done(run: StageRun) -> bool:
+    return not run.markers().pending(run.shard_ids())
+
+
+def propose(run: StageRun) -> dict:
+    from pipeline.ray_runtime import init_ray, map_with_actor_pool
+    from trainer.offline.proposals import DEFAULT_RPN_LOADER, ProposalJob, ProposalShardWorker
+
+    cfg, layout, checkpoint = run.manifest.proposals, run.layout, run.memo["checkpoint"]
+    shard_ids, markers = run.shard_ids(), run.markers()
+    pending, nodes = markers.start_pending(shard_ids), set()
     print(f"proposals: {len(shard_ids)} shards ({len(pending)} to do), RPN {checkpoint}")
-    init_ray(manifest.ray)
-    job = ProposalJob(run_root=str(layout.root), checkpoint=str(checkpoint), min_size=cfg.min_size,
-                      max_size=cfg.max_size, pre_nms_top_n=cfg.pre_nms_top_n, post_nms_top_n=cfg.post_nms_top_n,
-                      nms_thresh=cfg.nms_thresh, batch_size=cfg.batch_size, fingerprint=state.fingerprint,
-                      rpn_loader=rpn_loader)
-    for row in map_with_actor_pool(ProposalShardWorker, [{"shard": s} for s in pending], constructor_args=(job,),
-                                 num_gpus_per_actor=cfg.num_gpus_per_actor, num_actors=cfg.num_actors,
-                                 desc="proposals"):
-        nodes.add(str(row["node"]))
-    return state.finish(shard_ids, extra={"ray_nodes": sorted(nodes)})
+    if pending:
+        init_ray(run.manifest.ray)
+        job = ProposalJob(run_root=str(layout.root), checkpoint=str(checkpoint), min_size=cfg.min_size,
+                          max_size=cfg.max_size, pre_nms_top_n=cfg.pre_nms_top_n,
+                          post_nms_top_n=cfg.post_nms_top_n, nms_thresh=cfg.nms_thresh,
+                          batch_size=cfg.batch_size, fingerprint=run.fingerprint,
+                          rpn_loader=run.options.get("rpn_loader", DEFAULT_RPN_LOADER))
+        for row in map_with_actor_pool(ProposalShardWorker, [{"shard": s} for s in pending],
+                                       constructor_args=(job,), num_gpus_per_actor=cfg.num_gpus_per_actor,
+                                       num_actors=cfg.num_actors, desc="proposals"):
+            nodes.add(str(row["node"]))
+    return {**markers.summary(shard_ids), "ray_nodes": sorted(nodes)}
+
+
+STAGE = Stage(
+    name="proposals", help="class-agnostic RPN boxes (top 300 after NMS) per shard image -> proposals/ (Ray actors)",
+    reads=reads, sections=("proposals",), identify=rpn_checksum, current=shards_done, work=propose)
+run = STAGE.run
 
 
 if __name__ == "__main__":
     from stages.cli import stage_main
 
-    stage_main(STAGE)
+    stage_main(STAGE.name)

@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from pipeline.config import ModelRef, RunManifest
-from pipeline.layout import RunLayout
+from pipeline.layout import RunLayout, synthetic_world
 from pipeline.stage import StageInputError
 
 
@@ -72,8 +72,7 @@ def annotation_file(manifest, which: str) -> Path:
     if manifest.corpus.format != "synthetic":
         raise StageInputError(f"set transfer.{'annotations' if which == 'train' else 'val_annotations'} to "
                               "a COCO/LVIS-format file (the default is the synthetic world's)")
-    world = Path(manifest.resolve(manifest.corpus.path) or RunLayout.of(manifest).synth)
-    path = world / f"instances_{which}.json"
+    path = synthetic_world(manifest) / f"instances_{which}.json"
     if not path.is_file():
         raise StageInputError(f"{path}: the synthetic world is not there; run `regionclip synth MANIFEST`")
     return path

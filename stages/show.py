@@ -15,6 +15,10 @@ from pipeline.sidecars import (read_concept_names, read_labels, read_proposals, 
 from pipeline.stage import StageInputError
 
 
+COMMAND = "show"
+HELP = "PNG of one image with its top proposals and pseudo-labels (--key, --top, --out)"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key", help="sample key (default: the first labelled image)")
     parser.add_argument("--top", type=int, default=10, help="proposals to draw (highest objectness first)")
@@ -46,3 +50,9 @@ def run(manifest: RunManifest, args: argparse.Namespace) -> dict:
     draw_labelled_boxes(image, p.boxes[:top], captions, title=title).save(out)
     print(f"show: {out}")
     return {"key": key, "path": str(out), "boxes": top}
+
+
+if __name__ == "__main__":
+    from stages.cli import stage_main
+
+    stage_main(COMMAND)

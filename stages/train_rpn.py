@@ -12,64 +12,69 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.config import RunManifest
-from pipeline.io import read_json, sha256_file
-from pipeline.layout import RunLayout
-from pipeline.stage import StageState
-
-STAGE = "train-rpn"
+from pipeline.layout import RunLayout, synthetic_world
+from pipeline.runner import Stage, StageRun
 
 
-def enabled(manifest: RunManifest) -> bool:
+def enabled(manifest) -> bool:
     return manifest.train_rpn.enabled
 
 
-def annotation_files(manifest: RunManifest) -> tuple[Path, Path]:
-    """(train, val) COCO files: the manifest's, or the synthetic world's (generated when missing)."""
+def uses_synthetic_world(manifest) -> bool:
+    cfg = manifest.train_rpn
+    return cfg.annotations is None or cfg.val_annotations is None
+
+
+def reads(manifest) -> tuple[str, ...]:
+    return ("synth",) if uses_synthetic_world(manifest) and manifest.corpus.format == "synthetic" else ()
+
+
+def annotation_files(manifest) -> tuple[Path, Path]:
+    """(train, val) COCO files: the manifest's, or the synthetic world's."""
     cfg = manifest.train_rpn
     train, val = manifest.resolve(cfg.annotations), manifest.resolve(cfg.val_annotations)
-    if train is None or val is None:
+    if uses_synthetic_world(manifest):
         if manifest.corpus.format != "synthetic":
             raise ValueError("train_rpn.annotations and train_rpn.val_annotations are required unless "
                              "corpus.format is synthetic (a COCO-format file with base-category boxes)")
-        from pipeline.synth import generate_world
-
-        world = Path(manifest.resolve(manifest.corpus.path) or RunLayout.of(manifest).synth)
-        generate_world(manifest.synth, world)   # a no-op when the world is already there
+        world = synthetic_world(manifest)
         train = train or world / "instances_train.json"
         val = val or world / "instances_val.json"
     return train, val
 
 
-def run(manifest: RunManifest) -> dict:
+def data_and_weights(run: StageRun) -> dict:
+    from pipeline.io import sha256_file
+
+    manifest, cfg = run.manifest, run.manifest.train_rpn
+    train_file, val_file = run.memo["annotations"] = annotation_files(manifest)
+    weights = manifest.resolve(cfg.backbone_weights)
+    derived = {"clip_arch": (cfg.clip_arch or manifest.teacher.arch) if cfg.backbone == "clip_res4" else None,
+               "seed": manifest.seed, "annotations": sha256_file(train_file),
+               "val_annotations": sha256_file(val_file)}
+    if weights is not None:
+        derived["backbone_weights"] = sha256_file(weights)
+    return derived
+
+
+def train(run: StageRun) -> dict:
     import torch
 
     from trainer.models.rpn import build_rpn, save_rpn_checkpoint
     from trainer.engine.loop import TrainFiles
     from trainer.tasks.rpn import evaluate_recall, read_coco_boxes, train_rpn
 
-    layout = RunLayout.of(manifest)
+    manifest, layout = run.manifest, run.layout
     cfg = manifest.train_rpn
-    train_file, val_file = annotation_files(manifest)
-    clip_arch = (cfg.clip_arch or manifest.teacher.arch) if cfg.backbone == "clip_res4" else None
+    train_file, val_file = run.memo["annotations"]
+    clip_arch = run.settings["clip_arch"]
     weights = manifest.resolve(cfg.backbone_weights)
-    settings = {"train_rpn": manifest.section_dict("train_rpn"), "clip_arch": clip_arch, "seed": manifest.seed}
-    inputs = {"annotations": sha256_file(train_file), "val_annotations": sha256_file(val_file)}
-    if weights is not None:
-        inputs["backbone_weights"] = sha256_file(weights)
-    stage_dir = layout.stage(STAGE)
-    state = StageState.open(STAGE, stage_dir, settings, inputs)
     checkpoint = layout.rpn_checkpoint
-    if state.is_done() and checkpoint.exists():
-        print(f"train-rpn: up to date ({checkpoint})")
-        return read_json(stage_dir.manifest)
-    state.clean_temporaries()
 
     train = read_coco_boxes(train_file, manifest.resolve(cfg.images_root)).with_boxes()
     val = read_coco_boxes(val_file, manifest.resolve(cfg.val_images_root))
 
     torch.manual_seed(manifest.seed)  # the random init too: a rerun (after a kill) trains the same RPN
-    torch.manual_seed(manifest.seed)   # the initial weights, too, follow the run's seed
     model = build_rpn(cfg.backbone, weights, clip_arch, cfg.anchor_sizes, min_size=cfg.min_size,
                       max_size=cfg.max_size)
     print(f"train-rpn: {cfg.backbone}{f' ({clip_arch})' if clip_arch else ''}, "
@@ -77,8 +82,8 @@ def run(manifest: RunManifest) -> dict:
           f"{train.num_boxes} boxes, {cfg.epochs} epochs")
     curve = checkpoint.with_name("training_curve.png")
     history = train_rpn(model, train, cfg, seed=manifest.seed, val=val if cfg.eval_each_epoch else None,
-                        files=TrainFiles(layout.rpn_state, layout.tensorboard / STAGE, curve),
-                        checkpoint_every=cfg.checkpoint_every, fingerprint=state.fingerprint)
+                        files=TrainFiles(layout.rpn_state, layout.tensorboard / run.stage.name, curve),
+                        checkpoint_every=cfg.checkpoint_every, fingerprint=run.fingerprint)
     recall = evaluate_recall(model, val, min_size=cfg.min_size, max_size=cfg.max_size)
     recall["val_annotations"] = str(val_file)
     save_rpn_checkpoint(model, checkpoint, recall=recall)
@@ -89,12 +94,22 @@ def run(manifest: RunManifest) -> dict:
                "loss_last_epoch": history.epochs[-1]["loss"], "steps": len(history.steps),
                "train_images": len(train.images), "train_boxes": train.num_boxes,
                "train_seconds": history.seconds, "epochs": history.epochs}
-    return state.finish(outputs=[checkpoint, curve],
-                        extra={"metrics": metrics, "checkpoint": str(checkpoint),
-                               "counts": {"in": len(train.images), "out": 1}})
+    return {"metrics": metrics, "checkpoint": str(checkpoint), "curve": str(curve),
+            "counts": {"in": len(train.images), "out": 1}}
+
+
+def checkpoint_and_curve(layout: RunLayout, manifest) -> list:
+    return [layout.rpn_checkpoint, layout.rpn_checkpoint.with_name("training_curve.png")]
+
+
+STAGE = Stage(
+    name="train-rpn", help="optional: class-agnostic RPN on base-category boxes, recall report -> checkpoints/rpn",
+    reads=reads, sections=("train_rpn",), identify=data_and_weights, outputs=checkpoint_and_curve,
+    enabled=enabled, work=train)
+run = STAGE.run
 
 
 if __name__ == "__main__":
     from stages.cli import stage_main
 
-    stage_main(STAGE)
+    stage_main(STAGE.name)

@@ -10,31 +10,35 @@ when `teacher.checkpoint` is null.
 """
 from __future__ import annotations
 
-from pipeline.config import RunManifest
-from pipeline.io import read_json
 from pipeline.layout import RunLayout
-from pipeline.stage import StageState, require_complete
-
-STAGE = "train-teacher"
+from pipeline.runner import Stage, StageRun
 
 
-def enabled(manifest: RunManifest) -> bool:
+def enabled(manifest) -> bool:
     return manifest.train_teacher.enabled
 
 
-def run(manifest: RunManifest) -> dict:
+def arch_seed_and_init(run: StageRun) -> dict:
+    manifest, cfg = run.manifest, run.manifest.train_teacher
+    derived = {"arch": manifest.teacher.arch, "seed": manifest.seed}
+    if cfg.init_checkpoint:
+        from pipeline.io import sha256_file
+        derived["init_checkpoint"] = sha256_file(manifest.resolve(cfg.init_checkpoint))
+    return derived
+
+
+def train(run: StageRun) -> dict:
     import torch
 
     from pipeline.sidecars import read_caption_concepts
+    from pipeline.io import read_json
     from trainer.models.clip import create_clip, load_clip, save_clip_checkpoint
     from trainer.engine.loop import TrainFiles
     from trainer.tasks.teacher import retrieval_recall, train_clip, clip_transforms
     from trainer.data.image_text import read_image_text
 
-    layout = RunLayout.of(manifest)
+    manifest, layout = run.manifest, run.layout
     cfg, arch = manifest.train_teacher, manifest.teacher.arch
-    shards = require_complete("shard", layout.shards)
-    concepts = require_complete("concepts", layout.stage("concepts"))
     sizes = read_json(layout.sizes_json)
     tars = [layout.shards.root / name for name in sorted(sizes) if sizes[name] > 0]
     if not tars:
@@ -42,18 +46,7 @@ def run(manifest: RunManifest) -> dict:
     # The last shard is held out for retrieval; with a single shard it is both (flagged in_sample).
     train_tars, heldout_tars = (tars[:-1], tars[-1:]) if len(tars) > 1 else (tars, tars)
     num_train = sum(sizes[t.name] for t in train_tars)
-    settings = {"train_teacher": manifest.section_dict("train_teacher"), "arch": arch, "seed": manifest.seed}
-    inputs = {"shard": shards["fingerprint"], "concepts": concepts["fingerprint"]}
-    if cfg.init_checkpoint:
-        from pipeline.io import sha256_file
-        inputs["init_checkpoint"] = sha256_file(manifest.resolve(cfg.init_checkpoint))
-    stage_dir = layout.stage(STAGE)
-    state = StageState.open(STAGE, stage_dir, settings, inputs)
     checkpoint = layout.teacher_checkpoint
-    if state.is_done() and checkpoint.exists():
-        print(f"train-teacher: up to date ({checkpoint})")
-        return read_json(stage_dir.manifest)
-    state.clean_temporaries()
 
     torch.manual_seed(manifest.seed)  # the random init too: a rerun (after a kill) trains the same model
     if cfg.init_checkpoint:
@@ -69,12 +62,12 @@ def run(manifest: RunManifest) -> dict:
     print(f"train-teacher: {arch} on {num_train} images ({len(train_tars)} shards), {cfg.epochs} epochs x "
           f"{steps_per_epoch} steps; held out: {heldout_tars[0].name} ({len(heldout)} images)")
     _, eval_tf = clip_transforms(model)
-    before = retrieval_recall(model, tokenizer, heldout, eval_tf, groups=groups)
     curve = checkpoint.with_name("training_curve.png")
+    before = retrieval_recall(model, tokenizer, heldout, eval_tf, groups=groups)
     history = train_clip(model, tokenizer, train_tars, heldout, cfg.model_copy(update={"batch_size": batch_size}),
                          steps_per_epoch=steps_per_epoch, seed=manifest.seed, heldout_groups=groups,
-                         files=TrainFiles(layout.teacher_state, layout.tensorboard / STAGE, curve),
-                         checkpoint_every=cfg.checkpoint_every, fingerprint=state.fingerprint)
+                         files=TrainFiles(layout.teacher_state, layout.tensorboard / run.stage.name, curve),
+                         checkpoint_every=cfg.checkpoint_every, fingerprint=run.fingerprint)
     final = history.epochs[-1]
     metrics = {"heldout": {"shard": heldout_tars[0].name, "in_sample": len(tars) == 1, **{
                    k: v for k, v in final.items() if k.startswith("r") or k == "num_images"}},
@@ -88,12 +81,22 @@ def run(manifest: RunManifest) -> dict:
           f"R@5 {h.get('r5')} (chance {h.get('r5_chance')}), R@1 counting a caption with the same concepts "
           f"{h.get('r1_same_group')} (chance {h.get('r1_same_group_chance')}) on {h.get('num_images')} images; "
           f"loss {metrics['loss_first_epoch']} -> {metrics['loss_last_epoch']}")
-    return state.finish(outputs=[checkpoint, curve],
-                        extra={"metrics": metrics, "checkpoint": str(checkpoint), "arch": arch,
-                               "counts": {"in": num_train, "out": 1}})
+    return {"metrics": metrics, "checkpoint": str(checkpoint), "arch": arch, "curve": str(curve),
+            "counts": {"in": num_train, "out": 1}}
+
+
+def checkpoint_and_curve(layout: RunLayout, manifest) -> list:
+    return [layout.teacher_checkpoint, layout.teacher_checkpoint.with_name("training_curve.png")]
+
+
+STAGE = Stage(
+    name="train-teacher", help="optional: image-level CLIP (open_clip, ClipLoss) on the shards -> checkpoints/teacher",
+    reads=("shard", "concepts"), sections=("train_teacher",), identify=arch_seed_and_init,
+    outputs=checkpoint_and_curve, enabled=enabled, work=train)
+run = STAGE.run
 
 
 if __name__ == "__main__":
     from stages.cli import stage_main
 
-    stage_main(STAGE)
+    stage_main(STAGE.name)

@@ -13,15 +13,64 @@ from __future__ import annotations
 
 import time
 
-from pipeline.config import RunManifest
-from pipeline.io import file_record
 from pipeline.layout import RunLayout
-from pipeline.stage import StageState, fingerprint_of, read_stage_manifest
+from pipeline.runner import Stage, StageRun
+from pipeline.stage import fingerprint_of
+from stages.embed import teacher_from_train_teacher
+from stages.proposals import rpn_from_train_rpn
 
-STAGE = "transfer"
+
+def reads(manifest) -> tuple[str, ...]:
+    upstream = ()
+    if manifest.transfer.annotations is None and manifest.corpus.format == "synthetic":
+        upstream += ("synth",)
+    if "pretrain" in manifest.transfer.init:
+        upstream += ("pretrain",)
+    if teacher_from_train_teacher(manifest):
+        upstream += ("train-teacher",)
+    return upstream + (("train-rpn",) if rpn_from_train_rpn(manifest) else ())
 
 
-def run(manifest: RunManifest) -> dict:
+def data_models_and_tests(run: StageRun) -> dict:
+    """The RPN, teacher and test settings a detector depends on, and the checksums of the files it reads."""
+    from pipeline.io import sha256_file
+    from stages.resolve import annotation_file, clip_checkpoint
+
+    manifest = run.manifest
+    p, e = manifest.proposals, manifest.evaluate
+    rpn = manifest.resolve(p.checkpoint) or run.layout.rpn_checkpoint   # loaded (or refused) by the work
+    return {"rpn": {"min_size": p.min_size, "max_size": p.max_size, "pre_nms_top_n": p.pre_nms_top_n},
+            "ensemble": manifest.embed.ensemble,
+            "test": {"min_size": e.min_size, "max_size": e.max_size, "score_threshold": e.score_threshold,
+                     "detections_per_image": e.detections_per_image, "soft_nms_sigma": e.soft_nms_sigma,
+                     "multiply_rpn_score": e.multiply_rpn_score},
+            "annotations": sha256_file(annotation_file(manifest, "train")),
+            "rpn_checkpoint": sha256_file(rpn) if rpn.is_file() else "missing",
+            "init_checkpoints": {init: sha256_file(clip_checkpoint(manifest, init))
+                                 for init in dict.fromkeys(["teacher", *manifest.transfer.init])}}
+
+
+def detector_fingerprint(run: StageRun, init: str) -> str:
+    """One detector's fingerprint: the stage's settings but the list of inits (adding an init retrains
+    no other), and its own initial weights."""
+    settings = {**run.settings, "transfer": {k: v for k, v in run.settings["transfer"].items() if k != "init"},
+                "init_checkpoints": {"teacher": run.settings["init_checkpoints"]["teacher"],
+                                     init: run.settings["init_checkpoints"][init]}}
+    return fingerprint_of(f"transfer-{init}", settings, {})
+
+
+def _todo(run: StageRun) -> list[str]:
+    previous = (run.previous or {}).get("detectors", {})
+    return [i for i in dict.fromkeys(run.manifest.transfer.init)
+            if not (previous.get(i, {}).get("fingerprint") == detector_fingerprint(run, i)
+                    and run.layout.transfer_checkpoint(i).is_file())]
+
+
+def detectors_done(run: StageRun) -> bool:
+    return not _todo(run)
+
+
+def transfer(run: StageRun) -> dict:
     import torch
 
     from trainer.data.detection import DetectionSet
@@ -32,38 +81,18 @@ def run(manifest: RunManifest) -> dict:
     from trainer.engine.loop import TrainFiles
     from trainer.tasks.transfer import compute_proposals, rpn_proposal_fn, train_detector
 
-    layout = RunLayout.of(manifest)
+    manifest, layout = run.manifest, run.layout
     cfg = manifest.transfer
     device = resolve_device(cfg.device)
     annotations = annotation_file(manifest, "train")
-    rpn_path = manifest.resolve(manifest.proposals.checkpoint) or layout.rpn_checkpoint
-    p = manifest.proposals
-    rpn_settings = {"min_size": p.min_size, "max_size": p.max_size, "pre_nms_top_n": p.pre_nms_top_n}
-    settings = {"transfer": manifest.section_dict("transfer"), "rpn": rpn_settings,
-                "teacher": manifest.section_dict("teacher"), "ensemble": manifest.embed.ensemble,
-                "test": {k: manifest.section_dict("evaluate")[k] for k in
-                         ("min_size", "max_size", "score_threshold", "detections_per_image", "soft_nms_sigma",
-                          "multiply_rpn_score")}}
-    settings["transfer"].pop("device")
-    common = {"annotations": file_record(annotations)["sha256"],
-              "rpn": file_record(rpn_path)["sha256"] if rpn_path.is_file() else "missing",
-              "teacher": file_record(clip_checkpoint(manifest, "teacher"))["sha256"]}
-    inits = list(dict.fromkeys(cfg.init))
-    fingerprints = {init: fingerprint_of(f"transfer-{init}", settings,
-                                         {**common, "init": file_record(clip_checkpoint(manifest, init))["sha256"]})
-                    for init in inits}
-    state = StageState.open(STAGE, layout.stage(STAGE), settings,
-                            {"annotations": common["annotations"], **fingerprints})
-    previous = (read_stage_manifest(state.stage_dir) or {}).get("detectors", {})
-    todo = [i for i in inits if not (previous.get(i, {}).get("fingerprint") == fingerprints[i]
-                                    and layout.transfer_checkpoint(i).is_file())]
+    rpn_settings = run.settings["rpn"]
+    inits, todo = list(dict.fromkeys(cfg.init)), _todo(run)
+    previous = (run.previous or {}).get("detectors", {})
     detectors = {i: previous[i] for i in inits if i not in todo}
-    if not todo:
-        print(f"transfer: up to date ({', '.join(str(layout.transfer_checkpoint(i)) for i in inits)})")
-        return state.finish([], outputs=[layout.transfer_checkpoint(i) for i in inits],
-                            extra={"detectors": detectors})
-    state.clean_temporaries()
-
+    run.report = {"trained": todo}
+    if not todo:        # e.g. an init dropped from the list: the others are kept as they are
+        print(f"transfer: every detector is current ({', '.join(inits)})")
+        return {"detectors": detectors}
     started = time.time()
     data = DetectionSet(annotations, images_root(manifest, "train"), cache_images=True)
     vocab = data.vocabulary("base")
@@ -88,22 +117,32 @@ def run(manifest: RunManifest) -> dict:
         print(f"transfer[{init}]: from {checkpoint} ({cfg.steps} steps x {cfg.batch_size} images)")
         path = layout.transfer_checkpoint(init)
         report = train_detector(detector, data, vocab, proposals, train_settings(manifest),
-                                files=TrainFiles(layout.transfer_state(init), layout.tensorboard / STAGE / init,
+                                files=TrainFiles(layout.transfer_state(init), layout.tensorboard / run.stage.name / init,
                                                  path.with_suffix(".png")),
-                                checkpoint_every=cfg.checkpoint_every, fingerprint=fingerprints[init])
+                                checkpoint_every=cfg.checkpoint_every, fingerprint=detector_fingerprint(run, init))
         save_detector(detector, path, init=init, init_checkpoint=str(checkpoint),
                       train_category_ids=list(vocab.ids))
         print(f"transfer[{init}]: {report['seconds']}s, final losses {report['final']} -> {path}")
-        detectors[init] = {"fingerprint": fingerprints[init], "checkpoint": str(path),
+        detectors[init] = {"fingerprint": detector_fingerprint(run, init), "checkpoint": str(path),
                            "init_checkpoint": str(checkpoint), "seconds": report["seconds"],
                            "final_losses": report["final"], "loss_history": report["loss_history"]}
-    return state.finish([], outputs=[layout.transfer_checkpoint(i) for i in inits], extra={
-        "detectors": detectors, "train_images": len(image_ids), "classes": list(vocab.names),
-        "proposal_seconds": proposal_seconds, "device": str(device),
-        "total_seconds": round(time.time() - started, 2)})
+    return {"detectors": detectors, "train_images": len(image_ids), "classes": list(vocab.names),
+            "proposal_seconds": proposal_seconds, "device": str(device),
+            "total_seconds": round(time.time() - started, 2)}
+
+
+def detector_files(layout: RunLayout, manifest) -> list:
+    return [layout.transfer_checkpoint(i) for i in dict.fromkeys(manifest.transfer.init)]
+
+
+STAGE = Stage(
+    name="transfer", help="open-vocabulary detector on base classes, per init (pretrain student, teacher)",
+    reads=reads, sections=("transfer", "teacher"), identify=data_models_and_tests, outputs=detector_files,
+    current=detectors_done, work=transfer, nothing_done={"trained": []})
+run = STAGE.run
 
 
 if __name__ == "__main__":
     from stages.cli import stage_main
 
-    stage_main(STAGE)
+    stage_main(STAGE.name)

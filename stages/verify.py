@@ -15,7 +15,10 @@ from pipeline.config import RunManifest
 from pipeline.layout import RunLayout
 from pipeline.verify import damage_table, quarantine, verify_run
 
-STAGE = "verify"
+COMMAND = "verify"
+HELP = "check every output against its recorded checksums; --repair makes the next run redo damaged shards"
+# It reads every output of the run: a run still writing them would look damaged.
+HOLDS_RUN_LOCK = True
 
 
 def add_arguments(parser) -> None:
@@ -26,8 +29,10 @@ def add_arguments(parser) -> None:
 
 
 def run(manifest: RunManifest, args=None) -> dict:
+    from stages.registry import stage_names
+
     repair = bool(getattr(args, "repair", False))
-    damages = verify_run(manifest, full=not getattr(args, "quick", False))
+    damages = verify_run(manifest, stage_names(), full=not getattr(args, "quick", False))
     layout = RunLayout.of(manifest)
     if getattr(args, "json", False):
         print(json.dumps([d.as_dict() for d in damages], indent=2))
@@ -51,4 +56,4 @@ def run(manifest: RunManifest, args=None) -> dict:
 if __name__ == "__main__":
     from stages.cli import stage_main
 
-    stage_main(STAGE)
+    stage_main(COMMAND)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from pipeline.config import RunManifest
 
-STAGE = "vocab"
+COMMAND = "vocab"
+HELP = "class list (text, comma list, COCO/LVIS JSON) -> class embeddings .npz (--classes, --out)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,4 +52,4 @@ def run(manifest: RunManifest, args: argparse.Namespace) -> dict:
 if __name__ == "__main__":
     from stages.cli import stage_main
 
-    stage_main(STAGE)
+    stage_main(COMMAND)

@@ -90,8 +90,10 @@ def _is_bookkeeping(rel: str) -> bool:
 
 
 def _ignored(rel: str) -> bool:
-    """Left out of the comparison: tensorboard event files (wall-clock times in the data and the name)."""
-    return rel.startswith("tensorboard/") or "/tensorboard/" in rel or ".tfevents." in rel
+    """Left out of the comparison: tensorboard event files (wall-clock times in the data and the name) and
+    the run lock (a killed run leaves run.lock.json naming it)."""
+    return (rel.startswith("tensorboard/") or "/tensorboard/" in rel or ".tfevents." in rel
+            or rel in ("run.lock", "run.lock.json"))
 
 
 def _presence_only(rel: str) -> bool:
@@ -289,7 +291,9 @@ evaluate: {{min_size: 96, max_size: 160, proposals_per_image: 48, device: cpu}}
     return path
 
 
-# Every stage of the pipeline in order, optional ones included (train-teacher / train-rpn make the
-# weights that the synthetic world has no download for).
-ALL_STAGES = ["shard", "concepts", "train-teacher", "embed", "train-rpn", "proposals", "label", "pretrain",
-              "transfer", "evaluate"]
+def all_stages() -> list[str]:
+    """Every stage after synth, in order, optional ones included (train-teacher / train-rpn make the
+    weights that the synthetic world has no download for)."""
+    from stages.registry import stage_names
+
+    return [name for name in stage_names() if name != "synth"]

@@ -73,10 +73,11 @@ def make_rpn(layout: RunLayout) -> Path:
 
 
 def prepare_run(manifest) -> RunLayout:
-    """shard stage + teacher + concepts + RPN checkpoint for a manifest made from manifest_body()."""
-    from stages import shard
+    """synth and shard stages + teacher + concepts + RPN checkpoint for a manifest made from manifest_body()."""
+    from stages import shard, synth
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    synth.run(manifest)
     shard.run(manifest)
     layout = RunLayout.of(manifest)
     make_teacher(layout)

@@ -17,14 +17,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_demo_small_end_to_end_and_direction(tmp_path):
     from pipeline.config import load_manifest
-    from stages.cli import PIPELINE, run_stage
+    from stages.registry import PIPELINE
     from trainer.evaluation import headline_figures
 
     # Every stage in order, as `regionclip run` does, but in this process: ten fresh processes would add
     # about a minute of start-up to the suite and change no number (tests/test_shard.py runs `run` itself).
     manifest = load_manifest(REPO / "manifests" / "demo-small.yaml", [f"output_dir={tmp_path / 'run'}"])
-    for name in PIPELINE:
-        run_stage(name, manifest)
+    for stage in PIPELINE:
+        stage.run(manifest)
     summary = json.loads((tmp_path / "run" / "eval" / "summary.json").read_text())
     assert "student - teacher" in summary["results_table"]
     f = headline_figures(summary["evaluate"])

@@ -247,16 +247,17 @@ evaluate: {min_size: 96, max_size: 128, proposals_per_image: 48}
 
 def test_transfer_evaluate_detect_on_a_tiny_world(write_manifest, monkeypatch, tmp_path):
     import stages.resolve
+    from pipeline.io import write_json
     from pipeline.layout import RunLayout
-    from pipeline.synth import generate_world
-    from stages import evaluate, transfer
+    from stages import evaluate, synth, transfer
     from stages.cli import main
 
     manifest = write_manifest(MANIFEST)
     layout = RunLayout.of(manifest)
-    generate_world(manifest.synth, layout.synth, progress=False)
+    synth.run(manifest)
     save_tiny_clip(manifest.resolve("teacher.pt"), seed=0)
-    save_tiny_clip(layout.student_checkpoint, seed=1)
+    save_tiny_clip(layout.student_checkpoint, seed=1)    # stands in for pretrain's output
+    write_json(layout.stage("pretrain").manifest, {"stage": "pretrain", "status": "done", "fingerprint": "test"})
     rpn = StandInRPN()
     monkeypatch.setattr(stages.resolve, "load_frozen_rpn", lambda m, device="cpu": rpn)
 

@@ -19,7 +19,7 @@ from pipeline.layout import RunLayout, sample_key
 from tests.pretrain_world import make_world
 from trainer.models.clip import create_clip, load_clip
 from trainer.data.pretrain_stream import DataError, DataOptions, PretrainStream, Sidecars, prepare_sample, sample_rng, shard_sources, read_tar
-from trainer.tasks.pretrain import PretrainPaths, PretrainTrainer
+from trainer.tasks.pretrain import PretrainPaths, PretrainTrainer, lr_at
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(batch_size=4, regions_per_image=8, min_size=64, max_size=96, warmup_steps=2, lr=0.01,
@@ -108,6 +108,15 @@ def test_flip_mirrors_boxes_and_uses_stored_flipped_targets(tmp_path):
         assert not np.array_equal(a["codes"], b["codes"])  # the stored flipped teacher outputs
         np.testing.assert_array_equal(a["labels"], b["labels"])
     assert seen_flip
+
+
+def test_lr_schedule_warmup_and_steps():
+    cfg = PretrainConfig(lr=0.1, warmup_steps=10, lr_steps=[20, 30])
+    assert lr_at(cfg, 0) == pytest.approx(0.1 * 0.001)
+    assert lr_at(cfg, 5) == pytest.approx(0.1 * (0.001 * 0.5 + 0.5))
+    assert lr_at(cfg, 10) == pytest.approx(0.1)
+    assert lr_at(cfg, 25) == pytest.approx(0.01)
+    assert lr_at(cfg, 30) == pytest.approx(0.001)
 
 
 # -- exact resume ------------------------------------------------------------------------------------------
@@ -303,7 +312,7 @@ def test_stage_trains_exports_and_is_then_up_to_date(tmp_path, write_manifest, c
     from stages import pretrain as stage
 
     manifest, layout, _ = _stage_world(tmp_path, write_manifest)
-    result = stage.run(manifest)
+    result = stage.run(manifest)["work"]
     assert result["status"] == "done" and result["step"] == 3
     assert layout.student_checkpoint.exists() and layout.pretrain_state.exists()
     assert layout.pretrain_state.with_suffix(".png").exists()
@@ -322,7 +331,7 @@ def test_stage_online_teacher_runs_rpn_and_teacher_in_the_step(tmp_path, write_m
     monkeypatch.setitem(sys.modules, "trainer.models.rpn", standin)  # the stand-in RPN (trainer/models/rpn.py's contract)
     manifest, layout, _ = _stage_world(tmp_path, write_manifest, ", online_teacher: true")
     layout.rpn_checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    layout.rpn_checkpoint.write_bytes(b"stand-in")   # the stand-in's weights are seeded; the file must exist
-    result = stage.run(manifest)
+    layout.rpn_checkpoint.write_bytes(b"stand-in rpn (its loader builds a seeded one)")
+    result = stage.run(manifest)["work"]
     assert result["status"] == "done" and result["step"] == 3
     assert all(np.isfinite(v) for v in result["losses"].values())

@@ -143,7 +143,7 @@ def test_resnet_weights_file_loads_into_backbone(tmp_path):
 
 
 def test_stage_trains_and_reports_recall_by_split(write_manifest):
-    from stages import train_rpn
+    from stages import synth, train_rpn
     from trainer.tasks.rpn import read_coco_boxes
 
     manifest = write_manifest("""
@@ -155,6 +155,7 @@ def test_stage_trains_and_reports_recall_by_split(write_manifest):
                     device: cpu}
         """)
     assert train_rpn.enabled(manifest)
+    synth.run(manifest)
     train_rpn.run(manifest)
     layout = RunLayout.of(manifest)
     stage = json.loads(layout.stage("train-rpn").manifest.read_text())

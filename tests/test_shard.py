@@ -162,12 +162,16 @@ def test_a_copied_synthetic_run_folder_is_up_to_date(ray_local, tmp_path, write_
 
     from pipeline.config import load_manifest
 
+    from stages import synth
+
     m = write_manifest("corpus: {format: synthetic}\nsynth: {num_images: 6, num_val_images: 2}\n"
                        "shard: {samples_per_shard: 4}\n")
+    synth.run(m)
     first = shard.run(m)
     shutil.copytree(tmp_path / "out", tmp_path / "moved")
     moved = load_manifest(tmp_path / "t.yaml", [f"output_dir={tmp_path / 'moved'}"])
     tars = {p.name: p.stat().st_mtime_ns for p in RunLayout.of(moved).shards.root.glob("[0-9]*.tar")}
+    assert synth.run(moved)["work"] is False          # the world and its manifest came along
     again = shard.run(moved)
     assert again["fingerprint"] == first["fingerprint"] and len(tars) == 2
     assert {p.name: p.stat().st_mtime_ns for p in RunLayout.of(moved).shards.root.glob("[0-9]*.tar")} == tars

@@ -26,12 +26,13 @@ def sharded(tmp_path_factory):
     and concepts stages' own code run serially in this process (no Ray: this test is about what reads
     the shards)."""
     from pipeline.config import load_manifest
-    from stages import concepts, shard
+    from stages import concepts, shard, synth
 
     folder = tmp_path_factory.mktemp("teacher")
     path = folder / "m.yaml"
     path.write_text("name: t\noutput_dir: out\nray: {num_cpus: 2}\n" + WORLD)
     manifest = load_manifest(path)
+    synth.run(manifest)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(shard, "init_ray", lambda cfg: None)
         patch.setattr(shard, "run_tasks", lambda fn, tasks, **kwargs: (fn(*args) for args in tasks))

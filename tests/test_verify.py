@@ -10,7 +10,9 @@ import pytest
 from pipeline.config import load_manifest
 from pipeline.io import sha256_file
 from pipeline.layout import RunLayout
-from pipeline.verify import CHECKSUM, MISSING, SIZE, UNREADABLE, verify_run
+from pipeline.verify import CHECKSUM, MISSING, SIZE, UNREADABLE
+from pipeline.verify import verify_run as verify_stages
+from stages.registry import stage_names
 from tests.corpora import jpeg_bytes
 
 CAPTIONS = ["two dogs and a red kite on the beach", "a cat sleeping on a sofa", "a boat near a bridge",
@@ -28,6 +30,10 @@ def make_run(tmp_path: Path, n: int = 12, per_shard: int = 3) -> Path:
                     f"corpus: {{format: folder, path: {corpus}}}\nshard: {{samples_per_shard: {per_shard}}}\n"
                     "concepts: {parser: lookups, min_count: 1}\n")
     return path
+
+
+def verify_run(manifest, full: bool = True):
+    return verify_stages(manifest, stage_names(), full=full)
 
 
 def data_files(snap: dict) -> dict[str, str]:
@@ -155,16 +161,17 @@ def test_a_shard_to_redo_loses_its_old_marker_before_its_files_are_replaced(tmp_
     """Settings changed: the old marker must go before the new files land, or a kill between the new
     files and the new marker leaves a marker vouching for bytes it never saw."""
     from pipeline.layout import StageDir
-    from pipeline.stage import StageState
+    from pipeline.stage import ShardMarkers, fingerprint_of
 
     folder = StageDir(tmp_path / "stage")
-    old = StageState.open("demo", folder, {"quality": 90})
+    folder.root.mkdir()
+    old = ShardMarkers(folder, fingerprint_of("demo", {"quality": 90}, {}))
     for shard_id in (0, 1):
         (folder.root / f"{shard_id:05d}.bin").write_bytes(b"old")
-        old.mark_shard_done(shard_id, {"rows": 1}, [folder.root / f"{shard_id:05d}.bin"])
+        old.mark_done(shard_id, {"rows": 1}, [folder.root / f"{shard_id:05d}.bin"])
 
     assert old.start_pending([0, 1]) == []  # done under its own settings: markers kept
-    new = StageState.open("demo", folder, {"quality": 95})
+    new = ShardMarkers(folder, fingerprint_of("demo", {"quality": 95}, {}))
     assert new.pending([0, 1]) == [0, 1]
     assert folder.stats(0).exists() and folder.stats(1).exists()  # asking does not change anything
     assert new.start_pending([0, 1]) == [0, 1]
