@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 MANIFEST ?= manifests/demo.yaml
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test test-fast venv bench clean
 
 # The demo needs the package alone; the tests add pytest and lvis (which pulls in OpenCV).
 $(BIN)/regionclip: pyproject.toml
@@ -24,6 +24,10 @@ demo: venv
 
 test: $(VENV)/.test-extras
 	$(BIN)/python -m pytest -q --durations=15 tests
+
+# The fast tier: per-module tests, no whole stages, Ray jobs or killed processes.
+test-fast: $(VENV)/.test-extras
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 bench: venv
 	$(BIN)/python bench/report.py

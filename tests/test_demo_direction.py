@@ -12,6 +12,10 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow   # runs whole stages or kills processes: not in the fast tier
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -245,6 +245,7 @@ evaluate: {min_size: 96, max_size: 128, proposals_per_image: 48}
 """
 
 
+@pytest.mark.slow
 def test_transfer_evaluate_detect_on_a_tiny_world(write_manifest, monkeypatch, tmp_path):
     import stages.resolve
     from pipeline.io import write_json

@@ -71,6 +71,7 @@ def test_caption_embeddings_are_the_end_of_text_feature_in_fp16(teacher):
     np.testing.assert_allclose(got.astype(np.float32), expected, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_vocab_command_on_a_coco_categories_file(teacher, tmp_path, write_manifest):
     from stages.cli import main
 

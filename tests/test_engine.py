@@ -298,6 +298,7 @@ def pretrain_trainer(world, out: Path):
                            sources=shard_sources(world["layout"], world["shard_ids"]), codec=world["codec"])
 
 
+@pytest.mark.slow
 def test_pretrain_sigkilled_resumes_exactly(tmp_path):
     from tests.pretrain_world import make_world
 
@@ -369,6 +370,7 @@ def teacher_trainer(tars, heldout, out: Path, num_workers: int):
                        checkpoint_every=2, fingerprint="run", progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_workers, seed", [(0, 0), (0, 1), (1, 3)])  # killed mid-epoch, at an epoch's end
 def test_train_teacher_killed_resumes_exactly(tmp_path, num_workers, seed):
     from trainer.data.image_text import read_image_text

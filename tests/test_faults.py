@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 
 from tests.faultkit import kill_and_resume, markers_truthful
 from tests.test_verify import make_run
+
+pytestmark = pytest.mark.slow   # runs whole stages or kills processes: not in the fast tier
 
 KILLS = 2  # CI budget; bench/faults.py does five per stage
 

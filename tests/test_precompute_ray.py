@@ -20,6 +20,8 @@ from stages import label, proposals
 from tests.faultkit import wait_until_ray_is_idle
 from tests.labelkit import concepts_from_regions, manifest_body, prepare_run, read_rows, rpn_loader
 
+pytestmark = pytest.mark.slow   # runs whole stages or kills processes: not in the fast tier
+
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO)}
 

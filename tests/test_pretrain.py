@@ -19,7 +19,7 @@ from pipeline.layout import RunLayout, sample_key
 from tests.pretrain_world import make_world
 from trainer.models.clip import create_clip, load_clip
 from trainer.data.pretrain_stream import DataError, DataOptions, PretrainStream, Sidecars, prepare_sample, sample_rng, shard_sources, read_tar
-from trainer.tasks.pretrain import PretrainPaths, PretrainTrainer, lr_at
+from trainer.tasks.pretrain import PretrainPaths, PretrainTrainer
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(batch_size=4, regions_per_image=8, min_size=64, max_size=96, warmup_steps=2, lr=0.01,
@@ -110,15 +110,6 @@ def test_flip_mirrors_boxes_and_uses_stored_flipped_targets(tmp_path):
     assert seen_flip
 
 
-def test_lr_schedule_warmup_and_steps():
-    cfg = PretrainConfig(lr=0.1, warmup_steps=10, lr_steps=[20, 30])
-    assert lr_at(cfg, 0) == pytest.approx(0.1 * 0.001)
-    assert lr_at(cfg, 5) == pytest.approx(0.1 * (0.001 * 0.5 + 0.5))
-    assert lr_at(cfg, 10) == pytest.approx(0.1)
-    assert lr_at(cfg, 25) == pytest.approx(0.01)
-    assert lr_at(cfg, 30) == pytest.approx(0.001)
-
-
 # -- exact resume ------------------------------------------------------------------------------------------
 
 def _losses(history):
@@ -171,6 +162,7 @@ SIGTERM_CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_resumes_exactly(world, tmp_path):
     steps = 5
     torch.set_num_threads(1)
@@ -228,6 +220,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_process(tmp_path):
     w = make_world(tmp_path / "w", portrait=False)  # equal sizes: the padded batch does not depend on the split
     out = tmp_path / "ddp"

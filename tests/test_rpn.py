@@ -142,6 +142,7 @@ def test_resnet_weights_file_loads_into_backbone(tmp_path):
         build_rpn("resnet18_fpn", backbone_weights=tmp_path / "other.pth")
 
 
+@pytest.mark.slow
 def test_stage_trains_and_reports_recall_by_split(write_manifest):
     from stages import synth, train_rpn
     from trainer.tasks.rpn import read_coco_boxes

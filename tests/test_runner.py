@@ -37,6 +37,7 @@ RUNTIME_ONLY = {
     "label.num_gpus_per_actor", "label.num_actors", "label.region_index",
     "pretrain.checkpoint_every", "pretrain.device", "pretrain.resume", "pretrain.log_every",
     "transfer.device", "evaluate.device",
+    "train_teacher.checkpoint_every", "train_rpn.checkpoint_every", "transfer.checkpoint_every",
 }
 
 
@@ -85,6 +86,7 @@ def test_runtime_only_marks_are_left_out_of_every_fingerprint_and_every_other_fi
         assert set(stage.sections) <= set(sections(manifest)), stage.name
 
 
+@pytest.mark.slow
 def test_a_runtime_only_change_reruns_nothing_and_any_other_reruns_the_stage_and_those_after(
         ray_local, write_manifest):
     from stages import concepts, shard, synth
@@ -162,6 +164,7 @@ def refusal(stage, manifest) -> str:
     return str(err.value)
 
 
+@pytest.mark.slow
 def test_a_shard_rerun_killed_midway_leaves_every_stage_after_it_refusing(ray_local, write_manifest):
     from pipeline.runner import require_current
     from stages import shard, synth
@@ -202,6 +205,7 @@ def test_a_shard_rerun_killed_midway_leaves_every_stage_after_it_refusing(ray_lo
     assert "stage 'proposals' is out of date" in message and "run `regionclip proposals MANIFEST`" in message
 
 
+@pytest.mark.slow
 def test_a_label_rerun_killed_midway_leaves_pretrain_and_after_refusing(ray_local, write_manifest):
     from pipeline.runner import require_current
     from stages import label, shard, synth

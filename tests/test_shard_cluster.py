@@ -7,11 +7,15 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from pipeline.config import load_manifest
 from pipeline.io import sha256_file
 from pipeline.layout import RunLayout
 from stages import shard
 from tests.corpora import make_folder_corpus
+
+pytestmark = pytest.mark.slow   # runs whole stages or kills processes: not in the fast tier
 
 CLUSTER_SCRIPT = textwrap.dedent("""
     import sys

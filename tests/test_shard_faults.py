@@ -10,11 +10,15 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from pipeline.io import sha256_file
 from pipeline.layout import RunLayout
 from stages import shard
 from tests.corpora import jpeg_bytes
 from tests.faultkit import markers_truthful, wait_until_ray_is_idle
+
+pytestmark = pytest.mark.slow   # runs whole stages or kills processes: not in the fast tier
 
 KILL_SEED = 1234
 IMAGES, PER_SHARD = 24, 3

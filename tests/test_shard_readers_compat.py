@@ -7,11 +7,14 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import webdataset as wds
 
 from pipeline.layout import RunLayout
 from stages import shard
 from tests.corpora import make_folder_corpus
+
+pytestmark = pytest.mark.slow   # runs whole stages or kills processes: not in the fast tier
 
 # open_clip's trainer, unmodified, with our tiny model config registered (it is not one of open_clip's).
 OPEN_CLIP_TRAIN = textwrap.dedent("""

@@ -68,6 +68,7 @@ def test_reader_streams_decoded_pairs_in_order_and_seeded_shuffle(sharded):
     assert len(batches) == 4                                   # 48 // 10, partial batch dropped
 
 
+@pytest.mark.slow
 def test_stage_trains_reports_retrieval_and_checkpoint_loads_in_open_clip(sharded):
     from stages import train_teacher
     from trainer.models.clip import load_clip
