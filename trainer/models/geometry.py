@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-# Batches are padded to a multiple of this: the stride of res5 (and detectron2's SIZE_DIVISIBILITY).
+# Batches are padded to a multiple of this: the stride of res5 (detectron2 calls it the size divisibility).
 PAD_MULTIPLE = 32
 
 
