@@ -16,17 +16,17 @@ from __future__ import annotations
 from pipeline.config import RunManifest
 from pipeline.io import file_record
 from pipeline.layout import RunLayout
-from pipeline.ray_runtime import cluster_gpus, init_ray, map_with_actor_pool, run_tasks
+from pipeline.ray_runtime import actor_cpus, cluster_gpus, init_ray, map_with_actor_pool, run_tasks
 from pipeline.stage import StageState, fingerprint_of, require_complete
 from stages.resolve import load_model_ref
 from trainer.models.clip import check_embedding_dim, embedding_dim
 from trainer.offline.codecs import codec_from_settings, read_codec_description
 from trainer.offline.region_index import write_region_index
-from trainer.offline.labels import LabelJob, LabelShardWorker, sample_region_embeddings
+from trainer.offline.labels import LabelJob, LabelShardWorker, plan_region_sample, sample_region_embeddings
 from trainer.offline.text_embed import load_concept_embeddings
 
 STAGE = "label"
-RUNTIME_ONLY = ("num_gpus_per_actor", "num_actors", "region_index", "keep_threshold")
+RUNTIME_ONLY = ("num_gpus_per_actor", "num_actors", "region_index", "keep_threshold", "cpus_per_actor")
 
 
 def run(manifest: RunManifest) -> dict:
@@ -48,8 +48,9 @@ def run(manifest: RunManifest) -> dict:
                    concept_embeddings=str(layout.concept_embeddings), codec_json=str(layout.labels_codec),
                    min_size=scale["min_size"], max_size=scale["max_size"], temperature=cfg.temperature,
                    faiss_threshold=cfg.faiss_threshold, batch_size=cfg.batch_size, store_flipped=cfg.store_flipped,
-                   fingerprint="")
+                   fingerprint="", precision=cfg.precision)
     init_ray(manifest.ray)
+    job.decode_threads = actor_cpus(cfg.cpus_per_actor)
     codec = ensure_codec(manifest, layout, job, dim, concepts, teacher, proposals, shard_ids)
 
     settings = {k: v for k, v in manifest.section_dict(STAGE).items() if k not in RUNTIME_ONLY}
@@ -65,7 +66,7 @@ def run(manifest: RunManifest) -> dict:
               f"codec {codec['codec']} ({codec['code_size']} bytes/region)")
         for row in map_with_actor_pool(LabelShardWorker, [{"shard": s} for s in pending], constructor_args=(job,),
                                      num_gpus_per_actor=cfg.num_gpus_per_actor, num_actors=cfg.num_actors,
-                                     desc="label"):
+                                     cpus_per_actor=job.decode_threads, desc="label"):
             nodes.add(str(row["node"]))
     else:
         print(f"label: up to date ({len(shard_ids)} shards)")
@@ -82,7 +83,8 @@ def ensure_codec(manifest, layout, job, dim, concepts, teacher, proposals, shard
     if cfg.codec == "pq":
         params.update(subquantizers=cfg.pq_subquantizers, bits=cfg.pq_bits, train_regions=cfg.pq_train_regions,
                       teacher=teacher, proposals=proposals["fingerprint"], batch_size=cfg.batch_size,
-                      min_size=job.min_size, max_size=job.max_size)
+                      min_size=job.min_size, max_size=job.max_size, precision=cfg.precision,
+                      sample="images drawn across all shards")
     elif cfg.codec == "topk":
         params.update(k=cfg.topk, temperature=cfg.temperature,
                       concepts=file_record(layout.concept_embeddings)["sha256"])
@@ -93,18 +95,14 @@ def ensure_codec(manifest, layout, job, dim, concepts, teacher, proposals, shard
         return saved
     sample = None
     if cfg.codec == "pq":
-        counts = [proposals["shards"][f"{s:05d}"]["counts"].get("boxes", 0) for s in shard_ids]
-        take, total = [], 0
-        for s, n in zip(shard_ids, counts):
-            take.append(s)
-            total += n + proposals["shards"][f"{s:05d}"]["counts"].get("images", 0)
-            if total >= cfg.pq_train_regions:
-                break
+        counts = {s: proposals["shards"][f"{s:05d}"]["counts"] for s in shard_ids}
+        plan = plan_region_sample(counts, cfg.pq_train_regions, manifest.seed)
         print(f"label: training the PQ codebook ({cfg.pq_subquantizers}x{cfg.pq_bits} bits) on up to "
-              f"{cfg.pq_train_regions} regions of {len(take)} shard(s)")
+              f"{cfg.pq_train_regions} regions of {sum(map(len, plan.values()))} images drawn from "
+              f"{len(plan)} shard(s)")
         gpus = cfg.num_gpus_per_actor if cluster_gpus() > 0 else 0
-        sample = next(run_tasks(sample_region_embeddings, [(job, take, cfg.pq_train_regions, manifest.seed)],
-                                num_gpus=gpus, desc="label: PQ sample"))
+        sample = next(run_tasks(sample_region_embeddings, [(job, plan, cfg.pq_train_regions, manifest.seed)],
+                                num_cpus=job.decode_threads, num_gpus=gpus, desc="label: PQ sample"))
     codec = codec_from_settings(cfg, dim, concept_embeddings=concepts, sample=sample, seed=manifest.seed)
     return codec.save(layout.labels_codec, extra={"build_key": build_key, "build": params,
                                                   "train_regions": None if sample is None else len(sample)})

@@ -11,13 +11,13 @@ from __future__ import annotations
 from pipeline.config import RunManifest
 from pipeline.io import file_record
 from pipeline.layout import RunLayout
-from pipeline.ray_runtime import init_ray, map_with_actor_pool
+from pipeline.ray_runtime import actor_cpus, init_ray, map_with_actor_pool
 from pipeline.stage import StageState, require_complete
 from stages.resolve import rpn_checkpoint_path
 from trainer.offline.proposals import DEFAULT_RPN_LOADER, ProposalJob, ProposalShardWorker
 
 STAGE = "proposals"
-RUNTIME_ONLY = ("batch_size", "num_gpus_per_actor", "num_actors")  # do not change the outputs
+RUNTIME_ONLY = ("batch_size", "num_gpus_per_actor", "num_actors", "cpus_per_actor")  # do not change the outputs
 
 
 def run(manifest: RunManifest, rpn_loader: str = DEFAULT_RPN_LOADER) -> dict:
@@ -39,10 +39,10 @@ def run(manifest: RunManifest, rpn_loader: str = DEFAULT_RPN_LOADER) -> dict:
     job = ProposalJob(run_root=str(layout.root), checkpoint=str(checkpoint), min_size=cfg.min_size,
                       max_size=cfg.max_size, pre_nms_top_n=cfg.pre_nms_top_n, post_nms_top_n=cfg.post_nms_top_n,
                       nms_thresh=cfg.nms_thresh, batch_size=cfg.batch_size, fingerprint=state.fingerprint,
-                      rpn_loader=rpn_loader)
+                      rpn_loader=rpn_loader, precision=cfg.precision, decode_threads=actor_cpus(cfg.cpus_per_actor))
     for row in map_with_actor_pool(ProposalShardWorker, [{"shard": s} for s in pending], constructor_args=(job,),
                                  num_gpus_per_actor=cfg.num_gpus_per_actor, num_actors=cfg.num_actors,
-                                 desc="proposals"):
+                                 cpus_per_actor=job.decode_threads, desc="proposals"):
         nodes.add(str(row["node"]))
     return state.finish(shard_ids, extra={"ray_nodes": sorted(nodes)})
 

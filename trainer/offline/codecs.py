@@ -44,6 +44,20 @@ from pipeline.layout import RunLayout
 CODECS = ("pq", "topk", "fp16")
 
 
+def faiss_gpus() -> int:
+    """GPUs the installed FAISS build can use (0 for faiss-cpu, or faiss-gpu on a machine without one)."""
+    import faiss
+
+    return int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
+
+
+def on_faiss_gpus(index):
+    """A flat index copied onto all of FAISS's GPUs for search, or the index itself without them."""
+    import faiss
+
+    return faiss.index_cpu_to_all_gpus(index) if faiss_gpus() > 0 else index
+
+
 def _codec_json(labels_dir: str | Path) -> Path:
     """labels/codec.json, given the labels folder or the file itself (the name comes from the layout)."""
     p = Path(labels_dir)
@@ -159,7 +173,17 @@ class PQCodec(TeacherCodec):
         pq.cp.max_points_per_centroid = max(256, math.ceil(len(sample) / (1 << nbits)))
         # All cores: faiss's k-means gives the same centroids on any thread count (each centroid sums its
         # points in one order), so the codebook does not depend on the machine (tests/test_label.py).
-        pq.train(sample)
+        # With a GPU FAISS build the k-means assignment step runs on the GPU (the codebook is then equal
+        # to the CPU one up to float rounding in the distances).
+        gpu_index = None
+        if faiss_gpus() > 0:
+            gpu_index = faiss.GpuIndexFlatL2(faiss.StandardGpuResources(), pq.dsub)
+            pq.assign_index = gpu_index
+        try:
+            pq.train(sample)
+        finally:
+            pq.assign_index = None
+            del gpu_index
         return cls(pq)
 
     def describe(self) -> dict:
