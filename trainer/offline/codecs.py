@@ -27,6 +27,7 @@ Codecs (label.codec):
 from __future__ import annotations
 
 import abc
+import functools
 
 import hashlib
 import json
@@ -44,10 +45,21 @@ from pipeline.layout import RunLayout
 CODECS = ("pq", "topk", "fp16")
 
 
+@functools.lru_cache(maxsize=None)
 def faiss_gpus() -> int:
-    """GPUs the installed FAISS build can use (0 for faiss-cpu, or faiss-gpu on a machine without one)."""
+    """GPUs the installed FAISS build can use (0 for faiss-cpu, or faiss-gpu on a machine without one).
+
+    faiss-cpu and faiss-gpu-cu12 both install the `faiss` module; with both installed the module is a
+    mix of the two, which is refused here (pyproject.toml: the `cpu` or the `gpu` extra, not both)."""
+    from importlib.metadata import distributions
+
     import faiss
 
+    builds = sorted({(d.metadata["Name"] or "").lower() for d in distributions()}
+                    & {"faiss-cpu", "faiss-gpu", "faiss-gpu-cu11", "faiss-gpu-cu12"})
+    if len(builds) > 1:
+        raise RuntimeError(f"both {' and '.join(builds)} are installed and overwrite each other's `faiss` "
+                           "module; uninstall all of them and install one (pip install '.[cpu]' or '.[gpu]')")
     return int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
 
 
