@@ -8,11 +8,16 @@ boxes (original pixels) are scaled by the same factors. Region embedding = RoIAl
 With `flip` the resized image is mirrored and boxes become (w - x2, y1, w - x1, y2), same order.
 
 Batches are fixed chunks of a shard in shard order, so the outputs of a shard do not depend on which
-worker computes them (padding reaches into the border features, so batch composition matters).
+worker computes them (padding reaches into the border features, so batch composition matters). The
+actor streams a shard (`label_shard`: trainer/offline/streaming.py decodes and resizes ahead of the
+teacher in threads; the sidecar is written a row group per batch); `label_images` computes the same
+columns from decoded images held in memory. `precision` bf16 runs the backbone and attention pool
+under autocast; boxes, RoIAlign, embeddings and logits stay fp32.
 
-    teacher = Teacher(clip_model, concept_embeddings, min_size=800, max_size=1333, device="cuda")
+    teacher = Teacher(clip_model, concept_embeddings, min_size=800, max_size=1333, device="cuda",
+                      precision="auto")
     out = teacher.embed(pil_images, boxes_per_image)         # region and image embeddings
-    labels, probs = teacher.score(out.regions)               # argmax concept, its probability
+    labels, probs = teacher.score(torch.cat(out.regions))    # argmax concept, its probability
 """
 from __future__ import annotations
 

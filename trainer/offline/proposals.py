@@ -5,6 +5,11 @@ scale itself and returns boxes in original-image pixels with objectness logits. 
 safe to store: clipped to the image, degenerate boxes (zero width or height) dropped, ordered by
 objectness (stable, highest first), at most post_nms_top_n. An image with no box keeps its row
 (num_boxes 0).
+
+An actor streams each shard (`Proposer.shard`): decode threads run ahead of the RPN
+(trainer/offline/streaming.py), uint8 pixels go to the device through pinned memory and become floats
+there, and the sidecar is written a row group per batch. `precision` bf16 runs the RPN's network
+under autocast; its boxes and logits stay fp32.
 """
 from __future__ import annotations
 
