@@ -137,6 +137,34 @@ def test_bf16_keeps_boxes_in_fp32_and_close_to_fp32(run):
             assert float(best.mean()) > 0.5
 
 
+def test_shard_batches_decode_a_bounded_number_ahead_and_refuse_unknown_keys(run):
+    import threading
+
+    from trainer.offline.streaming import shard_batches
+
+    _, layout, _ = run
+    items = written_keys(layout.shards, 0)
+    decoded, lock = [], threading.Lock()
+
+    def counting_resize(image):
+        with lock:
+            decoded.append(image.size)
+        return image
+
+    seen = []
+    for i, batch in enumerate(shard_batches(layout.shard_tar(0), items, batch_size=1, threads=2, prefetch=1,
+                                            resize=counting_resize)):
+        assert len(decoded) <= (i + 2) * 1, "at most `prefetch` batches beyond the one handed out"
+        assert [p.shape for p in batch.pixels] == [(3, h, w) for w, h in batch.sizes]
+        assert all(p.dtype == torch.uint8 for p in batch.pixels)
+        seen += [item["key"] for item in batch.items]
+    assert seen == [item["key"] for item in items] and len(decoded) == len(items)
+    with pytest.raises(FileNotFoundError, match="no image for key 000000099"):
+        list(shard_batches(layout.shard_tar(0), items[:1] + [{"key": "000000099"}], batch_size=2))
+    with pytest.raises(FileNotFoundError, match="out of shard order"):
+        list(shard_batches(layout.shard_tar(0), [items[1], items[0]], batch_size=2))
+
+
 def test_clean_boxes_clips_drops_degenerate_and_orders():
     boxes = np.array([[-5, 2, 10, 8], [3, 3, 3, 9], [0, 0, 50, 50], [4, 4, 6, 5], [20, 1, 30, 2]], np.float32)
     scores = np.array([0.5, 9.0, 1.5, 2.0, np.nan], np.float32)
