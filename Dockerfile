@@ -12,11 +12,9 @@ COPY trainer ./trainer
 COPY stages ./stages
 COPY manifests ./manifests
 
-# faiss-gpu replaces faiss-cpu (both ship the `faiss` module, so one is removed before the other is
-# installed); en_core_web_sm is the trained parser the concepts stage prefers.
-RUN pip install ".[lvis]" \
- && pip uninstall -y faiss-cpu \
- && pip install faiss-gpu-cu12 \
+# The `gpu` extra brings faiss-gpu-cu12 (and no faiss-cpu: the two ship the same `faiss` module);
+# en_core_web_sm is the trained parser the concepts stage prefers.
+RUN pip install ".[gpu,lvis]" \
  && python -m spacy download en_core_web_sm
 
 ENTRYPOINT ["regionclip"]

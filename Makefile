@@ -6,15 +6,16 @@ MANIFEST ?= manifests/demo.yaml
 
 .PHONY: demo test test-fast venv bench clean
 
-# The demo needs the package alone; the tests add pytest and lvis (which pulls in OpenCV).
+# The demo needs the package with CPU FAISS (`.[cpu]`; GPU machines: `.[gpu]` instead, never both);
+# the tests add pytest and lvis (which pulls in OpenCV).
 $(BIN)/regionclip: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet -e ".[cpu]"
 	touch $@
 
 $(VENV)/.test-extras: $(BIN)/regionclip
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -e ".[cpu,test]"
 	touch $@
 
 venv: $(BIN)/regionclip

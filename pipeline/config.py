@@ -179,6 +179,11 @@ class RpnInferenceConfig(Section):
                             "so it is part of the fingerprint)")
     num_gpus_per_actor: float = Field(1.0, ge=0, json_schema_extra=RUNTIME_ONLY)
     num_actors: Optional[int] = Field(None, ge=1, json_schema_extra=RUNTIME_ONLY)
+    cpus_per_actor: Optional[int] = Field(None, ge=1, json_schema_extra=RUNTIME_ONLY,
+                                          description="CPUs each actor asks Ray for and decodes with "
+                                          "(threads); null: 8 when the cluster has GPUs, else 1")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast with TF32 on CUDA, fp32 on CPU; boxes stay fp32")
 
 
 class LabelConfig(Section):
@@ -200,6 +205,12 @@ class LabelConfig(Section):
     batch_size: int = Field(8, ge=1, description="images per forward pass (padded to one size together)")
     num_gpus_per_actor: float = Field(1.0, ge=0, json_schema_extra=RUNTIME_ONLY)
     num_actors: Optional[int] = Field(None, ge=1, json_schema_extra=RUNTIME_ONLY)
+    cpus_per_actor: Optional[int] = Field(None, ge=1, json_schema_extra=RUNTIME_ONLY,
+                                          description="CPUs each actor asks Ray for and decodes with "
+                                          "(threads); null: 8 when the cluster has GPUs, else 1")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast with TF32 on CUDA, fp32 on CPU; boxes, RoIAlign "
+        "coordinates and logits stay fp32")
 
 
 class PretrainConfig(Section):

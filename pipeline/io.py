@@ -52,6 +52,14 @@ def write_parquet(path: str | os.PathLike, table: pa.Table) -> None:
         pq.write_table(table, tmp, compression="zstd")
 
 
+@contextlib.contextmanager
+def parquet_writer(path: str | os.PathLike, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
+    """A Parquet file written a table at a time (one row group each; memory holds one), to a temporary
+    name renamed into place when the block ends without an error."""
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        yield writer
+
+
 def read_parquet(path: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
     return pq.read_table(path, columns=columns)
 

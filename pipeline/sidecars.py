@@ -3,13 +3,13 @@ and the one reader of shard tars.
 
 | file | schema | writer | readers |
 |---|---|---|---|
-| `shards/NNNNN.tar` | WebDataset members `{key}.jpg`, `.txt`, `.json` | `pipeline.shard_writer` (webdataset's `TarWriter`) | `shard_samples`, `read_shard_images` |
+| `shards/NNNNN.tar` | WebDataset members `{key}.jpg`, `.txt`, `.json` | `pipeline.shard_writer` (webdataset's `TarWriter`) | `shard_samples` (streamed), `read_shard_images` |
 | `shards/NNNNN.parquet` | `SHARD_ROWS_SCHEMA` (every input row) | `write_shard_rows` | `written_keys`, `shard_captions` |
 | `concepts/concepts.parquet` | `CONCEPT_POOL_SCHEMA` | `write_concept_pool` | `read_concept_names` |
 | `concepts/captions/NNNNN.parquet` | `CAPTION_NOUNS_SCHEMA`, then `CAPTION_CONCEPTS_SCHEMA` | `write_caption_nouns`, `write_caption_concepts` | `read_caption_nouns`, `read_caption_concepts` |
 | `concepts/caption_embeddings/NNNNN.parquet` | key + fixed_size_list<float16>[D] | `write_caption_embeddings` | `read_caption_embeddings` |
-| `proposals/NNNNN.parquet` | `PROPOSALS_SCHEMA` | `write_proposals` | `read_proposals` |
-| `labels/NNNNN.parquet` | `labels_schema(store_flipped)` | `write_labels` | `read_labels` (a table), `read_region_labels` (the trainer's) |
+| `proposals/NNNNN.parquet` | `PROPOSALS_SCHEMA` | `write_proposals`, `proposals_writer` (batch by batch) | `read_proposals`, `iter_proposals` (streamed) |
+| `labels/NNNNN.parquet` | `labels_schema(store_flipped)` | `write_labels`, `labels_writer` (batch by batch) | `read_labels` (a table), `read_region_labels` (the trainer's) |
 | `labels/regions.parquet` | `REGION_IDS_SCHEMA` | `write_region_ids` | `read_region_ids` |
 
 Per-shard sidecars (docs/formats.md) have one Parquet file per shard and one row per *written* key of
@@ -22,6 +22,7 @@ in the pixels of the image stored in the shard tar ("original pixels"), flattene
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tarfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -34,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.io import read_parquet, write_parquet
+from pipeline.io import parquet_writer, read_parquet, write_parquet
 from pipeline.layout import SHARD_ID_DIGITS, StageDir
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -263,27 +264,32 @@ def _list_rows(table: pa.Table, name: str, dtype) -> list[Optional[np.ndarray]]:
     return [values[offsets[i]:offsets[i + 1]] if valid[i] else None for i in range(len(column))]
 
 
-def write_proposals(stage_dir: StageDir, shard_id: int, rows: list[Proposals]) -> Path:
-    path = stage_dir.parquet(shard_id)
-    write_parquet(path, pa.table({
+def _proposals_table(rows: Sequence[Proposals]) -> pa.Table:
+    return pa.table({
         "key": pa.array([r.key for r in rows], pa.string()),
         "width": pa.array([r.width for r in rows], pa.int32()),
         "height": pa.array([r.height for r in rows], pa.int32()),
         "boxes": pa.array([np.asarray(r.boxes, np.float32).reshape(-1) for r in rows], pa.list_(pa.float32())),
         "objectness": pa.array([np.asarray(r.objectness, np.float32) for r in rows], pa.list_(pa.float32())),
         "num_boxes": pa.array([len(r.boxes) for r in rows], pa.int32()),
-    }, schema=PROPOSALS_SCHEMA))
+    }, schema=PROPOSALS_SCHEMA)
+
+
+def write_proposals(stage_dir: StageDir, shard_id: int, rows: list[Proposals]) -> Path:
+    path = stage_dir.parquet(shard_id)
+    write_parquet(path, _proposals_table(rows))
     return path
 
 
-def read_proposals(stage_dir: StageDir, shard_id: int, *, skip_damaged: bool = False) -> dict[str, Proposals]:
-    """A shard's proposals by key (insertion order = shard order).
+@contextlib.contextmanager
+def proposals_writer(stage_dir: StageDir, shard_id: int) -> Iterator:
+    """`write(rows)` for a shard's proposals a batch at a time (one row group each); the file appears
+    under its name when the block ends without an error. The same rows as `write_proposals`."""
+    with parquet_writer(stage_dir.parquet(shard_id), PROPOSALS_SCHEMA) as writer:
+        yield lambda rows: writer.write_table(_proposals_table(rows))
 
-    A damaged row (boxes that are not num_boxes finite x1,y1,x2,y2 rows, no image size) is a ValueError
-    naming the file and key; with `skip_damaged` it is left out instead (the trainer counts it missing)."""
-    path = stage_dir.parquet(shard_id)
-    table = read_parquet(path)
-    out = {}
+
+def _checked_proposals(path: Path, table: pa.Table, skip_damaged: bool) -> Iterator[Proposals]:
     for key, width, height, n, boxes, objectness in zip(
             table["key"].to_pylist(), table["width"].to_pylist(), table["height"].to_pylist(),
             table["num_boxes"].to_pylist(), _list_rows(table, "boxes", np.float32),
@@ -295,12 +301,28 @@ def read_proposals(stage_dir: StageDir, shard_id: int, *, skip_damaged: bool = F
             problem = f"no image size ({width}x{height})"
         else:
             objectness = objectness if objectness is not None else np.zeros(0, np.float32)
-            out[key] = Proposals(key, width, height, boxes.reshape(n, 4), objectness)
+            yield Proposals(key, width, height, boxes.reshape(n, 4), objectness)
             continue
         if not skip_damaged:
             raise ValueError(f"{path}: key {key}: {problem}; the sidecar is damaged "
                              "(`regionclip verify MANIFEST --repair`, then rerun proposals)")
-    return out
+
+
+def read_proposals(stage_dir: StageDir, shard_id: int, *, skip_damaged: bool = False) -> dict[str, Proposals]:
+    """A shard's proposals by key (insertion order = shard order).
+
+    A damaged row (boxes that are not num_boxes finite x1,y1,x2,y2 rows, no image size) is a ValueError
+    naming the file and key; with `skip_damaged` it is left out instead (the trainer counts it missing)."""
+    path = stage_dir.parquet(shard_id)
+    return {p.key: p for p in _checked_proposals(path, read_parquet(path), skip_damaged)}
+
+
+def iter_proposals(stage_dir: StageDir, shard_id: int, batch_rows: int = 256) -> Iterator[Proposals]:
+    """A shard's proposals in shard order, read `batch_rows` rows at a time (memory does not grow with
+    the shard); a damaged row is a ValueError as in `read_proposals`."""
+    path = stage_dir.parquet(shard_id)
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
+        yield from _checked_proposals(path, pa.Table.from_batches([batch]), False)
 
 
 # -- labels ------------------------------------------------------------------------------------------
@@ -325,6 +347,15 @@ def write_labels(stage_dir: StageDir, shard_id: int, columns: dict, store_flippe
     path = stage_dir.parquet(shard_id)
     write_parquet(path, pa.table(columns, schema=labels_schema(store_flipped)))
     return path
+
+
+@contextlib.contextmanager
+def labels_writer(stage_dir: StageDir, shard_id: int, store_flipped: bool) -> Iterator:
+    """`write(columns)` for a shard's labels a batch at a time (columns as `write_labels` takes them,
+    one row group per call); the file appears under its name when the block ends without an error."""
+    schema = labels_schema(store_flipped)
+    with parquet_writer(stage_dir.parquet(shard_id), schema) as writer:
+        yield lambda columns: writer.write_table(pa.table(columns, schema=schema))
 
 
 def read_labels(stage_dir: StageDir, shard_id: int, columns: Optional[list[str]] = None) -> pa.Table:

@@ -50,7 +50,8 @@ def teacher_and_codec(run: StageRun) -> dict:
     if cfg.codec == "pq":
         codec.update(subquantizers=cfg.pq_subquantizers, bits=cfg.pq_bits, train_regions=cfg.pq_train_regions,
                      teacher=teacher, proposals=run.upstream["proposals"]["fingerprint"],
-                     batch_size=cfg.batch_size, **scale)
+                     batch_size=cfg.batch_size, precision=cfg.precision, sample="images drawn across all shards",
+                     **scale)
     elif cfg.codec == "topk":
         codec.update(k=cfg.topk, temperature=cfg.temperature,
                      concepts=sha256_file(layout.concept_embeddings))
@@ -77,7 +78,7 @@ def _build_key(run: StageRun) -> str:
 
 
 def label(run: StageRun) -> dict:
-    from pipeline.ray_runtime import init_ray, map_with_actor_pool
+    from pipeline.ray_runtime import actor_cpus, init_ray, map_with_actor_pool
     from trainer.offline.labels import LabelJob, LabelShardWorker
     from trainer.offline.region_index import write_region_index
 
@@ -88,8 +89,9 @@ def label(run: StageRun) -> dict:
                    concept_embeddings=str(layout.concept_embeddings), codec_json=str(layout.labels_codec),
                    min_size=scale["min_size"], max_size=scale["max_size"], temperature=cfg.temperature,
                    faiss_threshold=cfg.faiss_threshold, batch_size=cfg.batch_size,
-                   store_flipped=cfg.store_flipped, fingerprint="")
+                   store_flipped=cfg.store_flipped, fingerprint="", precision=cfg.precision)
     init_ray(manifest.ray)
+    job.decode_threads = actor_cpus(cfg.cpus_per_actor)
     codec = ensure_codec(run, job, shard_ids)
     markers = run.markers(fingerprint=marker_fingerprint(run, codec))
     job.fingerprint = markers.fingerprint
@@ -99,7 +101,7 @@ def label(run: StageRun) -> dict:
               f"codec {codec['codec']} ({codec['code_size']} bytes/region)")
         for row in map_with_actor_pool(LabelShardWorker, [{"shard": s} for s in pending], constructor_args=(job,),
                                        num_gpus_per_actor=cfg.num_gpus_per_actor, num_actors=cfg.num_actors,
-                                       desc="label"):
+                                       cpus_per_actor=job.decode_threads, desc="label"):
             nodes.add(str(row["node"]))
     else:
         print(f"label: every shard done ({len(shard_ids)} shards)")
@@ -112,7 +114,7 @@ def ensure_codec(run: StageRun, job, shard_ids: list[int]) -> dict:
     """The saved codec if it was built from the same settings, else a new one (PQ: trained on a sample)."""
     from pipeline.ray_runtime import cluster_gpus, run_tasks
     from trainer.offline.codecs import codec_from_settings, read_codec_description
-    from trainer.offline.labels import sample_region_embeddings
+    from trainer.offline.labels import plan_region_sample, sample_region_embeddings
 
     manifest, layout, cfg = run.manifest, run.layout, run.manifest.label
     params, build_key = run.settings["codec"], _build_key(run)
@@ -123,17 +125,14 @@ def ensure_codec(run: StageRun, job, shard_ids: list[int]) -> dict:
     sample = None
     if cfg.codec == "pq":
         proposals = run.upstream["proposals"]["shards"]
-        take, total = [], 0
-        for s in shard_ids:
-            take.append(s)
-            total += proposals[shard_name(s)]["counts"].get("boxes", 0) + proposals[shard_name(s)]["counts"].get("images", 0)
-            if total >= cfg.pq_train_regions:
-                break
+        counts = {s: proposals[shard_name(s)]["counts"] for s in shard_ids}
+        plan = plan_region_sample(counts, cfg.pq_train_regions, manifest.seed)
         print(f"label: training the PQ codebook ({cfg.pq_subquantizers}x{cfg.pq_bits} bits) on up to "
-              f"{cfg.pq_train_regions} regions of {len(take)} shard(s)")
+              f"{cfg.pq_train_regions} regions of {sum(map(len, plan.values()))} images drawn from "
+              f"{len(plan)} shard(s)")
         gpus = cfg.num_gpus_per_actor if cluster_gpus() > 0 else 0
-        sample = next(run_tasks(sample_region_embeddings, [(job, take, cfg.pq_train_regions, manifest.seed)],
-                                num_gpus=gpus, desc="label: PQ sample"))
+        sample = next(run_tasks(sample_region_embeddings, [(job, plan, cfg.pq_train_regions, manifest.seed)],
+                                num_cpus=job.decode_threads, num_gpus=gpus, desc="label: PQ sample"))
     codec = codec_from_settings(cfg, run.memo["dim"], concept_embeddings=run.memo["concepts"], sample=sample,
                                 seed=manifest.seed)
     return codec.save(layout.labels_codec, extra={"build_key": build_key, "build": params,

@@ -33,7 +33,7 @@ def shards_done(run: StageRun) -> bool:
 
 
 def propose(run: StageRun) -> dict:
-    from pipeline.ray_runtime import init_ray, map_with_actor_pool
+    from pipeline.ray_runtime import actor_cpus, init_ray, map_with_actor_pool
     from trainer.offline.proposals import DEFAULT_RPN_LOADER, ProposalJob, ProposalShardWorker
 
     cfg, layout, checkpoint = run.manifest.proposals, run.layout, run.memo["checkpoint"]
@@ -46,10 +46,12 @@ def propose(run: StageRun) -> dict:
                           max_size=cfg.max_size, pre_nms_top_n=cfg.pre_nms_top_n,
                           post_nms_top_n=cfg.post_nms_top_n, nms_thresh=cfg.nms_thresh,
                           batch_size=cfg.batch_size, fingerprint=run.fingerprint,
-                          rpn_loader=run.options.get("rpn_loader", DEFAULT_RPN_LOADER))
+                          rpn_loader=run.options.get("rpn_loader", DEFAULT_RPN_LOADER), precision=cfg.precision,
+                          decode_threads=actor_cpus(cfg.cpus_per_actor))
         for row in map_with_actor_pool(ProposalShardWorker, [{"shard": s} for s in pending],
                                        constructor_args=(job,), num_gpus_per_actor=cfg.num_gpus_per_actor,
-                                       num_actors=cfg.num_actors, desc="proposals"):
+                                       num_actors=cfg.num_actors, cpus_per_actor=job.decode_threads,
+                                       desc="proposals"):
             nodes.add(str(row["node"]))
     return {**markers.summary(shard_ids), "ray_nodes": sorted(nodes)}
 

@@ -113,6 +113,67 @@ def test_label_rows_equal_direct_computation(run):
     assert result["counts"]["regions"] == sum(r["num_regions"] for r in read_rows(layout.labels))
 
 
+def mirror_run(layout, tmp_path):
+    """A run folder that shares the shards and proposals of `layout` and has its own labels folder."""
+    from pipeline.layout import RunLayout
+
+    tmp_path.mkdir(parents=True)
+    for name in ("shards", "proposals"):
+        (tmp_path / name).symlink_to(getattr(layout, name).root, target_is_directory=True)
+    return RunLayout(tmp_path)
+
+
+def test_streamed_worker_writes_exactly_the_unstreamed_labels(run, tmp_path):
+    """At fp32 the streamed actor (tar and proposals read batch by batch, decode threads running ahead,
+    one Parquet row group per batch) stores the same bytes per row as labelling the whole decoded shard
+    at once, whatever the thread count and prefetch depth."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.sidecars import labels_schema
+    from trainer.offline.labels import LabelJob, label_images, label_shard, load_teacher
+
+    manifest, layout, _, _ = run
+    codec = load_codec(layout.labels.root)
+    job = LabelJob(run_root="", teacher_arch="RN50-tiny", teacher_checkpoint=str(layout.teacher_checkpoint),
+                   teacher_allow_partial=False, concept_embeddings=str(layout.concept_embeddings),
+                   codec_json=str(layout.labels_codec), min_size=128, max_size=192, temperature=0.01,
+                   faiss_threshold=100_000, batch_size=2, store_flipped=True, fingerprint="f", precision="fp32")
+    teacher = load_teacher(job, "cpu")
+    for shard_id in (0, 2):
+        props = read_proposals(layout.proposals, shard_id)
+        keys = list(props)
+        blobs = read_shard_images(layout.shard_tar(shard_id), keys)
+        cols = label_images(teacher, codec, [load_rgb(blobs[k]) for k in keys], [props[k].boxes for k in keys],
+                            batch_size=2, store_flipped=True)
+        unstreamed = pa.table({"key": keys, **cols}, schema=labels_schema(True))
+        for threads, prefetch in ((1, 0), (3, 1)):
+            mirror = mirror_run(layout, tmp_path / f"s{shard_id}-{threads}")
+            job.run_root, job.decode_threads, job.prefetch_batches = str(mirror.root), threads, prefetch
+            stats = label_shard(job, teacher, codec, shard_id)
+            streamed = pq.ParquetFile(mirror.labels.parquet(shard_id))
+            assert streamed.metadata.num_row_groups == math.ceil(len(keys) / 2)   # one per batch
+            assert streamed.read().to_pylist() == unstreamed.to_pylist()   # every value, bit for bit
+            assert stats["images"] == len(keys) and stats["regions"] == sum(cols["num_regions"])
+
+
+def test_pq_sample_is_drawn_across_all_shards_seeded_and_sized():
+    from trainer.offline.labels import plan_region_sample
+
+    counts = {s: {"images": 100, "boxes": 900} for s in range(40)}     # 10 regions per image
+    plan = plan_region_sample(counts, max_regions=2000, seed=3)
+    assert plan == plan_region_sample(counts, max_regions=2000, seed=3)
+    assert plan != plan_region_sample(counts, max_regions=2000, seed=4)
+    assert sum(map(len, plan.values())) == 250                         # 1.25 x 2000 / 10
+    assert len(plan) > 30, "images come from (nearly) every shard, not the first ones"
+    assert all(p == sorted(set(p)) and 0 <= p[0] and p[-1] < 100 for p in plan.values())
+    # Ten times larger shards, the same images: the same number of images to decode.
+    big = {s: {"images": 1000, "boxes": 9000} for s in range(4)}
+    assert sum(map(len, plan_region_sample(big, 2000, 3).values())) == 250
+    few = {0: {"images": 3, "boxes": 6}, 1: {"images": 0, "boxes": 0}}
+    assert plan_region_sample(few, 2000, 0) == {0: [0, 1, 2]}
+
+
 def test_flipped_targets_are_the_teacher_on_the_mirrored_image(run):
     _, layout, concepts, _ = run
     codec = load_codec(layout.labels.root)

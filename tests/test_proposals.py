@@ -70,6 +70,101 @@ def test_rows_equal_the_rpn_run_by_hand(run):
                 np.testing.assert_allclose(stored[k].objectness, logits.numpy(), rtol=1e-5, atol=1e-7)
 
 
+def test_streamed_worker_writes_exactly_the_unstreamed_proposals(run, tmp_path):
+    """The streamed actor (tar read batch by batch, decode threads running ahead, one row group per
+    batch) stores the same table as proposing for the whole decoded shard at once, whatever the thread
+    count and prefetch depth (fp32)."""
+    import dataclasses
+
+    from pipeline.layout import RunLayout
+    from pipeline.sidecars import Proposals, _proposals_table
+    from trainer.data.images import image_tensor
+    from trainer.offline.proposals import ProposalJob, Proposer
+
+    manifest, layout, _ = run
+    cfg = manifest.proposals
+    job = ProposalJob(run_root=str(layout.root), checkpoint=str(layout.rpn_checkpoint), min_size=cfg.min_size,
+                      max_size=cfg.max_size, pre_nms_top_n=cfg.pre_nms_top_n, post_nms_top_n=cfg.post_nms_top_n,
+                      nms_thresh=cfg.nms_thresh, batch_size=cfg.batch_size, fingerprint="f",
+                      rpn_loader=rpn_loader(), device="cpu", precision="fp32")
+    proposer = Proposer(job)
+    for shard_id in range(3):
+        keys = [w["key"] for w in written_keys(layout.shards, shard_id)]
+        blobs = read_shard_images(layout.shard_tar(shard_id), keys)
+        rows = []
+        for start in range(0, len(keys), cfg.batch_size):
+            part = keys[start:start + cfg.batch_size]
+            images = [load_rgb(blobs[k]) for k in part]
+            found = proposer.propose([image_tensor(img) for img in images], [img.size for img in images])
+            rows += [Proposals(k, img.width, img.height, b, s) for k, img, (b, s) in zip(part, images, found)]
+        unstreamed = _proposals_table(rows)
+        for threads, prefetch in ((1, 0), (3, 1)):
+            root = tmp_path / f"s{shard_id}-{threads}"
+            root.mkdir()
+            (root / "shards").symlink_to(layout.shards.root, target_is_directory=True)
+            proposer.job = dataclasses.replace(job, run_root=str(root), decode_threads=threads,
+                                               prefetch_batches=prefetch)
+            stats = proposer.shard(shard_id)
+            streamed = pq.ParquetFile(RunLayout(root).proposals.parquet(shard_id))
+            assert streamed.metadata.num_row_groups == -(-len(keys) // cfg.batch_size)
+            assert streamed.read().to_pylist() == unstreamed.to_pylist()   # every value, bit for bit
+            assert stats["images"] == len(keys) and stats["boxes"] == sum(len(r.boxes) for r in rows)
+
+
+def test_bf16_keeps_boxes_in_fp32_and_close_to_fp32(run):
+    """precision bf16 (CPU autocast here): the network runs in bf16, the boxes and logits come out fp32,
+    and the top proposals overlap the fp32 ones."""
+    from torchvision.ops import box_iou
+
+    from trainer.data.images import image_tensor
+    from trainer.offline.proposals import ProposalJob, Proposer
+
+    manifest, layout, _ = run
+    cfg = manifest.proposals
+    keys = [w["key"] for w in written_keys(layout.shards, 0)]
+    images = [load_rgb(b) for b in read_shard_images(layout.shard_tar(0), keys).values()]
+    found = {}
+    for precision in ("fp32", "bf16"):
+        job = ProposalJob(run_root=str(layout.root), checkpoint=str(layout.rpn_checkpoint), min_size=cfg.min_size,
+                          max_size=cfg.max_size, pre_nms_top_n=cfg.pre_nms_top_n,
+                          post_nms_top_n=cfg.post_nms_top_n, nms_thresh=cfg.nms_thresh, batch_size=2,
+                          fingerprint="f", rpn_loader=rpn_loader(), device="cpu", precision=precision)
+        found[precision] = Proposer(job).propose([image_tensor(i) for i in images], [i.size for i in images])
+    for (b32, s32), (b16, s16) in zip(found["fp32"], found["bf16"]):
+        assert b16.dtype == np.float32 and s16.dtype == np.float32
+        if len(b32) and len(b16):
+            best = box_iou(torch.from_numpy(b32[:5]), torch.from_numpy(b16)).max(1).values
+            assert float(best.mean()) > 0.5
+
+
+def test_shard_batches_decode_a_bounded_number_ahead_and_refuse_unknown_keys(run):
+    import threading
+
+    from trainer.offline.streaming import shard_batches
+
+    _, layout, _ = run
+    items = written_keys(layout.shards, 0)
+    decoded, lock = [], threading.Lock()
+
+    def counting_resize(image):
+        with lock:
+            decoded.append(image.size)
+        return image
+
+    seen = []
+    for i, batch in enumerate(shard_batches(layout.shard_tar(0), items, batch_size=1, threads=2, prefetch=1,
+                                            resize=counting_resize)):
+        assert len(decoded) <= (i + 2) * 1, "at most `prefetch` batches beyond the one handed out"
+        assert [p.shape for p in batch.pixels] == [(3, h, w) for w, h in batch.sizes]
+        assert all(p.dtype == torch.uint8 for p in batch.pixels)
+        seen += [item["key"] for item in batch.items]
+    assert seen == [item["key"] for item in items] and len(decoded) == len(items)
+    with pytest.raises(FileNotFoundError, match="no image for key 000000099"):
+        list(shard_batches(layout.shard_tar(0), items[:1] + [{"key": "000000099"}], batch_size=2))
+    with pytest.raises(FileNotFoundError, match="out of shard order"):
+        list(shard_batches(layout.shard_tar(0), [items[1], items[0]], batch_size=2))
+
+
 def test_clean_boxes_clips_drops_degenerate_and_orders():
     boxes = np.array([[-5, 2, 10, 8], [3, 3, 3, 9], [0, 0, 50, 50], [4, 4, 6, 5], [20, 1, 30, 2]], np.float32)
     scores = np.array([0.5, 9.0, 1.5, 2.0, np.nan], np.float32)

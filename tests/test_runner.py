@@ -33,7 +33,7 @@ concepts: {parser: lookups, min_count: 1}
 RUNTIME_ONLY = {
     "ray.address", "ray.num_cpus", "ray.include_dashboard", "ray.dashboard_host",
     "concepts.batch_size", "embed.batch_size", "embed.device", "train_teacher.device", "train_rpn.device",
-    "proposals.num_gpus_per_actor", "proposals.num_actors",
+    "proposals.num_gpus_per_actor", "proposals.num_actors", "proposals.cpus_per_actor", "label.cpus_per_actor",
     "label.num_gpus_per_actor", "label.num_actors", "label.region_index",
     "pretrain.checkpoint_every", "pretrain.device", "pretrain.resume", "pretrain.log_every",
     "transfer.device", "evaluate.device",

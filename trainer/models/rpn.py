@@ -209,18 +209,23 @@ class ProposalNetwork(nn.Module):
             image_list, _ = self.transform(list(images))
             features = list(self._features(image_list.tensors).values())
             objectness, deltas = self.rpn.head(features)
-            anchors = self.rpn.anchor_generator(image_list, features)
-            per_level = [o[0].numel() for o in objectness]
-            objectness, deltas = concat_box_prediction_layers(objectness, deltas)
-            proposals = self.rpn.box_coder.decode(deltas, anchors).view(len(images), -1, 4)
-            logits = objectness.view(len(images), -1)
-            results = []
-            for boxes, scores, resized, original in zip(proposals, logits, image_list.image_sizes,
-                                                         original_sizes):
-                boxes, scores = _filter(boxes, scores, per_level, resized, pre_nms_top_n, post_nms_top_n,
-                                        nms_thresh, min_box_size)
-                boxes = clip_boxes_to_image(resize_boxes(boxes, resized, original), original)
-                results.append((boxes.float().cpu(), scores.float().cpu()))
+            # Under a caller's autocast (bf16) only the network above runs in low precision: box decoding,
+            # top-k, NMS and the resize back to original pixels run in fp32.
+            with torch.autocast(image_list.tensors.device.type, enabled=False):
+                objectness = [o.float() for o in objectness]
+                deltas = [d.float() for d in deltas]
+                anchors = self.rpn.anchor_generator(image_list, features)
+                per_level = [o[0].numel() for o in objectness]
+                objectness, deltas = concat_box_prediction_layers(objectness, deltas)
+                proposals = self.rpn.box_coder.decode(deltas, [a.float() for a in anchors]).view(len(images), -1, 4)
+                logits = objectness.view(len(images), -1)
+                results = []
+                for boxes, scores, resized, original in zip(proposals, logits, image_list.image_sizes,
+                                                             original_sizes):
+                    boxes, scores = _filter(boxes, scores, per_level, resized, pre_nms_top_n, post_nms_top_n,
+                                            nms_thresh, min_box_size)
+                    boxes = clip_boxes_to_image(resize_boxes(boxes, resized, original), original)
+                    results.append((boxes.float().cpu(), scores.float().cpu()))
             return results
         finally:
             self.transform.min_size, self.transform.max_size = saved

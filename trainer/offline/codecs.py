@@ -27,6 +27,7 @@ Codecs (label.codec):
 from __future__ import annotations
 
 import abc
+import functools
 
 import hashlib
 import json
@@ -42,6 +43,31 @@ from pipeline.io import atomic_path, read_json, sha256_file, write_json
 from pipeline.layout import RunLayout
 
 CODECS = ("pq", "topk", "fp16")
+
+
+@functools.lru_cache(maxsize=None)
+def faiss_gpus() -> int:
+    """GPUs the installed FAISS build can use (0 for faiss-cpu, or faiss-gpu on a machine without one).
+
+    faiss-cpu and faiss-gpu-cu12 both install the `faiss` module; with both installed the module is a
+    mix of the two, which is refused here (pyproject.toml: the `cpu` or the `gpu` extra, not both)."""
+    from importlib.metadata import distributions
+
+    import faiss
+
+    builds = sorted({(d.metadata["Name"] or "").lower() for d in distributions()}
+                    & {"faiss-cpu", "faiss-gpu", "faiss-gpu-cu11", "faiss-gpu-cu12"})
+    if len(builds) > 1:
+        raise RuntimeError(f"both {' and '.join(builds)} are installed and overwrite each other's `faiss` "
+                           "module; uninstall all of them and install one (pip install '.[cpu]' or '.[gpu]')")
+    return int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
+
+
+def on_faiss_gpus(index):
+    """A flat index copied onto all of FAISS's GPUs for search, or the index itself without them."""
+    import faiss
+
+    return faiss.index_cpu_to_all_gpus(index) if faiss_gpus() > 0 else index
 
 
 def _codec_json(labels_dir: str | Path) -> Path:
@@ -159,7 +185,17 @@ class PQCodec(TeacherCodec):
         pq.cp.max_points_per_centroid = max(256, math.ceil(len(sample) / (1 << nbits)))
         # All cores: faiss's k-means gives the same centroids on any thread count (each centroid sums its
         # points in one order), so the codebook does not depend on the machine (tests/test_label.py).
-        pq.train(sample)
+        # With a GPU FAISS build the k-means assignment step runs on the GPU (the codebook is then equal
+        # to the CPU one up to float rounding in the distances).
+        gpu_index = None
+        if faiss_gpus() > 0:
+            gpu_index = faiss.GpuIndexFlatL2(faiss.StandardGpuResources(), pq.dsub)
+            pq.assign_index = gpu_index
+        try:
+            pq.train(sample)
+        finally:
+            pq.assign_index = None
+            del gpu_index
         return cls(pq)
 
     def describe(self) -> dict:

@@ -8,15 +8,20 @@ boxes (original pixels) are scaled by the same factors. Region embedding = RoIAl
 With `flip` the resized image is mirrored and boxes become (w - x2, y1, w - x1, y2), same order.
 
 Batches are fixed chunks of a shard in shard order, so the outputs of a shard do not depend on which
-worker computes them (padding reaches into the border features, so batch composition matters).
+worker computes them (padding reaches into the border features, so batch composition matters). The
+actor streams a shard (`label_shard`: trainer/offline/streaming.py decodes and resizes ahead of the
+teacher in threads; the sidecar is written a row group per batch); `label_images` computes the same
+columns from decoded images held in memory. `precision` bf16 runs the backbone and attention pool
+under autocast; boxes, RoIAlign, embeddings and logits stay fp32.
 
-    teacher = Teacher(clip_model, concept_embeddings, min_size=800, max_size=1333, device="cuda")
+    teacher = Teacher(clip_model, concept_embeddings, min_size=800, max_size=1333, device="cuda",
+                      precision="auto")
     out = teacher.embed(pil_images, boxes_per_image)         # region and image embeddings
-    labels, probs = teacher.score(out.regions)               # argmax concept, its probability
+    labels, probs = teacher.score(torch.cat(out.regions))    # argmax concept, its probability
 """
 from __future__ import annotations
 
-import os
+import itertools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,21 +37,7 @@ from trainer.models.clip import CLIP_MEAN, CLIP_STD
 from trainer.engine.device import resolve_device
 from trainer.models.geometry import padded, resized_size
 from trainer.models.region_encoder import RegionEncoder
-
-
-
-
-def make_deterministic(device: torch.device) -> None:
-    """Same outputs whatever the worker: fixed cuDNN algorithms, deterministic kernels where cheap."""
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.deterministic = True
-    if device.type == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-    torch.use_deterministic_algorithms(True, warn_only=True)
-
-
+from trainer.offline.streaming import autocast, configure_precision, shard_batches
 
 
 def resize_canonical(img: Image.Image, min_size: int, max_size: int) -> Image.Image:
@@ -76,9 +67,9 @@ class Teacher:
 
     def __init__(self, clip_model: torch.nn.Module, concept_embeddings: np.ndarray, *, min_size: int = 800,
                  max_size: int = 1333, temperature: float = 0.01, faiss_threshold: int = 100_000,
-                 faiss_k: int = 128, device: str | torch.device = "auto"):
+                 faiss_k: int = 128, device: str | torch.device = "auto", precision: str = "fp32"):
         self.device = resolve_device(device) if isinstance(device, str) else device
-        make_deterministic(self.device)
+        self.autocast_dtype = configure_precision(self.device, precision)
         self.encoder = RegionEncoder.from_clip(clip_model).to(self.device).eval()
         self.min_size, self.max_size = min_size, max_size
         self.temperature = temperature
@@ -91,24 +82,31 @@ class Teacher:
         if len(concepts) > faiss_threshold:
             import faiss
 
-            self._faiss = faiss.IndexFlatIP(concepts.shape[1])
-            self._faiss.add(concepts)
+            from trainer.offline.codecs import on_faiss_gpus
+
+            index = faiss.IndexFlatIP(concepts.shape[1])
+            index.add(concepts)
+            self._faiss = on_faiss_gpus(index)  # searched on the GPUs with a GPU FAISS build
 
     @property
     def uses_faiss(self) -> bool:
         return self._faiss is not None
 
     # -- inputs --------------------------------------------------------------------------------------
-    def prepare(self, images: Sequence[Image.Image], flip: bool = False):
-        """A padded, normalised batch [B, 3, H, W] and each image's resized (width, height)."""
+    def resize(self, img: Image.Image) -> Image.Image:
+        """The canonical scale (bicubic, on the CPU: decode threads run it ahead of the model)."""
+        return resize_canonical(img, self.min_size, self.max_size)
+
+    def prepare(self, pixels: Sequence[torch.Tensor], flip: bool = False):
+        """Resized uint8 images [3, h, w] (any device; pinned ones copy asynchronously) -> a padded batch
+        [B, 3, H, W] normalised on the device, and each image's resized (width, height)."""
         tensors, sizes = [], []
-        for img in images:
-            img = resize_canonical(img, self.min_size, self.max_size)
+        for p in pixels:
+            p = p.to(self.device, non_blocking=True)
             if flip:
-                img = img.transpose(Image.FLIP_LEFT_RIGHT)
-            t = (as_unit_range(image_tensor(img).to(self.device)) - self.mean) / self.std
-            tensors.append(t)
-            sizes.append((img.width, img.height))
+                p = p.flip(-1)
+            tensors.append((as_unit_range(p) - self.mean) / self.std)
+            sizes.append((p.shape[2], p.shape[1]))
         h = max(t.shape[1] for t in tensors)
         w = max(t.shape[2] for t in tensors)
         h, w = padded(h), padded(w)
@@ -121,18 +119,28 @@ class Teacher:
     @torch.no_grad()
     def embed(self, images: Sequence[Image.Image], boxes: Sequence[np.ndarray], flip: bool = False) -> TeacherOutput:
         """Region embeddings for `boxes` (original pixels, per image) and whole-image embeddings."""
-        batch, sizes = self.prepare(images, flip=flip)
+        pixels = [image_tensor(self.resize(img)) for img in images]
+        return self.embed_pixels(pixels, [img.size for img in images], boxes, flip=flip)
+
+    @torch.no_grad()
+    def embed_pixels(self, pixels: Sequence[torch.Tensor], original_sizes: Sequence[tuple[int, int]],
+                     boxes: Sequence[np.ndarray], flip: bool = False) -> TeacherOutput:
+        """`embed` for images already resized by `resize`, as uint8 [3, h, w]; `original_sizes` are the
+        (width, height) the boxes refer to. The backbone runs in the precision's autocast; the boxes
+        (RoIAlign coordinates) and the embeddings that come out are fp32."""
+        batch, sizes = self.prepare(pixels, flip=flip)
         rois = []
-        for img, b, size in zip(images, boxes, sizes):
-            scaled = boxes_to_size(b, img.size, size)
+        for original, b, size in zip(original_sizes, boxes, sizes):
+            scaled = boxes_to_size(b, original, size)
             if flip:
                 scaled = mirror_boxes(scaled, size[0])
             rois.append(torch.from_numpy(scaled).to(self.device))
         whole = [torch.tensor([[0.0, 0.0, float(w), float(h)]], device=self.device) for w, h in sizes]
-        res4 = self.encoder.features(batch)
         counts = [len(r) for r in rois]
-        # Regions and whole-image boxes through the head in one pass.
-        pooled = self.encoder.pool_regions(res4, [torch.cat([r, wb]) for r, wb in zip(rois, whole)])
+        with autocast(self.device, self.autocast_dtype):
+            res4 = self.encoder.features(batch)
+            # Regions and whole-image boxes through the head in one pass.
+            pooled = self.encoder.pool_regions(res4, [torch.cat([r, wb]) for r, wb in zip(rois, whole)])
         pooled = F.normalize(pooled.float(), dim=-1)
         regions, images_emb, at = [], [], 0
         for n in counts:
@@ -170,40 +178,54 @@ def chunks(n: int, size: int) -> list[range]:
     return [range(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+LABEL_COLUMNS = ("num_regions", "pseudo_label", "pseudo_prob", "region_codes", "image_code", "image_pseudo_label")
+FLIPPED_COLUMNS = ("flipped_region_codes", "flipped_image_code")
+
+
+def label_batch(teacher: Teacher, codec, pixels: Sequence[torch.Tensor], original_sizes: Sequence[tuple[int, int]],
+                boxes: Sequence[np.ndarray], store_flipped: bool = False) -> dict[str, list]:
+    """The label columns (pipeline/sidecars.py labels_schema, without key) of one batch: images resized
+    by `teacher.resize` as uint8 [3, h, w], their original (width, height), boxes in original pixels."""
+    cols: dict[str, list] = {name: [] for name in LABEL_COLUMNS + (FLIPPED_COLUMNS if store_flipped else ())}
+    bxs = [np.asarray(b, np.float32).reshape(-1, 4) for b in boxes]
+    out = teacher.embed_pixels(pixels, original_sizes, bxs)
+    counts = [len(b) for b in bxs]
+    flat = torch.cat(out.regions) if sum(counts) else out.images.new_zeros((0, out.images.shape[1]))
+    labels, probs = teacher.score(flat)
+    image_labels, _ = teacher.score(out.images)
+    codes = codec.encode(flat.cpu().numpy())
+    image_codes = codec.encode(out.images.cpu().numpy())
+    if store_flipped:
+        fout = teacher.embed_pixels(pixels, original_sizes, bxs, flip=True)
+        fflat = torch.cat(fout.regions) if sum(counts) else flat
+        fcodes = codec.encode(fflat.cpu().numpy())
+        fimage_codes = codec.encode(fout.images.cpu().numpy())
+    at = 0
+    for j, n in enumerate(counts):
+        cols["num_regions"].append(n)
+        cols["pseudo_label"].append(labels[at: at + n])
+        cols["pseudo_prob"].append(probs[at: at + n])
+        cols["region_codes"].append(codes[at: at + n].tobytes())
+        cols["image_code"].append(image_codes[j].tobytes())
+        cols["image_pseudo_label"].append(int(image_labels[j]))
+        if store_flipped:
+            cols["flipped_region_codes"].append(fcodes[at: at + n].tobytes())
+            cols["flipped_image_code"].append(fimage_codes[j].tobytes())
+        at += n
+    return cols
+
+
 def label_images(teacher: Teacher, codec, images: Sequence[Image.Image], boxes: Sequence[np.ndarray],
                  batch_size: int, store_flipped: bool = False) -> dict[str, list]:
-    """The label columns (pipeline/sidecars.py LABELS_SCHEMA, without key) for images in order."""
-    cols: dict[str, list] = {"num_regions": [], "pseudo_label": [], "pseudo_prob": [], "region_codes": [],
-                             "image_code": [], "image_pseudo_label": []}
-    if store_flipped:
-        cols.update(flipped_region_codes=[], flipped_image_code=[])
+    """The label columns for decoded images in order, in fixed batches (everything in memory: for
+    tests and benchmarks; the stage streams its shards through `label_shard`)."""
+    cols: dict[str, list] = {}
     for part in chunks(len(images), batch_size):
         imgs = [images[i] for i in part]
-        bxs = [np.asarray(boxes[i], np.float32).reshape(-1, 4) for i in part]
-        out = teacher.embed(imgs, bxs)
-        counts = [len(b) for b in bxs]
-        flat = torch.cat(out.regions) if sum(counts) else out.images.new_zeros((0, out.images.shape[1]))
-        labels, probs = teacher.score(flat)
-        image_labels, _ = teacher.score(out.images)
-        codes = codec.encode(flat.cpu().numpy())
-        image_codes = codec.encode(out.images.cpu().numpy())
-        if store_flipped:
-            fout = teacher.embed(imgs, bxs, flip=True)
-            fflat = torch.cat(fout.regions) if sum(counts) else flat
-            fcodes = codec.encode(fflat.cpu().numpy())
-            fimage_codes = codec.encode(fout.images.cpu().numpy())
-        at = 0
-        for j, n in enumerate(counts):
-            cols["num_regions"].append(n)
-            cols["pseudo_label"].append(labels[at: at + n])
-            cols["pseudo_prob"].append(probs[at: at + n])
-            cols["region_codes"].append(codes[at: at + n].tobytes())
-            cols["image_code"].append(image_codes[j].tobytes())
-            cols["image_pseudo_label"].append(int(image_labels[j]))
-            if store_flipped:
-                cols["flipped_region_codes"].append(fcodes[at: at + n].tobytes())
-                cols["flipped_image_code"].append(fimage_codes[j].tobytes())
-            at += n
+        batch = label_batch(teacher, codec, [image_tensor(teacher.resize(img)) for img in imgs],
+                            [img.size for img in imgs], [boxes[i] for i in part], store_flipped)
+        for name, values in batch.items():
+            cols.setdefault(name, []).extend(values)
     return cols
 
 
@@ -225,6 +247,9 @@ class LabelJob:
     batch_size: int
     store_flipped: bool
     fingerprint: str
+    precision: str = "fp32"
+    decode_threads: int = 1    # the actor's CPUs (label.cpus_per_actor)
+    prefetch_batches: int = 2  # decoded ahead of the model
 
 
 def load_teacher(job: LabelJob, device: str | torch.device = "auto") -> Teacher:
@@ -232,32 +257,41 @@ def load_teacher(job: LabelJob, device: str | torch.device = "auto") -> Teacher:
 
     model, _ = load_clip(job.teacher_arch, job.teacher_checkpoint, allow_partial=job.teacher_allow_partial)
     return Teacher(model, np.load(job.concept_embeddings), min_size=job.min_size, max_size=job.max_size,
-                   temperature=job.temperature, faiss_threshold=job.faiss_threshold, device=device)
+                   temperature=job.temperature, faiss_threshold=job.faiss_threshold, device=device,
+                   precision=job.precision)
+
+
+def teacher_batches(job: LabelJob, teacher: Teacher, tar_path, proposals, read_to_end: bool = True):
+    """The shard's images for `proposals` (in shard order) in fixed batches, decoded and resized ahead."""
+    return shard_batches(tar_path, proposals, batch_size=job.batch_size, threads=job.decode_threads,
+                         prefetch=job.prefetch_batches, key_of=lambda p: p.key, resize=teacher.resize,
+                         pin=teacher.device.type == "cuda", read_to_end=read_to_end)
 
 
 def label_shard(job: LabelJob, teacher: Teacher, codec, shard_id: int) -> dict:
-    """Label one shard: read its proposals and images, write labels/NNNNN.parquet, then the marker."""
-    from pipeline.images import load_rgb
+    """Label one shard, streamed: proposals and tar read batch by batch, labels/NNNNN.parquet written a
+    row group per batch (memory does not depend on the shard size), then the marker."""
     from pipeline.layout import RunLayout
-    from pipeline.sidecars import read_proposals, read_shard_images, write_labels
+    from pipeline.sidecars import iter_proposals, labels_writer
     from pipeline.stage import write_shard_stats
 
     started = time.time()
     layout = RunLayout(Path(job.run_root))
-    props = read_proposals(layout.proposals, shard_id)
-    keys = list(props)
-    blobs = read_shard_images(layout.shard_tar(shard_id), keys)
-    images = [load_rgb(blobs[k]) for k in keys]
-    cols = label_images(teacher, codec, images, [props[k].boxes for k in keys], job.batch_size,
-                        job.store_flipped)
-    path = write_labels(layout.labels, shard_id, {"key": keys, **cols}, job.store_flipped)
-    regions = int(sum(cols["num_regions"]))
+    images = regions = 0
+    with labels_writer(layout.labels, shard_id, job.store_flipped) as write:
+        for batch in teacher_batches(job, teacher, layout.shard_tar(shard_id), iter_proposals(layout.proposals, shard_id)):
+            cols = label_batch(teacher, codec, batch.pixels, batch.sizes, [p.boxes for p in batch.items],
+                               job.store_flipped)
+            write({"key": [p.key for p in batch.items], **cols})
+            images += len(batch.items)
+            regions += int(sum(cols["num_regions"]))
+    path = layout.labels.parquet(shard_id)
     seconds = round(time.time() - started, 3)
     write_shard_stats(layout.labels, shard_id, job.fingerprint,
-                      {"images": len(keys), "regions": regions}, [path], seconds=seconds)
+                      {"images": images, "regions": regions}, [path], seconds=seconds)
     from pipeline.ray_runtime import current_node
 
-    return {"shard": shard_id, "images": len(keys), "regions": regions, "seconds": seconds,
+    return {"shard": shard_id, "images": images, "regions": regions, "seconds": seconds,
             "node": current_node()}
 
 
@@ -276,24 +310,55 @@ class LabelShardWorker:
         return {k: np.array([r[k] for r in rows]) for k in ("shard", "images", "regions", "seconds", "node")}
 
 
-def sample_region_embeddings(job: LabelJob, shard_ids: list[int], max_regions: int, seed: int) -> np.ndarray:
-    """Teacher region embeddings of the first shards, a seeded sample of at most max_regions rows
-    (the PQ codebook's training set). Runs wherever it is called (a Ray task with a GPU or not)."""
-    from pipeline.images import load_rgb
+# -- the PQ codebook's training sample -------------------------------------------------------------------
+
+def plan_region_sample(shard_counts: dict[int, dict], max_regions: int, seed: int) -> dict[int, list[int]]:
+    """Which images the PQ codebook's sample is drawn from: {shard: sorted positions in shard order}.
+
+    Chosen up front, seeded, uniformly over the images of ALL shards, from the proposals' per-shard
+    counts ({shard: {"images", "boxes"}}); as many images as hold max_regions regions at the run's mean
+    regions per image (boxes + the whole image), plus a quarter for images with fewer. Only these are
+    decoded, so the sample's cost does not depend on the shard size."""
+    shards = sorted(s for s, c in shard_counts.items() if c.get("images", 0) > 0)
+    images = np.array([shard_counts[s]["images"] for s in shards], np.int64)
+    total = int(images.sum())
+    if total == 0:
+        return {}
+    regions = sum(shard_counts[s].get("boxes", 0) for s in shards) + total
+    wanted = min(total, int(np.ceil(1.25 * max_regions / (regions / total))))
+    picks = np.sort(np.random.default_rng(seed).choice(total, wanted, replace=False))
+    starts = np.concatenate([[0], np.cumsum(images)[:-1]])
+    which = np.searchsorted(starts, picks, side="right") - 1
+    plan: dict[int, list[int]] = {}
+    for shard_index, position in zip(which, picks - starts[which]):
+        plan.setdefault(shards[shard_index], []).append(int(position))
+    return plan
+
+
+def sample_region_embeddings(job: LabelJob, plan: dict[int, list[int]], max_regions: int, seed: int) -> np.ndarray:
+    """Teacher region (and whole-image) embeddings of the planned images (`plan_region_sample`), in shard
+    order, until max_regions are held; then a seeded sample of exactly max_regions rows when more came.
+    Runs wherever it is called (a Ray task with a GPU or not)."""
     from pipeline.layout import RunLayout
-    from pipeline.sidecars import read_proposals, read_shard_images
+    from pipeline.sidecars import iter_proposals
 
     teacher = load_teacher(job)
     layout = RunLayout(Path(job.run_root))
-    parts = []
-    for s in shard_ids:
-        props = read_proposals(layout.proposals, s)
-        keys = list(props)
-        blobs = read_shard_images(layout.shard_tar(s), keys)
-        for part in chunks(len(keys), job.batch_size):
-            out = teacher.embed([load_rgb(blobs[keys[i]]) for i in part], [props[keys[i]].boxes for i in part])
+    parts, held = [], 0
+    for s in sorted(plan):
+        positions = set(plan[s])
+        # Stop reading the shard (its proposals and its tar) after its last chosen image.
+        upto = itertools.islice(iter_proposals(layout.proposals, s), max(positions) + 1)
+        chosen = (p for i, p in enumerate(upto) if i in positions)
+        for batch in teacher_batches(job, teacher, layout.shard_tar(s), chosen, read_to_end=False):
+            out = teacher.embed_pixels(batch.pixels, batch.sizes, [p.boxes for p in batch.items])
             parts.extend(r.cpu().numpy() for r in out.regions)
             parts.append(out.images.cpu().numpy())
+            held += sum(len(r) for r in out.regions) + len(out.images)
+            if held >= max_regions:
+                break
+        if held >= max_regions:
+            break
     emb = np.concatenate(parts) if parts else np.zeros((0, teacher.concepts.shape[1]), np.float32)
     if len(emb) > max_regions:
         idx = np.sort(np.random.default_rng(seed).choice(len(emb), max_regions, replace=False))

@@ -5,6 +5,11 @@ scale itself and returns boxes in original-image pixels with objectness logits. 
 safe to store: clipped to the image, degenerate boxes (zero width or height) dropped, ordered by
 objectness (stable, highest first), at most post_nms_top_n. An image with no box keeps its row
 (num_boxes 0).
+
+An actor streams each shard (`Proposer.shard`): decode threads run ahead of the RPN
+(trainer/offline/streaming.py), uint8 pixels go to the device through pinned memory and become floats
+there, and the sidecar is written a row group per batch. `precision` bf16 runs the RPN's network
+under autocast; its boxes and logits stay fp32.
 """
 from __future__ import annotations
 
@@ -16,7 +21,8 @@ import numpy as np
 import torch
 
 from pipeline.sidecars import Proposals
-from trainer.data.images import image_tensor
+from trainer.data.images import as_unit_range
+from trainer.offline.streaming import autocast, configure_precision, shard_batches
 
 DEFAULT_RPN_LOADER = "trainer.models.rpn:load_rpn"
 
@@ -53,55 +59,64 @@ class ProposalJob:
     fingerprint: str
     rpn_loader: str = DEFAULT_RPN_LOADER
     device: str = "auto"
+    precision: str = "fp32"
+    decode_threads: int = 1    # the actor's CPUs (proposals.cpus_per_actor)
+    prefetch_batches: int = 2  # decoded ahead of the model
 
 
 class Proposer:
     def __init__(self, job: ProposalJob):
         from trainer.engine.device import resolve_device
-        from trainer.offline.labels import make_deterministic
 
         self.job = job
         self.device = resolve_device(job.device)
-        make_deterministic(self.device)
+        self.autocast_dtype = configure_precision(self.device, job.precision)
         self.rpn = import_loader(job.rpn_loader)(job.checkpoint, self.device)
         if hasattr(self.rpn, "eval"):
             self.rpn.eval()
 
     @torch.no_grad()
-    def propose(self, images) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Cleaned (boxes, objectness) per PIL image, in original pixels."""
+    def propose(self, pixels, sizes) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Cleaned (boxes, objectness) per uint8 image [3, H, W] (any device; pinned ones copy
+        asynchronously), in original pixels; `sizes` are the images' (width, height). The RPN resizes
+        on the device; under bf16 autocast it keeps its boxes and logits in fp32."""
         j = self.job
-        tensors = [image_tensor(img, unit_range=True).to(self.device) for img in images]
-        raw = self.rpn.propose(tensors, min_size=j.min_size, max_size=j.max_size, pre_nms_top_n=j.pre_nms_top_n,
-                               post_nms_top_n=j.post_nms_top_n, nms_thresh=j.nms_thresh)
-        return [clean_boxes(b, s, img.width, img.height, j.post_nms_top_n) for (b, s), img in zip(raw, images)]
+        images = [as_unit_range(p.to(self.device, non_blocking=True)) for p in pixels]
+        with autocast(self.device, self.autocast_dtype):
+            raw = self.rpn.propose(images, min_size=j.min_size, max_size=j.max_size, pre_nms_top_n=j.pre_nms_top_n,
+                                   post_nms_top_n=j.post_nms_top_n, nms_thresh=j.nms_thresh)
+        return [clean_boxes(b, s, w, h, j.post_nms_top_n) for (b, s), (w, h) in zip(raw, sizes)]
 
     def shard(self, shard_id: int) -> dict:
-        """Propose boxes for every written image of a shard; write the Parquet, then the marker."""
-        from pipeline.images import load_rgb
+        """Propose boxes for every written image of a shard, streamed: the tar read and decoded batch by
+        batch, the Parquet written a row group per batch (memory does not depend on the shard size),
+        then the marker."""
         from pipeline.layout import RunLayout
-        from pipeline.sidecars import read_shard_images, write_proposals, written_keys
+        from pipeline.sidecars import proposals_writer, written_keys
         from pipeline.stage import write_shard_stats
-        from trainer.offline.labels import chunks
 
         started = time.time()
-        layout = RunLayout(Path(self.job.run_root))
-        keys = [k["key"] for k in written_keys(layout.shards, shard_id)]
-        blobs = read_shard_images(layout.shard_tar(shard_id), keys)
-        rows = []
-        for part in chunks(len(keys), self.job.batch_size):
-            images = [load_rgb(blobs[keys[i]]) for i in part]
-            for i, img, (boxes, scores) in zip(part, images, self.propose(images)):
-                rows.append(Proposals(keys[i], img.width, img.height, boxes, scores))
-        path = write_proposals(layout.proposals, shard_id, rows)
+        j = self.job
+        layout = RunLayout(Path(j.run_root))
+        images = boxes = empty = 0
+        batches = shard_batches(layout.shard_tar(shard_id), written_keys(layout.shards, shard_id),
+                                batch_size=j.batch_size, threads=j.decode_threads, prefetch=j.prefetch_batches,
+                                pin=self.device.type == "cuda")
+        with proposals_writer(layout.proposals, shard_id) as write:
+            for batch in batches:
+                rows = [Proposals(item["key"], w, h, b, s) for item, (w, h), (b, s)
+                        in zip(batch.items, batch.sizes, self.propose(batch.pixels, batch.sizes))]
+                write(rows)
+                images += len(rows)
+                boxes += int(sum(len(r.boxes) for r in rows))
+                empty += int(sum(len(r.boxes) == 0 for r in rows))
+        path = layout.proposals.parquet(shard_id)
         seconds = round(time.time() - started, 3)
-        boxes = int(sum(len(r.boxes) for r in rows))
-        write_shard_stats(layout.proposals, shard_id, self.job.fingerprint,
-                          {"images": len(rows), "boxes": boxes,
-                           "empty": int(sum(len(r.boxes) == 0 for r in rows))}, [path], seconds=seconds)
+        write_shard_stats(layout.proposals, shard_id, j.fingerprint,
+                          {"images": images, "boxes": boxes, "empty": empty}, [path], seconds=seconds)
         from pipeline.ray_runtime import current_node
 
-        return {"shard": shard_id, "images": len(rows), "boxes": boxes, "seconds": seconds,
+        return {"shard": shard_id, "images": images, "boxes": boxes, "seconds": seconds,
                 "node": current_node()}
 
 
