@@ -247,6 +247,9 @@ class TransferConfig(Section):
     seed: int = 0
     device: str = "auto"
     checkpoint_every: int = Field(1000, ge=1, description="steps between training states (resumed after a kill)")
+    num_workers: int = Field(2, ge=0, description="processes reading training images ahead of the step (0: "
+                             "read in the training process); the trained detector does not depend on it",
+                             json_schema_extra={"runtime_only": True})
 
     @field_validator("init", mode="before")
     @classmethod

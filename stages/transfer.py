@@ -45,6 +45,7 @@ def run(manifest: RunManifest) -> dict:
                          ("min_size", "max_size", "score_threshold", "detections_per_image", "soft_nms_sigma",
                           "multiply_rpn_score")}}
     settings["transfer"].pop("device")
+    settings["transfer"].pop("num_workers", None)  # runtime only: the detector does not depend on it
     common = {"annotations": file_record(annotations)["sha256"],
               "rpn": file_record(rpn_path)["sha256"] if rpn_path.is_file() else "missing",
               "teacher": file_record(clip_checkpoint(manifest, "teacher"))["sha256"]}
@@ -65,7 +66,7 @@ def run(manifest: RunManifest) -> dict:
     state.clean_temporaries()
 
     started = time.time()
-    data = DetectionSet(annotations, images_root(manifest, "train"), cache_images=True)
+    data = DetectionSet(annotations, images_root(manifest, "train"))  # images are read per step
     vocab = data.vocabulary("base")
     text_model = load_teacher_clip(manifest, device=device)
     embeddings = class_embeddings(manifest, vocab.names, device, text_model)
@@ -77,7 +78,7 @@ def run(manifest: RunManifest) -> dict:
     propose = rpn_proposal_fn(rpn, **rpn_settings, post_nms_top_n=cfg.proposals_per_image,
                               nms_thresh=cfg.rpn_nms_thresh)
     t0 = time.time()
-    proposals = compute_proposals(propose, data, image_ids, desc="train proposals")
+    proposals = compute_proposals(propose, data, image_ids, desc="train proposals", folder=state.stage_dir.root)
     proposal_seconds = round(time.time() - t0, 2)
     del rpn
     for init in todo:
