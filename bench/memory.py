@@ -9,8 +9,12 @@ same total of images (transfer: a set `--factor` times larger, the same steps). 
 its process tree (the stage, its loader workers) is read from /proc every 20 ms:
   - largest process: the highest peak resident set (the kernel's VmHWM) of any one process of the
     tree (the trainer, one loader worker), so a worker that grows is not hidden by the others;
-  - tree: the highest sum over the tree of proportional set sizes (Pss: pages that forked workers
-    share with their parent are counted once).
+  - tree: the highest sum of the stage process's resident set and every other process's private
+    memory (pages a forked worker still shares with its parent are counted once; the proportional set
+    size would also split library pages with unrelated processes on the machine and move with them);
+  - largest worker, private: the highest private memory (Private_Clean + Private_Dirty) of any process
+    but the stage's own, i.e. what one loader worker holds by itself (a forked worker's resident set
+    counts the pages it shares with its parent, which would hide its growth).
 A ratio large/small near 1.0 means memory does not depend on shard size (goal <= 1.15).
 
 A stage is one entry of STAGES: (prepare the input for one shard size, run the stage on it); label and
@@ -34,9 +38,34 @@ sys.path.insert(0, str(REPO))
 # -- the stages: prepare(root, images, per_shard, size) writes the input; run(root, args) is measured ----
 
 def prepare_pretrain(root: Path, images: int, per_shard: int, size: tuple[int, int]) -> None:
+    """tests/pretrain_world.py's world, its JPEGs replaced by noise of the same size: noise compresses
+    like nothing, so the bytes per image are a photo's (about 250 kB at 640x480) and a reader that held
+    a whole shard would show."""
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.layout import RunLayout
+    from pipeline.sidecars import shard_samples
     from tests.pretrain_world import make_world
 
-    make_world(root, num_shards=images // per_shard, per_shard=per_shard, size=size, boxes=100, dim=64)
+    make_world(root, num_shards=images // per_shard, per_shard=per_shard, size=size, boxes=100, dim=64,
+               portrait=False)
+    rng = np.random.default_rng(0)
+    layout = RunLayout(root)
+    for tar_path in sorted(layout.shards.root.glob("*.tar")):
+        samples = list(shard_samples(tar_path))
+        with tarfile.open(tar_path, "w") as tar:
+            for key, members in samples:
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(
+                    buf, format="JPEG", quality=85)
+                for ext, payload in {**members, "jpg": buf.getvalue()}.items():
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
 
 
 def run_pretrain(root: Path, args) -> dict:
@@ -123,22 +152,28 @@ def _kib(path: str, field: str) -> int:
 
 
 def measure(command: list[str]) -> dict:
-    """Run `command`; peak largest-process RSS and peak tree PSS (MiB), seconds."""
+    """Run `command`; its peak figures (MiB, see the module doc) and seconds."""
     started = time.time()
     child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     hwm: dict[int, int] = {}
-    tree_peak = 0
+    tree_peak = worker_peak = 0
     while child.poll() is None:
         pids = _tree(child.pid)
-        tree_peak = max(tree_peak, sum(_kib(f"/proc/{p}/smaps_rollup", "Pss:") for p in pids))
+        tree = _kib(f"/proc/{child.pid}/status", "VmRSS:")
         for p in pids:
             hwm[p] = max(hwm.get(p, 0), _kib(f"/proc/{p}/status", "VmHWM:"))
+            if p != child.pid:
+                rollup = f"/proc/{p}/smaps_rollup"
+                private = _kib(rollup, "Private_Clean:") + _kib(rollup, "Private_Dirty:")
+                worker_peak, tree = max(worker_peak, private), tree + private
+        tree_peak = max(tree_peak, tree)
         time.sleep(0.02)
     out = child.stdout.read()
     if child.returncode:
         raise SystemExit(f"{' '.join(command)} failed ({child.returncode}):\n{out}")
     return {"largest_process_mib": round(max(hwm.values(), default=0) / 1024, 1),
-            "tree_mib": round(tree_peak / 1024, 1), "seconds": round(time.time() - started, 1),
+            "tree_mib": round(tree_peak / 1024, 1), "largest_worker_private_mib": round(worker_peak / 1024, 1),
+            "seconds": round(time.time() - started, 1),
             "report": json.loads(out.strip().splitlines()[-1])}
 
 
@@ -148,7 +183,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=200, help="images in all (pretrain)")
     ap.add_argument("--small-shard", type=int, default=10, help="images per small shard / small dataset")
     ap.add_argument("--factor", type=int, default=10, help="how much larger the large shards are")
-    ap.add_argument("--size", default="320x240", help="image size WxH")
+    ap.add_argument("--size", default="640x480", help="image size WxH")
     ap.add_argument("--workers", type=int, default=2, help="loader processes")
     ap.add_argument("--steps", type=int, default=20, help="transfer steps")
     ap.add_argument("--min-size", type=int, default=128)
@@ -175,15 +210,17 @@ def main() -> None:
                 rows[name] = measure([sys.executable, __file__, f"--child={stage}", f"--root={root}", *passthrough])
                 print(f"{stage:9s} {name:5s} ({per_shard:5d} per shard): largest process "
                       f"{rows[name]['largest_process_mib']:8.1f} MiB, tree {rows[name]['tree_mib']:8.1f} MiB, "
+                      f"largest worker (private) {rows[name]['largest_worker_private_mib']:7.1f} MiB, "
                       f"{rows[name]['seconds']:6.1f} s  {rows[name]['report']}")
-            for what in ("largest_process", "tree"):
+            for what in ("largest_process", "tree", "largest_worker_private"):
                 ratio = rows["large"][f"{what}_mib"] / max(rows["small"][f"{what}_mib"], 1e-9)
                 figures[f"{stage}_{what}_ratio_{args.factor}x_shards"] = round(ratio, 3)
                 figures[f"{stage}_{what}_mib_small"] = rows["small"][f"{what}_mib"]
                 figures[f"{stage}_{what}_mib_large"] = rows["large"][f"{what}_mib"]
             print(f"{stage:9s} ratio large/small: largest process "
                   f"{figures[f'{stage}_largest_process_ratio_{args.factor}x_shards']:.3f}, tree "
-                  f"{figures[f'{stage}_tree_ratio_{args.factor}x_shards']:.3f}  (goal <= 1.15)")
+                  f"{figures[f'{stage}_tree_ratio_{args.factor}x_shards']:.3f}, largest worker (private) "
+                  f"{figures[f'{stage}_largest_worker_private_ratio_{args.factor}x_shards']:.3f}  (goal <= 1.15)")
     load_end = os.getloadavg()
     print(f"load average at end: {' '.join(f'{v:.2f}' for v in load_end)}")
     figures.update(images=args.images, small_shard=args.small_shard, factor=args.factor, image_size=args.size,
