@@ -288,6 +288,9 @@ class TransferConfig(Section):
     seed: int = 0
     device: str = Field("auto", json_schema_extra=RUNTIME_ONLY)
     checkpoint_every: int = Field(1000, ge=1, json_schema_extra=RUNTIME_ONLY, description="steps between training states (resumed after a kill)")
+    num_workers: int = Field(2, ge=0, description="processes reading training images ahead of the step (0: "
+                             "read in the training process); the trained detector does not depend on it",
+                             json_schema_extra=RUNTIME_ONLY)
 
     @field_validator("init", mode="before")
     @classmethod

@@ -3,7 +3,7 @@ and the one reader of shard tars.
 
 | file | schema | writer | readers |
 |---|---|---|---|
-| `shards/NNNNN.tar` | WebDataset members `{key}.jpg`, `.txt`, `.json` | `pipeline.shard_writer` (webdataset's `TarWriter`) | `shard_samples` (streamed), `read_shard_images` |
+| `shards/NNNNN.tar` | WebDataset members `{key}.jpg`, `.txt`, `.json` | `pipeline.shard_writer` (webdataset's `TarWriter`) | `shard_samples` (streamed), `ShardIndex` (random access), `read_shard_images` |
 | `shards/NNNNN.parquet` | `SHARD_ROWS_SCHEMA` (every input row) | `write_shard_rows` | `written_keys`, `shard_captions` |
 | `concepts/concepts.parquet` | `CONCEPT_POOL_SCHEMA` | `write_concept_pool` | `read_concept_names` |
 | `concepts/captions/NNNNN.parquet` | `CAPTION_NOUNS_SCHEMA`, then `CAPTION_CONCEPTS_SCHEMA` | `write_caption_nouns`, `write_caption_concepts` | `read_caption_nouns`, `read_caption_concepts` |
@@ -61,22 +61,23 @@ def _member_key(member: tarfile.TarInfo) -> tuple[Optional[str], str]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
-def shard_samples(tar_path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) for each sample of a WebDataset tar, in tar order, streamed.
+def _each_member(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """The members of an open tar one by one; tarfile's own iteration keeps every TarInfo it has read, so
+    memory would grow with the number of members."""
+    while (member := tar.next()) is not None:
+        tar.members.clear()
+        yield member
 
-    Members are read one at a time (memory holds one sample) and never written to disk; links and
-    names outside the tar are skipped. A sample is yielded once the next one starts (or the tar ends),
-    so a tar that breaks off raises DamagedTarError after its complete samples, without the sample it
-    was reading. A tar that stops at a member boundary counts as broken off too: a complete tar ends
-    with two zero blocks (tarfile itself stops there quietly).
-    """
-    path = Path(tar_path)
+
+def _grouped_members(path: Path, mode: str, take) -> Iterator[tuple[str, dict]]:
+    """(key, {extension: take(tar, member)}) per sample in tar order: the grouping and damage rules of
+    `shard_samples` and `ShardIndex` (see shard_samples)."""
     key, members, end_of_members = None, {}, 0
     with open(path, "rb") as stream:
         size = os.fstat(stream.fileno()).st_size
         try:
-            with tarfile.open(fileobj=stream, mode="r|*") as tar:
-                for member in tar:
+            with tarfile.open(fileobj=stream, mode=mode) as tar:
+                for member in _each_member(tar):
                     end_of_members = member.offset_data + -(-member.size // 512) * 512
                     member_key, ext = _member_key(member)
                     if member_key is None:
@@ -86,13 +87,65 @@ def shard_samples(tar_path: str | os.PathLike) -> Iterator[tuple[str, dict[str, 
                             yield key, members
                         key, members = member_key, {}
                     if ext not in members:  # a repeated member name: the first one counts
-                        members[ext] = tar.extractfile(member).read()
+                        members[ext] = take(tar, member)
         except (tarfile.TarError, EOFError) as err:
             raise DamagedTarError(f"{path}: reading stopped early ({str(err) or type(err).__name__})") from None
     if size < end_of_members + 1024:
         raise DamagedTarError(f"{path}: the file ends before the end-of-archive marker")
     if key is not None:
         yield key, members
+
+
+def shard_samples(tar_path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) for each sample of a WebDataset tar, in tar order, streamed.
+
+    Members are read one at a time (memory holds one sample) and never written to disk; links and
+    names outside the tar are skipped. A sample is yielded once the next one starts (or the tar ends),
+    so a tar that breaks off raises DamagedTarError after its complete samples, without the sample it
+    was reading. A tar that stops at a member boundary counts as broken off too: a complete tar ends
+    with two zero blocks (tarfile itself stops there quietly).
+    """
+    return _grouped_members(Path(tar_path), "r|*", lambda tar, member: tar.extractfile(member).read())
+
+
+class ShardIndex:
+    """Random access to the samples of an uncompressed shard tar: where each member's bytes lie, read
+    once from the headers (the data is skipped, not read), then one sample read at a time.
+
+        index = ShardIndex(layout.shard_tar(3))
+        key, members = index.keys[i], index.sample(i)     # what shard_samples yields as its i-th sample
+
+    The samples are exactly shard_samples' (same grouping, same rules for links, repeated names and a tar
+    that breaks off: `damaged` then holds the message and the complete samples before it are kept).
+    Memory: a key and a few (offset, size) pairs per sample, never the members' bytes.
+    """
+
+    def __init__(self, tar_path: str | os.PathLike):
+        self.path = Path(tar_path)
+        self.keys: list[str] = []
+        self.spans: list[dict[str, tuple[int, int]]] = []
+        self.damaged: Optional[str] = None
+        try:
+            for key, spans in _grouped_members(self.path, "r:", lambda tar, m: (m.offset_data, m.size)):
+                self.keys.append(key)
+                self.spans.append(spans)
+        except DamagedTarError as err:
+            self.damaged = str(err)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def sample(self, i: int) -> dict[str, bytes]:
+        """{extension: bytes} of sample i (DamagedTarError if the file changed since it was indexed)."""
+        out = {}
+        with open(self.path, "rb") as stream:
+            for ext, (offset, size) in self.spans[i].items():
+                stream.seek(offset)
+                out[ext] = stream.read(size)
+                if len(out[ext]) != size:
+                    raise DamagedTarError(f"{self.path}: {self.keys[i]}.{ext} ends early; the tar changed "
+                                          "after it was indexed")
+        return out
 
 
 def read_shard_images(tar_path: str | os.PathLike, keys: Optional[Iterable[str]] = None) -> dict[str, bytes]:

@@ -80,7 +80,7 @@ def evaluate(run: StageRun) -> dict:
     started = time.time()
 
     val_path = annotation_file(manifest, "val")
-    data = DetectionSet(val_path, images_root(manifest, "val"), cache_images=True)
+    data = DetectionSet(val_path, images_root(manifest, "val"))  # images are read as they are used
     vocab = data.vocabulary("all")
     novel_ids = set(data.category_split["novel"])
     image_ids = [im["id"] for im in data.images][: cfg.max_images]
@@ -114,7 +114,7 @@ def evaluate(run: StageRun) -> dict:
     # -- transferred detectors ---------------------------------------------------------------------------
     if inits:
         proposals = compute_proposals(rpn_proposal_fn(rpn, **rpn_args, nms_thresh=cfg.rpn_nms_thresh),
-                                      data, image_ids, desc="val proposals")
+                                      data, image_ids, desc="val proposals", folder=run.stage_dir.root)
         for init in inits:
             detector = build_detector(manifest.teacher.arch, layout.transfer_checkpoint(init), embeddings,
                                       allow_partial=t.allow_partial, device=device, class_names=vocab.names)
@@ -130,7 +130,8 @@ def evaluate(run: StageRun) -> dict:
     zs_proposals = None
     if cfg.zero_shot:
         zs_proposals = compute_proposals(rpn_proposal_fn(rpn, **rpn_args, nms_thresh=cfg.zero_shot_rpn_nms_thresh),
-                                         data, image_ids, desc="zero-shot proposals")
+                                         data, image_ids, desc="zero-shot proposals",
+                                         folder=run.stage_dir.root)
     for which in cfg.zero_shot:
         model, _ = load_clip(manifest.teacher.arch, clip_checkpoint(manifest, which),
                              allow_partial=manifest.teacher.allow_partial, device=device)

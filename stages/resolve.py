@@ -157,4 +157,5 @@ def train_settings(manifest):
     t = manifest.transfer
     return TrainSettings(steps=t.steps, batch_size=t.batch_size, lr=t.lr, momentum=t.momentum,
                          weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, lr_steps=list(t.lr_steps),
-                         repeat_factor_threshold=t.repeat_factor_threshold, flip=t.flip, seed=t.seed)
+                         repeat_factor_threshold=t.repeat_factor_threshold, flip=t.flip, seed=t.seed,
+                         num_workers=t.num_workers)

@@ -94,7 +94,7 @@ def transfer(run: StageRun) -> dict:
         print(f"transfer: every detector is current ({', '.join(inits)})")
         return {"detectors": detectors}
     started = time.time()
-    data = DetectionSet(annotations, images_root(manifest, "train"), cache_images=True)
+    data = DetectionSet(annotations, images_root(manifest, "train"))  # images are read per step
     vocab = data.vocabulary("base")
     text_model = load_teacher_clip(manifest, device=device)
     embeddings = class_embeddings(manifest, vocab.names, device, text_model)
@@ -106,7 +106,7 @@ def transfer(run: StageRun) -> dict:
     propose = rpn_proposal_fn(rpn, **rpn_settings, post_nms_top_n=cfg.proposals_per_image,
                               nms_thresh=cfg.rpn_nms_thresh)
     t0 = time.time()
-    proposals = compute_proposals(propose, data, image_ids, desc="train proposals")
+    proposals = compute_proposals(propose, data, image_ids, desc="train proposals", folder=run.stage_dir.root)
     proposal_seconds = round(time.time() - t0, 2)
     del rpn
     for init in todo:

@@ -442,22 +442,22 @@ def test_train_rpn_killed_resumes_exactly(detection_world, tmp_path):
     assert_same_state(tmp_path / "full" / "last.pt", tmp_path / "killed" / "last.pt")
 
 
-def transfer_run(world: Path, out: Path, kill_at=None) -> dict:
+def transfer_run(world: Path, out: Path, kill_at=None, workers: int = 0) -> dict:
     from tests.detection_helpers import StandInRPN, text_embeddings, tiny_clip
     from trainer.data.detection import DetectionSet
     from trainer.models.detector import DetectorSettings, OpenVocabDetector
     from trainer.tasks.transfer import DetectorTrainer, TrainSettings, compute_proposals, rpn_proposal_fn
 
-    data = DetectionSet(world / "instances_train.json", cache_images=True)
+    data = DetectionSet(world / "instances_train.json")
     vocab = data.vocabulary("base")
     propose = rpn_proposal_fn(StandInRPN(), min_size=64, max_size=128, pre_nms_top_n=200, post_nms_top_n=48,
                               nms_thresh=0.7)
-    proposals = compute_proposals(propose, data, data.image_ids_with_boxes(vocab), progress=False)
+    proposals = compute_proposals(propose, data, data.image_ids_with_boxes(vocab), progress=False, folder=world)
     model, tokenizer = tiny_clip(0)
     detector = OpenVocabDetector(model.visual, text_embeddings(model, tokenizer, vocab.names),
                                  DetectorSettings(min_sizes=(64, 96), max_size=128, rois_per_image=32))
     settings = TrainSettings(steps=7, batch_size=2, lr=0.002, warmup_steps=2, lr_steps=[5], log_every=3,
-                             repeat_factor_threshold=0.5, seed=0)
+                             repeat_factor_threshold=0.5, seed=0, num_workers=workers)
     trainer = DetectorTrainer(detector, data, vocab, proposals, settings, checkpoint_every=2, fingerprint="run",
                               files=TrainFiles(out / "last.pt", out / "tb", out / "curve.png"), progress=False)
     if kill_at is not None:
@@ -482,3 +482,32 @@ def test_transfer_killed_resumes_exactly(detection_world, tmp_path):
     # transfer now has TensorBoard scalars and a curve
     assert list((tmp_path / "killed" / "tb").glob("events.*"))
     assert (tmp_path / "killed" / "curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_transfer_trains_the_same_detector_with_image_reading_workers(detection_world, tmp_path):
+    """Images are read per step by a DataLoader over the seeded order; its workers change nothing."""
+    in_process = transfer_run(detection_world, tmp_path / "w0")
+    with_workers = transfer_run(detection_world, tmp_path / "w2", workers=2)
+    assert with_workers["summary"]["steps_run"] == in_process["summary"]["steps_run"] == 7
+    a = torch.load(tmp_path / "w0" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "w2" / "last.pt", weights_only=True)
+    assert a["model"] and all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
+    losses = [[{k: v for k, v in h.items() if k.startswith("loss_")} for h in s["history"]] for s in (a, b)]
+    assert losses[0] == losses[1] and len(losses[0]) == 3
+
+
+def test_the_proposal_store_gives_back_what_it_was_given(tmp_path):
+    from trainer.tasks.transfer import ProposalStore
+
+    store = ProposalStore(tmp_path)
+    rng = torch.Generator().manual_seed(0)
+    given = {i: (torch.rand(n, 4, generator=rng) * 500, torch.randn(n, generator=rng)) for i, n in
+             ((7, 5), (3, 0), (11, 1000))}
+    for image_id, (boxes, objectness) in given.items():
+        store.add(image_id, boxes, objectness)
+    assert len(store) == 3 and 3 in store and 4 not in store
+    for image_id in (11, 3, 7):
+        boxes, objectness = store[image_id]
+        assert torch.equal(boxes, given[image_id][0]) and torch.equal(objectness, given[image_id][1])
+        assert boxes.shape == (len(objectness), 4) and boxes.dtype == torch.float32
+    assert not list(tmp_path.iterdir())  # an unnamed file: nothing is left behind

@@ -161,7 +161,7 @@ def test_no_module_reads_data_with_an_unsafe_loader():
 def test_the_trainer_and_sidecar_readers_never_follow_unsafe_tar_members(tmp_path):
     from pipeline.sidecars import read_shard_images
     from tests.corpora import add_tar_member, jpeg_bytes
-    from trainer.data.pretrain_stream import read_tar
+    from pipeline.sidecars import ShardIndex
 
     work = tmp_path / "work"
     work.mkdir()
@@ -175,7 +175,8 @@ def test_the_trainer_and_sidecar_readers_never_follow_unsafe_tar_members(tmp_pat
         link.type = tarfile.SYMTYPE
         link.linkname = "/etc/passwd"
         tar.addfile(link)
-    samples, truncated = read_tar(tar_path)
+    index = ShardIndex(tar_path)
+    samples = [(k, index.sample(i)) for i, k in enumerate(index.keys)]
     images = read_shard_images(tar_path)
     passwd = Path("/etc/passwd").read_bytes() if Path("/etc/passwd").exists() else b"root:"
     for _, members in samples:
@@ -235,13 +236,14 @@ def test_the_streaming_trainer_counts_and_skips_each_hostile_row(tmp_path):
 
 
 def test_each_hostile_sidecar_row_is_a_named_skip(tmp_path):
-    from trainer.data.pretrain_stream import DataOptions, Sidecars, SkipSample, prepare_sample, read_tar, shard_sources
+    from pipeline.sidecars import shard_samples
+    from trainer.data.pretrain_stream import DataOptions, Sidecars, SkipSample, prepare_sample, shard_sources
 
     w = hostile_world(tmp_path)
     layout, keys = w["layout"], w["keys"]
     src = shard_sources(layout, [0])[0]
     side = Sidecars.read(src)
-    samples = dict(read_tar(src.tar)[0])
+    samples = dict(shard_samples(src.tar))
     opts = DataOptions(batch_size=1, min_size=64, max_size=96, regions_per_image=8)
     reasons = {}
     for key in keys:

@@ -18,7 +18,9 @@ from pipeline.config import PretrainConfig
 from pipeline.layout import RunLayout, sample_key
 from tests.pretrain_world import make_world
 from trainer.models.clip import create_clip, load_clip
-from trainer.data.pretrain_stream import DataError, DataOptions, PretrainStream, Sidecars, prepare_sample, sample_rng, shard_sources, read_tar
+from pipeline.sidecars import shard_samples
+from trainer.data.pretrain_stream import (DataError, DataOptions, PretrainStream, Sidecars, collate, prepare_sample,
+                                         sample_rng, shard_sources)
 from trainer.tasks.pretrain import PretrainPaths, PretrainTrainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,6 +82,37 @@ def test_stream_is_deterministic_and_counts_bad_samples(world):
     assert [k for _ in range(3) for k in next(other)["keys"]] != keys[:12]
 
 
+def test_streamed_batches_equal_those_of_shards_read_whole(world):
+    """The reader streams (an index of member offsets, one sample read at a time); its batches are
+    those of the former loader that read each tar whole into memory, written out here as the reference."""
+    sources = shard_sources(world["layout"], world["shard_ids"])
+    opts = _opts(batch_size=3)
+    stream = PretrainStream(sources, opts)
+    expected, pending = [], []
+    for epoch in range(2):
+        for place, shard in enumerate(stream.slot_shards(epoch, 0)):
+            src = sources[shard]
+            samples, side = list(shard_samples(src.tar)), Sidecars.read(src)
+            for index in np.random.default_rng([opts.seed, epoch, src.shard_id, place]).permutation(len(samples)):
+                key, members = samples[index]
+                try:
+                    pending.append(prepare_sample(key, members, side, opts,
+                                                  sample_rng(opts.seed, epoch, src.shard_id, int(index))))
+                except Exception:  # SkipSample: the corrupt image, the dropped labels row
+                    continue
+                if len(pending) == opts.batch_size:
+                    expected.append(collate(pending, opts.regions_per_image, opts.online))
+                    pending = []
+    assert len(expected) == 9  # 2 epochs x 14 usable samples, batches of 3
+    it = iter(stream)
+    for want in expected:
+        got = next(it)
+        assert got["keys"] == want["keys"]
+        for name in ("images", "image_sizes", "flipped", "captions", "boxes", "valid", "pseudo_labels",
+                     "pseudo_probs", "codes"):
+            assert torch.equal(got[name], want[name]), name
+
+
 def test_too_few_shards_is_an_error_unless_resampling(world):
     sources = shard_sources(world["layout"], world["shard_ids"])
     with pytest.raises(DataError, match="resample_shards"):
@@ -92,7 +125,7 @@ def test_flip_mirrors_boxes_and_uses_stored_flipped_targets(tmp_path):
     w = make_world(tmp_path, num_shards=1, per_shard=4, store_flipped=True)
     src = shard_sources(w["layout"], [0])[0]
     side = Sidecars.read(src)
-    samples, _ = read_tar(src.tar)
+    samples = list(shard_samples(src.tar))
     seen_flip = False
     for index, (key, members) in enumerate(samples):
         a = prepare_sample(key, members, side, _opts(flip=True), sample_rng(3, 0, 0, index))

@@ -37,7 +37,7 @@ RUNTIME_ONLY = {
     "label.num_gpus_per_actor", "label.num_actors", "label.region_index",
     "pretrain.checkpoint_every", "pretrain.device", "pretrain.resume", "pretrain.log_every",
     "transfer.device", "evaluate.device",
-    "train_teacher.checkpoint_every", "train_rpn.checkpoint_every", "transfer.checkpoint_every",
+    "train_teacher.checkpoint_every", "train_rpn.checkpoint_every", "transfer.checkpoint_every", "transfer.num_workers",
 }
 
 

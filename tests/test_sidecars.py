@@ -184,12 +184,40 @@ def test_a_tar_that_breaks_off_keeps_its_complete_samples_and_says_so(tmp_path):
                                                                     "before the end marker": 3}[case], case
 
 
-def test_the_pretrain_reader_counts_a_broken_tar_and_keeps_its_samples(tmp_path):
-    from trainer.data.pretrain_stream import read_tar
+def test_the_shard_index_reads_the_samples_shard_samples_yields(tmp_path):
+    from pipeline.sidecars import ShardIndex
 
     samples = _shard_tar(tmp_path / "00000.tar", n=4)
-    assert read_tar(tmp_path / "00000.tar") == (list(samples.items()), 0)
+    index = ShardIndex(tmp_path / "00000.tar")
+    assert index.damaged is None and index.keys == list(samples)
+    assert [index.sample(i) for i in (3, 0, 2, 1)] == [samples[k] for k in (list(samples)[i] for i in (3, 0, 2, 1))]
     data = (tmp_path / "00000.tar").read_bytes()
-    (tmp_path / "cut.tar").write_bytes(data[: len(data) // 2])
-    kept, truncated = read_tar(tmp_path / "cut.tar")
-    assert truncated == 1 and kept == list(samples.items())[:len(kept)] and len(kept) >= 1
+    with tarfile.open(tmp_path / "00000.tar") as tar:
+        members = tar.getmembers()
+    for cut, kept in ((members[7].offset_data + 5, 2), (members[9].offset, 2), (members[-1].offset_data + 512, 3),
+                      (len(data) // 2, None)):
+        (tmp_path / "cut.tar").write_bytes(data[:cut])
+        streamed = []
+        with pytest.raises(DamagedTarError):
+            for sample in shard_samples(tmp_path / "cut.tar"):
+                streamed.append(sample)
+        index = ShardIndex(tmp_path / "cut.tar")
+        assert "cut.tar" in index.damaged and len(index) == len(streamed) == (kept or len(streamed))
+        assert [(k, index.sample(i)) for i, k in enumerate(index.keys)] == streamed
+
+
+def test_the_pretrain_reader_counts_a_broken_tar_and_keeps_its_samples(tmp_path):
+    from tests.pretrain_world import make_world
+    from trainer.data.pretrain_stream import DataOptions, PretrainStream, shard_sources
+
+    w = make_world(tmp_path, num_shards=1, per_shard=6)
+    tar = w["layout"].shard_tar(0)
+    with tarfile.open(tar) as t:
+        cut = t.getmembers()[3 * 3].offset  # before the fourth sample's first member
+    tar.write_bytes(tar.read_bytes()[:cut])
+    it = iter(PretrainStream(shard_sources(w["layout"], [0]), DataOptions(batch_size=1, min_size=64, max_size=96,
+                                                                         regions_per_image=4)))
+    # one epoch: the first two samples (the third may be cut off: the end-of-archive marker is missing)
+    batches = [next(it) for _ in range(2)]
+    assert sorted(k for b in batches for k in b["keys"]) == w["keys"][:2]
+    assert batches[-1]["_skipped"] == {"truncated_tar": 1}

@@ -4,7 +4,7 @@ splits, the COCO open-vocabulary split (OVR-CNN's 48/17), and repeat-factor samp
     data = DetectionSet("instances_train.json", images_root=None)   # root: the JSON's folder
     split = data.category_split          # {"base": [category ids], "novel": [...]}
     vocab = data.vocabulary("base")       # categories the detector is trained on (names, ids)
-    image = data.load_image(record)       # float [3, H, W] in 0..1
+    image = data.load_image(record)       # float [3, H, W] in 0..1 (read from disk each time)
     boxes, labels = data.targets(image_id, vocab)   # xyxy original pixels, indices into vocab
 
 Category splits, first that applies: a `split` field on each category (our synthetic world and the
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
+from torch.utils.data import Dataset
 
 from trainer.data.images import as_unit_range, read_image_tensor
 
@@ -154,6 +155,21 @@ class DetectionSet:
     def image_ids_with_boxes(self, vocab: Optional[DetectorClasses] = None) -> list[int]:
         """Images with at least one usable box of `vocab` (the training images)."""
         return [im["id"] for im in self.images if len(self.targets(im["id"], vocab)[1])]
+
+
+class ImagesByPosition(Dataset):
+    """The images of `image_ids`, item i = (i, float [3, H, W] in 0..1), read from disk when asked: a
+    DataLoader over it (its sampler: the training order) reads ahead in worker processes and memory holds
+    only the images in flight."""
+
+    def __init__(self, data: DetectionSet, image_ids: Sequence[int]):
+        self.data, self.image_ids = data, list(image_ids)
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, position: int) -> tuple[int, torch.Tensor]:
+        return position, self.data.load_image(self.data.image_by_id[self.image_ids[position]])
 
 
 # -- augmentation -----------------------------------------------------------------------------------------

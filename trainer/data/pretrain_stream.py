@@ -21,6 +21,12 @@ so after n batches the next one comes from slot n % workers: a resumed loader ro
 that much and each slot skips to its stored position without decoding anything, so the batches
 after a resume are exactly the batches an uninterrupted run would have seen.
 
+A shard is read as it goes: its tar is indexed (member offsets from the headers, pipeline.sidecars'
+ShardIndex) and each sample's members are read when the permutation reaches it, so a reader holds one
+sample's bytes, the index (a key and a few offsets per sample) and the shard's sidecar rows (caption
+embeddings, proposals and teacher targets: a few kB per sample), never the tar. Skipping to a stored
+offset reads nothing.
+
 A sample whose image does not decode, whose sidecar row is missing (or whose proposals and labels
 disagree) is counted by reason and skipped, never fatal; a tar that ends early keeps its good
 samples and counts `truncated_tar`.
@@ -40,8 +46,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.images import ImageError, load_rgb
 from pipeline.layout import RunLayout, StageDir, shard_name
-from pipeline.sidecars import (DamagedTarError, Proposals, RegionLabels, read_caption_embeddings, read_proposals,
-                               read_region_labels, shard_samples)
+from pipeline.sidecars import (DamagedTarError, Proposals, RegionLabels, ShardIndex, read_caption_embeddings,
+                               read_proposals, read_region_labels)
 from trainer.data.images import image_tensor
 from trainer.models.geometry import padded, resized_size
 
@@ -83,18 +89,6 @@ class DataOptions:
 
 # -- reading one shard -------------------------------------------------------------------------------
 
-def read_tar(path: Path) -> tuple[list[tuple[str, dict]], int]:
-    """(samples in tar order as (key, {ext: bytes}), 1 if the tar ended early else 0)."""
-    samples = []
-    try:
-        for sample in shard_samples(path):
-            samples.append(sample)
-    except DamagedTarError as err:  # a truncated or damaged tar keeps its complete samples
-        log.warning("%s; keeping %d samples", err, len(samples))
-        return samples, 1
-    return samples, 0
-
-
 @dataclass
 class Sidecars:
     """One shard's sidecar rows, looked up by key (a row that is missing or damaged is absent)."""
@@ -117,6 +111,14 @@ class Sidecars:
 
 
 # -- one sample ----------------------------------------------------------------------------------------
+
+def read_members(tar: ShardIndex, index: int) -> dict[str, bytes]:
+    """The members of sample `index` of an indexed tar (SkipSample if the tar changed since)."""
+    try:
+        return tar.sample(index)
+    except (DamagedTarError, OSError):
+        raise SkipSample("unreadable_sample") from None
+
 
 
 
@@ -269,20 +271,20 @@ class PretrainStream(IterableDataset):
             while place < len(shards):
                 src = self.sources[shards[place]]
                 if cached is None or cached[0] != (epoch, place):
-                    samples, truncated = read_tar(src.tar)
-                    if truncated:
+                    tar = ShardIndex(src.tar)
+                    if tar.damaged:  # a truncated or damaged tar keeps its complete samples
+                        log.warning("%s; keeping %d samples", tar.damaged, len(tar))
                         skipped["truncated_tar"] = skipped.get("truncated_tar", 0) + 1
                     side = Sidecars.read(src)
                     order = np.random.default_rng([self.opts.seed, epoch, src.shard_id, place]).permutation(
-                        len(samples))
-                    cached = ((epoch, place), samples, side, order)
-                _, samples, side, order = cached
+                        len(tar))
+                    cached = ((epoch, place), tar, side, order)
+                _, tar, side, order = cached
                 while offset < len(order):
                     index = int(order[offset])
-                    key, members = samples[index]
                     offset += 1
                     try:
-                        pending.append(prepare_sample(key, members, side, self.opts,
+                        pending.append(prepare_sample(tar.keys[index], read_members(tar, index), side, self.opts,
                                                       sample_rng(self.opts.seed, epoch, src.shard_id, index)))
                     except SkipSample as skip:
                         skipped[skip.reason] = skipped.get(skip.reason, 0) + 1

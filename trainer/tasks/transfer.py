@@ -3,19 +3,30 @@ engine's hooks give it checkpoints, resume, TensorBoard and a curve) and inferen
 set. The stage modules `stages/transfer.py` and `stages/evaluate.py` are recipes over these.
 
 Proposals come from a frozen class-agnostic RPN and do not depend on the detector, so they are
-computed once per training image (at the RPN's own input size, unflipped) and kept in memory; a
-flipped image gets its proposals mirrored. The GT boxes are added to the proposals in training.
+computed once per image (at the RPN's own input size, unflipped) into a `ProposalStore`: float32 rows
+in an unnamed temporary file, read back per image, so memory holds 8 bytes per image rather than
+proposals_per_image x 20 bytes (2.4 GB for COCO train2017 at 1000 proposals). A flipped image gets its
+proposals mirrored. The GT boxes are added to the proposals in training.
+
+Training images are read from disk per step by a DataLoader over the seeded training order
+(`TrainSettings.num_workers` processes read ahead; 0 reads in the training process); memory holds the
+images in flight, never the training set.
 """
 from __future__ import annotations
 
+import os
 import random
+import tempfile
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
+import numpy as np
 import torch
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from trainer.data.detection import DetectionSet, DetectorClasses, hflip, repeat_factors, training_order
+from trainer.data.detection import (DetectionSet, DetectorClasses, ImagesByPosition, hflip, repeat_factors,
+                                    training_order)
 from trainer.engine.checkpoint import seed_all
 from trainer.engine.hooks import standard_hooks
 from trainer.engine.loop import TrainFiles, TrainingInterrupted, TrainLoop
@@ -42,6 +53,7 @@ class TrainSettings:
     flip: bool = True
     seed: int = 0
     log_every: int = 20
+    num_workers: int = 0        # image-reading processes; the result does not depend on it
 
 
 def rpn_proposal_fn(rpn, *, min_size: int, max_size: int, pre_nms_top_n: int, post_nms_top_n: int,
@@ -54,27 +66,61 @@ def rpn_proposal_fn(rpn, *, min_size: int, max_size: int, pre_nms_top_n: int, po
     return propose
 
 
+class ProposalStore:
+    """Per image (boxes [N, 4] float32 original pixels, objectness [N]), as `store[image_id]`, kept as
+    float32 rows x1, y1, x2, y2, objectness in an unnamed temporary file (in `folder`; gone when the store
+    is, even after a kill): memory holds one (offset, count) per image."""
+
+    def __init__(self, folder: Optional[os.PathLike] = None):
+        self.file = tempfile.TemporaryFile(dir=folder)
+        self.rows: dict[int, tuple[int, int]] = {}    # image id -> (first row, row count)
+        self.end = 0
+
+    def add(self, image_id: int, boxes: torch.Tensor, objectness: torch.Tensor) -> None:
+        rows = np.concatenate([boxes.detach().float().cpu().reshape(-1, 4).numpy(),
+                               objectness.detach().float().cpu().reshape(-1, 1).numpy()], axis=1)
+        os.pwrite(self.file.fileno(), np.ascontiguousarray(rows, np.float32).tobytes(), self.end * 20)
+        self.rows[image_id] = (self.end, len(rows))
+        self.end += len(rows)
+
+    def __contains__(self, image_id: int) -> bool:
+        return image_id in self.rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, image_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        first, count = self.rows[image_id]
+        data = os.pread(self.file.fileno(), count * 20, first * 20)
+        rows = torch.from_numpy(np.frombuffer(data, np.float32).reshape(count, 5).copy())
+        return rows[:, :4].contiguous(), rows[:, 4].contiguous()
+
+
 def compute_proposals(propose: BatchProposalFn, data: DetectionSet, image_ids: Sequence[int],
-                      batch_size: int = 8, progress: bool = True, desc: str = "proposals") -> dict:
-    """{image_id: (boxes [N, 4] float32 original pixels, objectness [N])} on the CPU."""
-    out = {}
+                      batch_size: int = 8, progress: bool = True, desc: str = "proposals",
+                      folder: Optional[os.PathLike] = None) -> ProposalStore:
+    """The proposals of `image_ids` (see ProposalStore; its file goes in `folder`, default the system's
+    temporary folder)."""
+    store = ProposalStore(folder)
     ids = list(image_ids)
     for start in tqdm(range(0, len(ids), batch_size), desc=desc, unit="batch", disable=not progress,
                       dynamic_ncols=True, mininterval=2.0):
         chunk = ids[start:start + batch_size]
         images = [data.load_image(data.image_by_id[i]) for i in chunk]
         for image_id, (boxes, obj) in zip(chunk, propose(images)):
-            out[image_id] = (boxes.detach().float().cpu().reshape(-1, 4), obj.detach().float().cpu().reshape(-1))
-    return out
+            store.add(image_id, boxes, obj)
+    return store
 
 
 class DetectorTrainer(TrainLoop):
     """The detector on the base classes (REFERENCE §6): SGD with WarmupMultiStep, `batch_size` images a
     step drawn from `training_order` (shuffled or repeat-factor epochs), random flips. The images drawn so
     far are the data position: a resumed run draws them again from the seeded order and flip generator
-    (no image is read) and continues."""
+    (no image is read) and continues. Images come from a DataLoader whose sampler is that order; its
+    workers read ahead, the flips are drawn here as images are taken, so the run is the same for any
+    number of workers."""
 
-    def __init__(self, detector: OpenVocabDetector, data: DetectionSet, vocab: DetectorClasses, proposals: dict,
+    def __init__(self, detector: OpenVocabDetector, data: DetectionSet, vocab: DetectorClasses, proposals: ProposalStore,
                  settings: TrainSettings, *, files: Optional[TrainFiles] = None, checkpoint_every: int = 1000,
                  fingerprint: str = "", progress: bool = True):
         if len(vocab) != detector.num_classes:
@@ -111,13 +157,29 @@ class DetectorTrainer(TrainLoop):
             if self.s.flip:
                 self.flip_rng.random()
         self.images_drawn = images_drawn
+        self.close_images()
+
+    def next_image(self) -> tuple[int, torch.Tensor]:
+        """(position in image_ids, image) of the next image of the order; the loader starts on first use,
+        so a resume does not start workers twice."""
+        if self.images is None:
+            loader = DataLoader(ImagesByPosition(self.data, self.image_ids), batch_size=None, sampler=self.order,
+                                num_workers=self.s.num_workers, persistent_workers=False,
+                                # its own generator: the global RNG (restored on resume) is not drawn from
+                                generator=torch.Generator().manual_seed(self.s.seed))
+            self.images = iter(loader)
+        return next(self.images)
+
+    def close_images(self) -> None:
+        """Stop the loader's workers (a new order, the end of training)."""
+        self.images: Optional[Iterator] = None
 
     def run_step(self) -> dict[str, float]:
         images, props, targets = [], [], []
         for _ in range(self.s.batch_size):
-            image_id = self.image_ids[next(self.order)]
+            position, image = self.next_image()
+            image_id = self.image_ids[position]
             self.images_drawn += 1
-            image = self.data.load_image(self.data.image_by_id[image_id])
             boxes, labels = self.data.targets(image_id, self.vocab)
             p = self.proposals[image_id][0]
             if self.s.flip and self.flip_rng.random() < 0.5:
@@ -141,7 +203,7 @@ class DetectorTrainer(TrainLoop):
         self.start_order(int(state["images_drawn"]))
 
 
-def train_detector(detector: OpenVocabDetector, data: DetectionSet, vocab: DetectorClasses, proposals: dict,
+def train_detector(detector: OpenVocabDetector, data: DetectionSet, vocab: DetectorClasses, proposals: ProposalStore,
                    settings: TrainSettings, progress: bool = True, *, files: Optional[TrainFiles] = None,
                    checkpoint_every: int = 1000, fingerprint: str = "") -> dict:
     """Train `detector` (its vocabulary must be `vocab`) on the images of `data` holding at least one
@@ -150,7 +212,10 @@ def train_detector(detector: OpenVocabDetector, data: DetectionSet, vocab: Detec
     the state is saved and TrainingInterrupted (exit 143) is raised."""
     trainer = DetectorTrainer(detector, data, vocab, proposals, settings, files=files,
                               checkpoint_every=checkpoint_every, fingerprint=fingerprint, progress=progress)
-    summary = trainer.train()
+    try:
+        summary = trainer.train()
+    finally:
+        trainer.close_images()
     TrainingInterrupted.raise_if(trainer, summary)
     detector.eval()
     history = [{"step": h["step"], "lr": h["lr"], **{k: round(v, 4) for k, v in h.items() if k.startswith("loss_")}}
@@ -160,7 +225,7 @@ def train_detector(detector: OpenVocabDetector, data: DetectionSet, vocab: Detec
 
 
 def detect_dataset(detector: OpenVocabDetector, data: DetectionSet, vocab: DetectorClasses,
-                   image_ids: Sequence[int], proposals: dict, progress: bool = True) -> list[dict]:
+                   image_ids: Sequence[int], proposals: ProposalStore, progress: bool = True) -> list[dict]:
     """COCO results of the detector over `image_ids` with `vocab` (the detector's current vocabulary)."""
     if len(vocab) != detector.num_classes:
         raise ValueError(f"vocabulary of {len(vocab)} classes for a detector scoring {detector.num_classes}")
