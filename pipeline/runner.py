@@ -265,13 +265,12 @@ def run_lock(layout: RunLayout, command: str) -> Iterator[None]:
 
 
 def run_in_progress(layout: RunLayout) -> Optional[str]:
-    """Who holds the run folder's lock now, or None (a killed run's leftover run.lock.json is no holder)."""
+    """Who else holds the run folder's lock now, or None: free, held by this run itself (the status that
+    `regionclip run` prints at its end), or left by a killed run (its run.lock.json is no holder)."""
     from filelock import FileLock, Timeout
 
-    if not layout.run_lock.exists():
+    if not layout.run_lock.exists() or os.environ.get(LOCK_HELD_ENV) == str(layout.run_lock.resolve()):
         return None
-    if os.environ.get(LOCK_HELD_ENV) == str(layout.run_lock.resolve()):
-        return _holder(layout)
     lock = FileLock(str(layout.run_lock))
     try:
         lock.acquire(timeout=0)
