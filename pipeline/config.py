@@ -167,7 +167,20 @@ class TrainRpnConfig(Section):
     checkpoint_every: int = Field(500, ge=1, json_schema_extra=RUNTIME_ONLY, description="steps between training states (resumed after a kill)")
 
 
-class RpnInferenceConfig(Section):
+class GpuActorSettings(Section):
+    """How a GPU stage's Ray actors run (proposals, label): each holds the model on a GPU when the cluster
+    has them and decodes images in cpus_per_actor threads ahead of it."""
+    num_gpus_per_actor: float = Field(1.0, ge=0, json_schema_extra=RUNTIME_ONLY)
+    num_actors: Optional[int] = Field(None, ge=1, json_schema_extra=RUNTIME_ONLY)
+    cpus_per_actor: Optional[int] = Field(None, ge=1, json_schema_extra=RUNTIME_ONLY,
+                                          description="CPUs each actor asks Ray for and decodes with "
+                                          "(threads); null: 8 when the cluster has GPUs, else 1")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast with TF32 on CUDA, fp32 on CPU; boxes, RoIAlign "
+        "coordinates and logits stay fp32")
+
+
+class RpnInferenceConfig(GpuActorSettings):
     checkpoint: Optional[str] = Field(None, description="a class-agnostic RPN checkpoint; null: "
                                       "train-rpn's output")
     min_size: int = Field(800, ge=32, description="canonical short side")
@@ -177,16 +190,9 @@ class RpnInferenceConfig(Section):
     post_nms_top_n: int = Field(300, ge=1)
     batch_size: int = Field(8, ge=1, description="images per forward pass (padded to one size together, "
                             "so it is part of the fingerprint)")
-    num_gpus_per_actor: float = Field(1.0, ge=0, json_schema_extra=RUNTIME_ONLY)
-    num_actors: Optional[int] = Field(None, ge=1, json_schema_extra=RUNTIME_ONLY)
-    cpus_per_actor: Optional[int] = Field(None, ge=1, json_schema_extra=RUNTIME_ONLY,
-                                          description="CPUs each actor asks Ray for and decodes with "
-                                          "(threads); null: 8 when the cluster has GPUs, else 1")
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto: bf16 autocast with TF32 on CUDA, fp32 on CPU; boxes stay fp32")
 
 
-class LabelConfig(Section):
+class LabelConfig(GpuActorSettings):
     codec: Literal["pq", "topk", "fp16"] = "pq"
     pq_subquantizers: int = Field(64, ge=1)
     pq_bits: int = Field(8, ge=1, le=16)
@@ -203,14 +209,6 @@ class LabelConfig(Section):
                                "(an extra output: turning it on later builds only the index)",
                                json_schema_extra=RUNTIME_ONLY)
     batch_size: int = Field(8, ge=1, description="images per forward pass (padded to one size together)")
-    num_gpus_per_actor: float = Field(1.0, ge=0, json_schema_extra=RUNTIME_ONLY)
-    num_actors: Optional[int] = Field(None, ge=1, json_schema_extra=RUNTIME_ONLY)
-    cpus_per_actor: Optional[int] = Field(None, ge=1, json_schema_extra=RUNTIME_ONLY,
-                                          description="CPUs each actor asks Ray for and decodes with "
-                                          "(threads); null: 8 when the cluster has GPUs, else 1")
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto: bf16 autocast with TF32 on CUDA, fp32 on CPU; boxes, RoIAlign "
-        "coordinates and logits stay fp32")
 
 
 class PretrainConfig(Section):
