@@ -94,7 +94,7 @@ def test_vocab_command_on_a_coco_categories_file(teacher, tmp_path, write_manife
     with pytest.raises(EmbeddingDimError) as err:
         load_vocabulary(out, expected_dim=1024, model_name="RN50")
     message = str(err.value)
-    assert "64" in message and "1024" in message and "regionclip vocab" in message and "RN50" in message
+    assert "64" in message and "1024" in message and "vocab command" in message and "RN50" in message
 
     # A comma list works too; a missing teacher checkpoint is a clear error, not a download.
     assert main(["vocab", m.source_path, "--classes", "cat,hot dog", "--out", str(tmp_path / "two.npz")]) == 0

@@ -307,7 +307,7 @@ def test_non_finite_concept_embeddings_are_a_clear_error_before_any_work(tmp_pat
         load_concept_embeddings(layout)
     emb[2, 1] = np.inf
     np.save(layout.concept_embeddings, emb)
-    with pytest.raises(ValueError, match="re-run `regionclip embed"):
+    with pytest.raises(ValueError, match="rerun the embed stage"):
         load_concept_embeddings(layout)
     np.save(layout.concept_embeddings, np.eye(4, dtype=np.float32))
     assert load_concept_embeddings(layout, expected_dim=4).shape == (4, 4)

@@ -232,7 +232,7 @@ def test_missing_file_says_how_to_get_weights(tmp_path):
     with pytest.raises(CheckpointNotFoundError) as err:
         load_clip("RN50", tmp_path / "RN50.pt")
     message = str(err.value)
-    assert "RN50.pt" in message and "download" in message and "regionclip train-teacher" in message
+    assert "RN50.pt" in message and "download" in message and "train-teacher stage" in message
     assert isinstance(err.value, FileNotFoundError)
 
 
@@ -278,4 +278,4 @@ def test_embedding_dim_check_explains_the_fix():
     with pytest.raises(EmbeddingDimError) as err:
         check_embedding_dim(1024, 512, "concept embeddings", model_name="RN50")
     assert str(err.value).startswith("concept embeddings have dim 512 but the model RN50 outputs 1024; "
-                                     "re-run `regionclip embed` with the same teacher")
+                                     "rerun the embed stage with the same teacher")

@@ -105,7 +105,7 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
     torch.testing.assert_close(a[0], b[0])
     torch.testing.assert_close(a[1], b[1])
 
-    with pytest.raises(FileNotFoundError, match=r"regionclip train-rpn.*proposals\.checkpoint"):
+    with pytest.raises(FileNotFoundError, match=r"train-rpn stage.*proposals\.checkpoint"):
         load_rpn(tmp_path / "missing.pt")
 
     class Payload:                                          # pickled code: never unpickled

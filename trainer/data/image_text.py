@@ -48,7 +48,7 @@ def image_text_samples(tars: Sequence[str | Path], *, shuffle_buffer: int = 0, s
     """
     urls = [str(t) for t in tars]
     if not urls:
-        raise FileNotFoundError("no shards to read; run `regionclip shard MANIFEST` first")
+        raise FileNotFoundError("no shards to read; the shard stage writes them")
     stages: list = [wds.SimpleShardList(urls)]
     if shuffle_buffer:
         stages.append(wds.detshuffle(bufsize=len(urls), initial=len(urls), seed=seed, epoch=epoch))

@@ -144,8 +144,8 @@ def _missing_checkpoint_message(path: Path, arch: str) -> str:
         url = ""
     where = f" (OpenAI's file: {url})" if url else ""
     return (f"{path}: no such checkpoint file. CLIP weights are never downloaded at run time: download "
-            f"OpenAI's {arch} weights{where} to this path, or run `regionclip train-teacher MANIFEST` "
-            "(train_teacher.enabled: true, teacher.checkpoint: null) to train a teacher on your shards.")
+            f"OpenAI's {arch} weights{where} to this path, or let the train-teacher stage train a teacher "
+            "on your shards (train_teacher.enabled: true, teacher.checkpoint: null).")
 
 
 def read_clip_state_dict(path: PathLike) -> tuple[dict[str, torch.Tensor], str, dict]:
@@ -336,8 +336,8 @@ def embedding_dim(model: nn.Module) -> int:
 
 
 def check_embedding_dim(expected: int, got: int, what: str, model_name: str = "",
-                        hint: str = "re-run `regionclip embed` with the same teacher (teacher.arch "
-                                    "and teacher.checkpoint)") -> None:
+                        hint: str = "rerun the embed stage with the same teacher (teacher.arch and "
+                                    "teacher.checkpoint)") -> None:
     """Raise EmbeddingDimError when `what` (e.g. "concept embeddings", of width `got`) does not match
     the model's width `expected` -- the silent mistake behind near-zero scores."""
     if int(expected) != int(got):

@@ -340,7 +340,7 @@ def load_rpn(path: PathLike, device: Union[str, torch.device] = "cpu") -> Propos
     path = Path(path).expanduser()
     if not path.is_file():
         raise RpnCheckpointNotFoundError(
-            f"{path}: no such RPN checkpoint. Train one with `regionclip train-rpn MANIFEST` "
+            f"{path}: no such RPN checkpoint. Train one with the train-rpn stage "
             "(train_rpn.enabled: true), or set proposals.checkpoint to a class-agnostic RPN checkpoint "
             "saved by trainer.models.rpn.save_rpn_checkpoint.")
     obj = _torch_load(path)

@@ -338,7 +338,7 @@ def load_codec(labels_dir: str | Path) -> TeacherCodec:
     """The label run's codec from `labels/codec.json` (or that file's path) and the files beside it."""
     path = _codec_json(labels_dir)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no codec description; run `regionclip label MANIFEST` first")
+        raise FileNotFoundError(f"{path}: no codec description; the label stage writes it")
     desc = read_json(path)
     for name, digest in desc.get("sha256", {}).items():
         if sha256_file(path.parent / name) != digest:

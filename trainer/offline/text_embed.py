@@ -177,14 +177,14 @@ def load_concept_embeddings(layout: RunLayout, expected_dim: Optional[int] = Non
     """The embed stage's float32 [num_concepts, D] matrix, checked against the model's width."""
     path = layout.concept_embeddings
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no concept embeddings; run `regionclip embed MANIFEST` first")
+        raise FileNotFoundError(f"{path}: no concept embeddings; the embed stage writes them")
     emb = np.load(path, allow_pickle=False)
     bad = int((~np.isfinite(emb)).any(axis=1).sum()) if emb.ndim == 2 else -1
     if emb.ndim != 2 or bad:
         raise ValueError(f"{path}: {bad} of {len(emb)} concept embeddings hold NaN or inf (or the array is "
-                         f"not [num_concepts, D]); re-run `regionclip embed MANIFEST`")
+                         f"not [num_concepts, D]); rerun the embed stage")
     _check_dim(expected_dim, emb.shape[1], f"the concept embeddings in {path}", model_name,
-               "re-run `regionclip embed MANIFEST` with the teacher whose width the model has "
+               "rerun the embed stage with the teacher whose width the model has "
                "(teacher.arch and teacher.checkpoint)")
     return emb
 
@@ -213,17 +213,17 @@ def save_vocabulary(path: Union[str, os.PathLike], names: Sequence[str], embeddi
 
 def load_vocabulary(path: Union[str, os.PathLike], expected_dim: Optional[int] = None,
                     model_name: str = "") -> dict:
-    """A vocabulary file from `regionclip vocab`: {names: list[str], embeddings: float32 [C, D],
+    """A vocabulary file from the vocab command: {names: list[str], embeddings: float32 [C, D],
     arch, dim, category_ids (or None)}. Raises EmbeddingDimError (naming both widths and the fix)
     when D differs from `expected_dim`, the width of the model that will use it."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such vocabulary file; make one with "
-                                "`regionclip vocab MANIFEST --classes <file|list> --out FILE.npz`")
+        raise FileNotFoundError(f"{path}: no such vocabulary file; make one with the vocab command "
+                                "(--classes <file|list> --out FILE.npz)")
     with np.load(path, allow_pickle=False) as data:
         if "names" not in data or "embeddings" not in data:
             raise ValueError(f"{path}: not a vocabulary file (needs 'names' and 'embeddings'); make one "
-                             "with `regionclip vocab`")
+                             "with the vocab command")
         vocab = {"names": [str(n) for n in data["names"]],
                  "embeddings": data["embeddings"].astype(np.float32),
                  "arch": str(data["arch"]) if "arch" in data else "",
@@ -231,6 +231,6 @@ def load_vocabulary(path: Union[str, os.PathLike], expected_dim: Optional[int] =
                  "category_ids": data["category_ids"].tolist() if "category_ids" in data else None}
     made_by = f" (made with {vocab['arch']})" if vocab["arch"] else ""
     _check_dim(expected_dim, vocab["dim"], f"the class embeddings in {path}{made_by}", model_name,
-               f"re-run `regionclip vocab MANIFEST --classes ... --out {path.name}` with a teacher of "
+               f"rerun the vocab command (--classes ... --out {path.name}) with a teacher of "
                f"the model's architecture{' (' + model_name + ')' if model_name else ''}")
     return vocab
