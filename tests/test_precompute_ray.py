@@ -32,7 +32,8 @@ def runs(ray_local, tmp_path_factory):
     from pipeline.config import load_manifest
 
     root = tmp_path_factory.mktemp("precompute")
-    body = manifest_body(num_images=10, per_shard=1)   # 10 one-image shards: a wide window to kill in
+    # 10 shards of 4 images (2 label batches each): a window to kill in that a fast machine does not close
+    body = manifest_body(num_images=40, per_shard=4)
     (root / "a").mkdir()
     (root / "a" / "m.yaml").write_text("name: t\noutput_dir: out\nray: {num_cpus: 2}\n" + body)
     manifest = load_manifest(root / "a" / "m.yaml")
@@ -100,12 +101,13 @@ def test_sigkill_mid_stage_then_rerun_gives_the_uninterrupted_rows(runs, ray_loc
             if proc.poll() is not None:
                 pytest.fail(f"the label run ended (exit {proc.returncode}) before it could be killed:\n"
                             + log.read_text(errors="replace")[-3000:])
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0.0, 0.2))   # a seeded moment after the first shard is done
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.05))   # a seeded moment just after the first shard is done
     finally:
         _kill_group(proc)
     wait_until_ray_is_idle()
     done_at_kill = len(list(layout.labels.root.glob("*_stats.json")))
+    print(f"label shards done when killed: {done_at_kill} of 10", file=sys.stderr)
     assert 0 < done_at_kill < 10, f"{done_at_kill} shards were done when the run was killed"
     assert json.loads(layout.labels.manifest.read_text())["status"] == "running"   # never read as done
     # The rerun in this process (the test's Ray is up): the same code path as a new process, faster.
