@@ -245,22 +245,32 @@ def load_clip_state_dict(model: nn.Module, state_dict: dict, *, allow_partial: b
         state_dict["logit_scale"] = state_dict["logit_scale"].reshape(model_state["logit_scale"].shape)
 
     report = LoadReport(source=str(source), format=fmt)
+    advice = ("Check that the architecture (e.g. teacher.arch) is the one these weights were trained with. "
+              "To load only the tensors that fit and keep the rest random, set allow_partial: true.")
     # BatchNorm's step counter is bookkeeping: absent from frozen-BN files and filled in by torch.
-    report.missing = [k for k in model_state
-                      if k not in state_dict and not k.endswith("num_batches_tracked")]
+    # load_state_dict's copy_ casts OpenAI's float16 to the model's dtype.
+    return load_fitting(model, state_dict, report, arch, advice, allow_partial,
+                        optional=lambda k: k.endswith("num_batches_tracked"))
+
+
+def load_fitting(model: nn.Module, state_dict: dict, report: LoadReport, name: str, advice: str,
+                 allow_partial: bool, optional=lambda key: False) -> LoadReport:
+    """Load `state_dict` into `model` when every key and shape fits; otherwise a CheckpointError listing
+    the missing, unexpected and reshaped keys (with `advice`), or, with allow_partial, a warning and
+    only the tensors that fit. Keys of the model for which `optional(key)` holds may be absent."""
+    model_state = model.state_dict()
+    report.missing = [k for k in model_state if k not in state_dict and not optional(k)]
     report.unexpected = [k for k in state_dict if k not in model_state]
     report.mismatched = [(k, tuple(v.shape), tuple(model_state[k].shape)) for k, v in state_dict.items()
                          if k in model_state and v.shape != model_state[k].shape]
     if not report.complete:
-        message = report.describe(arch)
+        message = report.describe(name)
         if not allow_partial:
-            raise CheckpointError(message + "\nCheck that the architecture (e.g. teacher.arch) is the one "
-                                  "these weights were trained with. To load only the tensors that fit "
-                                  "and keep the rest random, set allow_partial: true.")
-        warnings.warn("partial load (allow_partial): " + message, stacklevel=2)
+            raise CheckpointError(f"{message}\n{advice}")
+        warnings.warn("partial load (allow_partial): " + message, stacklevel=3)
     skipped = {k for k, _, _ in report.mismatched}
-    fitting = {k: v for k, v in state_dict.items() if k in model_state and k not in skipped}
-    model.load_state_dict(fitting, strict=False)  # copy_ casts OpenAI's float16 to the model's dtype
+    model.load_state_dict({k: v for k, v in state_dict.items() if k in model_state and k not in skipped},
+                          strict=False)
     return report
 
 

@@ -35,7 +35,7 @@ from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image
 
 from pipeline.io import atomic_path
 from trainer.models.clip import (CLIP_MEAN, CLIP_STD, CheckpointError, CheckpointNotFoundError, LoadReport,
-                          check_embedding_dim, create_clip, load_clip)
+                          check_embedding_dim, create_clip, load_clip, load_fitting)
 from trainer.models.geometry import padded, resized_size
 from trainer.models.region_encoder import RegionEncoder
 
@@ -406,24 +406,10 @@ def read_checkpoint_kind(path: Union[str, os.PathLike]) -> str:
 def load_detector_state(detector: OpenVocabDetector, state_dict: dict, source: str,
                         allow_partial: bool = False) -> LoadReport:
     """Load detector weights; a mismatch is a CheckpointError listing the keys, unless allow_partial."""
-    model_state = detector.state_dict()
     report = LoadReport(source=str(source), format=DETECTOR_FORMAT)
-    report.missing = [k for k in model_state if k not in state_dict]
-    report.unexpected = [k for k in state_dict if k not in model_state]
-    report.mismatched = [(k, tuple(v.shape), tuple(model_state[k].shape)) for k, v in state_dict.items()
-                         if k in model_state and v.shape != model_state[k].shape]
-    if not report.complete:
-        message = report.describe(detector.arch or "the detector")
-        if not allow_partial:
-            raise CheckpointError(message + "\nThis detector checkpoint was made for another "
-                                  "architecture or code version; check transfer/teacher arch, or set "
-                                  "allow_partial to load only what fits.")
-        import warnings
-        warnings.warn("partial load (allow_partial): " + message, stacklevel=2)
-    skipped = {k for k, _, _ in report.mismatched}
-    detector.load_state_dict({k: v for k, v in state_dict.items() if k in model_state and k not in skipped},
-                             strict=False)
-    return report
+    advice = ("This detector checkpoint was made for another architecture or code version; check "
+              "transfer/teacher arch, or set allow_partial to load only what fits.")
+    return load_fitting(detector, state_dict, report, detector.arch or "the detector", advice, allow_partial)
 
 
 def build_detector(arch: str, checkpoint: Union[str, os.PathLike], class_embeddings,
