@@ -9,6 +9,7 @@ functions); a renamed or reshaped tensor must be refused by name.
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -573,3 +574,50 @@ def test_open_clip_safetensors_loads_and_computes_the_same(tmp_path):
         load_clip("RN50-tiny", tmp_path / "renamed.safetensors")
     assert "visual.attnpool.cproj.weight" in str(err.value) and "visual.attnpool.c_proj.weight" in str(err.value)
 
+
+# -- the evaluate stage ------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_evaluate_scores_a_reference_detector_as_the_same_weights_in_our_format(write_manifest, monkeypatch,
+                                                                               tmp_path):
+    """evaluate.detectors: a RegionCLIP-format file and our save_detector file holding the same weights
+    give the same detections and AP, beside no transfer at all."""
+    import stages.resolve
+    from pipeline.config import ManifestError, load_manifest
+    from pipeline.layout import RunLayout
+    from stages import evaluate, synth
+    from tests.detection_helpers import StandInRPN, save_tiny_clip, text_embeddings, tiny_clip
+    from trainer.models.detector import OpenVocabDetector, save_detector
+    from trainer.models.reference_weights import DETECTOR_MAP
+
+    manifest = write_manifest("""
+synth: {num_images: 4, num_val_images: 3, min_side: 64, max_side: 96, max_objects: 3}
+teacher: {arch: RN50-tiny, checkpoint: teacher.pt}
+transfer: {init: []}
+evaluate: {min_size: 96, max_size: 128, proposals_per_image: 48, zero_shot: [], score_threshold: 0.000001,
+           detections_per_image: 10,
+           detectors: {ours: ours.pt, regionclip: regionclip_finetuned-tiny.pth}}
+""")
+    synth.run(manifest)
+    save_tiny_clip(manifest.resolve("teacher.pt"), seed=0)
+    model, tokenizer = tiny_clip(seed=3)
+    detector = OpenVocabDetector(model.visual, text_embeddings(model, tokenizer, ["a", "b"]), arch="RN50-tiny")
+    torch.nn.init.normal_(detector.bbox_pred.weight, std=0.05)
+    save_detector(detector, manifest.resolve("ours.pt"))
+    reference = {DETECTOR_MAP.reference_name(k): v for k, v in detector.state_dict().items()}
+    reference["roi_heads.box_predictor.cls_score.weight"] = torch.randn(48, 64)
+    reference["roi_heads.box_predictor.cls_bg_score.weight"] = torch.zeros(1, 64)
+    save_reference(manifest.resolve("regionclip_finetuned-tiny.pth"), reference)
+    monkeypatch.setattr(stages.resolve, "load_frozen_rpn", lambda m, device="cpu": StandInRPN())
+
+    summary = evaluate.run(manifest)["results"]
+    assert set(summary["detector"]) == {"ours", "regionclip"}
+    assert summary["detector"]["regionclip"] == summary["detector"]["ours"]
+    layout = RunLayout.of(manifest)
+    detections = [json.loads(layout.eval_detections(f"detector_{n}").read_text()) for n in ("ours", "regionclip")]
+    assert detections[0] == detections[1] and len(detections[0]) > 0
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\noutput_dir: out\nevaluate: {detectors: {teacher: a.pth}}\n")
+    with pytest.raises(ManifestError, match="evaluate.detectors"):
+        load_manifest(bad)
