@@ -6,6 +6,7 @@ An unknown key or a bad value is a `ManifestError` that names the field (e.g. `s
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -314,6 +315,10 @@ class EvaluateConfig(Section):
     zero_shot: list[Literal["teacher", "pretrain"]] = Field(
         default_factory=lambda: ["teacher", "pretrain"], description="CLIP models evaluated zero-shot "
         "(GT boxes, RPN boxes, region recognition)")
+    detectors: dict[str, str] = Field(default_factory=dict, description="more detectors to evaluate beside "
+                                      "transfer.init's, name: weights file (a detector saved by transfer, or "
+                                      "RegionCLIP's released regionclip_finetuned-*.pth); architecture "
+                                      "teacher.arch")
     max_images: Optional[int] = Field(None, ge=1, description="evaluate the first N images only (smoke runs)")
     picture_image: int = Field(0, ge=0, description="position of the evaluation image drawn with detections")
     device: str = Field("auto", json_schema_extra=RUNTIME_ONLY)
@@ -322,6 +327,16 @@ class EvaluateConfig(Section):
     @classmethod
     def _one_or_many(cls, value):
         return [value] if isinstance(value, str) else (value or [])
+
+    @field_validator("detectors")
+    @classmethod
+    def _plain_names(cls, value):
+        # Names become file names (eval/metrics_detector_<name>.json); transfer's inits own theirs.
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or name in ("teacher", "pretrain"):
+                raise ValueError(f"detector name {name!r}: use letters, digits, '_', '-', '.' and not "
+                                 "teacher or pretrain (transfer.init's detectors)")
+        return value
 
 
 class RunManifest(Section):

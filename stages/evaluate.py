@@ -2,7 +2,8 @@
 (REFERENCE §6-7), with the all-class vocabulary (base + novel: the classifier is swapped, nothing else).
 
     data      transfer.val_annotations (default: the synthetic world's instances_val.json, all classes)
-    detectors checkpoints/transfer/detector_<init>.pt for each of transfer.init; RPN proposals (NMS 0.7)
+    detectors checkpoints/transfer/detector_<init>.pt for each of transfer.init, and each file of
+              evaluate.detectors (e.g. RegionCLIP's released detector); RPN proposals (NMS 0.7)
     zero-shot each CLIP of evaluate.zero_shot (teacher, pretrain = the student):
               GT boxes; RPN boxes (NMS 0.9, top 1000, no box deltas, per-class NMS 0.5, score
               sqrt(p * sigmoid(objectness)) or the raw logit with evaluate.objectness: raw);
@@ -52,9 +53,16 @@ def data_and_models(run: StageRun) -> dict:
                     "checkpoint": sha256_file(rpn) if rpn.is_file() else "missing"},
             "ensemble": manifest.embed.ensemble,
             "detectors": {"init": list(dict.fromkeys(manifest.transfer.init)),
-                          "allow_partial": manifest.transfer.allow_partial},
+                          "allow_partial": manifest.transfer.allow_partial,
+                          "files": {name: sha256_file(path) if path.is_file() else "missing"
+                                    for name, path in extra_detectors(manifest).items()}},
             "clip_checkpoints": {which: sha256_file(clip_checkpoint(manifest, which))
                                  for which in dict.fromkeys(["teacher", *manifest.evaluate.zero_shot])}}
+
+
+def extra_detectors(manifest) -> dict:
+    """evaluate.detectors: name -> path (relative to the manifest)."""
+    return {name: manifest.resolve(path) for name, path in manifest.evaluate.detectors.items()}
 
 
 def evaluate(run: StageRun) -> dict:
@@ -76,7 +84,8 @@ def evaluate(run: StageRun) -> dict:
     manifest, layout = run.manifest, run.layout
     cfg, t = manifest.evaluate, manifest.transfer
     device = resolve_device(cfg.device)
-    inits = list(dict.fromkeys(t.init))
+    detector_files = {init: layout.transfer_checkpoint(init) for init in dict.fromkeys(t.init)}
+    detector_files.update(extra_detectors(manifest))
     started = time.time()
 
     val_path = annotation_file(manifest, "val")
@@ -111,12 +120,12 @@ def evaluate(run: StageRun) -> dict:
     results: dict = {"dataset": str(val_path), "kind": data.kind, "images": len(image_ids),
                      "classes": {"all": len(vocab), "novel": len(novel_ids)}, "detector": {}, "zero_shot": {}}
 
-    # -- transferred detectors ---------------------------------------------------------------------------
-    if inits:
+    # -- transferred detectors (ours, and those of evaluate.detectors) -------------------------------------
+    if detector_files:
         proposals = compute_proposals(rpn_proposal_fn(rpn, **rpn_args, nms_thresh=cfg.rpn_nms_thresh),
                                       data, image_ids, desc="val proposals", folder=run.stage_dir.root)
-        for init in inits:
-            detector = build_detector(manifest.teacher.arch, layout.transfer_checkpoint(init), embeddings,
+        for init, checkpoint in detector_files.items():
+            detector = build_detector(manifest.teacher.arch, checkpoint, embeddings,
                                       allow_partial=t.allow_partial, device=device, class_names=vocab.names)
             apply_test_settings(detector, cfg)
             t0 = time.time()
@@ -174,7 +183,7 @@ def evaluate(run: StageRun) -> dict:
 
 
 def metrics_files(layout: RunLayout, manifest) -> list:
-    names = ([f"detector_{i}" for i in dict.fromkeys(manifest.transfer.init)]
+    names = ([f"detector_{i}" for i in [*dict.fromkeys(manifest.transfer.init), *manifest.evaluate.detectors]]
              + [f"zeroshot_{m}_{w}" for w in manifest.evaluate.zero_shot for m in ("gt", "rpn")])
     return [layout.eval_metrics(n) for n in names] + [layout.summary_json]
 
