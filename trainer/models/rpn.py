@@ -296,7 +296,8 @@ class ProposalNetwork(nn.Module):
             with torch.autocast(image_list.tensors.device.type, enabled=False):
                 objectness = [o.float() for o in objectness]
                 deltas = [d.float() for d in deltas]
-                anchors = self.rpn.anchor_generator(image_list, features)
+                # torchvision builds anchors in the feature maps' dtype: bf16 would round them by pixels
+                anchors = self.rpn.anchor_generator(image_list, [f.float() for f in features])
                 per_level = [o[0].numel() for o in objectness]
                 objectness, deltas = concat_box_prediction_layers(objectness, deltas)
                 proposals = self.rpn.box_coder.decode(deltas, [a.float() for a in anchors]).view(len(images), -1, 4)
