@@ -206,7 +206,9 @@ def _read_tar(tar_path: Path, folder: Path, files: CorpusFiles) -> Iterator[dict
         position, data_end = 0, 0
         while True:
             stopped, data_end = _read_members(stream, position, tar_path, samples, files, data_end)
-            resume, damaged = _next_header(stream, stopped, size)
+            # No progress: tarfile refuses a header that looks valid (e.g. a broken long-name or pax
+            # header); it is part of the damage, and the search starts after it.
+            resume, damaged = _next_header(stream, stopped, size, skip_first=stopped == position)
             if resume is not None:
                 if damaged is not None:
                     problems.append((damaged[0], f"corrupt_tar: bytes {damaged[0]}-{damaged[1]} of {label} "
@@ -274,11 +276,18 @@ def _is_header(block: bytes) -> bool:
         return False
 
 
-def _next_header(stream: BinaryIO, position: int, size: int) -> tuple[Optional[int], Optional[tuple]]:
+def _next_header(stream: BinaryIO, position: int, size: int,
+                 skip_first: bool = False) -> tuple[Optional[int], Optional[tuple]]:
     """From where tarfile stopped: the offset of the next valid header (None at the end of the file) and
     the stretch (start, end) of non-zero blocks skipped on the way, if any. Zero blocks are skipped
-    quietly: the end-of-archive marker, or the gap between two concatenated tars."""
+    quietly: the end-of-archive marker, or the gap between two concatenated tars. `skip_first`: the
+    block at `position` is damaged whatever it looks like."""
     damaged_from = None
+    if skip_first and position < size:
+        stream.seek(position)
+        block = stream.read(TAR_BLOCK)
+        damaged_from = None if block.count(0) == len(block) else position
+        position += len(block)
     while position < size:
         stream.seek(position)
         block = stream.read(TAR_BLOCK)

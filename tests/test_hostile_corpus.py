@@ -202,6 +202,24 @@ def test_a_damaged_header_mid_tar_is_a_corrupt_tar_row_and_the_rest_is_read(tmp_
     assert f"bytes {header}-" in records[-1]["error_message"]
 
 
+def test_a_long_name_header_tarfile_refuses_is_skipped_not_read_forever(tmp_path, write_manifest):
+    long = "long" * 40 + "/"                             # over 100 characters: a GNU long-name header
+    tar = tmp_path / "i2d" / "00000.tar"
+    tar.parent.mkdir()
+    with tarfile.open(tar, "w", format=tarfile.GNU_FORMAT) as t:
+        for name, data in samples(1) + samples(1, long, seed=5) + samples(1, "z/", seed=9):
+            add_tar_member(t, name, data)
+    data = bytearray(tar.read_bytes())
+    real_header = data.find(b"././@LongLink") + 1024      # the header the long name belongs to
+    data[real_header + 148: real_header + 156] = b"garbage!"
+    tar.write_bytes(bytes(data))
+    with deadline(20):
+        records = shard_all(write_manifest(f"corpus: {{format: img2dataset, path: {tmp_path / 'i2d'}}}\n"))
+    got = reasons(records)
+    assert got["00000.tar:0000"] == got["00000.tar:z/0000"] == "success"
+    assert sorted(got.values()).count("corrupt_tar") == 1
+
+
 def test_same_names_in_two_tar_folders_or_two_member_folders_never_merge(tmp_path, write_manifest):
     write_tar(tmp_path / "i2d" / "a" / "00000.tar", samples(2, seed=0))
     write_tar(tmp_path / "i2d" / "b" / "00000.tar", samples(2, seed=10))
