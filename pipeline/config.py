@@ -61,7 +61,17 @@ class CorpusConfig(Section):
         None, description="input file or folder; for `synthetic`, where the world is written "
         "(default <output_dir>/synth)")
     images_root: Optional[str] = Field(
-        None, description="base folder for relative image paths (cc3m_tsv, coco_captions)")
+        None, description="base folder for relative image paths (cc3m_tsv, coco_captions); images are only "
+        "read from inside it (default: the corpus file's folder)")
+    allow_outside_root: bool = Field(
+        False, description="read image and caption files the corpus names anywhere on this machine; by default "
+        "a path (or file:// URL, or link) leading outside images_root (cc3m_tsv, coco_captions) or the corpus "
+        "folder (folder, img2dataset) is a rejected row `outside_root`")
+    max_file_bytes: int = Field(
+        50_000_000, ge=1, description="larger image files (and tar members, parquet values) are rejected rows "
+        "`too_large`, refused before they are read")
+    max_caption_bytes: int = Field(
+        65_536, ge=1, description="larger caption files and tar text members are rejected rows `caption_too_large`")
     caption_column: str = "caption"
     url_column: str = "url"
     max_rows: Optional[int] = Field(None, ge=1, description="read at most this many rows (smoke runs)")

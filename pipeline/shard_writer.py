@@ -1,9 +1,14 @@
 """Write one WebDataset shard (img2dataset conventions) from a slice of input rows.
 
 Members per sample: `{key}.jpg`, `{key}.txt` (caption), `{key}.json` (metadata). The shard's Parquet
-holds every input row, rejected ones too, with `status` and `error` (pipeline/sidecars.py), so that
-rows in = samples written + rows rejected. Files are written under temporary names and renamed; the
-`_stats.json` marker is written last.
+holds every input row, rejected ones too, with img2dataset's `status` words, a `reason` code and an
+`error_message` (pipeline/sidecars.py), so that rows in = samples written + rows rejected. Files are
+written under temporary names and renamed; the `_stats.json` marker (with img2dataset's `_stats.json`
+fields: count, successes, failed_to_download, ...) is written last.
+
+Only bad data becomes a rejected row: the errors caught are those of reading and decoding (FileRefused,
+OSError, EOFError, ImageError, UnicodeDecodeError); a MemoryError or KeyboardInterrupt stops the shard
+(no marker is written, so a rerun redoes it) rather than being counted against a row.
 """
 from __future__ import annotations
 
@@ -16,10 +21,10 @@ import pyarrow as pa
 import webdataset as wds
 
 from pipeline.images import ImageError, decode_image, encode_jpeg, resize_max_side
-from pipeline.io import atomic_path
+from pipeline.io import FileRefused, atomic_path
 from pipeline.layout import StageDir, sample_key
-from pipeline.readers import read_image_bytes
-from pipeline.sidecars import write_shard_rows
+from pipeline.readers import CorpusFiles, read_image_bytes
+from pipeline.sidecars import FAILURE_STATUSES, SUCCESS, failure_status, write_shard_rows
 from pipeline.stage import write_shard_stats
 
 # Fixed tar metadata so that a rerun writes byte-identical shards.
@@ -33,6 +38,7 @@ class ShardOptions:
     jpeg_quality: int
     max_caption_chars: int
     key_digits: int
+    files: CorpusFiles          # where image files may be read from, and how much of each
 
 
 class RowRejected(Exception):
@@ -54,7 +60,9 @@ def _caption_text(raw: bytes, max_chars: int) -> str:
 
 def _image_payload(image_ref: str, opt: ShardOptions) -> tuple[bytes, dict]:
     try:
-        data = read_image_bytes(image_ref)
+        data = read_image_bytes(image_ref, opt.files)
+    except FileRefused as err:
+        raise RowRejected(str(err)) from None
     except FileNotFoundError:
         raise RowRejected(f"missing_file: {image_ref}") from None
     except (EOFError, OSError) as err:
@@ -92,23 +100,29 @@ def write_shard(shard_id: int, rows: pa.Table, opt: ShardOptions, stage_dir: Sta
                     caption = _caption_text(row["caption"] or b"", opt.max_caption_chars)
                     payload, sizes = _image_payload(row["image_ref"], opt)
                 except RowRejected as err:
-                    reason = str(err)
-                    reasons[reason.split(":")[0]] += 1
-                    records.append({**rec, "caption": _safe_text(row["caption"]), "status": "rejected",
-                                    "error": reason})
+                    message = str(err)
+                    reason = message.split(":")[0]
+                    reasons[reason] += 1
+                    records.append({**rec, "caption": _safe_text(row["caption"]), "status": failure_status(reason),
+                                    "reason": reason, "error_message": message})
                     continue
                 digest = hashlib.sha256(payload).hexdigest()
                 meta = {"key": key, "uid": rec["uid"], "source_id": row["source_id"], "url": row["image_ref"],
-                        "caption": caption, "status": "success", "sha256": digest, **sizes}
+                        "caption": caption, "status": SUCCESS, "error_message": None, "sha256": digest, **sizes}
                 sink.write({"__key__": key, "jpg": payload, "txt": caption, "json": meta})
-                records.append({**rec, **sizes, "caption": caption, "status": "ok", "error": None,
-                                "sha256": digest, "bytes": len(payload)})
+                records.append({**rec, **sizes, "caption": caption, "status": SUCCESS, "reason": None,
+                                "error_message": None, "sha256": digest, "bytes": len(payload)})
     parquet_path = write_shard_rows(stage_dir, shard_id, records)
-    written = sum(r["status"] == "ok" for r in records)
-    counts = {"in": len(records), "written": written, "rejected": len(records) - written}
+    statuses = Counter(r["status"] for r in records)
+    counts = {"in": len(records), "written": statuses[SUCCESS], "rejected": len(records) - statuses[SUCCESS]}
+    seconds = round(time.time() - started, 3)
+    # img2dataset's _stats.json fields, so that its tools read our markers: failed_to_resize stays 0 (a
+    # resize never fails here; undecodable images count in failed_to_decode).
+    img2dataset_stats = {"count": len(records), "successes": statuses[SUCCESS], "failed_to_resize": 0,
+                         **{status: statuses[status] for status in FAILURE_STATUSES}, "duration": seconds,
+                         "status_dict": dict(sorted({SUCCESS: statuses[SUCCESS], **reasons}.items()))}
     return write_shard_stats(stage_dir, shard_id, fingerprint, counts, [tar_path, parquet_path],
-                             extra={"reasons": dict(sorted(reasons.items()))},
-                             seconds=round(time.time() - started, 3))
+                             extra=img2dataset_stats, seconds=seconds)
 
 
 def _safe_text(raw) -> str:

@@ -13,7 +13,7 @@ See docs/label.md.
 """
 from __future__ import annotations
 
-from pipeline.layout import RunLayout, shard_name
+from pipeline.layout import RunLayout, UnsafeName, inside, shard_name
 from pipeline.runner import Stage, StageRun
 from pipeline.stage import fingerprint_of
 from stages.embed import teacher_from_train_teacher
@@ -119,6 +119,14 @@ def label(run: StageRun) -> dict:
     return {**markers.summary(shard_ids), "codec": codec, "ray_nodes": sorted(nodes)}
 
 
+def _files_inside(folder, names) -> bool:
+    """Whether every file that codec.json names is in place inside the labels folder."""
+    try:
+        return all(inside(folder, name).is_file() for name in names)
+    except UnsafeName:
+        return False
+
+
 def ensure_codec(run: StageRun, job, shard_ids: list[int]) -> dict:
     """The saved codec if it was built from the same settings, else a new one (PQ: trained on a sample)."""
     from pipeline.ray_runtime import cluster_gpus, run_tasks
@@ -128,8 +136,7 @@ def ensure_codec(run: StageRun, job, shard_ids: list[int]) -> dict:
     manifest, layout, cfg = run.manifest, run.layout, run.manifest.label
     params, build_key = run.settings["codec"], _build_key(run)
     saved = read_codec_description(layout.labels.root)
-    if saved and saved.get("build_key") == build_key and all(
-            (layout.labels.root / name).is_file() for name in saved.get("sha256", {})):
+    if saved and saved.get("build_key") == build_key and _files_inside(layout.labels.root, saved.get("sha256", {})):
         return saved
     sample = None
     if cfg.codec == "pq":

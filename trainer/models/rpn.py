@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -424,7 +425,8 @@ def _torch_load(path: Path):
         raise CheckpointError(f"{path}: refused: the file pickles Python objects, and checkpoints are only "
                               f"read with torch.load(weights_only=True) ({first}). Re-save it as plain "
                               "tensors and plain data.") from None
-    except Exception as err:  # noqa: BLE001 - a corrupt or foreign file
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        # What torch.load raises for a corrupt or foreign file; a MemoryError is no property of the file.
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") \
             from None
 
