@@ -1,12 +1,15 @@
 """CLIP models: an open_clip architecture (or a model config JSON of ours) plus weights from a local file.
 
-Nothing here downloads. Weights come from a file the user put on disk, in one of three formats:
+Nothing here downloads. Weights come from a file the user put on disk, in one of these formats:
   - OpenAI's release (a TorchScript archive such as RN50.pt, or its state dict saved with torch.save),
   - a plain state dict with open_clip's key names,
-  - an open_clip training checkpoint ({"state_dict": ..., "epoch": ...}, keys maybe prefixed `module.`).
+  - an open_clip training checkpoint ({"state_dict": ..., "epoch": ...}, keys maybe prefixed `module.`),
+  - a safetensors file (what `regionclip convert-teacher` makes of a TorchScript archive).
 For ResNet CLIPs open_clip's `CLIP` class uses OpenAI's key names, so converting is prefix stripping.
-Files that are not TorchScript are read with `torch.load(weights_only=True)`: a file that pickles
-Python objects is refused, never executed.
+torch.save files are read with `torch.load(weights_only=True)`: a file that pickles Python objects is
+refused, never executed. A TorchScript archive is a program (loading it runs its code), so it is read
+only when the caller says the file is trusted (`trust_torchscript`, the manifest's
+`teacher.trust_torchscript`); `convert_torchscript` turns a trusted one, once, into safetensors.
 
     model, tokenizer = load_clip("RN50", "weights/RN50.pt")
     model, tokenizer = create_clip("RN50-tiny")          # random weights, for tests and the demo
@@ -57,6 +60,10 @@ class CheckpointError(RuntimeError):
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """The checkpoint file does not exist."""
+
+
+class TorchScriptRefusedError(CheckpointError):
+    """A TorchScript archive read without trust_torchscript."""
 
 
 class EmbeddingDimError(ValueError):
@@ -148,19 +155,52 @@ def _missing_checkpoint_message(path: Path, arch: str) -> str:
             "on your shards (train_teacher.enabled: true, teacher.checkpoint: null).")
 
 
-def read_clip_state_dict(path: PathLike) -> tuple[dict[str, torch.Tensor], str, dict]:
+def _torchscript_refusal(path: Path) -> str:
+    return (f"{path}: refused: a TorchScript archive (OpenAI's release format), and loading one runs code "
+            "from the file. Convert it once into weights that load safely from then on: "
+            "`regionclip convert-teacher MANIFEST --set teacher.trust_torchscript=true` writes "
+            f"{path.with_suffix('.safetensors').name} beside it; then set teacher.checkpoint to that file. "
+            "Or, for a file you trust, set teacher.trust_torchscript: true in the manifest to load it as it is.")
+
+
+def read_torchscript_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a TorchScript archive. torch.jit.load unpickles the archive's constants and
+    compiles its code, so this is for trusted files only (callers check trust_torchscript)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated; OpenAI's files are not
+        return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+
+
+# What convert_torchscript records in the safetensors header, so that the file reads back as the
+# format it came from (OpenAI's weights need QuickGELU).
+SAFETENSORS_SOURCE_KEY = "regionclip_source_format"
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            source = (f.metadata() or {}).get(SAFETENSORS_SOURCE_KEY, "")
+            state_dict = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})") from None
+    return state_dict, "openai-state-dict" if source.startswith("openai") else "state-dict"
+
+
+def read_clip_state_dict(path: PathLike, trust_torchscript: bool = False) -> tuple[dict[str, torch.Tensor], str, dict]:
     """The tensors of a checkpoint file, its format ('openai-torchscript', 'openai-state-dict',
     'open_clip-checkpoint' or 'state-dict') and the checkpoint's other entries (name, epoch, ...).
-    Keys come back without `module.` prefixes."""
+    Keys come back without `module.` prefixes. A TorchScript archive is refused
+    (TorchScriptRefusedError) unless `trust_torchscript`."""
     path = Path(path).expanduser()
     info: dict = {}
     if _is_torchscript_archive(path):
-        # OpenAI's release format. torch.jit.load reads TorchScript (a restricted language, no pickled
-        # Python) and nothing is run; open_clip's load_openai_model takes its state dict the same way.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated; OpenAI's files are not
-            state_dict = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
-        fmt = "openai-torchscript"
+        if not trust_torchscript:
+            raise TorchScriptRefusedError(_torchscript_refusal(path))
+        state_dict, fmt = read_torchscript_state_dict(path), "openai-torchscript"
+    elif path.suffix == ".safetensors":
+        state_dict, fmt = _read_safetensors(path)
     else:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -192,6 +232,26 @@ def read_clip_state_dict(path: PathLike) -> tuple[dict[str, torch.Tensor], str, 
     for key in _OPENAI_META_KEYS:
         state_dict.pop(key, None)
     return state_dict, fmt, info
+
+
+def convert_torchscript(source: PathLike, dest: PathLike) -> Path:
+    """Write the tensors of the trusted TorchScript archive `source` to the safetensors file `dest`
+    (atomically), unchanged: same keys, dtypes and values. The result loads with load_clip (and
+    open_clip) without running anything: safetensors holds tensors and a text header only."""
+    from safetensors.torch import save_file
+
+    source, dest = Path(source).expanduser(), Path(dest)
+    if not _is_torchscript_archive(source):
+        raise CheckpointError(f"{source}: not a TorchScript archive; it needs no conversion (it loads with "
+                              "torch.load(weights_only=True) as it is)")
+    if dest.suffix != ".safetensors":
+        raise ValueError(f"{dest}: the converted file is safetensors; name it *.safetensors")
+    # clone: safetensors refuses tensors that share storage, and the archive's may.
+    tensors = {k: v.detach().clone().contiguous() for k, v in read_torchscript_state_dict(source).items()}
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(dest) as tmp:  # a temporary file, fsync, then rename
+        save_file(tensors, str(tmp), metadata={"format": "pt", SAFETENSORS_SOURCE_KEY: "openai-torchscript"})
+    return dest
 
 
 # -- loading weights into a model --------------------------------------------------------------------
@@ -275,14 +335,16 @@ def load_fitting(model: nn.Module, state_dict: dict, report: LoadReport, name: s
 
 
 def load_clip(arch: str, checkpoint: PathLike, allow_partial: bool = False,
-              device: Union[str, torch.device] = "cpu", quick_gelu: Optional[bool] = None):
+              device: Union[str, torch.device] = "cpu", quick_gelu: Optional[bool] = None,
+              trust_torchscript: bool = False):
     """An open_clip model `arch` with weights from the local file `checkpoint`, in eval mode, and its
     tokenizer. `quick_gelu=None`: QuickGELU for OpenAI files (how OpenAI trained them) and for our
-    checkpoints that recorded it; nn.GELU otherwise."""
+    checkpoints that recorded it; nn.GELU otherwise. A TorchScript archive loads only with
+    `trust_torchscript` (the manifest's teacher.trust_torchscript)."""
     path = Path(checkpoint).expanduser()
     if not path.is_file():
         raise CheckpointNotFoundError(_missing_checkpoint_message(path, arch))
-    state_dict, fmt, info = read_clip_state_dict(path)
+    state_dict, fmt, info = read_clip_state_dict(path, trust_torchscript=trust_torchscript)
     if quick_gelu is None:
         quick_gelu = fmt.startswith("openai") or bool(info.get("quick_gelu", False))
     model, tokenizer = create_clip(arch, quick_gelu=quick_gelu)

@@ -83,11 +83,11 @@ def _freeze_bn(module: nn.Module) -> nn.Module:
 
 
 def _clip_backbone(clip_arch: str, weights: Optional[PathLike], frozen_bn: bool,
-                   trainable_layers: int) -> ClipRes4Backbone:
+                   trainable_layers: int, trust_torchscript: bool = False) -> ClipRes4Backbone:
     from trainer.models.clip import create_clip
 
     if weights is not None:
-        model, _ = load_clip(clip_arch, weights)
+        model, _ = load_clip(clip_arch, weights, trust_torchscript=trust_torchscript)
     else:
         model, _ = create_clip(clip_arch)
     backbone = ClipRes4Backbone(model.visual)
@@ -258,9 +258,11 @@ def build_rpn(backbone: str = "resnet50_fpn", backbone_weights: Optional[PathLik
               clip_arch: Optional[str] = None, anchor_sizes: Optional[Sequence[int]] = None, *,
               min_size: int = 800, max_size: int = 1333, frozen_bn: Optional[bool] = None,
               trainable_layers: Optional[int] = None, fg_iou_thresh: float = 0.7, bg_iou_thresh: float = 0.3,
-              batch_size_per_image: int = 256, positive_fraction: float = 0.5) -> ProposalNetwork:
+              batch_size_per_image: int = 256, positive_fraction: float = 0.5,
+              trust_torchscript: bool = False) -> ProposalNetwork:
     """A class-agnostic RPN. `backbone`: resnet50_fpn, resnet18_fpn or clip_res4 (needs `clip_arch`).
-    `backbone_weights`: a local file (None: random init). `anchor_sizes`: for FPN backbones one size
+    `backbone_weights`: a local file (None: random init; a TorchScript CLIP file for clip_res4 only with
+    `trust_torchscript`, see load_clip). `anchor_sizes`: for FPN backbones one size
     per level (5), for clip_res4 any sizes, all on the res4 map; 3 aspect ratios each.
     `frozen_bn` (default: frozen iff weights are given) and `trainable_layers` (default 3 with
     weights, all without) follow torchvision's resnet_fpn_backbone."""
@@ -282,7 +284,7 @@ def build_rpn(backbone: str = "resnet50_fpn", backbone_weights: Optional[PathLik
         if not clip_arch:
             raise ValueError("the clip_res4 backbone needs clip_arch (e.g. teacher.arch: RN50)")
         sizes = tuple(int(s) for s in (anchor_sizes or DEFAULT_C4_ANCHORS))
-        net = _clip_backbone(clip_arch, backbone_weights, frozen_bn, trainable_layers)
+        net = _clip_backbone(clip_arch, backbone_weights, frozen_bn, trainable_layers, trust_torchscript)
         generator = AnchorGenerator((sizes,), (ASPECT_RATIOS,))
         mean, std = CLIP_MEAN, CLIP_STD
     head = RPNHead(net.out_channels, generator.num_anchors_per_location()[0])
