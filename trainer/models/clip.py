@@ -158,8 +158,9 @@ def _missing_checkpoint_message(path: Path, arch: str) -> str:
 def _torchscript_refusal(path: Path) -> str:
     return (f"{path}: refused: a TorchScript archive (OpenAI's release format), and loading one runs code "
             "from the file. Convert it once into weights that load safely from then on: "
-            "`regionclip convert-teacher MANIFEST --set teacher.trust_torchscript=true` writes "
-            f"{path.with_suffix('.safetensors').name} beside it; then set teacher.checkpoint to that file. "
+            f"`regionclip convert-teacher MANIFEST --checkpoint {path} --set teacher.trust_torchscript=true` "
+            f"writes {path.with_suffix('.safetensors').name} beside it; then use that file instead (e.g. as "
+            "teacher.checkpoint). "
             "Or, for a file you trust, set teacher.trust_torchscript: true in the manifest to load it as it is.")
 
 
@@ -236,8 +237,8 @@ def read_clip_state_dict(path: PathLike, trust_torchscript: bool = False) -> tup
 
 def convert_torchscript(source: PathLike, dest: PathLike) -> Path:
     """Write the tensors of the trusted TorchScript archive `source` to the safetensors file `dest`
-    (atomically), unchanged: same keys, dtypes and values. The result loads with load_clip (and
-    open_clip) without running anything: safetensors holds tensors and a text header only."""
+    (atomically), unchanged: same keys, dtypes and values. The result loads with load_clip without
+    running anything: safetensors holds tensors and a text header only."""
     from safetensors.torch import save_file
 
     source, dest = Path(source).expanduser(), Path(dest)
