@@ -1,10 +1,26 @@
-# GPU image: CUDA PyTorch base, the project with its GPU extras, and a trained spaCy English pipeline.
+# The project's image: Python 3.11, PyTorch (PyPI's CUDA 12 build, which also runs on CPU), the project
+# with its GPU extras and LVIS, and a trained spaCy English pipeline. It runs as a non-root user and
+# writes runs under /app/runs, the folder to mount (README.md, "Docker"):
 #   docker build -t regionclip-pipeline .
-#   docker run --gpus all -v $PWD/runs:/app/runs regionclip-pipeline run manifests/cc3m-rn50.yaml
-FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+#   mkdir -p runs && docker run --rm --shm-size=8g -v "$PWD/runs:/app/runs" --user "$(id -u):$(id -g)" \
+#       regionclip-pipeline run manifests/demo.yaml                  # add --gpus all on a GPU machine
+FROM python:3.11-slim-bookworm
 
-ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0
+# torch and torchvision are pinned as a pair (torchvision's compiled ops match one torch); at least the
+# floors of pyproject.toml (torch 2.6: its weights_only loader is safe), which tests/test_docker.py checks.
+ARG TORCH_VERSION=2.14.1
+ARG TORCHVISION_VERSION=0.29.1
+
+ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0 \
+    MPLCONFIGDIR=/tmp/matplotlib
+
+# lvis needs OpenCV, and OpenCV needs libGL and GLib, which the slim image lacks.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libgl1 libglib2.0-0 \
+ && rm -rf /var/lib/apt/lists/*
+
 WORKDIR /app
+RUN pip install "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
 
 COPY pyproject.toml README.md ./
 COPY pipeline ./pipeline
@@ -16,6 +32,13 @@ COPY manifests ./manifests
 # en_core_web_sm is the trained parser the concepts stage prefers.
 RUN pip install ".[gpu,lvis]" \
  && python -m spacy download en_core_web_sm
+
+# Runs are written by a user of its own; manifests/demo.yaml's output_dir (../runs/demo) lands in
+# /app/runs, the mount point. `--user "$(id -u):$(id -g)"` makes the files the host user's instead.
+RUN useradd --create-home --uid 1000 regionclip \
+ && mkdir -p /app/runs && chown regionclip:regionclip /app/runs
+USER regionclip
+VOLUME ["/app/runs"]
 
 ENTRYPOINT ["regionclip"]
 CMD ["--help"]

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
 
@@ -122,8 +122,16 @@ class ModelRef(Section):
     """A CLIP model: an open_clip architecture name or one of our JSON configs, plus local weights."""
     arch: str = "RN50"
     checkpoint: Optional[str] = Field(None, description="local weights file (OpenAI TorchScript/state "
-                                      "dict or open_clip checkpoint); null: use train-teacher's output")
+                                      "dict, open_clip checkpoint or safetensors); null: use train-teacher's output")
     allow_partial: bool = False
+    # Loading a TorchScript archive runs code from the file, so the run refuses one unless told the file
+    # is trusted. Strict: only a YAML `true` switches it on (not "yes" or 1). It never changes what a
+    # stage writes (the same tensors load either way), so it is runtime-only.
+    trust_torchscript: StrictBool = Field(
+        False, description="load TorchScript CLIP files (OpenAI's RN50.pt) as they are; loading one runs "
+        "code from the file, so only for files you trust. Better: convert the file once with "
+        "`regionclip convert-teacher MANIFEST` and point checkpoint at the safetensors file it writes",
+        json_schema_extra=RUNTIME_ONLY)
 
 
 class EmbedConfig(Section):

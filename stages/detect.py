@@ -93,7 +93,8 @@ def run(manifest: RunManifest, args: argparse.Namespace) -> dict:
     arch = args.arch or manifest.teacher.arch
     clip_model = None
     if kind == "clip":
-        clip_model = load_clip(arch, checkpoint, allow_partial=manifest.teacher.allow_partial, device=device)
+        clip_model = load_clip(arch, checkpoint, allow_partial=manifest.teacher.allow_partial, device=device,
+                               trust_torchscript=manifest.teacher.trust_torchscript)
         text_model = clip_model
     else:
         payload_arch = torch.load(checkpoint, map_location="cpu", weights_only=True).get("arch") or arch

@@ -143,7 +143,8 @@ def evaluate(run: StageRun) -> dict:
                                          folder=run.stage_dir.root)
     for which in cfg.zero_shot:
         model, _ = load_clip(manifest.teacher.arch, clip_checkpoint(manifest, which),
-                             allow_partial=manifest.teacher.allow_partial, device=device)
+                             allow_partial=manifest.teacher.allow_partial, device=device,
+                             trust_torchscript=manifest.teacher.trust_torchscript)
         encoder = RegionEncoder.from_clip(model).eval()
         t0 = time.time()
         kw = dict(min_size=cfg.min_size, max_size=cfg.max_size, nms_thresh=cfg.zero_shot_nms_thresh,

@@ -85,6 +85,7 @@ def label_job(manifest, decode_threads: int = 1) -> "LabelJob":  # noqa: F821
     checkpoint = manifest.resolve(manifest.teacher.checkpoint) or layout.teacher_checkpoint
     return LabelJob(run_root=str(layout.root), teacher_arch=manifest.teacher.arch,
                     teacher_checkpoint=str(checkpoint), teacher_allow_partial=manifest.teacher.allow_partial,
+                    teacher_trust_torchscript=manifest.teacher.trust_torchscript,
                     concept_embeddings=str(layout.concept_embeddings), codec_json=str(layout.labels_codec),
                     min_size=scale["min_size"], max_size=scale["max_size"], temperature=cfg.temperature,
                     faiss_threshold=cfg.faiss_threshold, batch_size=cfg.batch_size,

@@ -27,7 +27,8 @@ def teacher_checkpoint_path(manifest: RunManifest) -> Path:
 def load_model_ref(ref: ModelRef, manifest: Optional[RunManifest] = None, fallback: Optional[Path] = None,
                    device: Union[str, torch.device] = "cpu"):
     """load_clip for a manifest's ModelRef: `ref.checkpoint` resolved against the manifest's folder;
-    when it is null, `fallback` (e.g. train-teacher's output)."""
+    when it is null, `fallback` (e.g. train-teacher's output). A TorchScript file loads only with
+    `ref.trust_torchscript`."""
     from trainer.models.clip import CheckpointNotFoundError, load_clip
 
     checkpoint = ref.checkpoint
@@ -40,7 +41,8 @@ def load_model_ref(ref: ModelRef, manifest: Optional[RunManifest] = None, fallba
             f"missing{produced}. Set teacher.checkpoint to a local weights file (e.g. OpenAI's "
             f"{ref.arch}.pt), or enable train_teacher and run `regionclip train-teacher MANIFEST`.")
     checkpoint = checkpoint or fallback
-    return load_clip(ref.arch, checkpoint, allow_partial=ref.allow_partial, device=device)
+    return load_clip(ref.arch, checkpoint, allow_partial=ref.allow_partial, device=device,
+                     trust_torchscript=ref.trust_torchscript)
 
 
 def load_teacher_clip(manifest: RunManifest, device: Union[str, torch.device] = "cpu"):

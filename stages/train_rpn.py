@@ -76,7 +76,7 @@ def train(run: StageRun) -> dict:
 
     torch.manual_seed(manifest.seed)  # the random init too: a rerun (after a kill) trains the same RPN
     model = build_rpn(cfg.backbone, weights, clip_arch, cfg.anchor_sizes, min_size=cfg.min_size,
-                      max_size=cfg.max_size)
+                      max_size=cfg.max_size, trust_torchscript=manifest.teacher.trust_torchscript)
     print(f"train-rpn: {cfg.backbone}{f' ({clip_arch})' if clip_arch else ''}, "
           f"{'weights ' + str(weights) if weights else 'from scratch'}; {len(train.images)} images, "
           f"{train.num_boxes} boxes, {cfg.epochs} epochs")

@@ -52,7 +52,8 @@ def train(run: StageRun) -> dict:
 
     torch.manual_seed(manifest.seed)  # the random init too: a rerun (after a kill) trains the same model
     if cfg.init_checkpoint:
-        model, tokenizer = load_clip(arch, manifest.resolve(cfg.init_checkpoint))
+        model, tokenizer = load_clip(arch, manifest.resolve(cfg.init_checkpoint),
+                                     trust_torchscript=manifest.teacher.trust_torchscript)
     else:
         model, tokenizer = create_clip(arch)
     heldout = list(read_image_text(heldout_tars))

@@ -113,7 +113,8 @@ def transfer(run: StageRun) -> dict:
         torch.manual_seed(cfg.seed)
         checkpoint = clip_checkpoint(manifest, init)
         detector = build_detector(manifest.teacher.arch, checkpoint, embeddings, detector_settings(manifest),
-                                  allow_partial=cfg.allow_partial, device=device, class_names=vocab.names)
+                                  allow_partial=cfg.allow_partial, device=device, class_names=vocab.names,
+                                  trust_torchscript=manifest.teacher.trust_torchscript)
         print(f"transfer[{init}]: from {checkpoint} ({cfg.steps} steps x {cfg.batch_size} images)")
         path = layout.transfer_checkpoint(init)
         report = train_detector(detector, data, vocab, proposals, train_settings(manifest),

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -254,6 +255,110 @@ def test_a_state_of_other_settings_is_not_resumed(tmp_path):
     Toy(tmp_path, steps=4, fingerprint="a").train()
     again = Toy(tmp_path, steps=4, fingerprint="b")
     assert again.train()["steps_run"] == 4
+
+
+# -- DDP: an error on one rank stops every rank ------------------------------------------------------------
+
+DDP_FAILURE_CHILD = textwrap.dedent("""
+    import sys, torch
+    sys.path.insert(0, {repo!r})
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    from torch import nn
+    from trainer.engine.device import init_distributed
+    from trainer.engine.loop import HookBase, TrainLoop
+    from trainer.engine.schedules import WarmupMultiStep
+
+    rank, world = init_distributed(torch.device("cpu"))   # gloo, from the torchrun-style variables
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(nn.Linear(4, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    class FinalMean(HookBase):   # a collective when training ends, as a final evaluation over ranks does
+        def after_train(self, loop):
+            value = torch.tensor([float(loop.step)])
+            dist.all_reduce(value)
+            print(f"rank {{loop.rank}}: the after_train all-reduce ran", flush=True)
+
+    class Step(TrainLoop):
+        def run_step(self):
+            if self.rank == 1 and self.step == 2:
+                raise ValueError(f"corrupt batch on rank {{self.rank}} at step {{self.step + 1}}")
+            loss = model(torch.randn(8, 4)).pow(2).mean()   # DDP all-reduces the gradient in backward
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            return {{"loss_mse": loss.item()}}
+
+    loop = Step("toy-ddp", model=model, optimizer=optimizer, max_steps=1000, schedule=WarmupMultiStep(0, ()),
+                rank=rank, world=world)
+    loop.register_hooks([FinalMean()])
+    loop.train()
+    print(f"rank {{rank}}: finished", flush=True)
+""")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ranks_env(world: int, timeout_s: int) -> dict:
+    return {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(world),
+            "OMP_NUM_THREADS": "1", "REGIONCLIP_DIST_TIMEOUT_S": str(timeout_s)}
+
+
+def test_an_error_on_one_rank_stops_every_rank_with_the_error_printed_once(tmp_path):
+    # Two gloo ranks as torchrun would start them, but without torchrun (which would stop rank 0
+    # itself): rank 1 raises in its third step while rank 0 waits in that step's gradient all-reduce.
+    # The timeout is 120 s, so an exit within 60 s is the loop's doing, not the timeout's.
+    script = tmp_path / "ddp_failure.py"
+    script.write_text(DDP_FAILURE_CHILD.format(repo=str(REPO)))
+    env = _ranks_env(2, timeout_s=120)
+    started = time.monotonic()
+    ranks = [subprocess.Popen([sys.executable, str(script)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    try:
+        outputs = [p.communicate(timeout=60)[0] for p in ranks]
+    finally:
+        for p in ranks:
+            p.kill()
+    seconds = time.monotonic() - started
+    print(f"\nboth ranks ended {seconds:.1f} s after starting (imports included)")
+    assert seconds < 60 and [p.returncode for p in ranks] == [1, 1], outputs
+    both = "".join(outputs)
+    assert both.count("corrupt batch on rank 1 at step 3") == 1, both            # the first error, once
+    assert "rank 1: toy-ddp at step 3 of 1000 failed" in outputs[1]
+    assert "rank 0: toy-ddp at step 3 of 1000 failed" in outputs[0]              # its all-reduce lost its peer
+    # The failed rank ran no more collectives: its hook's all-reduce would have been paired with rank 0's
+    # gradient all-reduce (different tensors), silently mixing the two.
+    assert "after_train all-reduce ran" not in both and "finished" not in both
+
+
+def test_a_rank_whose_peers_never_start_stops_at_the_timeout():
+    env = {**_ranks_env(2, timeout_s=3), "RANK": "0", "LOCAL_RANK": "0"}
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", "import torch; from trainer.engine.device import init_distributed; "
+                           "init_distributed(torch.device('cpu'))"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and time.monotonic() - started < 40
+    assert "the 2 ranks did not form a process group within 3 s (REGIONCLIP_DIST_TIMEOUT_S)" in done.stderr
+
+
+def test_the_timeout_setting_is_checked(monkeypatch):
+    from trainer.engine.device import distributed_timeout
+
+    monkeypatch.delenv("REGIONCLIP_DIST_TIMEOUT_S", raising=False)
+    assert distributed_timeout().total_seconds() == 600
+    monkeypatch.setenv("REGIONCLIP_DIST_TIMEOUT_S", "45")
+    assert distributed_timeout().total_seconds() == 45
+    for bad in ("ten", "0", "-5"):
+        monkeypatch.setenv("REGIONCLIP_DIST_TIMEOUT_S", bad)
+        with pytest.raises(ValueError, match=f"REGIONCLIP_DIST_TIMEOUT_S='{bad}'"):
+            distributed_timeout()
 
 
 # -- the four loops: killed at a seeded step, rerun ----------------------------------------------------------

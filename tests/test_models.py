@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import warnings
+import zipfile
 
 import open_clip
 import pytest
@@ -12,8 +13,9 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from pipeline.config import ModelRef
 from trainer.models.clip import (CLIP_MEAN, CLIP_STD, CheckpointError, CheckpointNotFoundError, EmbeddingDimError,
-                          MODEL_CONFIG_DIR, check_embedding_dim, create_clip, embedding_dim, load_clip,
-                          read_clip_state_dict, save_clip_checkpoint, uses_quick_gelu)
+                          MODEL_CONFIG_DIR, TorchScriptRefusedError, check_embedding_dim, create_clip, embedding_dim,
+                          load_clip, read_clip_state_dict, read_torchscript_state_dict, save_clip_checkpoint,
+                          uses_quick_gelu)
 from stages.resolve import load_model_ref
 from trainer.models.region_encoder import RegionEncoder
 
@@ -179,15 +181,92 @@ def test_open_clip_training_checkpoint_with_module_prefix_loads(tmp_path):
     assert same_weights(model, source)
 
 
-def test_torchscript_archive_loads(tmp_path):
-    # OpenAI's release format: a TorchScript archive. A scripted tiny open_clip model stands in for RN50.pt.
-    source, _ = tiny(3)
+def openai_torchscript(tmp_path, seed: int = 3):
+    """OpenAI's release format: a TorchScript archive with OpenAI's key names and float16 weights (the
+    layout of RN50.pt). A scripted tiny open_clip model stands in: for ResNet CLIPs open_clip's `CLIP`
+    class has OpenAI's key names, and convert_weights_to_lp casts the same weights OpenAI's file keeps
+    in float16 (convolutions, linear layers, attention, projections)."""
+    source, _ = tiny(seed)
+    open_clip.model.convert_weights_to_lp(source, dtype=torch.float16)
+    path = tmp_path / "RN50-tiny-script.pt"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit.script is deprecated upstream; OpenAI's files are not
-        torch.jit.script(source).save(str(tmp_path / "RN50-tiny-script.pt"))
-    model, _ = load_clip("RN50-tiny", tmp_path / "RN50-tiny-script.pt")
+        torch.jit.script(source).save(str(path))
+    return source, path
+
+
+def test_torchscript_archive_is_refused_unless_trusted(tmp_path):
+    source, path = openai_torchscript(tmp_path)
+    assert source.visual.conv1.weight.dtype == torch.float16
+    with pytest.raises(TorchScriptRefusedError) as err:
+        load_clip("RN50-tiny", path)
+    message = str(err.value)
+    assert "teacher.trust_torchscript: true" in message and "regionclip convert-teacher" in message
+    assert "RN50-tiny-script.safetensors" in message  # what convert-teacher would write
+    with pytest.raises(TorchScriptRefusedError):
+        load_model_ref(ModelRef(arch="RN50-tiny", checkpoint=str(path)))
+
+    model, _ = load_clip("RN50-tiny", path, trust_torchscript=True)
     assert model.regionclip_load_report.format == "openai-torchscript"
+    assert uses_quick_gelu(model)  # OpenAI trained with QuickGELU
+    assert same_weights(model, source)  # float16 -> float32 is exact
+    model, _ = load_model_ref(ModelRef(arch="RN50-tiny", checkpoint=str(path), trust_torchscript=True))
     assert same_weights(model, source)
+
+
+def test_torchscript_is_refused_before_the_archive_is_parsed(tmp_path):
+    # A zip laid out like a TorchScript archive whose code is not TorchScript at all: the refusal
+    # comes first (torch.jit.load would fail to compile it, after unpickling its constants).
+    path = tmp_path / "teacher.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("teacher/code/__torch__/evil.py", "import os\nos.system('touch pwned')\n")
+        archive.writestr("teacher/constants.pkl", b"not a pickle")
+    with pytest.raises(TorchScriptRefusedError, match="teacher.trust_torchscript"):
+        read_clip_state_dict(path)
+
+
+def test_convert_teacher_writes_safetensors_that_load_without_trust(tmp_path, capsys):
+    from stages.cli import main
+
+    source, script = openai_torchscript(tmp_path, seed=9)
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(f"name: t\noutput_dir: out\nteacher: {{arch: RN50-tiny, checkpoint: {script.name}}}\n")
+    out = tmp_path / "RN50-tiny-script.safetensors"
+
+    assert main(["convert-teacher", str(manifest)]) == 1  # the manifest has not said the file is trusted
+    assert "teacher.trust_torchscript: true" in capsys.readouterr().err and not out.exists()
+
+    assert main(["convert-teacher", str(manifest), "--set", "teacher.trust_torchscript=true"]) == 0
+    printed = capsys.readouterr().out
+    assert f"-> {out}" in printed and "Set teacher.checkpoint" in printed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["RN50-tiny-script.pt", "RN50-tiny-script.safetensors",
+                                                          "m.yaml"]  # no temporary left
+    # The file holds the archive's tensors unchanged: same keys, dtypes and values.
+    from safetensors.torch import load_file
+    archived = read_torchscript_state_dict(script)
+    stored = load_file(str(out))
+    assert stored.keys() == archived.keys()
+    assert all(stored[k].dtype == v.dtype and torch.equal(stored[k], v) for k, v in archived.items())
+
+    trusted, _ = load_clip("RN50-tiny", script, trust_torchscript=True)
+    converted, _ = load_clip("RN50-tiny", out)  # no trust needed
+    assert converted.regionclip_load_report.format == "openai-state-dict"
+    assert uses_quick_gelu(converted)  # read back as OpenAI's weights, like the archive
+    assert same_weights(converted, trusted) and same_weights(converted, source)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(converted.encode_image(images), trusted.encode_image(images))
+
+
+def test_trust_torchscript_is_a_strict_runtime_only_setting(write_manifest):
+    from pipeline.config import ManifestError, fingerprinted_settings
+
+    with pytest.raises(ManifestError, match="teacher.trust_torchscript"):
+        write_manifest("teacher: {trust_torchscript: 'yes'}")
+    manifest = write_manifest("teacher: {trust_torchscript: true}")
+    assert manifest.teacher.trust_torchscript is True
+    # Trusting a file changes whether it loads, never what a stage writes: no stage reruns for it.
+    assert "trust_torchscript" not in fingerprinted_settings(manifest.teacher)
 
 
 def test_missing_keys_are_refused_and_listed(tmp_path):

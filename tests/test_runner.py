@@ -36,7 +36,7 @@ RUNTIME_ONLY = {
     "proposals.num_gpus_per_actor", "proposals.num_actors", "proposals.cpus_per_actor", "label.cpus_per_actor",
     "label.num_gpus_per_actor", "label.num_actors", "label.region_index",
     "pretrain.checkpoint_every", "pretrain.device", "pretrain.resume", "pretrain.log_every",
-    "transfer.device", "evaluate.device",
+    "transfer.device", "evaluate.device", "teacher.trust_torchscript",
     "train_teacher.checkpoint_every", "train_rpn.checkpoint_every", "transfer.checkpoint_every", "transfer.num_workers",
 }
 

@@ -12,6 +12,9 @@ The loop owns the step count (`step` = steps finished; during `run_step` the ind
 running), `max_steps`, the NaN/inf guard (a non-finite loss stops the run with an error naming the
 step and the loss; the last saved state stays as it was), and SIGTERM: the signal only sets a flag,
 the ranks agree on it after the step, the state is saved and `train` returns status "interrupted".
+Under DDP an error on one rank (the NaN guard, a data error) ends that rank's process at once, after
+printing the error, without running the hooks' after_train: the other ranks' collectives then fail
+instead of waiting (trainer/engine/device.py, end_rank_after_error).
 
 The state (`save_checkpoint`) restores the whole run, torchvision-references style: step, model,
 optimizer, scaler, schedule, history, settings, and for every rank its RNG states (python, numpy, torch,
@@ -35,6 +38,7 @@ import torch.distributed as dist
 from torch import nn
 
 from trainer.engine.checkpoint import load_state, rng_state, save_state, set_rng_state
+from trainer.engine.device import end_rank_after_error
 from trainer.engine.schedules import Schedule, schedule_from_state
 
 log = logging.getLogger(__name__)
@@ -177,6 +181,10 @@ class TrainLoop:
                 if self.stopping:
                     break
             self.status = "interrupted" if self.stopping else "done"
+        except Exception:
+            if self.world > 1:  # the other ranks must not wait for this one: see end_rank_after_error
+                end_rank_after_error(f"{self.name} at step {self.step + 1} of {self.max_steps}")
+            raise
         finally:
             for h in self.hooks:
                 h.after_train(self)

@@ -4,12 +4,16 @@ Nothing here downloads. Weights come from a file the user put on disk, in one of
   - OpenAI's release (a TorchScript archive such as RN50.pt, or its state dict saved with torch.save),
   - a plain state dict with open_clip's key names,
   - an open_clip training checkpoint ({"state_dict": ..., "epoch": ...}, keys maybe prefixed `module.`),
-  - open_clip's safetensors release (`open_clip_model.safetensors`, a file ending in .safetensors),
+  - open_clip's safetensors release (`open_clip_model.safetensors`, a file ending in .safetensors), or
+    what `regionclip convert-teacher` makes of a TorchScript archive,
   - a pretrained RegionCLIP region encoder (regionclip_pretrained-cc_rn50.pth, detectron2's
     {"model": ...}; its keys are mapped by trainer/models/reference_weights.py).
 For ResNet CLIPs open_clip's `CLIP` class uses OpenAI's key names, so converting is prefix stripping.
-Files that are not TorchScript or safetensors are read with `torch.load(weights_only=True)`: a file
-that pickles Python objects is refused, never executed (safetensors holds tensors only).
+torch.save files are read with `torch.load(weights_only=True)`: a file that pickles Python objects is
+refused, never executed (safetensors holds tensors only). A TorchScript archive is a program (loading
+it runs its code), so it is read only when the caller says the file is trusted (`trust_torchscript`,
+the manifest's `teacher.trust_torchscript`); `convert_torchscript` turns a trusted one, once, into
+safetensors.
 
     model, tokenizer = load_clip("RN50", "weights/RN50.pt")
     model, tokenizer = create_clip("RN50-tiny")          # random weights, for tests and the demo
@@ -60,6 +64,10 @@ class CheckpointError(RuntimeError):
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """The checkpoint file does not exist."""
+
+
+class TorchScriptRefusedError(CheckpointError):
+    """A TorchScript archive read without trust_torchscript."""
 
 
 class EmbeddingDimError(ValueError):
@@ -151,30 +159,56 @@ def _missing_checkpoint_message(path: Path, arch: str) -> str:
             "on your shards (train_teacher.enabled: true, teacher.checkpoint: null).")
 
 
-def read_clip_state_dict(path: PathLike) -> tuple[dict[str, torch.Tensor], str, dict]:
+def _torchscript_refusal(path: Path) -> str:
+    return (f"{path}: refused: a TorchScript archive (OpenAI's release format), and loading one runs code "
+            "from the file. Convert it once into weights that load safely from then on: "
+            f"`regionclip convert-teacher MANIFEST --checkpoint {path} --set teacher.trust_torchscript=true` "
+            f"writes {path.with_suffix('.safetensors').name} beside it; then use that file instead (e.g. as "
+            "teacher.checkpoint). "
+            "Or, for a file you trust, set teacher.trust_torchscript: true in the manifest to load it as it is.")
+
+
+def read_torchscript_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a TorchScript archive. torch.jit.load unpickles the archive's constants and
+    compiles its code, so this is for trusted files only (callers check trust_torchscript)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated; OpenAI's files are not
+        return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+
+
+# What convert_torchscript records in the safetensors header, so that the file reads back as the
+# format it came from (OpenAI's weights need QuickGELU).
+SAFETENSORS_SOURCE_KEY = "regionclip_source_format"
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            source = (f.metadata() or {}).get(SAFETENSORS_SOURCE_KEY, "")
+            state_dict = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})") from None
+    return state_dict, "openai-state-dict" if source.startswith("openai") else "open_clip-safetensors"
+
+
+def read_clip_state_dict(path: PathLike, trust_torchscript: bool = False) -> tuple[dict[str, torch.Tensor], str, dict]:
     """The tensors of a checkpoint file, its format ('openai-torchscript', 'openai-state-dict',
     'open_clip-checkpoint', 'open_clip-safetensors', 'state-dict' or reference_weights'
     REFERENCE_FORMAT) and the checkpoint's other entries (name, epoch, ...). Keys come back without
-    `module.` prefixes; a RegionCLIP file's keys come back as the reference names them."""
+    `module.` prefixes; a RegionCLIP file's keys come back as the reference names them. A TorchScript
+    archive is refused (TorchScriptRefusedError) unless `trust_torchscript`."""
     from trainer.models.reference_weights import REFERENCE_FORMAT, reference_state_dict
 
     path = Path(path).expanduser()
     info: dict = {}
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            state_dict, fmt = load_file(str(path), device="cpu"), "open_clip-safetensors"
-        except (SafetensorError, OSError) as err:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
-    elif _is_torchscript_archive(path):
-        # OpenAI's release format. torch.jit.load reads TorchScript (a restricted language, no pickled
-        # Python) and nothing is run; open_clip's load_openai_model takes its state dict the same way.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated; OpenAI's files are not
-            state_dict = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
-        fmt = "openai-torchscript"
+    if _is_torchscript_archive(path):
+        if not trust_torchscript:
+            raise TorchScriptRefusedError(_torchscript_refusal(path))
+        state_dict, fmt = read_torchscript_state_dict(path), "openai-torchscript"
+    elif path.suffix == ".safetensors":
+        state_dict, fmt = _read_safetensors(path)
     else:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -204,11 +238,31 @@ def read_clip_state_dict(path: PathLike) -> tuple[dict[str, torch.Tensor], str, 
     # OpenAI's files carry hyperparameters as tensors and keep most weights in float16.
     conv1 = state_dict.get("visual.conv1.weight")
     if any(k in state_dict for k in _OPENAI_META_KEYS) or (conv1 is not None and conv1.dtype == torch.float16):
-        if fmt == "state-dict":
+        if fmt in ("state-dict", "open_clip-safetensors"):
             fmt = "openai-state-dict"
     for key in _OPENAI_META_KEYS:
         state_dict.pop(key, None)
     return state_dict, fmt, info
+
+
+def convert_torchscript(source: PathLike, dest: PathLike) -> Path:
+    """Write the tensors of the trusted TorchScript archive `source` to the safetensors file `dest`
+    (atomically), unchanged: same keys, dtypes and values. The result loads with load_clip without
+    running anything: safetensors holds tensors and a text header only."""
+    from safetensors.torch import save_file
+
+    source, dest = Path(source).expanduser(), Path(dest)
+    if not _is_torchscript_archive(source):
+        raise CheckpointError(f"{source}: not a TorchScript archive; it needs no conversion (it loads with "
+                              "torch.load(weights_only=True) as it is)")
+    if dest.suffix != ".safetensors":
+        raise ValueError(f"{dest}: the converted file is safetensors; name it *.safetensors")
+    # clone: safetensors refuses tensors that share storage, and the archive's may.
+    tensors = {k: v.detach().clone().contiguous() for k, v in read_torchscript_state_dict(source).items()}
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(dest) as tmp:  # a temporary file, fsync, then rename
+        save_file(tensors, str(tmp), metadata={"format": "pt", SAFETENSORS_SOURCE_KEY: "openai-torchscript"})
+    return dest
 
 
 # -- loading weights into a model --------------------------------------------------------------------
@@ -292,16 +346,18 @@ def load_fitting(model: nn.Module, state_dict: dict, report: LoadReport, name: s
 
 
 def load_clip(arch: str, checkpoint: PathLike, allow_partial: bool = False,
-              device: Union[str, torch.device] = "cpu", quick_gelu: Optional[bool] = None):
+              device: Union[str, torch.device] = "cpu", quick_gelu: Optional[bool] = None,
+              trust_torchscript: bool = False):
     """An open_clip model `arch` with weights from the local file `checkpoint`, in eval mode, and its
     tokenizer. `quick_gelu=None`: QuickGELU for OpenAI files (how OpenAI trained them), RegionCLIP's
-    files (OpenAI's text encoder) and our checkpoints that recorded it; nn.GELU otherwise."""
+    files (OpenAI's text encoder) and our checkpoints that recorded it; nn.GELU otherwise. A TorchScript
+    archive loads only with `trust_torchscript` (the manifest's teacher.trust_torchscript)."""
     path = Path(checkpoint).expanduser()
     if not path.is_file():
         raise CheckpointNotFoundError(_missing_checkpoint_message(path, arch))
     from trainer.models.reference_weights import REFERENCE_FORMAT, load_region_encoder_weights
 
-    state_dict, fmt, info = read_clip_state_dict(path)
+    state_dict, fmt, info = read_clip_state_dict(path, trust_torchscript=trust_torchscript)
     if quick_gelu is None:   # RegionCLIP keeps OpenAI's text encoder (QuickGELU) frozen
         quick_gelu = fmt.startswith("openai") or fmt == REFERENCE_FORMAT or bool(info.get("quick_gelu", False))
     model, tokenizer = create_clip(arch, quick_gelu=quick_gelu)

@@ -425,10 +425,11 @@ def load_detector_state(detector: OpenVocabDetector, state_dict: dict, source: s
 def build_detector(arch: str, checkpoint: Union[str, os.PathLike], class_embeddings,
                    settings: Optional[DetectorSettings] = None, allow_partial: bool = False,
                    device: Union[str, torch.device] = "cpu",
-                   class_names: Optional[Sequence[str]] = None) -> OpenVocabDetector:
+                   class_names: Optional[Sequence[str]] = None, trust_torchscript: bool = False) -> OpenVocabDetector:
     """A detector from a detector checkpoint (exact key match required: save_detector's, or a
     transferred RegionCLIP detector, reference_weights.py) or a CLIP checkpoint (teacher, pretrain
-    student: the visual tower initialises the backbone and box head, the box regressor is new).
+    student: the visual tower initialises the backbone and box head, the box regressor is new; a
+    TorchScript one only with `trust_torchscript`, see load_clip).
 
     `settings` None: the detector checkpoint's own settings (default settings for a CLIP checkpoint or
     a RegionCLIP detector)."""
@@ -452,7 +453,7 @@ def build_detector(arch: str, checkpoint: Union[str, os.PathLike], class_embeddi
             detector = OpenVocabDetector(model.visual, class_embeddings, settings, arch=saved_arch)
             load_detector_state(detector, payload["state_dict"], str(path), allow_partial)
     else:
-        model, _ = load_clip(arch, path, allow_partial=allow_partial)
+        model, _ = load_clip(arch, path, allow_partial=allow_partial, trust_torchscript=trust_torchscript)
         detector = OpenVocabDetector(model.visual, class_embeddings, settings, arch=arch)
     if class_names is not None:
         detector.class_names = list(class_names)

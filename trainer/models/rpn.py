@@ -161,11 +161,11 @@ def _freeze_bn(module: nn.Module) -> nn.Module:
 
 
 def _clip_backbone(clip_arch: str, weights: Optional[PathLike], frozen_bn: bool,
-                   trainable_layers: int) -> ClipRes4Backbone:
+                   trainable_layers: int, trust_torchscript: bool = False) -> ClipRes4Backbone:
     from trainer.models.clip import create_clip
 
     if weights is not None:
-        model, _ = load_clip(clip_arch, weights)
+        model, _ = load_clip(clip_arch, weights, trust_torchscript=trust_torchscript)
     else:
         model, _ = create_clip(clip_arch)
     backbone = ClipRes4Backbone(model.visual)
@@ -345,9 +345,10 @@ def build_rpn(backbone: str = "resnet50_fpn", backbone_weights: Optional[PathLik
               batch_size_per_image: int = 256, positive_fraction: float = 0.5,
               stride_in_1x1: bool = False, anchor_layout: str = "torchvision",
               pixel_mean: Optional[Sequence[float]] = None, pixel_std: Optional[Sequence[float]] = None,
-              fpn_norm: bool = False, head_convs: int = 1) -> ProposalNetwork:
+              fpn_norm: bool = False, head_convs: int = 1, trust_torchscript: bool = False) -> ProposalNetwork:
     """A class-agnostic RPN. `backbone`: resnet50_fpn, resnet18_fpn, resnet50_c4 or clip_res4 (needs
-    `clip_arch`). `backbone_weights`: a local file (None: random init). `anchor_sizes`: for FPN backbones
+    `clip_arch`). `backbone_weights`: a local file (None: random init; a TorchScript CLIP file for
+    clip_res4 only with `trust_torchscript`, see load_clip). `anchor_sizes`: for FPN backbones
     one size per level (5), for one-level backbones any sizes, all on the stride-16 map; 3 aspect ratios
     each. `frozen_bn` (default: frozen iff weights are given) and `trainable_layers` (default 3 with
     weights, all without) follow torchvision's resnet_fpn_backbone.
@@ -379,7 +380,7 @@ def build_rpn(backbone: str = "resnet50_fpn", backbone_weights: Optional[PathLik
             raise ValueError("the clip_res4 backbone needs clip_arch (e.g. teacher.arch: RN50)")
         sizes = tuple(int(s) for s in (anchor_sizes or DEFAULT_C4_ANCHORS))
         if backbone == "clip_res4":
-            net = _clip_backbone(clip_arch, backbone_weights, frozen_bn, trainable_layers)
+            net = _clip_backbone(clip_arch, backbone_weights, frozen_bn, trainable_layers, trust_torchscript)
         else:
             net = _resnet_c4_backbone(frozen_bn, trainable_layers)
         level_sizes, strides = (sizes,), (C4_STRIDE,)

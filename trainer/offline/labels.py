@@ -238,6 +238,7 @@ class LabelJob:
     teacher_arch: str
     teacher_checkpoint: str
     teacher_allow_partial: bool
+    teacher_trust_torchscript: bool = False   # teacher.trust_torchscript: may a TorchScript teacher load?
     concept_embeddings: str
     codec_json: str
     min_size: int
@@ -255,7 +256,8 @@ class LabelJob:
 def load_teacher(job: LabelJob, device: str | torch.device = "auto") -> Teacher:
     from trainer.models.clip import load_clip
 
-    model, _ = load_clip(job.teacher_arch, job.teacher_checkpoint, allow_partial=job.teacher_allow_partial)
+    model, _ = load_clip(job.teacher_arch, job.teacher_checkpoint, allow_partial=job.teacher_allow_partial,
+                         trust_torchscript=job.teacher_trust_torchscript)
     return Teacher(model, np.load(job.concept_embeddings), min_size=job.min_size, max_size=job.max_size,
                    temperature=job.temperature, faiss_threshold=job.faiss_threshold, device=device,
                    precision=job.precision)
