@@ -273,7 +273,8 @@ def test_two_ranks_match_one_process(tmp_path):
     single = _trainer(w, tmp_path / "single", steps=1, batch_size=8, loss_region_concept=0.0, resume="never")
     s = single.train(batches=iter([union]))
     one, two = s["history"][0], ddp_history[0]
-    # distill: mean over regions (equal counts per rank); image-caption: over the gathered global batch
+    # distill: mean over kept regions (6 concepts: max prob >= 1/6 > 0.1 keeps all, equal counts per rank);
+    # image-caption: over the gathered global batch
     print("\n2 ranks (gloo) vs 1 process, first step: " + ", ".join(
         f"{k} {two[k]:.6f} vs {one[k]:.6f}" for k in ("loss_distill", "loss_image_caption")))
     for k in ("loss_distill", "loss_image_caption"):

@@ -246,7 +246,7 @@ class PretrainTrainer(TrainLoop):
         if captions.shape[1] != self.encoder.output_dim:
             check_embedding_dim(self.encoder.output_dim, captions.shape[1], "caption embeddings", self.arch or "")
         return {"region_concept": region_concept_loss(s_logits, labels, keep),
-                "distill": distillation_loss(s_logits, t_logits),
+                "distill": distillation_loss(s_logits, t_logits, keep),
                 "image_caption": image_caption_loss(gather_with_grad(images), gather_with_grad(captions),
                                                     cfg.temperature)}
 
