@@ -11,20 +11,21 @@ from __future__ import annotations
 from pipeline.runner import Stage, StageRun
 
 
-def rpn_from_train_rpn(manifest) -> bool:
-    """Whether the RPN is train-rpn's output (proposals.checkpoint null, train-rpn on)."""
-    return manifest.proposals.checkpoint is None and manifest.train_rpn.enabled
+def rpn_from_train_rpn(manifest, purpose: str) -> bool:
+    """Whether the RPN of `purpose` (pipeline.config.RPN_PURPOSES) is train-rpn's output (no checkpoint
+    set for it, train-rpn on)."""
+    return manifest.rpn_checkpoint(purpose) is None and manifest.train_rpn.enabled
 
 
 def reads(manifest) -> tuple[str, ...]:
-    return ("shard",) + (("train-rpn",) if rpn_from_train_rpn(manifest) else ())
+    return ("shard",) + (("train-rpn",) if rpn_from_train_rpn(manifest, "proposals") else ())
 
 
 def rpn_checksum(run: StageRun) -> dict:
     from pipeline.io import sha256_file
     from stages.resolve import rpn_checkpoint_path
 
-    checkpoint = run.memo["checkpoint"] = rpn_checkpoint_path(run.manifest)
+    checkpoint = run.memo["checkpoint"] = rpn_checkpoint_path(run.manifest, "proposals")
     return {"checkpoint": {"sha256": sha256_file(checkpoint)}}  # content, not path: runs move
 
 

@@ -3,6 +3,7 @@ Tiny random CLIPs, a stand-in RPN, a tiny synthetic world."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import warnings
@@ -246,7 +247,7 @@ evaluate: {min_size: 96, max_size: 128, proposals_per_image: 48}
 
 
 @pytest.mark.slow
-def test_transfer_evaluate_detect_on_a_tiny_world(write_manifest, monkeypatch, tmp_path):
+def test_transfer_evaluate_detect_on_a_tiny_world(write_manifest, monkeypatch, tmp_path, caplog):
     import stages.resolve
     from pipeline.io import write_json
     from pipeline.layout import RunLayout
@@ -260,7 +261,9 @@ def test_transfer_evaluate_detect_on_a_tiny_world(write_manifest, monkeypatch, t
     save_tiny_clip(layout.student_checkpoint, seed=1)    # stands in for pretrain's output
     write_json(layout.stage("pretrain").manifest, {"stage": "pretrain", "status": "done", "fingerprint": "test"})
     rpn = StandInRPN()
-    monkeypatch.setattr(stages.resolve, "load_frozen_rpn", lambda m, device="cpu": rpn)
+    purposes = []          # which RPN each stage asks for (transfer, evaluate and detect)
+    monkeypatch.setattr(stages.resolve, "load_frozen_rpn",
+                        lambda m, purpose, device="cpu": purposes.append(purpose) or rpn)
 
     first = transfer.run(manifest)
     assert set(first["detectors"]) == {"teacher", "pretrain"}
@@ -272,10 +275,19 @@ def test_transfer_evaluate_detect_on_a_tiny_world(write_manifest, monkeypatch, t
         assert layout.transfer_checkpoint(init).with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     again = transfer.run(manifest)                   # up to date: nothing retrained
     assert again["detectors"]["teacher"]["seconds"] == first["detectors"]["teacher"]["seconds"]
+    assert purposes == ["transfer"]
 
     (layout.summary_json.parent).mkdir(parents=True, exist_ok=True)
     layout.summary_json.write_text(json.dumps({"demo_table": {"kept": True}}))
-    result = evaluate.run(manifest)["results"]
+    # An RPN that trained on boxes of every category (novel ones too): evaluate says so, naming them.
+    world = json.loads((layout.synth / "instances_val.json").read_text())["categories"]
+    rpn.training_categories = [c["name"] for c in world]
+    novel = sorted(c["name"] for c in world if c["split"] == "novel")
+    with caplog.at_level(logging.WARNING, logger="stages.evaluate"):
+        result = evaluate.run(manifest)["results"]
+    assert purposes == ["transfer", "transfer"]      # one file serves detectors and zero-shot: loaded once
+    warned = [r.getMessage() for r in caplog.records if "evaluation-novel" in r.getMessage()]
+    assert len(warned) == 1 and all(name in warned[0] for name in novel), warned
     summary = json.loads(layout.summary_json.read_text())
     assert summary["demo_table"] == {"kept": True}
     assert set(summary["evaluate"]["detector"]) == {"teacher", "pretrain"}
@@ -305,3 +317,4 @@ def test_transfer_evaluate_detect_on_a_tiny_world(write_manifest, monkeypatch, t
     assert code == 0
     report = json.loads((out / "zs" / "detections.json").read_text())
     assert report["kind"] == "clip" and all(d["label"] in ("sun", "car") for d in report["images"][0]["detections"])
+    assert purposes[2:] == ["transfer", "zero_shot"]   # detect: a detector's RPN, then zero-shot's

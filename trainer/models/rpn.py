@@ -160,6 +160,9 @@ class ProposalNetwork(nn.Module):
         self.backbone = backbone
         self.rpn = rpn
         self.config = dict(config)
+        # Names of the categories whose boxes it trained on, when its checkpoint records them (train-rpn's
+        # do); evaluate warns when they include evaluation-novel classes.
+        self.training_categories: Optional[list[str]] = None
 
     def _features(self, tensors: Tensor) -> "OrderedDict[str, Tensor]":
         features = self.backbone(tensors)
@@ -321,8 +324,9 @@ def _torch_load(path: Path):
 
 
 def save_rpn_checkpoint(model: ProposalNetwork, path: PathLike, recall: Optional[dict] = None,
-                        **config) -> Path:
-    """Write {"state_dict", "config" (the build args, updated by `config`), "recall"} atomically.
+                        training_categories: Optional[Sequence[str]] = None, **config) -> Path:
+    """Write {"state_dict", "config" (the build args, updated by `config`), "recall",
+    "training_categories" (names of the categories whose boxes it trained on)} atomically.
     Values must be plain data: the file is read back with weights_only=True."""
     model = getattr(model, "module", model)
     cfg = {**model.config, **config}
@@ -331,7 +335,9 @@ def save_rpn_checkpoint(model: ProposalNetwork, path: PathLike, recall: Optional
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:  # a temporary file, fsync, then rename
-        torch.save({"state_dict": state, "config": cfg, "recall": recall}, tmp)
+        torch.save({"state_dict": state, "config": cfg, "recall": recall,
+                    "training_categories": list(training_categories) if training_categories is not None else None},
+                   tmp)
     return path
 
 
@@ -357,6 +363,7 @@ def load_rpn(path: PathLike, device: Union[str, torch.device] = "cpu") -> Propos
         raise CheckpointError(f"{path}: the weights do not fit the RPN its config describes ({err})") from None
     model.config.update(cfg)
     model.recall = obj.get("recall")
+    model.training_categories = obj.get("training_categories")
     return model.to(device).eval()
 
 
