@@ -306,13 +306,16 @@ class EvaluateConfig(Section):
     """Evaluation of the transferred detectors and zero-shot inference (REFERENCE §6-7)."""
     score_threshold: float = 0.001
     detections_per_image: int = 100
-    objectness: Literal["sigmoid", "raw"] = Field("sigmoid", description="zero-shot RPN score: "
-                                                  "sqrt(p * sigmoid(logit)); raw: the reference's logit")
+    objectness: Literal["sigmoid", "raw"] = Field("sigmoid", description="how the RPN's objectness enters "
+                                                  "a score (zero-shot RPN boxes, multiply_rpn_score): "
+                                                  "sqrt(p * sigmoid(logit)); raw: sqrt(p * logit), the "
+                                                  "reference's form (negative logits dropped, scores may "
+                                                  "exceed 1)")
     min_size: int = Field(800, ge=32, description="test-time short side (detector and zero-shot)")
     max_size: int = Field(1333, ge=32)
     soft_nms_sigma: float = Field(0.5, gt=0)
     multiply_rpn_score: bool = Field(False, description="RegionCLIP's MULTIPLY_RPN_SCORE: a detection "
-                                     "scores sqrt(p * sigmoid(RPN objectness))")
+                                     "scores sqrt(p * objectness), objectness as `objectness` says")
     proposals_per_image: int = Field(1000, ge=1, description="RPN post-NMS top-n at test time")
     rpn_nms_thresh: float = Field(0.7, gt=0, le=1, description="RPN NMS for the detector's proposals")
     zero_shot_rpn_checkpoint: Optional[str] = Field(None, description="the RPN of zero-shot inference "

@@ -44,7 +44,7 @@ def data_models_and_tests(run: StageRun) -> dict:
             "ensemble": manifest.embed.ensemble,
             "test": {"min_size": e.min_size, "max_size": e.max_size, "score_threshold": e.score_threshold,
                      "detections_per_image": e.detections_per_image, "soft_nms_sigma": e.soft_nms_sigma,
-                     "multiply_rpn_score": e.multiply_rpn_score},
+                     "multiply_rpn_score": e.multiply_rpn_score, "objectness": e.objectness},
             "annotations": sha256_file(annotation_file(manifest, "train")),
             "rpn_checkpoint": sha256_file(rpn) if rpn.is_file() else "missing",
             "init_checkpoints": {init: sha256_file(clip_checkpoint(manifest, init))

@@ -14,8 +14,8 @@ from torchvision.ops import box_iou
 
 from tests.detection_helpers import StandInRPN, save_tiny_clip, text_embeddings, tiny_clip
 from trainer.models.clip import CheckpointError, EmbeddingDimError
-from trainer.models.detector import (DetectorSettings, OpenVocabDetector, build_detector, save_detector,
-                              select_detections, soft_nms)
+from trainer.models.detector import (DetectorSettings, OpenVocabDetector, build_detector, rpn_weighted_scores,
+                                     save_detector, select_detections, soft_nms)
 
 SMALL = DetectorSettings(min_sizes=(64, 96), max_size=128, test_min_size=96, test_max_size=128,
                          rois_per_image=32)
@@ -157,6 +157,49 @@ def test_multiply_rpn_score_ranks_by_objectness():
         expected = torch.sqrt(plain["scores"] * torch.sigmoid(torch.tensor(logit)))
         assert torch.allclose(found["scores"], expected, atol=1e-6)
     assert torch.equal(detector.detect([image], [box])[0]["scores"], plain["scores"])   # no objectness given
+
+
+def test_rpn_weighted_scores_raw_and_sigmoid_forms():
+    probs = torch.tensor([[0.64, 0.25]])
+    # raw (the reference's sqrt(p * logit)): logit 2.25 -> sqrt(1.44) = 1.2 (above 1) and sqrt(0.5625) = 0.75;
+    # logit 0.04 -> sqrt(0.0256) = 0.16, sqrt(0.01) = 0.1; logit -1 -> NaN in the reference (dropped): -1 here
+    raw = rpn_weighted_scores(probs.expand(3, 2), torch.tensor([2.25, 0.04, -1.0]), "raw")
+    assert torch.allclose(raw, torch.tensor([[1.2, 0.75], [0.16, 0.1], [-1.0, -1.0]]), atol=1e-6)
+    # sigmoid: logit 0 -> o = 0.5: sqrt(0.32) = 0.565685, sqrt(0.125) = 0.353553;
+    # logit ln 3 -> o = 0.75: sqrt(0.48) = 0.692820, sqrt(0.1875) = 0.433013
+    sig = rpn_weighted_scores(probs.expand(2, 2), torch.tensor([0.0, math.log(3.0)]), "sigmoid")
+    assert torch.allclose(sig, torch.tensor([[0.565685, 0.353553], [0.692820, 0.433013]]), atol=1e-6)
+    with pytest.raises(ValueError, match="objectness mode"):
+        rpn_weighted_scores(probs, torch.tensor([1.0]), "softplus")
+
+
+def test_multiply_rpn_score_raw_form_in_the_detector():
+    """settings.objectness = raw: sqrt(p * logit); a proposal with a negative logit yields no detection."""
+    detector, _, _ = make_detector(settings=DetectorSettings(
+        **{**SMALL.__dict__, "nms": "hard", "score_threshold": 0.0, "detections_per_image": 100}))
+    detector.eval()
+    image, box = torch.rand(3, 96, 96), torch.tensor([[10.0, 10, 60, 60]])
+    plain = detector.detect([image], [box])[0]
+    detector.settings.multiply_rpn_score, detector.settings.objectness = True, "raw"
+    found = detector.detect([image], [box], [torch.tensor([2.25])])[0]
+    assert found["labels"].tolist() == plain["labels"].tolist()
+    assert torch.allclose(found["scores"], 1.5 * torch.sqrt(plain["scores"]), atol=1e-6)   # sqrt(2.25) = 1.5
+    assert len(detector.detect([image], [box], [torch.tensor([-2.0])])[0]["scores"]) == 0
+
+
+def test_lvis_manifest_runs_the_reference_settings():
+    from pipeline.config import load_manifest
+    from stages.resolve import detector_settings, train_settings
+    from tests.conftest import REPO
+
+    manifest = load_manifest(REPO / "manifests" / "lvis.yaml")
+    train = train_settings(manifest)
+    assert (train.steps, train.lr_steps, train.warmup_steps) == (180000, [120000, 160000], 5000)
+    assert train.repeat_factor_threshold == 0.001
+    test = detector_settings(manifest)
+    assert (test.score_threshold, test.detections_per_image) == (0.02, 300)
+    assert test.multiply_rpn_score and test.objectness == "raw" and test.nms == "soft"
+    assert (test.focal_gamma, test.background_weight) == (None, 0.8)
 
 
 def test_classifier_is_cosine_over_temperature_with_zero_background():
