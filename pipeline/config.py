@@ -251,7 +251,7 @@ class PretrainConfig(Section):
 
 
 class TransferConfig(Section):
-    """Detector transfer (REFERENCE §6): a C4 detector trained on base classes, one per initialisation."""
+    """Detector transfer (docs/method.md §6): a C4 detector trained on base classes, one per initialisation."""
     init: list[Literal["pretrain", "teacher"]] = Field(
         default_factory=lambda: ["pretrain"], description="initialisations to train: pretrain (the "
         "student checkpoint), teacher (the plain CLIP baseline); a name or a list")
@@ -303,7 +303,7 @@ class TransferConfig(Section):
 
 
 class EvaluateConfig(Section):
-    """Evaluation of the transferred detectors and zero-shot inference (REFERENCE §6-7)."""
+    """Evaluation of the transferred detectors and zero-shot inference (docs/method.md §6-7)."""
     score_threshold: float = 0.001
     detections_per_image: int = 100
     objectness: Literal["sigmoid", "raw"] = Field("sigmoid", description="how the RPN's objectness enters "

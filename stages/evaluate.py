@@ -1,5 +1,5 @@
 """Stage `evaluate`: the transferred detectors and zero-shot inference on the evaluation set
-(REFERENCE §6-7), with the all-class vocabulary (base + novel: the classifier is swapped, nothing else).
+(docs/method.md §6-7), with the all-class vocabulary (base + novel: the classifier is swapped, nothing else).
 
     data      transfer.val_annotations (default: the synthetic world's instances_val.json, all classes)
     detectors checkpoints/transfer/detector_<init>.pt for each of transfer.init; proposals (NMS 0.7) of

@@ -1,4 +1,4 @@
-"""Stage `pretrain`: the student region encoder from the shards and their sidecars (REFERENCE §4-5).
+"""Stage `pretrain`: the student region encoder from the shards and their sidecars (docs/method.md §4-5).
 
     student init   teacher CLIP (teacher.checkpoint, or train-teacher's output)
     data           shards/*.tar + proposals/ + labels/ (+ codec) + concepts/caption_embeddings/

@@ -1,4 +1,4 @@
-"""Stage `proposals`: the frozen class-agnostic RPN over every written shard image (REFERENCE §2).
+"""Stage `proposals`: the frozen class-agnostic RPN over every written shard image (docs/method.md §2).
 
 Canonical scale (proposals.min_size / max_size, paper: 800 / 1333), top post_nms_top_n boxes (300)
 after NMS (0.5), with objectness logits, in original-image pixels -> proposals/NNNNN.parquet

@@ -1,4 +1,4 @@
-"""Stage `transfer`: open-vocabulary detector transfer on base classes (REFERENCE §6).
+"""Stage `transfer`: open-vocabulary detector transfer on base classes (docs/method.md §6).
 
     data      transfer.annotations (default: the synthetic world's instances_train.json, base boxes only)
     classes   the base categories of that file, embedded by the teacher's text encoder (81 templates)

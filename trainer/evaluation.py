@@ -1,5 +1,5 @@
 """Evaluation: COCO-style box AP (pycocotools) split by novel / base / all categories, LVIS AP
-(the LVIS API), zero-shot inference with ground-truth or RPN boxes (REFERENCE §7), zero-shot region
+(the LVIS API), zero-shot inference with ground-truth or RPN boxes (docs/method.md §7), zero-shot region
 recognition, and pictures of detections.
 
 Detections everywhere are COCO results: {"image_id", "category_id", "bbox": [x, y, w, h], "score"}.
@@ -172,7 +172,7 @@ def zero_shot_detect(encoder: RegionEncoder, image: Optional[torch.Tensor], boxe
                      temperature: float = 0.01, nms_thresh: float = 0.5, score_threshold: float = 0.001,
                      detections_per_image: int = 100, chunk: int = 256,
                      features: Optional[tuple] = None) -> dict:
-    """REFERENCE §7: boxes are used as they are (GT boxes, or RPN boxes: no box deltas); each box is
+    """docs/method.md §7: boxes are used as they are (GT boxes, or RPN boxes: no box deltas); each box is
     classified over the vocabulary (softmax of cos / T, no background); score = p_c for GT boxes and
     sqrt(p_c * objectness) for RPN boxes (rpn_weighted_scores), with objectness = sigmoid(logit)
     (default) or the raw logit (`raw`, the reference's form: negative logits are dropped); per-class

@@ -1,4 +1,4 @@
-"""RegionCLIP's pretraining losses (REFERENCE §5) as pure functions of tensors.
+"""RegionCLIP's pretraining losses (docs/method.md §5) as pure functions of tensors.
 
 All three take *unnormalised* embeddings and normalise them here; logits are computed in float32
 whatever the autocast dtype. Temperature 0.01 is the reference's fixed value.

@@ -1,4 +1,4 @@
-"""The open-vocabulary C4 detector (REFERENCE §6) on torchvision's detection parts.
+"""The open-vocabulary C4 detector (docs/method.md §6) on torchvision's detection parts.
 
     image -> resize (short side, long-side cap) -> CLIP normalisation -> pad to 32
           -> region encoder stem..res4 (the backbone, stem and res2 frozen, every BatchNorm frozen)

@@ -1,4 +1,4 @@
-"""A class-agnostic region proposal network from torchvision's detection parts (REFERENCE §2).
+"""A class-agnostic region proposal network from torchvision's detection parts (docs/method.md §2).
 
     model = build_rpn("resnet50_fpn", backbone_weights="weights/resnet50.pth")   # or None: scratch
     model = build_rpn("clip_res4", clip_arch="RN50-tiny", backbone_weights="teacher.pt")
@@ -199,7 +199,7 @@ class ProposalNetwork(nn.Module):
                 min_box_size: float = 0.0) -> list[tuple[Tensor, Tensor]]:
         """Proposals for images [3, H, W] float in 0..1 (any sizes): one (boxes [N, 4] float32 x1y1x2y2
         in the input image's pixels, objectness logits [N]) per image, ordered by objectness, N at
-        most post_nms_top_n. REFERENCE §2: top 1000 per level before NMS 0.5, 300 after, min size 0."""
+        most post_nms_top_n. docs/method.md §2: top 1000 per level before NMS 0.5, 300 after, min size 0."""
         was_training = self.training
         self.eval()
         saved = (self.transform.min_size, self.transform.max_size)

@@ -1,4 +1,4 @@
-"""The lean streaming pretraining task (REFERENCE §4-5) on the training engine (trainer/engine/loop.py).
+"""The lean streaming pretraining task (docs/method.md §4-5) on the training engine (trainer/engine/loop.py).
 
     trainer = PretrainTrainer(cfg, clip_model, concept_embeddings, sources=..., codec=..., paths=...)
     summary = trainer.train()            # resumes from paths.state when cfg.resume == "auto"
