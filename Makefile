@@ -30,7 +30,9 @@ test: $(VENV)/.test-extras
 test-fast: $(VENV)/.test-extras
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
-bench: venv
+# Every quick figure, measured now into bench/results/latest.md (the demo's run feeds the scripts that read
+# a trained teacher and RPN; it is reused when already complete). Take it on a quiet machine.
+bench: demo
 	$(BIN)/python bench/report.py
 
 clean:

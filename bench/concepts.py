@@ -30,7 +30,7 @@ import pipeline.concepts as pc  # noqa: E402
 from pipeline.config import ConceptsConfig, RayConfig, load_manifest  # noqa: E402
 from pipeline.layout import StageDir, sample_key  # noqa: E402
 from pipeline.ray_runtime import init_ray, run_tasks  # noqa: E402
-from pipeline.sidecars import read_caption_nouns, write_shard_rows  # noqa: E402
+from pipeline.sidecars import SUCCESS, read_caption_nouns, write_shard_rows  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,7 +96,7 @@ def main() -> None:
         shards = StageDir(tmp / "shards")
         for s in range(args.shards):
             chunk = corpus[s * per_shard:(s + 1) * per_shard]
-            write_shard_rows(shards, s, [{"key": sample_key(s, i, 6), "caption": caption, "status": "ok"}
+            write_shard_rows(shards, s, [{"key": sample_key(s, i, 6), "caption": caption, "status": SUCCESS}
                                          for i, caption in enumerate(chunk)])
         pc._cached_parser(cfg_json)                         # parser load is not part of the loop
         started = time.perf_counter()

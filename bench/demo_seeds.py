@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+LONG = True     # an hour or more: bench/report.py runs it only with --full or --only
+
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(REPO))

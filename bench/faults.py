@@ -29,6 +29,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from tests.faultkit import all_stages, kill_and_resume, world_manifest  # noqa: E402
 
+LONG = True     # an hour or more: bench/report.py runs it only with --full or --only
+
 ALL_STAGES = all_stages()
 
 

@@ -1,7 +1,7 @@
 """Peak memory against shard (or dataset) size: the same number of images, shards 10x larger.
 
-    .venv/bin/python bench/memory.py                      # pretrain and transfer, 200 images
-    .venv/bin/python bench/memory.py --images 2000 --size 640x480 --stages pretrain
+    .venv/bin/python bench/memory.py                      # every stage, 200 images
+    .venv/bin/python bench/memory.py --images 2000 --size 1333x1000 --stages label
 
 Each stage runs twice in a child process, once on small shards (`--small-shard` images each; for
 transfer: a detection set of that many images) and once on shards `--factor` times larger with the
@@ -17,12 +17,14 @@ its process tree (the stage, its loader workers) is read from /proc every 20 ms:
     counts the pages it shares with its parent, which would hide its growth).
 A ratio large/small near 1.0 means memory does not depend on shard size (goal <= 1.15).
 
-A stage is one entry of STAGES: (prepare the input for one shard size, run the stage on it); label and
-proposals belong here as entries too. Figures, never pass/fail. Last line: one JSON object.
+A stage is one entry of STAGES: (prepare the input for one shard size, run the stage on it). proposals
+and label run as stages with a local Ray; their tree includes Ray's daemons, and the largest process is
+the actor. Figures, never pass/fail. Last line: one JSON object.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -119,7 +121,48 @@ def run_transfer(root: Path, args) -> dict:
     return {"train_images": len(proposals), "steps": args.steps}
 
 
-STAGES = {"pretrain": (prepare_pretrain, run_pretrain), "transfer": (prepare_transfer, run_transfer)}
+def _photo_manifest(root: Path, images: int, per_shard: int, size: tuple[int, int]):
+    """bench/_photo_run.py's run: camera-like photos (shared by both shard sizes), tiny models at a
+    small scale (what a shard's size could make grow is the images held, decoded at full size, not the
+    model)."""
+    from bench._photo_run import TINY, prepare
+
+    photos = root.parent / f"photos-{images}-{size[0]}x{size[1]}"
+    if not photos.exists():
+        from bench._photo_run import write_photos
+        write_photos(photos, images, size)
+    models = dataclasses.replace(TINY, min_size=256, max_size=384, boxes=100, batch_size=4)
+    return prepare(root, images=images, per_shard=per_shard, size=size, models=models, photos=photos)
+
+
+def prepare_proposals(root: Path, images: int, per_shard: int, size: tuple[int, int]) -> None:
+    _photo_manifest(root, images, per_shard, size)
+
+
+def run_proposals(root: Path, args) -> dict:
+    """The proposals stage (a local Ray, one actor streaming every shard)."""
+    from pipeline.config import load_manifest
+    from stages import proposals
+
+    return {"summary": str(proposals.run(load_manifest(root / "manifest.yaml")))[:200]}
+
+
+def prepare_label(root: Path, images: int, per_shard: int, size: tuple[int, int]) -> None:
+    from stages import proposals
+
+    proposals.run(_photo_manifest(root, images, per_shard, size))
+
+
+def run_label(root: Path, args) -> dict:
+    """The label stage (a local Ray, one actor streaming every shard; fp16 codec)."""
+    from pipeline.config import load_manifest
+    from stages import label
+
+    return {"summary": str(label.run(load_manifest(root / "manifest.yaml")))[:200]}
+
+
+STAGES = {"pretrain": (prepare_pretrain, run_pretrain), "transfer": (prepare_transfer, run_transfer),
+          "proposals": (prepare_proposals, run_proposals), "label": (prepare_label, run_label)}
 
 
 # -- measuring a process tree --------------------------------------------------------------------------------
@@ -183,7 +226,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=200, help="images in all (pretrain)")
     ap.add_argument("--small-shard", type=int, default=10, help="images per small shard / small dataset")
     ap.add_argument("--factor", type=int, default=10, help="how much larger the large shards are")
-    ap.add_argument("--size", default="640x480", help="image size WxH")
+    ap.add_argument("--size", default="640x480", help="image size WxH (pretrain, transfer)")
+    ap.add_argument("--photo-size", default="1333x1000", help="photo size WxH (proposals, label)")
     ap.add_argument("--workers", type=int, default=2, help="loader processes")
     ap.add_argument("--steps", type=int, default=20, help="transfer steps")
     ap.add_argument("--min-size", type=int, default=128)
@@ -194,7 +238,6 @@ def main() -> None:
     if args.child:  # one measured run
         print(json.dumps(STAGES[args.child][1](Path(args.root), args)))
         return
-    size = tuple(int(v) for v in args.size.lower().split("x"))
     load_start = os.getloadavg()
     print(f"load average at start: {' '.join(f'{v:.2f}' for v in load_start)} ({os.cpu_count()} CPUs)")
     figures: dict = {}
@@ -203,6 +246,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
         for stage in args.stages.split(","):
             prepare, _ = STAGES[stage]
+            size = tuple(int(v) for v in (args.photo_size if stage in ("proposals", "label") else args.size)
+                         .lower().split("x"))
             rows = {}
             for name, per_shard in (("small", args.small_shard), ("large", args.small_shard * args.factor)):
                 root = Path(tmp) / f"{stage}-{name}"
@@ -224,6 +269,7 @@ def main() -> None:
     load_end = os.getloadavg()
     print(f"load average at end: {' '.join(f'{v:.2f}' for v in load_end)}")
     figures.update(images=args.images, small_shard=args.small_shard, factor=args.factor, image_size=args.size,
+                   photo_size=args.photo_size,
                    workers=args.workers, load_average_start=round(load_start[0], 2),
                    load_average_end=round(load_end[0], 2))
     print(json.dumps(figures))

@@ -1,11 +1,15 @@
 """Run every bench script and write one table of all their figures, with the machine it ran on.
 
-Discovers bench/*.py (except this file), runs each with `--quick` when its argparse has that flag
-(`--full` here passes nothing), with a timeout each, and parses its LAST output line as JSON (the
-project's convention for bench figures). Writes bench/results/latest.md and bench/results/latest.json
-(and a dated copy of the JSON). A script that fails or times out gets a row saying so.
+Discovers bench/*.py (except this file and _helpers), runs each with `--quick` when its argparse has
+that flag (`--full` here passes nothing), with a timeout each, and parses its LAST output line as JSON
+(the project's convention for bench figures). Scripts that take an hour or more (a `LONG = True` line:
+demo_seeds, faults) run only with `--full` or `--only`. Writes bench/results/latest.md and
+bench/results/latest.json (and a dated copy of the JSON), with the machine's load average at the start
+and end of the report and of each script, the commit and whether the checkout had local changes.
+Every figure is measured in this run: a script that fails or times out gets a row saying so.
+`make bench` runs the demo first (the scripts that read a finished run use it), then this.
 
-    python bench/report.py [--full] [--timeout 900] [--only scaling,faults] [--out bench/results]
+    python bench/report.py [--full] [--timeout 1200] [--only precompute,memory] [--out bench/results]
 """
 from __future__ import annotations
 
@@ -58,9 +62,20 @@ def machine() -> dict:
         info["code_version"] = __version__
         info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                                             text=True).stdout.strip() or None
+        changes = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                                 capture_output=True, text=True).stdout.strip()
+        info["local_changes"] = bool(changes)
     except Exception:  # noqa: BLE001 - the report is still useful without it
         pass
     return info
+
+
+def is_long(script: Path) -> bool:
+    return re.search(r"^LONG = True", script.read_text(), re.M) is not None
+
+
+def load_average() -> float:
+    return round(os.getloadavg()[0], 2)
 
 
 def supports_quick(script: Path) -> bool:
@@ -70,14 +85,17 @@ def supports_quick(script: Path) -> bool:
 def run_script(script: Path, quick: bool, timeout: float, logs: Path | None = None) -> dict:
     cmd = [sys.executable, str(script)] + (["--quick"] if quick and supports_quick(script) else [])
     started = time.time()
-    row = {"script": f"bench/{script.name}", "args": " ".join(cmd[2:]), "status": "ok"}
+    row = {"script": f"bench/{script.name}", "args": " ".join(cmd[2:]), "status": "ok",
+           "load_average_start": load_average()}
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     try:
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        row.update(status=f"timeout after {timeout:.0f}s", seconds=round(time.time() - started, 1), figures={})
+        row.update(status=f"timeout after {timeout:.0f}s", seconds=round(time.time() - started, 1), figures={},
+                   load_average_end=load_average())
         return row
     row["seconds"] = round(time.time() - started, 1)
+    row["load_average_end"] = load_average()
     if logs is not None:  # the whole output, reusable later with --reuse NAME=FILE
         logs.mkdir(parents=True, exist_ok=True)
         (logs / f"{script.stem}.out").write_text(proc.stdout)
@@ -93,28 +111,6 @@ def run_script(script: Path, quick: bool, timeout: float, logs: Path | None = No
     if proc.returncode != 0 and row["status"] == "ok":
         row["status"] = f"exit {proc.returncode}"
     row["figures"] = figures
-    return row
-
-
-def reused(script: Path, output: Path) -> dict:
-    """The row of `script` from a saved output of it (last line JSON) or from an earlier report JSON."""
-    if output.suffix == ".json":
-        try:
-            earlier = json.loads(output.read_text())
-            for row in earlier.get("scripts", []):
-                if row["script"] == f"bench/{script.name}":
-                    return {**row, "status": f"{row['status']} (from {output}, "
-                                              f"{earlier.get('machine', {}).get('date')})"}
-        except (ValueError, KeyError, AttributeError):
-            pass
-    lines = [ln for ln in output.read_text(errors="replace").splitlines() if ln.strip()]
-    row = {"script": f"bench/{script.name}", "args": "", "status": f"ok (reused: last line of {output})",
-           "seconds": None, "figures": {}}
-    try:
-        row["figures"] = json.loads(lines[-1])
-        row["seconds"] = row["figures"].get("seconds")
-    except (ValueError, IndexError) as err:
-        row["status"] = f"reuse failed: {output}: {err}"
     return row
 
 
@@ -144,11 +140,14 @@ def markdown(report: dict) -> str:
              f"Generated {m.get('date')} by `python bench/report.py{' --full' if not report['quick'] else ''}` "
              f"at commit `{m.get('git_commit')}`.", "",
              "| machine | |", "|---|---|"]
-    for key in ("cpu", "cpus", "ram_gib", "gpu", "torch", "python", "platform", "load_average_1m"):
+    for key in ("cpu", "cpus", "ram_gib", "gpu", "torch", "python", "platform", "local_changes"):
         lines.append(f"| {key} | {m.get(key)} |")
-    lines += ["", "| script | status | seconds |", "|---|---|---|"]
+    lines.append(f"| load average (1 min) at start / end | {m.get('load_average_1m')} / "
+                 f"{report.get('load_average_end')} |")
+    lines += ["", "| script | status | seconds | load at start / end |", "|---|---|---|---|"]
     for row in report["scripts"]:
-        lines.append(f"| `{(row['script'] + ' ' + row['args']).strip()}` | {row['status']} | {row.get('seconds')} |")
+        lines.append(f"| `{(row['script'] + ' ' + row['args']).strip()}` | {row['status']} | {row.get('seconds')} "
+                     f"| {row.get('load_average_start')} / {row.get('load_average_end')} |")
     lines += ["", "| script | figure | value |", "|---|---|---|"]
     for row in report["scripts"]:
         for name, value in flatten(row["figures"]).items():
@@ -159,31 +158,24 @@ def markdown(report: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="run each script with its defaults (no --quick)")
-    ap.add_argument("--timeout", type=float, default=900, help="seconds per script")
+    ap.add_argument("--timeout", type=float, default=1200, help="seconds per script")
     ap.add_argument("--only", default=None, help="comma list of script names (without .py)")
     ap.add_argument("--out", default=str(BENCH / "results"))
-    ap.add_argument("--reuse", action="append", default=[], metavar="NAME=FILE",
-                    help="take a script's figures from a saved output of it (its last line), e.g. "
-                         "faults=/tmp/faults.out (a long run made separately), or its row from an earlier "
-                         "report JSON; the row says so")
     args = ap.parse_args()
-    reuse = dict(item.split("=", 1) for item in args.reuse)
     scripts = sorted(p for p in BENCH.glob("*.py") if p.name != Path(__file__).name and not p.name.startswith("_"))
     if args.only:
         wanted = set(args.only.split(","))
         scripts = [p for p in scripts if p.stem in wanted]
+    elif not args.full:
+        scripts = [p for p in scripts if not is_long(p)]
     report = {"machine": machine(), "quick": not args.full, "scripts": []}
     for script in scripts:
-        if script.stem in reuse:
-            row = reused(script, Path(reuse[script.stem]))
-            report["scripts"].append(row)
-            print(f"report: bench/{script.name}: {row['status']}", flush=True)
-            continue
         print(f"report: running bench/{script.name}{' --quick' if not args.full and supports_quick(script) else ''}",
               flush=True)
         row = run_script(script, quick=not args.full, timeout=args.timeout, logs=Path(args.out) / "logs")
         print(f"report:   {row['status']} in {row.get('seconds')}s, {len(flatten(row['figures']))} figures", flush=True)
         report["scripts"].append(row)
+    report["load_average_end"] = load_average()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "latest.json").write_text(json.dumps(report, indent=2) + "\n")

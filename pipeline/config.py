@@ -6,6 +6,7 @@ An unknown key or a bad value is a `ManifestError` that names the field (e.g. `s
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -60,7 +61,17 @@ class CorpusConfig(Section):
         None, description="input file or folder; for `synthetic`, where the world is written "
         "(default <output_dir>/synth)")
     images_root: Optional[str] = Field(
-        None, description="base folder for relative image paths (cc3m_tsv, coco_captions)")
+        None, description="base folder for relative image paths (cc3m_tsv, coco_captions); images are only "
+        "read from inside it (default: the corpus file's folder)")
+    allow_outside_root: bool = Field(
+        False, description="read image and caption files the corpus names anywhere on this machine; by default "
+        "a path (or file:// URL, or link) leading outside images_root (cc3m_tsv, coco_captions) or the corpus "
+        "folder (folder, img2dataset) is a rejected row `outside_root`")
+    max_file_bytes: int = Field(
+        50_000_000, ge=1, description="larger image files (and tar members, parquet values) are rejected rows "
+        "`too_large`, refused before they are read")
+    max_caption_bytes: int = Field(
+        65_536, ge=1, description="larger caption files and tar text members are rejected rows `caption_too_large`")
     caption_column: str = "caption"
     url_column: str = "url"
     max_rows: Optional[int] = Field(None, ge=1, description="read at most this many rows (smoke runs)")
@@ -327,6 +338,10 @@ class EvaluateConfig(Section):
     zero_shot: list[Literal["teacher", "pretrain"]] = Field(
         default_factory=lambda: ["teacher", "pretrain"], description="CLIP models evaluated zero-shot "
         "(GT boxes, RPN boxes, region recognition)")
+    detectors: dict[str, str] = Field(default_factory=dict, description="more detectors to evaluate beside "
+                                      "transfer.init's, name: weights file (a detector saved by transfer, or "
+                                      "RegionCLIP's released regionclip_finetuned-*.pth); architecture "
+                                      "teacher.arch")
     max_images: Optional[int] = Field(None, ge=1, description="evaluate the first N images only (smoke runs)")
     picture_image: int = Field(0, ge=0, description="position of the evaluation image drawn with detections")
     device: str = Field("auto", json_schema_extra=RUNTIME_ONLY)
@@ -335,6 +350,16 @@ class EvaluateConfig(Section):
     @classmethod
     def _one_or_many(cls, value):
         return [value] if isinstance(value, str) else (value or [])
+
+    @field_validator("detectors")
+    @classmethod
+    def _plain_names(cls, value):
+        # Names become file names (eval/metrics_detector_<name>.json); transfer's inits own theirs.
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or name in ("teacher", "pretrain"):
+                raise ValueError(f"detector name {name!r}: use letters, digits, '_', '-', '.' and not "
+                                 "teacher or pretrain (transfer.init's detectors)")
+        return value
 
 
 # One RPN per purpose, as the reference runs them: pretraining's proposals (an RPN trained on LVIS' 866

@@ -1,7 +1,7 @@
 """Safe image decoding and resizing: the one way bytes or files become an RGB image.
 
 Every way an image can be bad becomes an `ImageError` with a short reason code that ends up in the
-shard's Parquet `error` column; nothing here raises anything else for bad bytes.
+shard's Parquet `reason` column; nothing here raises anything else for bad bytes.
 
 The rules, the same for every stage: EXIF orientation is applied (the shard stage stores images
 upright, so decoding shard bytes again changes nothing) and an image with more than `max_pixels`
@@ -12,14 +12,19 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pipeline.io import read_regular_file
+
 # PIL's default Image.MAX_IMAGE_PIXELS, and shard.max_pixels's default.
 DEFAULT_MAX_PIXELS = 89_478_485
+# The largest image file read (corpus.max_file_bytes's default): far above any photo, far below memory.
+DEFAULT_MAX_FILE_BYTES = 50_000_000
 
 
 class ImageError(ValueError):
@@ -62,7 +67,9 @@ def decode_image(data: bytes, max_pixels: int, min_side: int = 1) -> DecodedImag
         raise ImageError("not_an_image", f"no known image format ({len(data)} bytes)") from None
     except Image.DecompressionBombError as err:
         raise ImageError("too_many_pixels", str(err)) from None
-    except (OSError, SyntaxError, ValueError, EOFError) as err:
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as err:
+        # What PIL raises for bad bytes (its own fuzzers' list); a MemoryError or KeyboardInterrupt is
+        # no property of the image and is never caught here.
         msg = str(err)
         reason = "truncated_image" if "truncated" in msg or "broken data stream" in msg else "decode_error"
         raise ImageError(reason, msg) from None
@@ -109,7 +116,13 @@ def load_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     return decode_image(data, max_pixels).image
 
 
-def open_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """An image file decoded for a model (raises ImageError on bad data, OSError when unreadable)."""
-    with open(path, "rb") as f:
-        return load_rgb(f.read(), max_pixels)
+def open_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS,
+             max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> Image.Image:
+    """An image file decoded for a model. Raises ImageError (naming the file) on bad data, OSError when
+    unreadable: only a regular file of at most `max_bytes` is read (pipeline.io.read_regular_file), so a
+    FIFO or /dev/zero is refused rather than read forever."""
+    data = read_regular_file(path, max_bytes)
+    try:
+        return load_rgb(data, max_pixels)
+    except ImageError as err:
+        raise ImageError(err.reason, f"{path}: {str(err).partition(': ')[2] or err.reason}") from None

@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Iterator
 
@@ -62,6 +63,50 @@ def parquet_writer(path: str | os.PathLike, schema: pa.Schema) -> Iterator[pq.Pa
 
 def read_parquet(path: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
     return pq.read_table(path, columns=columns)
+
+
+class FileRefused(OSError):
+    """An input file that is not read: `reason` is a short code (not_a_file, too_large, outside_root)."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def read_regular_file(path: str | os.PathLike, max_bytes: int, offset: int = 0,
+                      length: int | None = None) -> bytes:
+    """The bytes of a regular file (or `length` bytes from `offset`), refusing anything else before reading.
+
+    A FIFO, a device (/dev/zero), a socket or a folder is FileRefused("not_a_file") without blocking on
+    it (opened non-blocking, checked with fstat); more than `max_bytes` is FileRefused("too_large")
+    before a byte is read. FileNotFoundError when absent, EOFError when the file ends early."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise FileRefused("not_a_file", f"{path} is a {_kind(info.st_mode)}, not a regular file")
+        wanted = max(0, info.st_size - offset) if length is None else length
+        if wanted > max_bytes:
+            raise FileRefused("too_large", f"{path}: {wanted} bytes exceed the limit of {max_bytes}")
+        os.lseek(fd, offset, os.SEEK_SET)
+        chunks, left = [], wanted
+        while left > 0 and (chunk := os.read(fd, min(left, 1 << 24))):
+            chunks.append(chunk)
+            left -= len(chunk)
+        data = b"".join(chunks)
+    finally:
+        os.close(fd)
+    if len(data) != wanted:
+        raise EOFError(f"{path}: {len(data)} of {wanted} bytes at offset {offset}: the file ends early")
+    return data
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

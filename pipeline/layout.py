@@ -12,10 +12,36 @@
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 SHARD_ID_DIGITS = 5
+
+
+class UnsafeName(ValueError):
+    """A file name read from a run folder (a shard marker, a stage manifest, codec.json, sizes.json) that
+    leads outside the folder it must stay in."""
+
+
+def inside(folder: str | os.PathLike, name, *, entry_only: bool = False) -> Path:
+    """`folder / name` for a file name read back from a run folder, refused with UnsafeName unless it stays
+    inside `folder`: a relative name without `..`, and no symbolic link on the way that leads out.
+
+    Such names come from files anyone who can write the run folder can craft; `regionclip verify
+    --repair` renames what they name. `entry_only`: the last component may itself be a link (renaming a
+    directory entry never touches what a link points at)."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise UnsafeName(f"{folder}: {name!r} is not a file name")
+    relative = PurePosixPath(name)
+    if relative.is_absolute() or ".." in relative.parts:
+        raise UnsafeName(f"{folder}: {name!r} leads outside the folder")
+    path = Path(folder) / relative
+    root = os.path.realpath(folder)
+    real = os.path.realpath(path.parent if entry_only else path)
+    if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
+        raise UnsafeName(f"{folder}: {name!r} leads outside the folder (through a link to {real})")
+    return path
 
 
 def shard_name(shard_id: int) -> str:

@@ -4,8 +4,14 @@ Members per sample: `{key}.jpg`, `{key}.txt` (caption), `{key}.json` (metadata).
 image; an image with several captions (COCO) has them all, one per line, in `.txt`, in the json's
 `caption` and in the Parquet's `caption` (a caption never holds a line break: whitespace is collapsed).
 The shard's Parquet holds every input row (an image and its captions), rejected ones too, with
-`status` and `error` (pipeline/sidecars.py), so that rows in = samples written + rows rejected. Files are written under temporary names and renamed; the
-`_stats.json` marker is written last.
+img2dataset's `status` words, a `reason` code and an `error_message` (pipeline/sidecars.py), so that
+rows in = samples written + rows rejected. Files are written under temporary names and renamed; the
+`_stats.json` marker (with img2dataset's `_stats.json` fields: count, successes, failed_to_download,
+..., and `dropped_captions`: why captions of images that kept others were dropped) is written last.
+
+Only bad data becomes a rejected row: the errors caught are those of reading and decoding (FileRefused,
+OSError, EOFError, ImageError, UnicodeDecodeError); a MemoryError or KeyboardInterrupt stops the shard
+(no marker is written, so a rerun redoes it) rather than being counted against a row.
 """
 from __future__ import annotations
 
@@ -18,10 +24,10 @@ import pyarrow as pa
 import webdataset as wds
 
 from pipeline.images import ImageError, decode_image, encode_jpeg, resize_max_side
-from pipeline.io import atomic_path
+from pipeline.io import FileRefused, atomic_path
 from pipeline.layout import StageDir, sample_key
-from pipeline.readers import read_image_bytes
-from pipeline.sidecars import write_shard_rows
+from pipeline.readers import CorpusFiles, read_image_bytes
+from pipeline.sidecars import FAILURE_STATUSES, SUCCESS, failure_status, write_shard_rows
 from pipeline.stage import write_shard_stats
 
 # Fixed tar metadata so that a rerun writes byte-identical shards.
@@ -35,6 +41,7 @@ class ShardOptions:
     jpeg_quality: int
     max_caption_chars: int
     key_digits: int
+    files: CorpusFiles          # where image files may be read from, and how much of each
 
 
 class RowRejected(Exception):
@@ -74,7 +81,9 @@ def _caption_lines(raw_captions: list, max_chars: int) -> tuple[str, Counter]:
 
 def _image_payload(image_ref: str, opt: ShardOptions) -> tuple[bytes, dict]:
     try:
-        data = read_image_bytes(image_ref)
+        data = read_image_bytes(image_ref, opt.files)
+    except FileRefused as err:
+        raise RowRejected(str(err)) from None
     except FileNotFoundError:
         raise RowRejected(f"missing_file: {image_ref}") from None
     except (EOFError, OSError) as err:
@@ -113,25 +122,32 @@ def write_shard(shard_id: int, rows: pa.Table, opt: ShardOptions, stage_dir: Sta
                     caption, dropped = _caption_lines(raw_captions, opt.max_caption_chars)
                     payload, sizes = _image_payload(row["image_ref"], opt)
                 except RowRejected as err:
-                    reason = str(err)
-                    reasons[reason.split(":")[0]] += 1
+                    message = str(err)
+                    reason = message.split(":")[0]
+                    reasons[reason] += 1
                     records.append({**rec, "caption": "\n".join(map(_safe_text, raw_captions)),
-                                    "status": "rejected", "error": reason})
+                                    "status": failure_status(reason), "reason": reason, "error_message": message})
                     continue
                 dropped_captions.update(dropped)
                 digest = hashlib.sha256(payload).hexdigest()
                 meta = {"key": key, "uid": rec["uid"], "source_id": row["source_id"], "url": row["image_ref"],
-                        "caption": caption, "status": "success", "sha256": digest, **sizes}
+                        "caption": caption, "status": SUCCESS, "error_message": None, "sha256": digest, **sizes}
                 sink.write({"__key__": key, "jpg": payload, "txt": caption, "json": meta})
-                records.append({**rec, **sizes, "caption": caption, "status": "ok", "error": None,
-                                "sha256": digest, "bytes": len(payload)})
+                records.append({**rec, **sizes, "caption": caption, "status": SUCCESS, "reason": None,
+                                "error_message": None, "sha256": digest, "bytes": len(payload)})
     parquet_path = write_shard_rows(stage_dir, shard_id, records)
-    written = sum(r["status"] == "ok" for r in records)
-    counts = {"in": len(records), "written": written, "rejected": len(records) - written}
+    statuses = Counter(r["status"] for r in records)
+    counts = {"in": len(records), "written": statuses[SUCCESS], "rejected": len(records) - statuses[SUCCESS]}
+    seconds = round(time.time() - started, 3)
+    # img2dataset's _stats.json fields, so that its tools read our markers: failed_to_resize stays 0 (a
+    # resize never fails here; undecodable images count in failed_to_decode).
+    img2dataset_stats = {"count": len(records), "successes": statuses[SUCCESS], "failed_to_resize": 0,
+                         **{status: statuses[status] for status in FAILURE_STATUSES}, "duration": seconds,
+                         "status_dict": dict(sorted({SUCCESS: statuses[SUCCESS], **reasons}.items()))}
     return write_shard_stats(stage_dir, shard_id, fingerprint, counts, [tar_path, parquet_path],
-                             extra={"reasons": dict(sorted(reasons.items())),
+                             extra={**img2dataset_stats,
                                     "dropped_captions": dict(sorted(dropped_captions.items()))},
-                             seconds=round(time.time() - started, 3))
+                             seconds=seconds)
 
 
 def _safe_text(raw) -> str:

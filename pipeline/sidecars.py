@@ -13,7 +13,7 @@ and the one reader of shard tars.
 | `labels/regions.parquet` | `REGION_IDS_SCHEMA` | `write_region_ids` | `read_region_ids` |
 
 Per-shard sidecars (docs/formats.md) have one Parquet file per shard and one row per *written* key of
-that shard (shard Parquet rows with status `ok`), in the shard's order; the caption sidecars
+that shard (shard Parquet rows with status `success`), in the shard's order; the caption sidecars
 (`concepts/captions/`, `concepts/caption_embeddings/`) have one row per caption, so a key repeats,
 its captions in order, when its image has several. Boxes are float32 x1,y1,x2,y2
 in the pixels of the image stored in the shard tar ("original pixels"), flattened into one list.
@@ -49,18 +49,29 @@ class DamagedTarError(OSError):
     """A tar that cannot be read to its end (cut off, or a broken header or member)."""
 
 
-def _member_key(member: tarfile.TarInfo) -> tuple[Optional[str], str]:
-    """(key, extension) of a plain-file member as WebDataset groups them: the key is the name up to the
-    first dot of its base name, the extension the rest in lower case. (None, "") for what is never read:
-    links, devices, folders, absolute or '..' names, names without an extension."""
-    name = member.name
-    if not member.isfile() or name.startswith("/") or ".." in name.split("/"):
-        return None, ""
+def split_member_name(name: str) -> tuple[str, str]:
+    """(key, extension) of a tar member's name as WebDataset groups members: the key is the name up to
+    the first dot of its base name, folders kept (`a/001.jpg` and `b/001.jpg` are two samples), the
+    extension the rest in lower case ("" when there is none)."""
     folder, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    if not dot or not stem or not ext:
-        return None, ""
+    stem, _, ext = base.partition(".")
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def is_plain_member(member: tarfile.TarInfo) -> bool:
+    """A regular file named inside the tar: no link, device or folder, no absolute or '..' name."""
+    return member.isfile() and not member.name.startswith("/") and ".." not in member.name.split("/")
+
+
+def _member_key(member: tarfile.TarInfo) -> tuple[Optional[str], str]:
+    """(key, extension) of a plain-file member (split_member_name); (None, "") for what is never read:
+    links, devices, folders, absolute or '..' names, names without an extension."""
+    if not is_plain_member(member):
+        return None, ""
+    key, ext = split_member_name(member.name)
+    if not ext or not key or key.endswith("/"):
+        return None, ""
+    return key, ext
 
 
 def _each_member(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
@@ -174,9 +185,31 @@ def shard_of_key(key: str) -> int:
 
 # -- the shard Parquet: every input row, rejected ones too ----------------------------------------------
 
+# Status words, img2dataset's: `success`, or which step failed; the `reason` column names the exact cause
+# (a code such as `outside_root`, `not_an_image`) and `error_message` is the reason with its detail.
+SUCCESS = "success"
+FAILED_TO_DOWNLOAD = "failed_to_download"   # the image's bytes could not be had (file, URL, tar, row)
+FAILED_TO_DECODE = "failed_to_decode"       # the bytes are no usable image
+FAILED_CAPTION = "failed_caption"           # the caption is missing, empty, not UTF-8 or too long
+DUPLICATE = "duplicate"                     # same image and caption as an earlier row
+FAILURE_STATUSES = (FAILED_TO_DOWNLOAD, FAILED_TO_DECODE, FAILED_CAPTION, DUPLICATE)
+_STATUS_OF_REASON = {
+    **dict.fromkeys(("empty_file", "not_an_image", "truncated_image", "decode_error", "too_many_pixels",
+                     "too_small"), FAILED_TO_DECODE),
+    **dict.fromkeys(("missing_caption", "empty_caption", "caption_not_utf8", "caption_too_long",
+                     "caption_too_large"), FAILED_CAPTION),
+    "duplicate_row": DUPLICATE,
+}
+
+
+def failure_status(reason: str) -> str:
+    """The status word of a rejected row from its reason code (any other reason: failed_to_download)."""
+    return _STATUS_OF_REASON.get(reason, FAILED_TO_DOWNLOAD)
+
+
 SHARD_ROWS_SCHEMA = pa.schema([
     ("key", pa.string()), ("uid", pa.string()), ("source_id", pa.string()), ("url", pa.string()),
-    ("caption", pa.string()), ("status", pa.string()), ("error", pa.string()),
+    ("caption", pa.string()), ("status", pa.string()), ("reason", pa.string()), ("error_message", pa.string()),
     ("width", pa.int32()), ("height", pa.int32()),
     ("original_width", pa.int32()), ("original_height", pa.int32()),
     ("sha256", pa.string()), ("bytes", pa.int64()),
@@ -194,16 +227,16 @@ def written_keys(shards: StageDir, shard_id: int) -> list[dict]:
     """The written samples of a shard in shard order: key, width, height (pixels in the tar)."""
     table = read_parquet(shards.parquet(shard_id), columns=["key", "status", "width", "height"])
     return [{"key": r["key"], "width": int(r["width"]), "height": int(r["height"])}
-            for r in table.to_pylist() if r["status"] == "ok"]
+            for r in table.to_pylist() if r["status"] == SUCCESS]
 
 
 def shard_captions(shards: StageDir, shard_id: int) -> tuple[list[str], list[str]]:
-    """(keys, captions) of the written ('ok') rows of a shard, one entry per caption, in shard order: a
-    key repeats, its captions in order, when its image has several (the Parquet's caption lines)."""
+    """(keys, captions) of the written (`success`) rows of a shard, one entry per caption, in shard
+    order: a key repeats, its captions in order, when its image has several (the Parquet's caption lines)."""
     table = read_parquet(shards.parquet(shard_id), columns=["key", "caption", "status"]).to_pydict()
     keys, captions = [], []
     for key, text, status in zip(table["key"], table["caption"], table["status"]):
-        if status == "ok":
+        if status == SUCCESS:
             lines = (text or "").split("\n")
             keys += [key] * len(lines)
             captions += lines

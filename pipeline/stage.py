@@ -25,7 +25,8 @@ from pipeline.layout import StageDir, shard_name
 
 # Bump when a stage's output format changes incompatibly, so old outputs are recomputed.
 # 2: fingerprints are the runner's (sections without runtime-only fields, derived settings, upstream).
-FORMAT_VERSION = 2
+# 3: shard rows and markers speak img2dataset's status words (success, failed_to_*; reason, error_message).
+FORMAT_VERSION = 3
 
 
 class StageInputError(RuntimeError):

@@ -8,6 +8,8 @@ the shards it expects). `verify_run` re-reads all of them and returns one `Damag
     size mismatch       e.g. a truncated tar or Parquet
     checksum mismatch   same size, different bytes (an altered byte)
     unreadable marker   a marker or stage manifest that is not valid JSON
+    unsafe name         a marker or stage manifest naming a file outside its folder (`../x`, `/x`, a
+                        link leading out): the name is never followed; the marker is what is damaged
 
 `quarantine` makes the next run redo exactly the damaged work: each damaged file and the marker of
 its shard are renamed to `<name>.damaged` (kept for inspection; delete them at will) and the stage
@@ -15,21 +17,27 @@ manifest's status becomes `damaged`, so the stage is no longer "done" and its re
 shards whose markers are gone. Shards that are intact keep their files and markers untouched.
 
     damages = verify_run(manifest, ["shard", "concepts", ...])     # the stages to check, in order
-    quarantine(RunLayout.of(manifest), damages)
+    quarantine(manifest, damages)
+
+Every name read from a marker or a stage manifest is resolved inside its folder (`pipeline.layout.inside`);
+the one exception is a stage output the run's own manifest puts elsewhere (the synthetic world in
+corpus.path), which must lie inside that folder.
 """
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
 from pipeline.io import read_json, sha256_file, write_json
-from pipeline.layout import RunLayout, StageDir, shard_name
+from pipeline.layout import RunLayout, StageDir, UnsafeName, inside, shard_name, synthetic_world
 
 DAMAGED_SUFFIX = ".damaged"
 
 MISSING, SIZE, CHECKSUM, UNREADABLE = "missing", "size mismatch", "checksum mismatch", "unreadable marker"
+UNSAFE = "unsafe name"
 
 
 @dataclass(frozen=True)
@@ -65,8 +73,38 @@ def check_file(path: Path, record: dict, full: bool = True) -> Optional[str]:
 
 
 def files_intact(folder: Path, files: dict) -> bool:
-    """Cheap check (sizes only, one stat per file) that a marker's files are all still in place."""
-    return all(check_file(Path(folder) / name, rec, full=False) is None for name, rec in files.items())
+    """Cheap check (sizes only, one stat per file) that a marker's files are all still in place; a marker
+    naming a file outside its folder vouches for nothing."""
+    try:
+        return all(isinstance(rec, dict) and check_file(inside(folder, name), rec, full=False) is None
+                   for name, rec in files.items())
+    except UnsafeName:
+        return False
+
+
+def run_roots(manifest) -> tuple[Path, ...]:
+    """The folders a run's recorded names may lead into: the run folder, and the synthetic world when the
+    manifest puts it elsewhere (corpus.path; the synth stage records its outputs there by absolute name)."""
+    if isinstance(manifest, RunLayout):
+        return (manifest.root,)
+    layout = RunLayout.of(manifest)
+    roots = [layout.root]
+    if manifest.corpus.format == "synthetic":
+        roots.append(synthetic_world(manifest))
+    return tuple(roots)
+
+
+def _recorded_path(folder: Path, name, roots: tuple[Path, ...], entry_only: bool = False) -> Path:
+    """A name recorded in a marker or stage manifest: relative to its folder, or (stage outputs only)
+    absolute inside one of the run's roots. UnsafeName otherwise."""
+    if isinstance(name, str) and os.path.isabs(name):
+        for root in roots:
+            try:
+                return inside(root, os.path.relpath(name, root), entry_only=entry_only)
+            except UnsafeName:
+                continue
+        raise UnsafeName(f"{folder}: {name!r} leads outside the run folder")
+    return inside(folder, name, entry_only=entry_only)
 
 
 def _rel(layout: RunLayout, path: Path) -> str:
@@ -76,7 +114,9 @@ def _rel(layout: RunLayout, path: Path) -> str:
         return str(path)
 
 
-def verify_stage(layout: RunLayout, stage: str, full: bool = True) -> list[Damage]:
+def verify_stage(layout: RunLayout, stage: str, full: bool = True, roots: tuple[Path, ...] = ()) -> list[Damage]:
+    """The damaged files of one stage; `roots`: run_roots (default: the run folder alone)."""
+    roots = roots or (layout.root,)
     stage_dir = layout.stage(stage)
     if not stage_dir.manifest.exists():
         return []
@@ -93,17 +133,23 @@ def verify_stage(layout: RunLayout, stage: str, full: bool = True) -> list[Damag
         if key not in found:
             found[key] = Damage(stage, shard, key, problem, marker)
 
-    for name, record in (manifest.get("outputs") or {}).items():
-        problem = check_file(stage_dir.root / name, record, full)
+    outputs, shards = manifest.get("outputs"), manifest.get("shards")
+    for name, record in (outputs if isinstance(outputs, dict) else {}).items():
+        try:
+            path = _recorded_path(stage_dir.root, name, roots)
+        except UnsafeName:
+            add(None, stage_dir.manifest, f"{UNSAFE}: outputs name {name!r}, outside the run folder")
+            continue
+        problem = check_file(path, record if isinstance(record, dict) else {}, full)
         if problem:
-            add(None, stage_dir.root / name, problem)
+            add(None, path, problem)
 
-    expected = {str(s): entry for s, entry in (manifest.get("shards") or {}).items()}
+    expected = {str(s): entry for s, entry in (shards if isinstance(shards, dict) else {}).items()}
     for folder in marker_dirs(layout, stage):
         on_disk = {p.name[:-len("_stats.json")] for p in folder.root.glob("*_stats.json")} \
             if folder.root.is_dir() else set()
         for name in sorted(set(expected) | on_disk):
-            if not name.isdigit():
+            if not (name.isascii() and name.isdigit()):
                 continue
             sid = int(name)
             marker = folder.stats(sid)
@@ -113,10 +159,16 @@ def verify_stage(layout: RunLayout, stage: str, full: bool = True) -> list[Damag
                 add(name, marker, MISSING, _rel(layout, marker))
                 # Name the shard's files too: from the stage manifest when it recorded them, else the
                 # sidecar Parquet every per-shard stage writes.
-                for fname, rec in (recorded or {}).items():
-                    problem = check_file(folder.root / fname, rec, full)
+                for fname, rec in (recorded if isinstance(recorded, dict) else {}).items():
+                    try:
+                        path = inside(folder.root, fname)
+                    except UnsafeName:
+                        add(None, stage_dir.manifest, f"{UNSAFE}: shard {name} names {fname!r}, outside "
+                            "its folder")
+                        continue
+                    problem = check_file(path, rec if isinstance(rec, dict) else {}, full)
                     if problem:
-                        add(name, folder.root / fname, problem, _rel(layout, marker))
+                        add(name, path, problem, _rel(layout, marker))
                 if not recorded and not folder.parquet(sid).exists():
                     add(name, folder.parquet(sid), MISSING, _rel(layout, marker))
                 continue
@@ -129,9 +181,16 @@ def verify_stage(layout: RunLayout, stage: str, full: bool = True) -> list[Damag
                 add(name, marker, f"{UNREADABLE}: {type(err).__name__}", _rel(layout, marker))
                 continue
             for fname, rec in files.items():
-                problem = check_file(folder.root / fname, rec, full)
+                try:
+                    path = inside(folder.root, fname)
+                except UnsafeName:
+                    # The marker itself is what is damaged: the name is never followed, and repairing
+                    # quarantines the marker so that the shard is redone.
+                    add(name, marker, f"{UNSAFE}: names {fname!r}, outside its folder", _rel(layout, marker))
+                    continue
+                problem = check_file(path, rec if isinstance(rec, dict) else {}, full)
                 if problem:
-                    add(name, folder.root / fname, problem, _rel(layout, marker))
+                    add(name, path, problem, _rel(layout, marker))
     return list(found.values())
 
 
@@ -139,9 +198,10 @@ def verify_run(manifest, stages: Iterable[str], full: bool = True) -> list[Damag
     """Every damaged file of the run, stage by stage (`stages`: their names, e.g. the registry's in
     stages/registry.py). `full=False` compares sizes only (fast)."""
     layout = manifest if isinstance(manifest, RunLayout) else RunLayout.of(manifest)
+    roots = run_roots(manifest)
     damages: list[Damage] = []
     for stage in stages:
-        damages += verify_stage(layout, stage, full)
+        damages += verify_stage(layout, stage, full, roots)
     return damages
 
 
@@ -149,13 +209,17 @@ def damaged_name(path: Path) -> Path:
     return path.with_name(path.name + DAMAGED_SUFFIX)
 
 
-def quarantine(layout: RunLayout, damages: Iterable[Damage]) -> dict:
-    """Make the next run redo exactly the damaged work (see the module doc). Returns what was moved."""
+def quarantine(manifest, damages: Iterable[Damage]) -> dict:
+    """Make the next run redo exactly the damaged work (see the module doc). Returns what was moved.
+    `manifest`: the run manifest (or its RunLayout). Only names inside the run's roots are renamed
+    (UnsafeName otherwise: damages come from verify_run, which names nothing else)."""
+    layout = manifest if isinstance(manifest, RunLayout) else RunLayout.of(manifest)
+    roots = run_roots(manifest)
     moved, stages = [], set()
     for d in damages:
         stages.add(d.stage)
         for rel in {d.file, d.marker} - {None}:
-            path = layout.root / rel
+            path = _recorded_path(layout.root, rel, roots, entry_only=True)
             if path.exists() and not path.name.endswith(DAMAGED_SUFFIX):
                 path.replace(damaged_name(path))
                 moved.append(rel)
@@ -182,4 +246,4 @@ def damage_table(damages: list[Damage]) -> str:
 
 
 __all__ = ["Damage", "verify_run", "verify_stage", "quarantine", "files_intact", "damage_table",
-           "shard_name"]
+           "run_roots", "shard_name"]

@@ -46,13 +46,28 @@ def image_files(specs: list[str]) -> list[Path]:
         path = Path(spec).expanduser()
         if path.is_dir():
             files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif path.is_file():
-            files.append(path)
+        elif path.exists():
+            files.append(path)   # a FIFO or device is refused when read (check_images)
         else:
             raise FileNotFoundError(f"{path}: no such image or folder")
     if not files:
         raise FileNotFoundError(f"no images in {' '.join(specs)}")
     return files
+
+
+def check_images(files: list[Path]) -> None:
+    """Every image decodes (pipeline.images.open_rgb: a regular file, within the pixel limit), or one
+    ValueError naming each that does not, before any model is loaded."""
+    from pipeline.images import ImageError, open_rgb
+
+    bad = []
+    for path in files:
+        try:
+            open_rgb(path)
+        except (ImageError, OSError, EOFError) as err:
+            bad.append(f"  {err}")  # names the file
+    if bad:
+        raise ValueError(f"detect: {len(bad)} of {len(files)} images cannot be used:\n" + "\n".join(bad))
 
 
 def run(manifest: RunManifest, args: argparse.Namespace) -> dict:
@@ -69,6 +84,8 @@ def run(manifest: RunManifest, args: argparse.Namespace) -> dict:
     from stages.resolve import apply_test_settings, load_frozen_rpn, load_teacher_clip
     from trainer.offline.text_embed import embed_names, load_vocabulary
 
+    images = image_files(args.images)
+    check_images(images)  # a non-image or a decompression bomb is a clear error, before any model loads
     layout = RunLayout.of(manifest)
     cfg = manifest.evaluate
     device = resolve_device(cfg.device)
@@ -112,7 +129,7 @@ def run(manifest: RunManifest, args: argparse.Namespace) -> dict:
     out_dir = Path(args.out) if args.out else layout.detect_output("detections", ".json").parent
     report = {"checkpoint": str(checkpoint), "kind": kind, "arch": arch, "vocabulary": list(names),
               "mode": "detector" if kind == "detector" else "zero-shot (RPN boxes)", "images": []}
-    for path in image_files(args.images):
+    for path in images:
         rgb = open_rgb(path)
         image = image_tensor(rgb, unit_range=True)
         ((boxes, objectness),) = rpn.propose([image], min_size=p.min_size, max_size=p.max_size,

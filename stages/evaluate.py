@@ -2,8 +2,9 @@
 (docs/method.md §6-7), with the all-class vocabulary (base + novel: the classifier is swapped, nothing else).
 
     data      transfer.val_annotations (default: the synthetic world's instances_val.json, all classes)
-    detectors checkpoints/transfer/detector_<init>.pt for each of transfer.init; proposals (NMS 0.7) of
-              the RPN they were trained with (transfer.rpn_checkpoint)
+    detectors checkpoints/transfer/detector_<init>.pt for each of transfer.init, and each file of
+              evaluate.detectors (e.g. RegionCLIP's released detector); proposals (NMS 0.7) of the
+              detectors' RPN (transfer.rpn_checkpoint)
     zero-shot each CLIP of evaluate.zero_shot (teacher, pretrain = the student):
               GT boxes; RPN boxes of evaluate.zero_shot_rpn_checkpoint (NMS 0.9, top 1000, no box
               deltas, per-class NMS 0.5, score sqrt(p * sigmoid(objectness)) or the raw logit with
@@ -48,7 +49,8 @@ def reads(manifest) -> tuple[str, ...]:
 
 def rpn_purposes(manifest) -> list[str]:
     """The RPNs evaluate uses: the detectors' (transfer) and zero-shot inference's."""
-    return (["transfer"] if manifest.transfer.init else []) + (["zero_shot"] if manifest.evaluate.zero_shot else [])
+    detectors = manifest.transfer.init or manifest.evaluate.detectors
+    return (["transfer"] if detectors else []) + (["zero_shot"] if manifest.evaluate.zero_shot else [])
 
 
 def data_and_models(run: StageRun) -> dict:
@@ -67,9 +69,16 @@ def data_and_models(run: StageRun) -> dict:
                                     for purpose, path in rpns.items()}},
             "ensemble": manifest.embed.ensemble,
             "detectors": {"init": list(dict.fromkeys(manifest.transfer.init)),
-                          "allow_partial": manifest.transfer.allow_partial},
+                          "allow_partial": manifest.transfer.allow_partial,
+                          "files": {name: sha256_file(path) if path.is_file() else "missing"
+                                    for name, path in extra_detectors(manifest).items()}},
             "clip_checkpoints": {which: sha256_file(clip_checkpoint(manifest, which))
                                  for which in dict.fromkeys(["teacher", *manifest.evaluate.zero_shot])}}
+
+
+def extra_detectors(manifest) -> dict:
+    """evaluate.detectors: name -> path (relative to the manifest)."""
+    return {name: manifest.resolve(path) for name, path in manifest.evaluate.detectors.items()}
 
 
 def evaluate(run: StageRun) -> dict:
@@ -92,7 +101,8 @@ def evaluate(run: StageRun) -> dict:
     manifest, layout = run.manifest, run.layout
     cfg, t = manifest.evaluate, manifest.transfer
     device = resolve_device(cfg.device)
-    inits = list(dict.fromkeys(t.init))
+    detector_files = {init: layout.transfer_checkpoint(init) for init in dict.fromkeys(t.init)}
+    detector_files.update(extra_detectors(manifest))
     started = time.time()
 
     val_path = annotation_file(manifest, "val")
@@ -139,12 +149,12 @@ def evaluate(run: StageRun) -> dict:
     results: dict = {"dataset": str(val_path), "kind": data.kind, "images": len(image_ids),
                      "classes": {"all": len(vocab), "novel": len(novel_ids)}, "detector": {}, "zero_shot": {}}
 
-    # -- transferred detectors ---------------------------------------------------------------------------
-    if inits:
+    # -- transferred detectors (ours, and those of evaluate.detectors) -------------------------------------
+    if detector_files:
         proposals = compute_proposals(rpn_proposal_fn(rpns["transfer"], **rpn_args, nms_thresh=cfg.rpn_nms_thresh),
                                       data, image_ids, desc="val proposals", folder=run.stage_dir.root)
-        for init in inits:
-            detector = build_detector(manifest.teacher.arch, layout.transfer_checkpoint(init), embeddings,
+        for init, checkpoint in detector_files.items():
+            detector = build_detector(manifest.teacher.arch, checkpoint, embeddings,
                                       allow_partial=t.allow_partial, device=device, class_names=vocab.names)
             apply_test_settings(detector, cfg)
             t0 = time.time()
@@ -203,7 +213,7 @@ def evaluate(run: StageRun) -> dict:
 
 
 def metrics_files(layout: RunLayout, manifest) -> list:
-    names = ([f"detector_{i}" for i in dict.fromkeys(manifest.transfer.init)]
+    names = ([f"detector_{i}" for i in [*dict.fromkeys(manifest.transfer.init), *manifest.evaluate.detectors]]
              + [f"zeroshot_{m}_{w}" for w in manifest.evaluate.zero_shot for m in ("gt", "rpn")])
     return [layout.eval_metrics(n) for n in names] + [layout.summary_json]
 

@@ -13,7 +13,7 @@ See docs/label.md.
 """
 from __future__ import annotations
 
-from pipeline.layout import RunLayout, shard_name
+from pipeline.layout import RunLayout, UnsafeName, inside, shard_name
 from pipeline.runner import Stage, StageRun
 from pipeline.stage import fingerprint_of
 from stages.embed import teacher_from_train_teacher
@@ -43,7 +43,7 @@ def teacher_and_codec(run: StageRun) -> dict:
     dim = run.memo["dim"] = embedding_dim(model)
     check_embedding_dim(dim, concepts.shape[1], "concept embeddings", manifest.teacher.arch)
     del model
-    checkpoint = run.memo["checkpoint"] = manifest.resolve(manifest.teacher.checkpoint) or layout.teacher_checkpoint
+    checkpoint = manifest.resolve(manifest.teacher.checkpoint) or layout.teacher_checkpoint
     teacher = {"arch": manifest.teacher.arch, "sha256": sha256_file(checkpoint)}
     scale = teacher_scale(manifest)
     codec = {"codec": cfg.codec, "dim": dim, "seed": manifest.seed}
@@ -77,21 +77,30 @@ def _build_key(run: StageRun) -> str:
     return fingerprint_of("label-codec", run.settings["codec"], {})
 
 
+def label_job(manifest, decode_threads: int = 1) -> "LabelJob":  # noqa: F821
+    """What a label worker needs, from the manifest (the marker fingerprint is set once the codec is known)."""
+    from trainer.offline.labels import LabelJob
+
+    layout, cfg, scale = RunLayout.of(manifest), manifest.label, teacher_scale(manifest)
+    checkpoint = manifest.resolve(manifest.teacher.checkpoint) or layout.teacher_checkpoint
+    return LabelJob(run_root=str(layout.root), teacher_arch=manifest.teacher.arch,
+                    teacher_checkpoint=str(checkpoint), teacher_allow_partial=manifest.teacher.allow_partial,
+                    concept_embeddings=str(layout.concept_embeddings), codec_json=str(layout.labels_codec),
+                    min_size=scale["min_size"], max_size=scale["max_size"], temperature=cfg.temperature,
+                    faiss_threshold=cfg.faiss_threshold, batch_size=cfg.batch_size,
+                    store_flipped=cfg.store_flipped, fingerprint="", precision=cfg.precision,
+                    decode_threads=decode_threads)
+
+
 def label(run: StageRun) -> dict:
     from pipeline.ray_runtime import actor_cpus, init_ray, map_with_actor_pool
-    from trainer.offline.labels import LabelJob, LabelShardWorker
+    from trainer.offline.labels import LabelShardWorker
     from trainer.offline.region_index import write_region_index
 
     manifest, layout, cfg = run.manifest, run.layout, run.manifest.label
-    shard_ids, scale = run.shard_ids("proposals"), run.settings["scale"]
-    job = LabelJob(run_root=str(layout.root), teacher_arch=manifest.teacher.arch,
-                   teacher_checkpoint=str(run.memo["checkpoint"]), teacher_allow_partial=manifest.teacher.allow_partial,
-                   concept_embeddings=str(layout.concept_embeddings), codec_json=str(layout.labels_codec),
-                   min_size=scale["min_size"], max_size=scale["max_size"], temperature=cfg.temperature,
-                   faiss_threshold=cfg.faiss_threshold, batch_size=cfg.batch_size,
-                   store_flipped=cfg.store_flipped, fingerprint="", precision=cfg.precision)
+    shard_ids = run.shard_ids("proposals")
     init_ray(manifest.ray)
-    job.decode_threads = actor_cpus(cfg.cpus_per_actor)
+    job = label_job(manifest, decode_threads=actor_cpus(cfg.cpus_per_actor))
     codec = ensure_codec(run, job, shard_ids)
     markers = run.markers(fingerprint=marker_fingerprint(run, codec))
     job.fingerprint = markers.fingerprint
@@ -110,6 +119,14 @@ def label(run: StageRun) -> dict:
     return {**markers.summary(shard_ids), "codec": codec, "ray_nodes": sorted(nodes)}
 
 
+def _files_inside(folder, names) -> bool:
+    """Whether every file that codec.json names is in place inside the labels folder."""
+    try:
+        return all(inside(folder, name).is_file() for name in names)
+    except UnsafeName:
+        return False
+
+
 def ensure_codec(run: StageRun, job, shard_ids: list[int]) -> dict:
     """The saved codec if it was built from the same settings, else a new one (PQ: trained on a sample)."""
     from pipeline.ray_runtime import cluster_gpus, run_tasks
@@ -119,8 +136,7 @@ def ensure_codec(run: StageRun, job, shard_ids: list[int]) -> dict:
     manifest, layout, cfg = run.manifest, run.layout, run.manifest.label
     params, build_key = run.settings["codec"], _build_key(run)
     saved = read_codec_description(layout.labels.root)
-    if saved and saved.get("build_key") == build_key and all(
-            (layout.labels.root / name).is_file() for name in saved.get("sha256", {})):
+    if saved and saved.get("build_key") == build_key and _files_inside(layout.labels.root, saved.get("sha256", {})):
         return saved
     sample = None
     if cfg.codec == "pq":

@@ -8,6 +8,7 @@ missing shards only.
 """
 from __future__ import annotations
 
+from pipeline.layout import RunLayout
 from pipeline.runner import Stage, StageRun
 
 
@@ -33,22 +34,32 @@ def shards_done(run: StageRun) -> bool:
     return not run.markers().pending(run.shard_ids())
 
 
+def proposal_job(manifest, checkpoint, *, fingerprint: str = "", rpn_loader: str | None = None,
+                 decode_threads: int = 1, device: str = "auto") -> "ProposalJob":  # noqa: F821
+    """What a proposal worker needs, from the manifest's `proposals` section."""
+    from trainer.offline.proposals import DEFAULT_RPN_LOADER, ProposalJob
+
+    cfg = manifest.proposals
+    return ProposalJob(run_root=str(RunLayout.of(manifest).root), checkpoint=str(checkpoint),
+                       min_size=cfg.min_size, max_size=cfg.max_size, pre_nms_top_n=cfg.pre_nms_top_n,
+                       post_nms_top_n=cfg.post_nms_top_n, nms_thresh=cfg.nms_thresh, batch_size=cfg.batch_size,
+                       fingerprint=fingerprint, rpn_loader=rpn_loader or DEFAULT_RPN_LOADER, device=device,
+                       precision=cfg.precision, decode_threads=decode_threads)
+
+
 def propose(run: StageRun) -> dict:
     from pipeline.ray_runtime import actor_cpus, init_ray, map_with_actor_pool
-    from trainer.offline.proposals import DEFAULT_RPN_LOADER, ProposalJob, ProposalShardWorker
+    from trainer.offline.proposals import DEFAULT_RPN_LOADER, ProposalShardWorker
 
-    cfg, layout, checkpoint = run.manifest.proposals, run.layout, run.memo["checkpoint"]
+    cfg, checkpoint = run.manifest.proposals, run.memo["checkpoint"]
     shard_ids, markers = run.shard_ids(), run.markers()
     pending, nodes = markers.start_pending(shard_ids), set()
     print(f"proposals: {len(shard_ids)} shards ({len(pending)} to do), RPN {checkpoint}")
     if pending:
         init_ray(run.manifest.ray)
-        job = ProposalJob(run_root=str(layout.root), checkpoint=str(checkpoint), min_size=cfg.min_size,
-                          max_size=cfg.max_size, pre_nms_top_n=cfg.pre_nms_top_n,
-                          post_nms_top_n=cfg.post_nms_top_n, nms_thresh=cfg.nms_thresh,
-                          batch_size=cfg.batch_size, fingerprint=run.fingerprint,
-                          rpn_loader=run.options.get("rpn_loader", DEFAULT_RPN_LOADER), precision=cfg.precision,
-                          decode_threads=actor_cpus(cfg.cpus_per_actor))
+        job = proposal_job(run.manifest, checkpoint, fingerprint=run.fingerprint,
+                           rpn_loader=run.options.get("rpn_loader", DEFAULT_RPN_LOADER),
+                           decode_threads=actor_cpus(cfg.cpus_per_actor))
         for row in map_with_actor_pool(ProposalShardWorker, [{"shard": s} for s in pending],
                                        constructor_args=(job,), num_gpus_per_actor=cfg.num_gpus_per_actor,
                                        num_actors=cfg.num_actors, cpus_per_actor=job.decode_threads,

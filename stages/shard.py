@@ -7,6 +7,7 @@ shard as a Ray task. Shards already done under the same settings are skipped.
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 from pipeline.layout import RunLayout, synthetic_world
 from pipeline.ray_runtime import init_ray, run_tasks
@@ -22,12 +23,25 @@ def corpus_identity(run: StageRun) -> dict:
     from pipeline.readers import corpus_fingerprint, read_corpus
 
     manifest = run.manifest
-    rows = read_corpus(manifest)
+    rows = read_corpus(manifest)  # CorpusError here, before any work, when nothing could be sharded
     run.memo["rows"] = rows
     run.memo["shard_ids"] = list(range(math.ceil(rows.num_rows / manifest.shard.samples_per_shard)))
     # The synthetic world is usually inside the run folder: fingerprint its paths relative to it.
     world = synthetic_world(manifest) if manifest.corpus.format == "synthetic" else None
-    return {"format": manifest.corpus.format, "corpus": corpus_fingerprint(rows, world)}
+    corpus = manifest.corpus
+    return {"format": corpus.format, "corpus": corpus_fingerprint(rows, world),
+            "files": {"allow_outside_root": corpus.allow_outside_root, "max_file_bytes": corpus.max_file_bytes}}
+
+
+def shard_options(manifest):
+    """How each shard is written: the shard section's settings and where image files may be read from."""
+    from pipeline.readers import corpus_files
+    from pipeline.shard_writer import ShardOptions
+
+    cfg = manifest.shard
+    return ShardOptions(max_side=cfg.max_side, max_pixels=cfg.max_pixels, min_side=cfg.min_side,
+                        jpeg_quality=cfg.jpeg_quality, max_caption_chars=cfg.max_caption_chars,
+                        key_digits=max(4, len(str(cfg.samples_per_shard - 1))), files=corpus_files(manifest))
 
 
 def shards_done(run: StageRun) -> bool:
@@ -36,14 +50,13 @@ def shards_done(run: StageRun) -> bool:
 
 def write_shards(run: StageRun) -> dict:
     from pipeline.io import write_json
-    from pipeline.shard_writer import ShardOptions, write_shard
+    from pipeline.readers import CorpusError
+    from pipeline.shard_writer import write_shard
 
-    layout, cfg = run.layout, run.manifest.shard
+    layout = run.layout
     rows, shard_ids = run.memo["rows"], run.memo["shard_ids"]
-    per_shard = cfg.samples_per_shard
-    options = ShardOptions(max_side=cfg.max_side, max_pixels=cfg.max_pixels, min_side=cfg.min_side,
-                           jpeg_quality=cfg.jpeg_quality, max_caption_chars=cfg.max_caption_chars,
-                           key_digits=max(4, len(str(per_shard - 1))))
+    per_shard = run.manifest.shard.samples_per_shard
+    options = shard_options(run.manifest)
     markers = run.markers()
     pending = markers.start_pending(shard_ids)
     print(f"shard: {rows.num_rows} rows -> {len(shard_ids)} shards ({len(pending)} to write)")
@@ -55,7 +68,16 @@ def write_shards(run: StageRun) -> dict:
         pass
     sizes = {layout.shard_tar(s).name: markers.shard_stats(s)["counts"]["written"] for s in shard_ids}
     write_json(layout.sizes_json, sizes)
-    return {**markers.summary(shard_ids), "sizes": str(layout.sizes_json)}
+    summary = markers.summary(shard_ids)
+    if not any(sizes.values()):
+        # Every row rejected: the shards' Parquet files say why; the stage is not done, so no later stage
+        # starts on empty shards.
+        reasons = sum((Counter(markers.shard_stats(s).get("status_dict", {})) for s in shard_ids), Counter())
+        reasons.pop("success", None)
+        raise CorpusError(f"corpus.path: {run.manifest.corpus.path!r}: none of its {rows.num_rows} rows was "
+                          f"written ({', '.join(f'{r} {n}' for r, n in reasons.most_common())}); see the "
+                          f"reason column of {layout.shards.root}/*.parquet")
+    return {**summary, "sizes": str(layout.sizes_json)}
 
 
 def sizes_file(layout: RunLayout, manifest) -> list:

@@ -32,6 +32,7 @@ def train(run: StageRun) -> dict:
 
     from pipeline.sidecars import read_caption_concepts
     from pipeline.io import read_json
+    from pipeline.layout import inside
     from trainer.models.clip import create_clip, load_clip, save_clip_checkpoint
     from trainer.engine.loop import TrainFiles
     from trainer.tasks.teacher import retrieval_recall, train_clip, clip_transforms
@@ -40,7 +41,8 @@ def train(run: StageRun) -> dict:
     manifest, layout = run.manifest, run.layout
     cfg, arch = manifest.train_teacher, manifest.teacher.arch
     sizes = read_json(layout.sizes_json)
-    tars = [layout.shards.root / name for name in sorted(sizes) if sizes[name] > 0]
+    # sizes.json names the tars: each name must stay inside shards/ (pipeline.layout.inside).
+    tars = [inside(layout.shards.root, name) for name in sorted(sizes) if sizes[name] > 0]
     if not tars:
         raise ValueError("train-teacher: the shards hold no images")
     # The last shard is held out for retrieval; with a single shard it is both (flagged in_sample).

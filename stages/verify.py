@@ -45,7 +45,7 @@ def run(manifest: RunManifest, args=None) -> dict:
     print(f"verify: {len(damages)} damaged file(s) in {len({(d.stage, d.shard) for d in damages})} "
           f"shard(s)/output(s)")
     if repair:
-        result["repair"] = quarantine(layout, damages)
+        result["repair"] = quarantine(manifest, damages)
         print(f"verify: quarantined {len(result['repair']['moved'])} file(s) as *.damaged; stages "
               f"{', '.join(result['repair']['stages'])} marked damaged: rerun them to redo exactly those shards")
     else:

@@ -135,7 +135,7 @@ def test_embed_stage_outputs_and_what_reruns(ray_local, teacher, tmp_path, write
         k, e = read_caption_embeddings(layout.caption_embeddings, s)
         assert e.dtype == np.float16 and e.shape == (len(k), 64)
         shard_rows = pq.read_table(layout.shards.parquet(s)).to_pylist()
-        assert k == [r["key"] for r in shard_rows if r["status"] == "ok"]
+        assert k == [r["key"] for r in shard_rows if r["status"] == "success"]
         keys += k
         caps.append(e)
     np.testing.assert_allclose(np.concatenate(caps).astype(np.float32),

@@ -1,7 +1,7 @@
 """Hostile input for every stage: each gets a clear error or a counted skip; nothing runs code from data.
 
-(The shard stage's hostile rows, unsafe tar members of an img2dataset input included, are in
-tests/test_shard.py and tests/test_images.py.)"""
+(The shard stage's hostile rows are in tests/test_hostile_corpus.py, tests/test_shard.py and
+tests/test_images.py; names read back from a run folder in tests/test_hostile_run_folder.py.)"""
 from __future__ import annotations
 
 import json

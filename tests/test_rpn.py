@@ -246,3 +246,22 @@ def test_rpn_purposes_fall_back_to_the_proposals_rpn(write_manifest):
         m.rpn_checkpoint("detect")
     plain = write_manifest("", name="plain")                                 # nothing set: train-rpn's output
     assert rpn_checkpoint_file(plain, "zero_shot") == RunLayout.of(plain).rpn_checkpoint
+
+
+def test_anchors_stay_fp32_under_bf16_autocast():
+    """torchvision makes anchors in the feature maps' dtype; under bf16 autocast a 1216-px-wide image's
+    anchors would be rounded by up to several pixels. propose() builds them from fp32 features."""
+    torch.manual_seed(0)
+    rpn = build_rpn("resnet18_fpn", min_size=256, max_size=1216).eval()
+    made = []
+    generate = rpn.rpn.anchor_generator.forward
+    rpn.rpn.anchor_generator.forward = lambda images, features: made.append(generate(images, features)) or made[-1]
+    image = [torch.rand(3, 200, 1216)]
+    with torch.no_grad():
+        rpn.propose(image, min_size=256, max_size=1216, pre_nms_top_n=50, post_nms_top_n=10)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            rpn.propose(image, min_size=256, max_size=1216, pre_nms_top_n=50, post_nms_top_n=10)
+    fp32, bf16 = made[0][0], made[1][0]
+    assert bf16.dtype == torch.float32
+    assert torch.equal(fp32, bf16)
+    assert fp32[:, 2].max() > 1000    # anchors out where bf16 spacing (8 px) would have rounded them

@@ -55,6 +55,8 @@ def another_value(annotation, value):
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if isinstance(value, list):
         return value + value[:1] if value else [{int: 7, str: "other"}[args[0]]]
+    if isinstance(value, dict):
+        return {**value, "other": "other"}
     if typing.get_origin(annotation) is typing.Literal:
         return next(a for a in args if a != value)
     if isinstance(value, str):

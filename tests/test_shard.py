@@ -35,7 +35,7 @@ def assert_balanced(layout: RunLayout, n_in: int) -> list[dict]:
     counts = manifest["counts"]
     samples = tar_samples(layout)
     assert counts["in"] == n_in == len(rows)
-    assert counts["written"] == len(samples) == sum(r["status"] == "ok" for r in rows)
+    assert counts["written"] == len(samples) == sum(r["status"] == "success" for r in rows)
     assert counts["in"] == counts["written"] + counts["rejected"]
     assert len({r["key"] for r in rows}) == len(rows), "keys must be unique in the run"
     return rows
@@ -52,13 +52,14 @@ def test_folder_corpus_with_hostile_rows(ray_local, tmp_path, write_manifest):
     rows = assert_balanced(layout, corpus["rows"])
     by_stem = {Path(r["source_id"]).stem: r for r in rows}
     for stem, reason in corpus["expected_rejected"].items():
-        assert by_stem[stem]["status"] == "rejected", stem
-        assert by_stem[stem]["error"].startswith(reason), (stem, by_stem[stem]["error"])
+        assert by_stem[stem]["status"].startswith("failed_"), stem
+        assert by_stem[stem]["reason"] == reason, (stem, by_stem[stem]["error_message"])
+        assert by_stem[stem]["error_message"].startswith(reason)
     # unusual modes are converted, not rejected
     samples = tar_samples(layout)
     for stem in ["cmyk", "gray", "rgba", "palette", "gray16"]:
         row = by_stem[stem]
-        assert row["status"] == "ok", (stem, row["error"])
+        assert row["status"] == "success", (stem, row["error_message"])
         img = Image.open(__import__("io").BytesIO(samples[row["key"]]["jpg"]))
         assert img.mode == "RGB" and img.format == "JPEG"
     meta = json.loads(samples[by_stem["good00"]["key"]]["json"])
@@ -79,7 +80,7 @@ def test_cc3m_tsv_with_and_without_header(ray_local, tmp_path, write_manifest):
         m.output_dir = str(root / "out")
         shard.run(m)
         rows = assert_balanced(RunLayout.of(m), 8)
-        errors = [r["error"].split(":")[0] for r in rows if r["status"] == "rejected"]
+        errors = [r["reason"] for r in rows if r["status"] != "success"]
         assert sorted(errors) == ["duplicate_row", "missing_file", "remote_url"]
 
 
@@ -88,8 +89,8 @@ def test_coco_captions_several_per_image(ray_local, tmp_path, write_manifest):
     m = write_manifest(f"corpus: {{format: coco_captions, path: {path}, images_root: {path.parent / 'train2017'}}}\n")
     shard.run(m)
     rows = assert_balanced(RunLayout.of(m), 4)     # one row per image (+ the orphan caption's)
-    assert sum(r["status"] == "ok" for r in rows) == 3
-    assert [r["error"].split(":")[0] for r in rows if r["status"] == "rejected"] == ["unknown_image_id"]
+    assert sum(r["status"] == "success" for r in rows) == 3
+    assert [r["reason"] for r in rows if r["status"] != "success"] == ["unknown_image_id"]
     assert rows[0]["caption"] == "caption 0 of image 0\ncaption 1 of image 0\ncaption 2 of image 0"
 
 
@@ -115,10 +116,10 @@ def test_several_captions_of_one_image_make_one_sample(tmp_path, write_manifest)
         ([b"a dog on a sofa"], "duplicate_row: same image and caption as captions.tsv:2")]
 
     import pyarrow as pa
-    from pipeline.readers import ROW_SCHEMA
+    from pipeline.readers import ROW_SCHEMA, corpus_files
     shards = StageDir(tmp_path / "shards")
     options = ShardOptions(max_side=1333, max_pixels=10**8, min_side=8, jpeg_quality=95, max_caption_chars=2000,
-                           key_digits=4)
+                           key_digits=4, files=corpus_files(m))
     stats = write_shard(0, pa.Table.from_pylist(rows, schema=ROW_SCHEMA), options, shards,
                         shards.root / "00000.tar", "fp")
     assert stats["counts"] == {"in": 3, "written": 2, "rejected": 1}
@@ -135,7 +136,7 @@ def test_img2dataset_input_and_our_shards_round_trip(ray_local, tmp_path, write_
     m = write_manifest(f"corpus: {{format: img2dataset, path: {folder}}}\n")
     shard.run(m)
     rows = assert_balanced(RunLayout.of(m), 6)
-    rejected = sorted(r["error"].split(":")[0] for r in rows if r["status"] == "rejected")
+    rejected = sorted(r["reason"] for r in rows if r["status"] != "success")
     assert rejected == ["unsafe_tar_member", "unsafe_tar_member"]
     assert not (tmp_path / "evil.jpg").exists()
 
@@ -157,9 +158,9 @@ def test_truncated_tar_is_reported_not_fatal(ray_local, tmp_path, write_manifest
     rows_in = read_corpus(m).num_rows
     shard.run(m)
     rows = assert_balanced(RunLayout.of(m), rows_in)
-    reasons = [r["error"].split(":")[0] for r in rows if r["status"] == "rejected"]
+    reasons = [r["reason"] for r in rows if r["status"] != "success"]
     assert "truncated_tar" in reasons
-    assert sum(r["status"] == "ok" for r in rows) >= 1
+    assert sum(r["status"] == "success" for r in rows) >= 1
 
 
 def test_resize_only_oversized_and_keep_original_bytes(ray_local, tmp_path, write_manifest):

@@ -22,10 +22,11 @@ from tests.corpora import add_tar_member
 
 def test_shard_rows_round_trip(tmp_path):
     shards = StageDir(tmp_path / "shards")
-    rows = [{"key": sample_key(3, 0), "caption": "two kites", "status": "ok", "error": None, "width": 64,
-             "height": 48, "bytes": 1234},
-            {"key": sample_key(3, 1), "caption": "", "status": "rejected", "error": "empty_caption"},
-            {"key": sample_key(3, 2), "caption": "a cup", "status": "ok", "width": 32, "height": 40}]
+    rows = [{"key": sample_key(3, 0), "caption": "two kites", "status": "success", "error_message": None,
+             "width": 64, "height": 48, "bytes": 1234},
+            {"key": sample_key(3, 1), "caption": "", "status": "failed_caption", "reason": "empty_caption",
+             "error_message": "empty_caption"},
+            {"key": sample_key(3, 2), "caption": "a cup", "status": "success", "width": 32, "height": 40}]
     path = write_shard_rows(shards, 3, rows)
     assert path == shards.parquet(3) and pq.read_schema(path).equals(SHARD_ROWS_SCHEMA)
     assert written_keys(shards, 3) == [{"key": "000030000", "width": 64, "height": 48},

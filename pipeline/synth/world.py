@@ -27,7 +27,9 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from pipeline.config import SynthConfig
+from pipeline.images import open_rgb
 from pipeline.io import atomic_path, write_bytes
+from pipeline.layout import inside
 from pipeline.synth.scene import SceneObject, render_scene
 from pipeline.synth.shapes import CATEGORIES
 
@@ -215,7 +217,7 @@ def write_contact_sheet(world_dir: Path, out_png: Path, n: int = 16, split: str 
     sheet = Image.new("RGB", (columns * cell, rows * cell), (40, 40, 40))
     font = ImageFont.load_default()
     for k, record in enumerate(images):
-        picture = Image.open(world_dir / record["file_name"]).convert("RGB")
+        picture = open_rgb(inside(world_dir, record["file_name"]))
         scale = min((cell - 8) / picture.width, (cell - 8) / picture.height)
         picture = picture.resize((round(picture.width * scale), round(picture.height * scale)),
                                  Image.BILINEAR)

@@ -1,12 +1,15 @@
 """CLIP models: an open_clip architecture (or a model config JSON of ours) plus weights from a local file.
 
-Nothing here downloads. Weights come from a file the user put on disk, in one of three formats:
+Nothing here downloads. Weights come from a file the user put on disk, in one of these formats:
   - OpenAI's release (a TorchScript archive such as RN50.pt, or its state dict saved with torch.save),
   - a plain state dict with open_clip's key names,
-  - an open_clip training checkpoint ({"state_dict": ..., "epoch": ...}, keys maybe prefixed `module.`).
+  - an open_clip training checkpoint ({"state_dict": ..., "epoch": ...}, keys maybe prefixed `module.`),
+  - open_clip's safetensors release (`open_clip_model.safetensors`, a file ending in .safetensors),
+  - a pretrained RegionCLIP region encoder (regionclip_pretrained-cc_rn50.pth, detectron2's
+    {"model": ...}; its keys are mapped by trainer/models/reference_weights.py).
 For ResNet CLIPs open_clip's `CLIP` class uses OpenAI's key names, so converting is prefix stripping.
-Files that are not TorchScript are read with `torch.load(weights_only=True)`: a file that pickles
-Python objects is refused, never executed.
+Files that are not TorchScript or safetensors are read with `torch.load(weights_only=True)`: a file
+that pickles Python objects is refused, never executed (safetensors holds tensors only).
 
     model, tokenizer = load_clip("RN50", "weights/RN50.pt")
     model, tokenizer = create_clip("RN50-tiny")          # random weights, for tests and the demo
@@ -150,11 +153,22 @@ def _missing_checkpoint_message(path: Path, arch: str) -> str:
 
 def read_clip_state_dict(path: PathLike) -> tuple[dict[str, torch.Tensor], str, dict]:
     """The tensors of a checkpoint file, its format ('openai-torchscript', 'openai-state-dict',
-    'open_clip-checkpoint' or 'state-dict') and the checkpoint's other entries (name, epoch, ...).
-    Keys come back without `module.` prefixes."""
+    'open_clip-checkpoint', 'open_clip-safetensors', 'state-dict' or reference_weights'
+    REFERENCE_FORMAT) and the checkpoint's other entries (name, epoch, ...). Keys come back without
+    `module.` prefixes; a RegionCLIP file's keys come back as the reference names them."""
+    from trainer.models.reference_weights import REFERENCE_FORMAT, reference_state_dict
+
     path = Path(path).expanduser()
     info: dict = {}
-    if _is_torchscript_archive(path):
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state_dict, fmt = load_file(str(path), device="cpu"), "open_clip-safetensors"
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+    elif _is_torchscript_archive(path):
         # OpenAI's release format. torch.jit.load reads TorchScript (a restricted language, no pickled
         # Python) and nothing is run; open_clip's load_openai_model takes its state dict the same way.
         with warnings.catch_warnings():
@@ -173,6 +187,9 @@ def read_clip_state_dict(path: PathLike) -> tuple[dict[str, torch.Tensor], str, 
         except Exception as err:  # noqa: BLE001 - a corrupt or foreign file
             raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: "
                                   f"{err})") from None
+        reference = reference_state_dict(obj)
+        if reference is not None:   # detectron2's {"model": ...}: renamed by the region encoder's key map
+            return reference, REFERENCE_FORMAT, {k: v for k, v in obj.items() if k == "iteration"}
         if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
             state_dict, fmt = dict(obj["state_dict"]), "open_clip-checkpoint"
             info = {k: v for k, v in obj.items() if k != "state_dict"}
@@ -181,7 +198,7 @@ def read_clip_state_dict(path: PathLike) -> tuple[dict[str, torch.Tensor], str, 
         else:
             top = sorted(map(str, obj))[:10] if isinstance(obj, dict) else type(obj).__name__
             raise CheckpointError(f"{path}: no weights found: expected a state dict or a dict with "
-                                  f"'state_dict', got {top}")
+                                  f"'state_dict' (or a detectron2 file with 'model'), got {top}")
     # DDP wraps the model as `module`; open_clip's trainer saves those prefixes.
     state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
     # OpenAI's files carry hyperparameters as tensors and keep most weights in float16.
@@ -277,18 +294,24 @@ def load_fitting(model: nn.Module, state_dict: dict, report: LoadReport, name: s
 def load_clip(arch: str, checkpoint: PathLike, allow_partial: bool = False,
               device: Union[str, torch.device] = "cpu", quick_gelu: Optional[bool] = None):
     """An open_clip model `arch` with weights from the local file `checkpoint`, in eval mode, and its
-    tokenizer. `quick_gelu=None`: QuickGELU for OpenAI files (how OpenAI trained them) and for our
-    checkpoints that recorded it; nn.GELU otherwise."""
+    tokenizer. `quick_gelu=None`: QuickGELU for OpenAI files (how OpenAI trained them), RegionCLIP's
+    files (OpenAI's text encoder) and our checkpoints that recorded it; nn.GELU otherwise."""
     path = Path(checkpoint).expanduser()
     if not path.is_file():
         raise CheckpointNotFoundError(_missing_checkpoint_message(path, arch))
+    from trainer.models.reference_weights import REFERENCE_FORMAT, load_region_encoder_weights
+
     state_dict, fmt, info = read_clip_state_dict(path)
-    if quick_gelu is None:
-        quick_gelu = fmt.startswith("openai") or bool(info.get("quick_gelu", False))
+    if quick_gelu is None:   # RegionCLIP keeps OpenAI's text encoder (QuickGELU) frozen
+        quick_gelu = fmt.startswith("openai") or fmt == REFERENCE_FORMAT or bool(info.get("quick_gelu", False))
     model, tokenizer = create_clip(arch, quick_gelu=quick_gelu)
     try:
-        report = load_clip_state_dict(model, state_dict, allow_partial=allow_partial, source=str(path),
-                                      fmt=fmt, arch=arch)
+        if fmt == REFERENCE_FORMAT:
+            report = load_region_encoder_weights(model, state_dict, source=str(path), arch=arch,
+                                                 allow_partial=allow_partial)
+        else:
+            report = load_clip_state_dict(model, state_dict, allow_partial=allow_partial, source=str(path),
+                                          fmt=fmt, arch=arch)
     except CheckpointError as err:
         saved_as = info.get("name")
         if isinstance(saved_as, str) and saved_as != arch:

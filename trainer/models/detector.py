@@ -412,15 +412,25 @@ def save_detector(detector: OpenVocabDetector, path: Union[str, os.PathLike], **
 
 
 def read_checkpoint_kind(path: Union[str, os.PathLike]) -> str:
-    """'detector' for a file written by save_detector, 'clip' for any CLIP checkpoint."""
+    """'detector' for a file written by save_detector or a transferred RegionCLIP detector (detectron2
+    file), 'clip' for any CLIP checkpoint (a pretrained RegionCLIP region encoder too)."""
+    from trainer.models.reference_weights import reference_kind, reference_state_dict
+
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointNotFoundError(f"{path}: no such checkpoint file")
+    if path.suffix == ".safetensors":
+        return "clip"
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - TorchScript (OpenAI) or unreadable: left to load_clip
         return "clip"
-    return "detector" if isinstance(obj, dict) and obj.get("format") == DETECTOR_FORMAT else "clip"
+    if isinstance(obj, dict) and obj.get("format") == DETECTOR_FORMAT:
+        return "detector"
+    reference = reference_state_dict(obj)
+    if reference is not None and reference_kind(reference) == "detector":
+        return "detector"
+    return "clip"
 
 
 def load_detector_state(detector: OpenVocabDetector, state_dict: dict, source: str,
@@ -436,21 +446,31 @@ def build_detector(arch: str, checkpoint: Union[str, os.PathLike], class_embeddi
                    settings: Optional[DetectorSettings] = None, allow_partial: bool = False,
                    device: Union[str, torch.device] = "cpu",
                    class_names: Optional[Sequence[str]] = None) -> OpenVocabDetector:
-    """A detector from a detector checkpoint (exact key match required) or a CLIP checkpoint (teacher,
-    pretrain student: the visual tower initialises the backbone and box head, the box regressor is new).
+    """A detector from a detector checkpoint (exact key match required: save_detector's, or a
+    transferred RegionCLIP detector, reference_weights.py) or a CLIP checkpoint (teacher, pretrain
+    student: the visual tower initialises the backbone and box head, the box regressor is new).
 
-    `settings` None: the detector checkpoint's own settings (default settings for a CLIP checkpoint)."""
+    `settings` None: the detector checkpoint's own settings (default settings for a CLIP checkpoint or
+    a RegionCLIP detector)."""
+    from trainer.models.reference_weights import detector_from_reference, reference_state_dict
+
     path = Path(checkpoint).expanduser()
     if read_checkpoint_kind(path) == "detector":
         payload = torch.load(path, map_location="cpu", weights_only=True)
-        saved_arch = payload.get("arch") or arch
-        if arch and saved_arch and arch != saved_arch:
-            raise CheckpointError(f"{path}: a detector for {saved_arch!r}, asked to load as {arch!r}")
-        if settings is None:
-            settings = DetectorSettings.from_dict(payload.get("settings", {}))
-        model, _ = create_clip(saved_arch)
-        detector = OpenVocabDetector(model.visual, class_embeddings, settings, arch=saved_arch)
-        load_detector_state(detector, payload["state_dict"], str(path), allow_partial)
+        reference = reference_state_dict(payload)
+        if reference is not None:
+            detector = detector_from_reference(reference, source=str(path), arch=arch,
+                                               class_embeddings=class_embeddings, settings=settings,
+                                               allow_partial=allow_partial)
+        else:
+            saved_arch = payload.get("arch") or arch
+            if arch and saved_arch and arch != saved_arch:
+                raise CheckpointError(f"{path}: a detector for {saved_arch!r}, asked to load as {arch!r}")
+            if settings is None:
+                settings = DetectorSettings.from_dict(payload.get("settings", {}))
+            model, _ = create_clip(saved_arch)
+            detector = OpenVocabDetector(model.visual, class_embeddings, settings, arch=saved_arch)
+            load_detector_state(detector, payload["state_dict"], str(path), allow_partial)
     else:
         model, _ = load_clip(arch, path, allow_partial=allow_partial)
         detector = OpenVocabDetector(model.visual, class_embeddings, settings, arch=arch)

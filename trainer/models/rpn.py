@@ -12,39 +12,52 @@ with one "object" class. Backbones:
   - resnet50_fpn: torchvision's ResNet-50-FPN (the paper's RPN), from a local weights file
     (torchvision ImageNet ResNet-50 or a Faster R-CNN R50-FPN state dict) or from scratch;
   - resnet18_fpn: the same with ResNet-18 (fast on a CPU; for the demo and tests);
+  - resnet50_c4: torchvision's ResNet-50 up to layer3 (res4, stride 16), one level: detectron2's R50-C4;
   - clip_res4: the stride-16 res4 map of a CLIP ResNet (open_clip, e.g. the teacher), one level.
 With a weights file the BatchNorms are frozen (torchvision's FrozenBatchNorm2d) and the stem and res2
 do not train, as in detectron2; from scratch every layer trains with ordinary BatchNorm.
+
+RegionCLIP's released RPNs are detectron2 models; `load_rpn` reads them too (reference_weights.py maps
+their keys) and builds the network with the options that make torchvision's parts compute what
+detectron2's do: `stride_in_1x1`, `anchor_layout="detectron2"`, `pixel_mean`/`pixel_std`, `fpn_norm`,
+`head_convs` (see build_rpn).
 
 Boxes that `propose` returns are float32 x1,y1,x2,y2 in the *original* input image pixels, ordered by
 objectness (logits, not probabilities). Checkpoints are read with torch.load(weights_only=True).
 """
 from __future__ import annotations
 
+import math
 import os
 import pickle
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
+from torchvision.models import resnet50
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import FrozenBatchNorm2d, batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
+from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
 from pipeline.io import atomic_path
 from trainer.models.clip import CLIP_MEAN, CLIP_STD, CheckpointError, CheckpointNotFoundError, load_clip
 
-BACKBONES = ("resnet50_fpn", "resnet18_fpn", "clip_res4")
+BACKBONES = ("resnet50_fpn", "resnet18_fpn", "resnet50_c4", "clip_res4")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FPN_LEVELS = 5                                   # P2..P5 + the max-pooled P6
 DEFAULT_FPN_ANCHORS = (32, 64, 128, 256, 512)    # one size per FPN level (torchvision, detectron2)
 DEFAULT_C4_ANCHORS = (32, 64, 128, 256, 512)     # all sizes on the single res4 level
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
+FPN_STRIDES = (4, 8, 16, 32, 64)                 # P2..P6
+C4_STRIDE = 16
+ANCHOR_LAYOUTS = ("torchvision", "detectron2")
 
 PathLike = Union[str, os.PathLike]
 
@@ -74,6 +87,71 @@ class ClipRes4Backbone(nn.Module):
         v = self.visual
         x = v.stem(x)
         return OrderedDict([("0", v.layer3(v.layer2(v.layer1(x))))])
+
+
+class ResNetC4Backbone(nn.Module):
+    """torchvision's ResNet-50 up to layer3 (res4, stride 16) as a one-level detection backbone: the
+    backbone of detectron2's R50-C4 RPN (its res5 belongs to the box head, not to the RPN)."""
+
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        del body.layer4, body.avgpool, body.fc
+        self.body = body
+        self.out_channels = body.layer3[-1].conv3.out_channels
+
+    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
+        b = self.body
+        x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
+        return OrderedDict([("0", b.layer3(b.layer2(b.layer1(x))))])
+
+
+def _resnet_c4_backbone(frozen_bn: bool, trainable_layers: int) -> ResNetC4Backbone:
+    norm = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
+    backbone = ResNetC4Backbone(resnet50(weights=None, norm_layer=norm))
+    # torchvision's rule (_resnet_fpn_extractor), counted from the top: 3 = layer3, layer2, layer1 train.
+    layers_to_train = ["layer3", "layer2", "layer1", "conv1"][:trainable_layers]
+    for name, parameter in backbone.body.named_parameters():
+        if all(not name.startswith(layer) for layer in layers_to_train):
+            parameter.requires_grad_(False)
+    return backbone
+
+
+def _move_stride_to_1x1(body: nn.Module) -> None:
+    """detectron2's STRIDE_IN_1X1 (the MSRA ResNets): a stage's first block strides in its 1x1 conv,
+    not in the 3x3 as torchvision's does. The weights have the same shapes either way."""
+    for name in ("layer2", "layer3", "layer4"):
+        layer = getattr(body, name, None)
+        if layer is not None:
+            block = layer[0]
+            block.conv1.stride, block.conv2.stride = block.conv2.stride, (1, 1)
+
+
+class Detectron2AnchorGenerator(AnchorGenerator):
+    """detectron2's DefaultAnchorGenerator (offset 0) behind torchvision's interface. Two differences
+    with torchvision's own: a level's cell anchors are ordered size-major then aspect ratio and are not
+    rounded to whole pixels, and each level's stride is fixed (torchvision derives it as padded image
+    size // grid size, which for P6 of an 800-pixel image is 61, not 64). Anchors are float32 always."""
+
+    def __init__(self, sizes, aspect_ratios, strides: Sequence[int]):
+        super().__init__(sizes, aspect_ratios)
+        self.strides = tuple(int(s) for s in strides)
+
+    def generate_anchors(self, scales, aspect_ratios, dtype: torch.dtype = torch.float32,
+                         device: torch.device = torch.device("cpu")) -> Tensor:
+        anchors = []
+        for size in scales:
+            for ratio in aspect_ratios:    # ratio = height / width, area size^2 (detectron2's algebra)
+                w = math.sqrt(float(size) ** 2 / float(ratio))
+                h = float(ratio) * w
+                anchors.append([-w / 2.0, -h / 2.0, w / 2.0, h / 2.0])
+        return torch.tensor(anchors, dtype=dtype, device=device)
+
+    def forward(self, image_list, feature_maps: list[Tensor]) -> list[Tensor]:
+        device = feature_maps[0].device
+        strides = [[torch.tensor(s, dtype=torch.int64, device=device)] * 2 for s in self.strides]
+        self.set_cell_anchors(torch.float32, device)
+        per_level = self.grid_anchors([f.shape[-2:] for f in feature_maps], strides)
+        return [torch.cat(per_level) for _ in image_list.image_sizes]
 
 
 def _freeze_bn(module: nn.Module) -> nn.Module:
@@ -113,10 +191,15 @@ def _torchvision_state_dict(path: Path) -> dict:
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
 
 
-def _resnet_fpn_backbone(name: str, weights: Optional[PathLike], frozen_bn: bool, trainable_layers: int):
+def _resnet_fpn_backbone(name: str, frozen_bn: bool, trainable_layers: int, fpn_norm: bool = False):
     norm = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
-    return resnet_fpn_backbone(backbone_name=name, weights=None, norm_layer=norm,
-                               trainable_layers=trainable_layers)
+    net = resnet_fpn_backbone(backbone_name=name, weights=None, norm_layer=norm,
+                              trainable_layers=trainable_layers)
+    if fpn_norm:   # every FPN conv followed by a (frozen) BatchNorm, its conv without bias
+        in_channels = [block[0].in_channels for block in net.fpn.inner_blocks]
+        net.fpn = FeaturePyramidNetwork(in_channels, net.out_channels, extra_blocks=LastLevelMaxPool(),
+                                        norm_layer=FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d)
+    return net
 
 
 def _load_resnet_weights(model: "ProposalNetwork", path: PathLike) -> dict:
@@ -217,7 +300,8 @@ class ProposalNetwork(nn.Module):
             with torch.autocast(image_list.tensors.device.type, enabled=False):
                 objectness = [o.float() for o in objectness]
                 deltas = [d.float() for d in deltas]
-                anchors = self.rpn.anchor_generator(image_list, features)
+                # torchvision builds anchors in the feature maps' dtype: bf16 would round them by pixels
+                anchors = self.rpn.anchor_generator(image_list, [f.float() for f in features])
                 per_level = [o[0].numel() for o in objectness]
                 objectness, deltas = concat_box_prediction_layers(objectness, deltas)
                 proposals = self.rpn.box_coder.decode(deltas, [a.float() for a in anchors]).view(len(images), -1, 4)
@@ -261,16 +345,27 @@ def build_rpn(backbone: str = "resnet50_fpn", backbone_weights: Optional[PathLik
               clip_arch: Optional[str] = None, anchor_sizes: Optional[Sequence[int]] = None, *,
               min_size: int = 800, max_size: int = 1333, frozen_bn: Optional[bool] = None,
               trainable_layers: Optional[int] = None, fg_iou_thresh: float = 0.7, bg_iou_thresh: float = 0.3,
-              batch_size_per_image: int = 256, positive_fraction: float = 0.5) -> ProposalNetwork:
-    """A class-agnostic RPN. `backbone`: resnet50_fpn, resnet18_fpn or clip_res4 (needs `clip_arch`).
-    `backbone_weights`: a local file (None: random init). `anchor_sizes`: for FPN backbones one size
-    per level (5), for clip_res4 any sizes, all on the res4 map; 3 aspect ratios each.
-    `frozen_bn` (default: frozen iff weights are given) and `trainable_layers` (default 3 with
-    weights, all without) follow torchvision's resnet_fpn_backbone."""
+              batch_size_per_image: int = 256, positive_fraction: float = 0.5,
+              stride_in_1x1: bool = False, anchor_layout: str = "torchvision",
+              pixel_mean: Optional[Sequence[float]] = None, pixel_std: Optional[Sequence[float]] = None,
+              fpn_norm: bool = False, head_convs: int = 1) -> ProposalNetwork:
+    """A class-agnostic RPN. `backbone`: resnet50_fpn, resnet18_fpn, resnet50_c4 or clip_res4 (needs
+    `clip_arch`). `backbone_weights`: a local file (None: random init). `anchor_sizes`: for FPN backbones
+    one size per level (5), for one-level backbones any sizes, all on the stride-16 map; 3 aspect ratios
+    each. `frozen_bn` (default: frozen iff weights are given) and `trainable_layers` (default 3 with
+    weights, all without) follow torchvision's resnet_fpn_backbone.
+
+    The remaining options reproduce a detectron2 RPN (RegionCLIP's released ones, reference_weights.py):
+    `stride_in_1x1` (ResNet stages stride in the first block's 1x1 conv), `anchor_layout` "detectron2"
+    (Detectron2AnchorGenerator), `pixel_mean`/`pixel_std` (RGB, for images in 0..1; default ImageNet's,
+    CLIP's for clip_res4), `fpn_norm` (a frozen BatchNorm after every FPN conv) and `head_convs` (3x3
+    convs in the RPN head before its two predictors)."""
     if backbone not in BACKBONES:
         raise ValueError(f"unknown RPN backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
+    if anchor_layout not in ANCHOR_LAYOUTS:
+        raise ValueError(f"unknown anchor_layout {anchor_layout!r}; choose one of {', '.join(ANCHOR_LAYOUTS)}")
     frozen_bn = backbone_weights is not None if frozen_bn is None else bool(frozen_bn)
-    fpn = backbone != "clip_res4"
+    fpn = backbone.endswith("_fpn")
     if trainable_layers is None:
         trainable_layers = 3 if backbone_weights is not None else (5 if fpn else 4)
     if fpn:
@@ -278,17 +373,30 @@ def build_rpn(backbone: str = "resnet50_fpn", backbone_weights: Optional[PathLik
         if len(sizes) != FPN_LEVELS:
             raise ValueError(f"{backbone}: anchor_sizes needs one size per FPN level ({FPN_LEVELS}), got "
                              f"{list(sizes)}")
-        net = _resnet_fpn_backbone(backbone.split("_")[0], None, frozen_bn, trainable_layers)
-        generator = AnchorGenerator(tuple((s,) for s in sizes), (ASPECT_RATIOS,) * FPN_LEVELS)
-        mean, std = IMAGENET_MEAN, IMAGENET_STD
+        net = _resnet_fpn_backbone(backbone.split("_")[0], frozen_bn, trainable_layers, fpn_norm)
+        level_sizes, strides = tuple((s,) for s in sizes), FPN_STRIDES
     else:
-        if not clip_arch:
+        if fpn_norm:
+            raise ValueError(f"fpn_norm needs an FPN backbone, not {backbone}")
+        if backbone == "clip_res4" and not clip_arch:
             raise ValueError("the clip_res4 backbone needs clip_arch (e.g. teacher.arch: RN50)")
         sizes = tuple(int(s) for s in (anchor_sizes or DEFAULT_C4_ANCHORS))
-        net = _clip_backbone(clip_arch, backbone_weights, frozen_bn, trainable_layers)
-        generator = AnchorGenerator((sizes,), (ASPECT_RATIOS,))
-        mean, std = CLIP_MEAN, CLIP_STD
-    head = RPNHead(net.out_channels, generator.num_anchors_per_location()[0])
+        if backbone == "clip_res4":
+            net = _clip_backbone(clip_arch, backbone_weights, frozen_bn, trainable_layers)
+        else:
+            net = _resnet_c4_backbone(frozen_bn, trainable_layers)
+        level_sizes, strides = (sizes,), (C4_STRIDE,)
+    if stride_in_1x1:
+        if backbone == "clip_res4":
+            raise ValueError("stride_in_1x1 is a torchvision ResNet option; clip_res4 has its own blocks")
+        _move_stride_to_1x1(net.body)
+    ratios = (ASPECT_RATIOS,) * len(level_sizes)
+    generator = (Detectron2AnchorGenerator(level_sizes, ratios, strides) if anchor_layout == "detectron2"
+                 else AnchorGenerator(level_sizes, ratios))
+    default_mean, default_std = (CLIP_MEAN, CLIP_STD) if backbone == "clip_res4" else (IMAGENET_MEAN, IMAGENET_STD)
+    mean = tuple(float(v) for v in (pixel_mean or default_mean))
+    std = tuple(float(v) for v in (pixel_std or default_std))
+    head = RPNHead(net.out_channels, generator.num_anchors_per_location()[0], conv_depth=int(head_convs))
     rpn = RegionProposalNetwork(
         generator, head, fg_iou_thresh=fg_iou_thresh, bg_iou_thresh=bg_iou_thresh,
         batch_size_per_image=batch_size_per_image, positive_fraction=positive_fraction,
@@ -301,9 +409,11 @@ def build_rpn(backbone: str = "resnet50_fpn", backbone_weights: Optional[PathLik
               "min_size": int(min_size), "max_size": int(max_size), "frozen_bn": frozen_bn,
               "trainable_layers": int(trainable_layers), "fg_iou_thresh": fg_iou_thresh,
               "bg_iou_thresh": bg_iou_thresh, "batch_size_per_image": batch_size_per_image,
-              "positive_fraction": positive_fraction}
+              "positive_fraction": positive_fraction, "stride_in_1x1": bool(stride_in_1x1),
+              "anchor_layout": anchor_layout, "pixel_mean": list(mean), "pixel_std": list(std),
+              "fpn_norm": bool(fpn_norm), "head_convs": int(head_convs)}
     model = ProposalNetwork(transform, net, rpn, config)
-    if backbone_weights is not None and fpn:
+    if backbone_weights is not None and backbone != "clip_res4":
         model.weights_report = _load_resnet_weights(model, backbone_weights)
     return model
 
@@ -318,7 +428,8 @@ def _torch_load(path: Path):
         raise CheckpointError(f"{path}: refused: the file pickles Python objects, and checkpoints are only "
                               f"read with torch.load(weights_only=True) ({first}). Re-save it as plain "
                               "tensors and plain data.") from None
-    except Exception as err:  # noqa: BLE001 - a corrupt or foreign file
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        # What torch.load raises for a corrupt or foreign file; a MemoryError is no property of the file.
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") \
             from None
 
@@ -342,20 +453,30 @@ def save_rpn_checkpoint(model: ProposalNetwork, path: PathLike, recall: Optional
 
 
 def load_rpn(path: PathLike, device: Union[str, torch.device] = "cpu") -> ProposalNetwork:
-    """The RPN saved at `path`, in eval mode. Refuses files that pickle code (weights_only=True)."""
+    """The RPN saved at `path` (save_rpn_checkpoint's file, or one of RegionCLIP's released detectron2
+    RPNs), in eval mode. Refuses files that pickle code (weights_only=True)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise RpnCheckpointNotFoundError(
             f"{path}: no such RPN checkpoint. Train one with the train-rpn stage "
             "(train_rpn.enabled: true), or set proposals.checkpoint to a class-agnostic RPN checkpoint "
-            "saved by trainer.models.rpn.save_rpn_checkpoint.")
+            "saved by trainer.models.rpn.save_rpn_checkpoint or released by RegionCLIP (rpn_*.pth).")
     obj = _torch_load(path)
+    from trainer.models.reference_weights import reference_state_dict, rpn_from_reference
+
+    reference = reference_state_dict(obj)
+    if reference is not None:      # RegionCLIP's released RPN: a detectron2 {"model": ...} file
+        model = rpn_from_reference(reference, source=str(path))
+        model.recall = None
+        return model.to(device).eval()
     if not (isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict)
             and isinstance(obj.get("config"), dict)):
-        raise CheckpointError(f"{path}: not an RPN checkpoint (expected 'state_dict' and 'config')")
+        raise CheckpointError(f"{path}: not an RPN checkpoint (expected 'state_dict' and 'config', or a "
+                              "RegionCLIP/detectron2 file with 'model')")
     cfg = dict(obj["config"])
     known = {"backbone", "clip_arch", "anchor_sizes", "min_size", "max_size", "frozen_bn", "trainable_layers",
-             "fg_iou_thresh", "bg_iou_thresh", "batch_size_per_image", "positive_fraction"}
+             "fg_iou_thresh", "bg_iou_thresh", "batch_size_per_image", "positive_fraction", "stride_in_1x1",
+             "anchor_layout", "pixel_mean", "pixel_std", "fpn_norm", "head_convs"}
     model = build_rpn(**{k: v for k, v in cfg.items() if k in known})
     try:
         model.load_state_dict(obj["state_dict"], strict=True)

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.io import atomic_path, read_json, sha256_file, write_json
-from pipeline.layout import RunLayout
+from pipeline.layout import RunLayout, inside
 
 CODECS = ("pq", "topk", "fp16")
 
@@ -340,8 +340,9 @@ def load_codec(labels_dir: str | Path) -> TeacherCodec:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no codec description; the label stage writes it")
     desc = read_json(path)
+    # Every file name in codec.json is resolved inside the labels folder (UnsafeName, a ValueError, if not).
     for name, digest in desc.get("sha256", {}).items():
-        if sha256_file(path.parent / name) != digest:
+        if sha256_file(inside(path.parent, name)) != digest:
             raise ValueError(f"{path.parent / name}: checksum differs from {path}; rerun the label stage")
     kind, params = desc["codec"], desc.get("params", {})
     if kind == "fp16":
@@ -349,8 +350,8 @@ def load_codec(labels_dir: str | Path) -> TeacherCodec:
     if kind == "pq":
         import faiss
 
-        return PQCodec(faiss.read_ProductQuantizer(str(path.parent / desc["files"]["codebook"])))
+        return PQCodec(faiss.read_ProductQuantizer(str(inside(path.parent, desc["files"]["codebook"]))))
     if kind == "topk":
-        concepts = np.load(path.parent / desc["files"]["concepts"])
+        concepts = np.load(inside(path.parent, desc["files"]["concepts"]))
         return TopKCodec(params["k"], concepts, params["temperature"])
     raise ValueError(f"{path}: unknown codec {kind!r}")

@@ -1,0 +1,167 @@
+"""The GPU stages' data path against the ideal: `proposals` and `label` as stages (Ray actors streaming
+their shards through decode threads) against a plain loop running the same model on images decoded
+before the clock starts, in one process with the same number of threads.
+
+    python bench/precompute.py --quick      # paper models on 8 photos, tiny models on one 200-photo shard
+    python bench/precompute.py              # paper models on shards of 200 photos (hours on a 2-core CPU)
+
+Setting (bench/_photo_run.py): 1333x1000 camera-like JPEG photos; `paper`: the RN50 teacher (width 1024,
+6790 concepts) at 800/1333 and an R50-FPN RPN keeping 300 boxes per image; `tiny`: RN50-tiny and its
+res4 RPN at the same image scale (the decode then weighs far more against the model). Random weights:
+throughput does not depend on them. fp32, label codec fp16 (no PQ training in the figure).
+
+  - stage: wall time of `stages.proposals.run` / `stages.label.run` once Ray is up (one actor asking for
+    every CPU: cpus_per_actor decode threads + the model's threads; actor start-up, i.e. model
+    loading, included; Parquet and markers written);
+  - ideal: the same model object and batches, images decoded and resized before timing, outputs kept
+    in memory; model loading excluded.
+Goal on this CPU: stage >= 0.85 of ideal at paper settings. The outputs of both sides are compared
+(they must be equal: the stage streams, the ideal does not).
+Prints readable lines, then (last line) one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import torch  # noqa: E402
+
+from bench._photo_run import PAPER, TINY, Models, prepare  # noqa: E402
+from pipeline.images import load_rgb  # noqa: E402
+from pipeline.layout import RunLayout  # noqa: E402
+from pipeline.sidecars import read_proposals, read_shard_images, sidecar_shards, written_keys  # noqa: E402
+from trainer.data.images import image_tensor  # noqa: E402
+
+
+def decoded_shards(layout: RunLayout, keys_of, resize=None) -> list[tuple[list, list, list]]:
+    """Per shard: (keys, uint8 pixels [3, H, W] after `resize`, original (width, height)), all decoded."""
+    out = []
+    for s in sidecar_shards(layout.shards):
+        keys = keys_of(s)
+        blobs = read_shard_images(layout.shard_tar(s), keys)
+        images = [load_rgb(blobs[k]) for k in keys]
+        out.append((keys, [image_tensor(resize(i) if resize else i).contiguous() for i in images],
+                    [i.size for i in images]))
+    return out
+
+
+def ideal_proposals(manifest, layout: RunLayout) -> tuple[float, int, bool]:
+    """Seconds, images and whether the boxes equal the stage's, for the RPN over pre-decoded images."""
+    from stages.proposals import proposal_job
+    from stages.resolve import rpn_checkpoint_path
+    from trainer.offline.proposals import Proposer
+
+    cfg = manifest.proposals
+    job = proposal_job(manifest, rpn_checkpoint_path(manifest, "proposals"), device="cpu")
+    proposer = Proposer(job)
+    shards = decoded_shards(layout, lambda s: [r["key"] for r in written_keys(layout.shards, s)])
+    same, images, started = True, 0, time.perf_counter()
+    results = []
+    for keys, pixels, sizes in shards:
+        for i in range(0, len(keys), cfg.batch_size):
+            results.append(proposer.propose(pixels[i:i + cfg.batch_size], sizes[i:i + cfg.batch_size]))
+        images += len(keys)
+    seconds = time.perf_counter() - started
+    at = 0
+    for s, (keys, _, _) in zip(sidecar_shards(layout.shards), shards):
+        stage = read_proposals(layout.proposals, s)
+        for i in range(0, len(keys), cfg.batch_size):
+            for key, (boxes, _) in zip(keys[i:i + cfg.batch_size], results[at]):
+                same &= np.array_equal(boxes, stage[key].boxes)
+            at += 1
+    return seconds, images, bool(same)
+
+
+def ideal_label(manifest, layout: RunLayout) -> tuple[float, int, bool]:
+    """Seconds, images and whether the pseudo-labels equal the stage's, for the teacher over
+    pre-decoded, pre-resized images and the stage's proposals."""
+    from stages.label import teacher_scale
+    from stages.resolve import load_model_ref
+    from trainer.offline.codecs import load_codec
+    from trainer.offline.labels import Teacher, label_batch
+
+    cfg = manifest.label
+    model, _ = load_model_ref(manifest.teacher, manifest)
+    teacher = Teacher(model, np.load(layout.concept_embeddings), **teacher_scale(manifest), device="cpu",
+                      temperature=cfg.temperature, faiss_threshold=cfg.faiss_threshold, precision=cfg.precision)
+    codec = load_codec(layout.labels.root)
+    proposals = {s: read_proposals(layout.proposals, s) for s in sidecar_shards(layout.proposals)}
+    shards = decoded_shards(layout, lambda s: list(proposals[s]), resize=teacher.resize)
+    labels, images, started = [], 0, time.perf_counter()
+    for s, (keys, pixels, sizes) in zip(sorted(proposals), shards):
+        for i in range(0, len(keys), cfg.batch_size):
+            part = keys[i:i + cfg.batch_size]
+            cols = label_batch(teacher, codec, pixels[i:i + cfg.batch_size], sizes[i:i + cfg.batch_size],
+                               [proposals[s][k].boxes for k in part], cfg.store_flipped)
+            labels += cols["pseudo_label"]
+        images += len(keys)
+    seconds = time.perf_counter() - started
+    stage = [np.asarray(v) for s in sorted(proposals)
+             for v in pq.read_table(layout.labels.parquet(s), columns=["pseudo_label"]).column(0).to_pylist()]
+    same = len(stage) == len(labels) and all(np.array_equal(a, b) for a, b in zip(stage, labels))
+    return seconds, images, bool(same)
+
+
+def measure(name: str, models: Models, images: int, per_shard: int, tmp: Path, photos: Path | None) -> dict:
+    """Both stages, stage vs ideal, on one prepared run."""
+    from pipeline.ray_runtime import init_ray
+    from stages import label, proposals
+
+    root = tmp / name
+    manifest = prepare(root, images=images, per_shard=per_shard, size=(1333, 1000), models=models,
+                       photos=photos)
+    layout = RunLayout.of(manifest)
+    init_ray(manifest.ray)
+    figures = {"images": images, "images_per_shard": per_shard, "teacher": models.teacher_arch,
+               "rpn": models.rpn_backbone, "boxes": models.boxes, "scale": f"{models.min_size}/{models.max_size}"}
+    for stage, ideal in (("proposals", ideal_proposals), ("label", ideal_label)):
+        started = time.perf_counter()
+        (proposals if stage == "proposals" else label).run(manifest)
+        stage_s = time.perf_counter() - started
+        ideal_s, n, same = ideal(manifest, layout)
+        ratio = (n / stage_s) / (n / ideal_s)
+        figures[stage] = {"stage_images_per_s": round(n / stage_s, 3), "ideal_images_per_s": round(n / ideal_s, 3),
+                          "ratio_stage_vs_ideal": round(ratio, 3), "same_outputs": same}
+        print(f"{name:5s} {stage:9s}: stage {n / stage_s:7.3f} images/s, ideal {n / ideal_s:7.3f} images/s, "
+              f"ratio {ratio:.3f} (goal >= 0.85), same outputs: {same}", flush=True)
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="paper models on --paper-images photos; tiny models on one 200-photo shard")
+    parser.add_argument("--paper-images", type=int, default=None, help="photos for the paper models")
+    parser.add_argument("--paper-per-shard", type=int, default=None)
+    parser.add_argument("--tiny-images", type=int, default=200)
+    parser.add_argument("--only", default="paper,tiny")
+    args = parser.parse_args()
+    paper_images = args.paper_images or (8 if args.quick else 400)
+    paper_per_shard = args.paper_per_shard or (4 if args.quick else 200)
+    torch.set_num_threads(os.cpu_count())
+    load_start = os.getloadavg()
+    print(f"load average at start: {' '.join(f'{v:.2f}' for v in load_start)} ({os.cpu_count()} CPUs)", flush=True)
+    figures: dict = {}
+    with tempfile.TemporaryDirectory(prefix="bench-precompute-") as tmp:
+        if "paper" in args.only:
+            figures["paper"] = measure("paper", PAPER, paper_images, paper_per_shard, Path(tmp), None)
+        if "tiny" in args.only:
+            figures["tiny"] = measure("tiny", TINY, args.tiny_images, args.tiny_images, Path(tmp), None)
+    load_end = os.getloadavg()
+    print(f"load average at end: {' '.join(f'{v:.2f}' for v in load_end)}")
+    figures.update(cpus=os.cpu_count(), load_average_start=round(load_start[0], 2),
+                   load_average_end=round(load_end[0], 2))
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
