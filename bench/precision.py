@@ -57,7 +57,7 @@ def run_inputs(manifest, max_images: int):
         if len(images) >= max_images:
             break
     model, _ = load_teacher_clip(manifest)
-    return images, model, np.load(layout.concept_embeddings), rpn_checkpoint_path(manifest), DEFAULT_RPN_LOADER
+    return images, model, np.load(layout.concept_embeddings), rpn_checkpoint_path(manifest, "proposals"), DEFAULT_RPN_LOADER
 
 
 def tiny_inputs(root: Path, max_images: int):

@@ -61,7 +61,7 @@ def ideal_proposals(manifest, layout: RunLayout) -> tuple[float, int, bool]:
     from trainer.offline.proposals import Proposer
 
     cfg = manifest.proposals
-    job = proposal_job(manifest, rpn_checkpoint_path(manifest), device="cpu")
+    job = proposal_job(manifest, rpn_checkpoint_path(manifest, "proposals"), device="cpu")
     proposer = Proposer(job)
     shards = decoded_shards(layout, lambda s: [r["key"] for r in written_keys(layout.shards, s)])
     same, images, started = True, 0, time.perf_counter()

@@ -61,7 +61,7 @@ _BE_WORDS = frozenset("is are was were be been being am 's 're can will may migh
 
 
 
-# -- name clean-up (REFERENCE §1) --------------------------------------------------------------
+# -- name clean-up (docs/method.md §1) --------------------------------------------------------------
 
 def clean_name(name: str) -> str:
     """A class or concept name as it goes into a prompt: commas stripped, '_' and '+' become spaces,

@@ -200,8 +200,10 @@ class GpuActorSettings(Section):
 
 
 class RpnInferenceConfig(GpuActorSettings):
-    checkpoint: Optional[str] = Field(None, description="a class-agnostic RPN checkpoint; null: "
-                                      "train-rpn's output")
+    checkpoint: Optional[str] = Field(None, description="the pretraining RPN (the proposals stage and the "
+                                      "online teacher), and every other purpose's unless it names its own "
+                                      "(transfer.rpn_checkpoint, evaluate.zero_shot_rpn_checkpoint); "
+                                      "null: train-rpn's output")
     min_size: int = Field(800, ge=32, description="canonical short side")
     max_size: int = Field(1333, ge=32, description="canonical long-side cap")
     nms_thresh: float = Field(0.5, gt=0, le=1)
@@ -268,7 +270,7 @@ class PretrainConfig(Section):
 
 
 class TransferConfig(Section):
-    """Detector transfer (REFERENCE §6): a C4 detector trained on base classes, one per initialisation."""
+    """Detector transfer (docs/method.md §6): a C4 detector trained on base classes, one per initialisation."""
     init: list[Literal["pretrain", "teacher"]] = Field(
         default_factory=lambda: ["pretrain"], description="initialisations to train: pretrain (the "
         "student checkpoint), teacher (the plain CLIP baseline); a name or a list")
@@ -299,6 +301,10 @@ class TransferConfig(Section):
     min_sizes: list[int] = Field(default_factory=lambda: [640, 672, 704, 736, 768, 800])
     max_size: int = 1333
     flip: bool = True
+    rpn_checkpoint: Optional[str] = Field(None, description="the RPN that proposes the detector's boxes, "
+                                          "in training and in testing (evaluate, detect): one trained on "
+                                          "the transfer set's base classes only (the reference: COCO's 48, "
+                                          "LVIS' 866); null: proposals.checkpoint (or train-rpn's output)")
     proposals_per_image: int = Field(1000, ge=1, description="RPN post-NMS top-n for training images")
     rpn_nms_thresh: float = Field(0.7, gt=0, le=1)
     allow_partial: bool = False
@@ -316,18 +322,25 @@ class TransferConfig(Section):
 
 
 class EvaluateConfig(Section):
-    """Evaluation of the transferred detectors and zero-shot inference (REFERENCE §6-7)."""
+    """Evaluation of the transferred detectors and zero-shot inference (docs/method.md §6-7)."""
     score_threshold: float = 0.001
     detections_per_image: int = 100
-    objectness: Literal["sigmoid", "raw"] = Field("sigmoid", description="zero-shot RPN score: "
-                                                  "sqrt(p * sigmoid(logit)); raw: the reference's logit")
+    objectness: Literal["sigmoid", "raw"] = Field("sigmoid", description="how the RPN's objectness enters "
+                                                  "a score (zero-shot RPN boxes, multiply_rpn_score): "
+                                                  "sqrt(p * sigmoid(logit)); raw: sqrt(p * logit), the "
+                                                  "reference's form (negative logits dropped, scores may "
+                                                  "exceed 1)")
     min_size: int = Field(800, ge=32, description="test-time short side (detector and zero-shot)")
     max_size: int = Field(1333, ge=32)
     soft_nms_sigma: float = Field(0.5, gt=0)
     multiply_rpn_score: bool = Field(False, description="RegionCLIP's MULTIPLY_RPN_SCORE: a detection "
-                                     "scores sqrt(p * sigmoid(RPN objectness))")
+                                     "scores sqrt(p * objectness), objectness as `objectness` says")
     proposals_per_image: int = Field(1000, ge=1, description="RPN post-NMS top-n at test time")
     rpn_nms_thresh: float = Field(0.7, gt=0, le=1, description="RPN NMS for the detector's proposals")
+    zero_shot_rpn_checkpoint: Optional[str] = Field(None, description="the RPN of zero-shot inference "
+                                                    "(evaluate's RPN boxes, detect with a CLIP checkpoint); "
+                                                    "the reference uses its pretraining RPN (LVIS-866 base); "
+                                                    "null: proposals.checkpoint (or train-rpn's output)")
     zero_shot_rpn_nms_thresh: float = Field(0.9, gt=0, le=1)
     zero_shot_nms_thresh: float = Field(0.5, gt=0, le=1)
     zero_shot: list[Literal["teacher", "pretrain"]] = Field(
@@ -355,6 +368,12 @@ class EvaluateConfig(Section):
                 raise ValueError(f"detector name {name!r}: use letters, digits, '_', '-', '.' and not "
                                  "teacher or pretrain (transfer.init's detectors)")
         return value
+
+
+# One RPN per purpose, as the reference runs them: pretraining's proposals (an RPN trained on LVIS' 866
+# base categories), the transferred detector's proposals (one trained on the transfer set's base
+# classes: an RPN that has seen boxes of the novel classes inflates their AP), zero-shot inference.
+RPN_PURPOSES = ("proposals", "transfer", "zero_shot")
 
 
 class RunManifest(Section):
@@ -391,6 +410,15 @@ class RunManifest(Section):
     @property
     def output_path(self) -> Path:
         return self.resolve(self.output_dir)
+
+    def rpn_checkpoint(self, purpose: str) -> Optional[str]:
+        """The RPN checkpoint setting of one purpose (see RPN_PURPOSES), as written in the manifest:
+        its own setting when set, else proposals.checkpoint; None means train-rpn's output."""
+        own = {"proposals": self.proposals.checkpoint, "transfer": self.transfer.rpn_checkpoint,
+               "zero_shot": self.evaluate.zero_shot_rpn_checkpoint}
+        if purpose not in own:
+            raise ValueError(f"unknown RPN purpose {purpose!r}; one of {', '.join(RPN_PURPOSES)}")
+        return own[purpose] or self.proposals.checkpoint
 
     def section_dict(self, name: str) -> dict:
         """Every setting of one section as plain data (a fingerprint takes `fingerprinted_settings`)."""

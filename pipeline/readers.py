@@ -1,6 +1,9 @@
 """Corpus readers: turn each supported input format into one table of rows to shard.
 
-A row is (`source_id`, `caption` as raw bytes, `image_ref`, `error`). `image_ref` is a local path,
+A row is (`source_id`, `captions` as a list of raw bytes, `image_ref`, `error`): one image with its
+captions. Rows of the same image (COCO captions: one per caption; a caption table naming an image twice)
+are merged into the first one's `captions` by `read_corpus`, so that an image is one sample, never
+two in one batch. `image_ref` is a local path,
 `tar://<path>#<offset>:<size>` for a member of an input tar (read later by offset, never extracted,
 so a member named `../x` cannot write anywhere) or `parquet://<path>#<row group>:<row>` for the `jpg`
 value of img2dataset's `parquet` output format. A row the reader already knows is bad (a remote URL,
@@ -37,7 +40,7 @@ from pipeline.images import DEFAULT_MAX_FILE_BYTES
 from pipeline.io import FileRefused, read_regular_file
 from pipeline.sidecars import IMAGE_EXTENSIONS, is_plain_member, split_member_name
 
-ROW_SCHEMA = pa.schema([("source_id", pa.string()), ("caption", pa.binary()),
+ROW_SCHEMA = pa.schema([("source_id", pa.string()), ("captions", pa.list_(pa.binary())),
                         ("image_ref", pa.string()), ("error", pa.string())])
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 DEFAULT_MAX_CAPTION_BYTES = 65_536
@@ -98,9 +101,10 @@ def corpus_files(manifest) -> CorpusFiles:
 
 
 def _row(source_id: str, caption, image_ref: str, error: Optional[str] = None) -> dict:
-    if isinstance(caption, str):
-        caption = caption.encode("utf-8", errors="surrogateescape")
-    return {"source_id": source_id, "caption": caption, "image_ref": image_ref, "error": error}
+    """`caption`: one caption (str or bytes) or a list of them (a table's list column)."""
+    captions = list(caption) if isinstance(caption, (list, tuple)) else [caption]
+    captions = [c.encode("utf-8", errors="surrogateescape") if isinstance(c, str) else c for c in captions]
+    return {"source_id": source_id, "captions": captions, "image_ref": image_ref, "error": error}
 
 
 def _local_ref(url: str, base: Path) -> tuple[str, Optional[str]]:
@@ -373,7 +377,7 @@ def _image_with_sidecar_caption(image: Path, root: Path, files: CorpusFiles) -> 
 # -- COCO captions ---------------------------------------------------------------------------
 
 def read_coco_captions(path: Path, images_root: Optional[Path]) -> Iterator[dict]:
-    """A COCO captions JSON: one row per caption (several per image)."""
+    """A COCO captions JSON: one row per caption, those of an image adjacent (read_corpus merges them)."""
     data = json.loads(path.read_text(encoding="utf-8"))
     base = images_root or path.parent
     files = {img["id"]: img["file_name"] for img in data.get("images", [])}
@@ -422,20 +426,34 @@ def read_corpus(manifest) -> pa.Table:
         rows = read_coco_captions(path, images_root)
     else:
         rows = read_folder(path, corpus_files(manifest))
-    # Rows become Arrow in batches and duplicates are found by a 16-byte digest, so the reading holds
-    # the table (about 1 GB for CC3M's 3.3M rows) rather than a Python dict per row and every caption
-    # twice; one chunk in the end, as the corpus fingerprint's bytes depend on the chunking.
-    batches, pending, seen, count, refused = [], [], {}, 0, Counter()
+    # Rows become Arrow in batches and images and captions are known by 16-byte digests, so the reading
+    # holds the table (about 1 GB for CC3M's 3.3M rows) rather than a Python dict per row and every
+    # caption twice; one chunk in the end, as the corpus fingerprint's bytes depend on the chunking.
+    batches, pending, written, count, refused = [], [], 0, 0, Counter()
+    images: dict[bytes, tuple] = {}   # image digest -> (its row's index, (caption digest, source_id), ...)
+    merged: dict[int, list] = {}      # row index -> captions of later rows of the same image
     for row in rows:
-        identity = hashlib.blake2b(repr((row["image_ref"], row["caption"])).encode(), digest_size=16).digest()
-        if row["error"] is None and identity in seen:
-            row["error"] = f"duplicate_row: same image and caption as {seen[identity]}"
-        seen.setdefault(identity, row["source_id"])
-        if row["error"] is not None:
-            refused[row["error"].split(":")[0]] += 1
-        pending.append(row)
         count += 1
-        if len(pending) == 65536:
+        if row["error"] is None:
+            image = _digest(row["image_ref"])
+            caption = _digest(row["captions"])
+            first = images.get(image)
+            if first is None:
+                images[image] = (written, (caption, row["source_id"]))
+            else:
+                same = next((sid for digest, sid in first[1:] if digest == caption), None)
+                if same is not None:
+                    row["error"] = f"duplicate_row: same image and caption as {same}"
+                else:                 # another caption of an image already read: it joins that row
+                    images[image] = (*first, (caption, row["source_id"]))
+                    merged.setdefault(first[0], []).extend(row["captions"])
+                    row = None
+        if row is not None:
+            if row["error"] is not None:
+                refused[row["error"].split(":")[0]] += 1
+            pending.append(row)
+            written += 1
+        if len(pending) == BATCH_ROWS:
             batches.append(pa.Table.from_pylist(pending, schema=ROW_SCHEMA))
             pending = []
         if corpus.max_rows and count >= corpus.max_rows:
@@ -447,7 +465,29 @@ def read_corpus(manifest) -> pa.Table:
         reasons = ", ".join(f"{r} {n}" for r, n in refused.most_common())
         raise CorpusError(f"{where}: none of its {count} rows can be used ({reasons}); nothing to shard")
     batches.append(pa.Table.from_pylist(pending, schema=ROW_SCHEMA))
-    return pa.concat_tables(batches).combine_chunks()
+    return pa.concat_tables(_with_merged_captions(batches, merged)).combine_chunks()
+
+
+BATCH_ROWS = 65536
+
+
+def _digest(value) -> bytes:
+    return hashlib.blake2b(repr(value).encode(), digest_size=16).digest()
+
+
+def _with_merged_captions(batches: list, merged: dict[int, list]) -> list:
+    """The batches (BATCH_ROWS rows each) with each row's merged captions appended to its own."""
+    out = []
+    for b, batch in enumerate(batches):
+        rows = {i - b * BATCH_ROWS: extra for i, extra in merged.items() if i // BATCH_ROWS == b}
+        if rows:
+            captions = batch.column("captions").to_pylist()
+            for i, extra in rows.items():
+                captions[i] += extra
+            batch = batch.set_column(batch.schema.get_field_index("captions"), "captions",
+                                     pa.array(captions, ROW_SCHEMA.field("captions").type))
+        out.append(batch)
+    return out
 
 
 def corpus_fingerprint(rows: pa.Table, root: Optional[Path] = None) -> str:

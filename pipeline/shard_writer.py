@@ -1,10 +1,13 @@
 """Write one WebDataset shard (img2dataset conventions) from a slice of input rows.
 
-Members per sample: `{key}.jpg`, `{key}.txt` (caption), `{key}.json` (metadata). The shard's Parquet
-holds every input row, rejected ones too, with img2dataset's `status` words, a `reason` code and an
-`error_message` (pipeline/sidecars.py), so that rows in = samples written + rows rejected. Files are
-written under temporary names and renamed; the `_stats.json` marker (with img2dataset's `_stats.json`
-fields: count, successes, failed_to_download, ...) is written last.
+Members per sample: `{key}.jpg`, `{key}.txt` (caption), `{key}.json` (metadata). A sample is one
+image; an image with several captions (COCO) has them all, one per line, in `.txt`, in the json's
+`caption` and in the Parquet's `caption` (a caption never holds a line break: whitespace is collapsed).
+The shard's Parquet holds every input row (an image and its captions), rejected ones too, with
+img2dataset's `status` words, a `reason` code and an `error_message` (pipeline/sidecars.py), so that
+rows in = samples written + rows rejected. Files are written under temporary names and renamed; the
+`_stats.json` marker (with img2dataset's `_stats.json` fields: count, successes, failed_to_download,
+..., and `dropped_captions`: why captions of images that kept others were dropped) is written last.
 
 Only bad data becomes a rejected row: the errors caught are those of reading and decoding (FileRefused,
 OSError, EOFError, ImageError, UnicodeDecodeError); a MemoryError or KeyboardInterrupt stops the shard
@@ -58,6 +61,24 @@ def _caption_text(raw: bytes, max_chars: int) -> str:
     return text
 
 
+def _caption_lines(raw_captions: list, max_chars: int) -> tuple[str, Counter]:
+    """The usable captions of a row, one per line, without repeats, and the reasons the others were
+    dropped; RowRejected (the first reason) when none is usable."""
+    kept, dropped, first = [], Counter(), None
+    for raw in raw_captions or [b""]:
+        try:
+            text = _caption_text(raw or b"", max_chars)
+        except RowRejected as err:
+            first = first or err
+            dropped[str(err).split(":")[0]] += 1
+            continue
+        if text not in kept:
+            kept.append(text)
+    if not kept:
+        raise first
+    return "\n".join(kept), dropped
+
+
 def _image_payload(image_ref: str, opt: ShardOptions) -> tuple[bytes, dict]:
     try:
         data = read_image_bytes(image_ref, opt.files)
@@ -86,26 +107,28 @@ def write_shard(shard_id: int, rows: pa.Table, opt: ShardOptions, stage_dir: Sta
                 tar_path, fingerprint: str) -> dict:
     """Write `<shard>.tar`, `<shard>.parquet`, then `<shard>_stats.json`. Returns the stats."""
     started = time.time()
-    records, reasons = [], Counter()
+    records, reasons, dropped_captions = [], Counter(), Counter()
     with atomic_path(tar_path) as tmp_tar:
         with open(tmp_tar, "wb") as stream, wds.TarWriter(stream, mtime=TAR_MTIME) as sink:
             for index, row in enumerate(rows.to_pylist()):
                 key = sample_key(shard_id, index, opt.key_digits)
+                raw_captions = row["captions"] or []
                 rec = {"key": key, "source_id": row["source_id"], "url": row["image_ref"],
-                       "uid": hashlib.sha1((row["image_ref"]).encode() + b"\0" + (row["caption"] or b"")
+                       "uid": hashlib.sha1((row["image_ref"]).encode() + b"\0" + b"\n".join(raw_captions)
                                            ).hexdigest()}
                 try:
                     if row["error"]:
                         raise RowRejected(row["error"])
-                    caption = _caption_text(row["caption"] or b"", opt.max_caption_chars)
+                    caption, dropped = _caption_lines(raw_captions, opt.max_caption_chars)
                     payload, sizes = _image_payload(row["image_ref"], opt)
                 except RowRejected as err:
                     message = str(err)
                     reason = message.split(":")[0]
                     reasons[reason] += 1
-                    records.append({**rec, "caption": _safe_text(row["caption"]), "status": failure_status(reason),
-                                    "reason": reason, "error_message": message})
+                    records.append({**rec, "caption": "\n".join(map(_safe_text, raw_captions)),
+                                    "status": failure_status(reason), "reason": reason, "error_message": message})
                     continue
+                dropped_captions.update(dropped)
                 digest = hashlib.sha256(payload).hexdigest()
                 meta = {"key": key, "uid": rec["uid"], "source_id": row["source_id"], "url": row["image_ref"],
                         "caption": caption, "status": SUCCESS, "error_message": None, "sha256": digest, **sizes}
@@ -122,7 +145,9 @@ def write_shard(shard_id: int, rows: pa.Table, opt: ShardOptions, stage_dir: Sta
                          **{status: statuses[status] for status in FAILURE_STATUSES}, "duration": seconds,
                          "status_dict": dict(sorted({SUCCESS: statuses[SUCCESS], **reasons}.items()))}
     return write_shard_stats(stage_dir, shard_id, fingerprint, counts, [tar_path, parquet_path],
-                             extra=img2dataset_stats, seconds=seconds)
+                             extra={**img2dataset_stats,
+                                    "dropped_captions": dict(sorted(dropped_captions.items()))},
+                             seconds=seconds)
 
 
 def _safe_text(raw) -> str:

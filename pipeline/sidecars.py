@@ -13,7 +13,9 @@ and the one reader of shard tars.
 | `labels/regions.parquet` | `REGION_IDS_SCHEMA` | `write_region_ids` | `read_region_ids` |
 
 Per-shard sidecars (docs/formats.md) have one Parquet file per shard and one row per *written* key of
-that shard (shard Parquet rows with status `success`), in the shard's order. Boxes are float32 x1,y1,x2,y2
+that shard (shard Parquet rows with status `success`), in the shard's order; the caption sidecars
+(`concepts/captions/`, `concepts/caption_embeddings/`) have one row per caption, so a key repeats,
+its captions in order, when its image has several. Boxes are float32 x1,y1,x2,y2
 in the pixels of the image stored in the shard tar ("original pixels"), flattened into one list.
 
     keys = written_keys(layout.shards, 3)                # [{"key", "width", "height"}, ...]
@@ -229,10 +231,16 @@ def written_keys(shards: StageDir, shard_id: int) -> list[dict]:
 
 
 def shard_captions(shards: StageDir, shard_id: int) -> tuple[list[str], list[str]]:
-    """(keys, captions) of the written (`success`) rows of a shard, in shard order."""
+    """(keys, captions) of the written (`success`) rows of a shard, one entry per caption, in shard
+    order: a key repeats, its captions in order, when its image has several (the Parquet's caption lines)."""
     table = read_parquet(shards.parquet(shard_id), columns=["key", "caption", "status"]).to_pydict()
-    keep = [i for i, s in enumerate(table["status"]) if s == SUCCESS]
-    return [table["key"][i] for i in keep], [table["caption"][i] or "" for i in keep]
+    keys, captions = [], []
+    for key, text, status in zip(table["key"], table["caption"], table["status"]):
+        if status == SUCCESS:
+            lines = (text or "").split("\n")
+            keys += [key] * len(lines)
+            captions += lines
+    return keys, captions
 
 
 # -- the concept pool ---------------------------------------------------------------------------------
@@ -288,16 +296,22 @@ def read_caption_nouns(sidecars: StageDir, shard_id: int) -> tuple[list[str], li
 
 
 def read_caption_concepts(sidecars: StageDir, shard_id: int) -> dict[str, list[int]]:
-    """{key: concept ids} of one shard's captions (pass 2's column)."""
+    """{key: concept ids} of one shard's captions (pass 2's column); a key with several captions gets
+    the concepts any of them names, in order of first mention."""
     table = read_parquet(sidecars.parquet(shard_id), columns=["key", "concept_ids"])
-    return dict(zip(table["key"].to_pylist(), table["concept_ids"].to_pylist()))
+    out: dict[str, list[int]] = {}
+    for key, ids in zip(table["key"].to_pylist(), table["concept_ids"].to_pylist()):
+        seen = out.setdefault(key, [])
+        seen += [i for i in ids or [] if i not in seen]
+    return out
 
 
 # -- caption embeddings ---------------------------------------------------------------------------------
 
 def write_caption_embeddings(sidecars: StageDir, shard_id: int, keys: Sequence[str],
                              embeddings: np.ndarray) -> Path:
-    """key, embedding (fixed_size_list<float16>[D]): one L2-normalized caption embedding per key."""
+    """key, embedding (fixed_size_list<float16>[D]): one L2-normalized embedding per caption (the keys of
+    shard_captions: a key repeats for an image with several captions)."""
     embeddings = np.ascontiguousarray(embeddings, np.float16)
     values = pa.array(embeddings.reshape(-1))
     path = sidecars.parquet(shard_id)

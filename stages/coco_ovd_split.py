@@ -1,4 +1,4 @@
-"""Command `coco-ovd-split`: the COCO open-vocabulary split (OVR-CNN: 48 base / 17 novel, REFERENCE §6)
+"""Command `coco-ovd-split`: the COCO open-vocabulary split (OVR-CNN: 48 base / 17 novel, docs/method.md §6)
 from the standard COCO 2017 instances files.
 
     regionclip coco-ovd-split MANIFEST --train instances_train2017.json --val instances_val2017.json

@@ -9,8 +9,9 @@ first of transfer.init that exists), or a plain CLIP / student checkpoint for ze
 (RPN boxes, no box deltas, score sqrt(p * objectness), per-class NMS). `--vocabulary`: a comma list,
 a text file (one name per line), a COCO/LVIS JSON, or an .npz from `regionclip vocab`; names are
 embedded with the 81 templates by the CLIP text encoder (the checkpoint's own for a CLIP file, the
-manifest's teacher for a detector). Proposals come from the manifest's RPN (proposals.checkpoint or
-train-rpn's output). Outputs: `<out>/detections.json` and `<out>/<image stem>.png` (default out:
+manifest's teacher for a detector). Proposals come from the manifest's RPN for the purpose: a
+detector's from transfer.rpn_checkpoint, zero-shot ones from evaluate.zero_shot_rpn_checkpoint (each
+null: proposals.checkpoint or train-rpn's output). Outputs: `<out>/detections.json` and `<out>/<image stem>.png` (default out:
 eval/detect/).
 """
 from __future__ import annotations
@@ -113,7 +114,7 @@ def run(manifest: RunManifest, args: argparse.Namespace) -> dict:
     labels = dict(zip(ids, names))
 
     p = manifest.proposals
-    rpn = load_frozen_rpn(manifest, device)
+    rpn = load_frozen_rpn(manifest, "transfer" if kind == "detector" else "zero_shot", device)
     if kind == "detector":
         detector = build_detector(arch, checkpoint, embeddings, device=device, class_names=names)
         apply_test_settings(detector, cfg)

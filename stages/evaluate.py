@@ -1,13 +1,17 @@
 """Stage `evaluate`: the transferred detectors and zero-shot inference on the evaluation set
-(REFERENCE §6-7), with the all-class vocabulary (base + novel: the classifier is swapped, nothing else).
+(docs/method.md §6-7), with the all-class vocabulary (base + novel: the classifier is swapped, nothing else).
 
     data      transfer.val_annotations (default: the synthetic world's instances_val.json, all classes)
     detectors checkpoints/transfer/detector_<init>.pt for each of transfer.init, and each file of
-              evaluate.detectors (e.g. RegionCLIP's released detector); RPN proposals (NMS 0.7)
+              evaluate.detectors (e.g. RegionCLIP's released detector); proposals (NMS 0.7) of the
+              detectors' RPN (transfer.rpn_checkpoint)
     zero-shot each CLIP of evaluate.zero_shot (teacher, pretrain = the student):
-              GT boxes; RPN boxes (NMS 0.9, top 1000, no box deltas, per-class NMS 0.5, score
-              sqrt(p * sigmoid(objectness)) or the raw logit with evaluate.objectness: raw);
-              region recognition (top-1 over GT regions, novel / base / all)
+              GT boxes; RPN boxes of evaluate.zero_shot_rpn_checkpoint (NMS 0.9, top 1000, no box
+              deltas, per-class NMS 0.5, score sqrt(p * sigmoid(objectness)) or the raw logit with
+              evaluate.objectness: raw); region recognition (top-1 over GT regions, novel / base / all)
+    RPN check an RPN whose checkpoint records training categories (train-rpn's do) that include
+              evaluation-novel classes gets a logged warning naming them: its novel AP is not an
+              open-vocabulary figure
     output    eval/metrics_<name>.json, eval/detections_<name>.json (COCO results),
               eval/detections_<name>.png, and the `evaluate` section of eval/summary.json
 
@@ -16,6 +20,7 @@ table; LVIS sets (categories with `frequency`) report AP, APr, APc, APf with the
 """
 from __future__ import annotations
 
+import logging
 import time
 
 from pipeline.layout import RunLayout
@@ -24,6 +29,8 @@ from stages.embed import teacher_from_train_teacher
 from stages.proposals import rpn_from_train_rpn
 
 SUMMARY_SECTION = "evaluate"
+
+log = logging.getLogger(__name__)
 
 
 def reads(manifest) -> tuple[str, ...]:
@@ -36,21 +43,30 @@ def reads(manifest) -> tuple[str, ...]:
         upstream += ("pretrain",)
     if teacher_from_train_teacher(manifest):
         upstream += ("train-teacher",)
-    return upstream + (("train-rpn",) if rpn_from_train_rpn(manifest) else ())
+    from_train_rpn = any(rpn_from_train_rpn(manifest, purpose) for purpose in rpn_purposes(manifest))
+    return upstream + (("train-rpn",) if from_train_rpn else ())
+
+
+def rpn_purposes(manifest) -> list[str]:
+    """The RPNs evaluate uses: the detectors' (transfer) and zero-shot inference's."""
+    detectors = manifest.transfer.init or manifest.evaluate.detectors
+    return (["transfer"] if detectors else []) + (["zero_shot"] if manifest.evaluate.zero_shot else [])
 
 
 def data_and_models(run: StageRun) -> dict:
     """What the figures depend on beyond the evaluate section: the evaluation set, the models (by
     checksum) and how the detectors and the RPN are set up."""
     from pipeline.io import sha256_file
-    from stages.resolve import annotation_file, clip_checkpoint
+    from stages.resolve import annotation_file, clip_checkpoint, rpn_checkpoint_file
 
     manifest = run.manifest
     p = manifest.proposals
-    rpn = manifest.resolve(p.checkpoint) or run.layout.rpn_checkpoint   # loaded (or refused) by the work
+    rpns = {purpose: rpn_checkpoint_file(manifest, purpose) for purpose in rpn_purposes(manifest)}
     return {"val_annotations": sha256_file(annotation_file(manifest, "val")),
             "rpn": {"min_size": p.min_size, "max_size": p.max_size, "pre_nms_top_n": p.pre_nms_top_n,
-                    "checkpoint": sha256_file(rpn) if rpn.is_file() else "missing"},
+                    # loaded (or refused) by the work
+                    "checkpoints": {purpose: sha256_file(path) if path.is_file() else "missing"
+                                    for purpose, path in rpns.items()}},
             "ensemble": manifest.embed.ensemble,
             "detectors": {"init": list(dict.fromkeys(manifest.transfer.init)),
                           "allow_partial": manifest.transfer.allow_partial,
@@ -78,7 +94,8 @@ def evaluate(run: StageRun) -> dict:
     from trainer.engine.device import resolve_device
     from pipeline.io import write_json
     from stages.resolve import (annotation_file, apply_test_settings, class_embeddings, clip_checkpoint,
-                                images_root, load_frozen_rpn, load_teacher_clip)
+                                images_root, load_frozen_rpn, load_teacher_clip, rpn_checkpoint_file)
+    from trainer.tasks.rpn import novel_classes_seen
     from trainer.tasks.transfer import compute_proposals, detect_dataset, rpn_proposal_fn
 
     manifest, layout = run.manifest, run.layout
@@ -113,7 +130,19 @@ def evaluate(run: StageRun) -> dict:
                         layout.eval_picture(name), highlight=novel_ids)
         return metrics
 
-    rpn = load_frozen_rpn(manifest, device)
+    rpns, loaded = {}, {}
+    for purpose in rpn_purposes(manifest):
+        path = rpn_checkpoint_file(manifest, purpose)
+        if path not in loaded:       # one RPN serving both purposes is loaded once
+            loaded[path] = load_frozen_rpn(manifest, purpose, device)
+            seen = novel_classes_seen(getattr(loaded[path], "training_categories", None),
+                                      [names[c] for c in sorted(novel_ids)])
+            if seen:
+                log.warning("evaluate: the RPN %s (%s) was trained on boxes of %d evaluation-novel classes "
+                            "(%s): its proposals favour them, so novel AP is not an open-vocabulary figure; "
+                            "an RPN trained on the base classes only gives one", path, purpose, len(seen),
+                            ", ".join(seen))
+        rpns[purpose] = loaded[path]
     p = manifest.proposals
     rpn_args = {"min_size": p.min_size, "max_size": p.max_size, "pre_nms_top_n": p.pre_nms_top_n,
                 "post_nms_top_n": cfg.proposals_per_image}
@@ -122,7 +151,7 @@ def evaluate(run: StageRun) -> dict:
 
     # -- transferred detectors (ours, and those of evaluate.detectors) -------------------------------------
     if detector_files:
-        proposals = compute_proposals(rpn_proposal_fn(rpn, **rpn_args, nms_thresh=cfg.rpn_nms_thresh),
+        proposals = compute_proposals(rpn_proposal_fn(rpns["transfer"], **rpn_args, nms_thresh=cfg.rpn_nms_thresh),
                                       data, image_ids, desc="val proposals", folder=run.stage_dir.root)
         for init, checkpoint in detector_files.items():
             detector = build_detector(manifest.teacher.arch, checkpoint, embeddings,
@@ -138,7 +167,8 @@ def evaluate(run: StageRun) -> dict:
     # -- zero-shot -------------------------------------------------------------------------------------
     zs_proposals = None
     if cfg.zero_shot:
-        zs_proposals = compute_proposals(rpn_proposal_fn(rpn, **rpn_args, nms_thresh=cfg.zero_shot_rpn_nms_thresh),
+        zs_proposals = compute_proposals(rpn_proposal_fn(rpns["zero_shot"], **rpn_args,
+                                                         nms_thresh=cfg.zero_shot_rpn_nms_thresh),
                                          data, image_ids, desc="zero-shot proposals",
                                          folder=run.stage_dir.root)
     for which in cfg.zero_shot:

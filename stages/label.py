@@ -1,4 +1,4 @@
-"""Stage `label`: the CLIP teacher's pseudo-labels and distillation targets for every proposal (REFERENCE §3).
+"""Stage `label`: the CLIP teacher's pseudo-labels and distillation targets for every proposal (docs/method.md §3).
 
 1. Checks: proposals and embed are done; the teacher's width equals the concept embeddings'.
 2. The codec (label.codec): `pq` trains a FAISS product quantizer once on a seeded sample of region

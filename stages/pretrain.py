@@ -1,4 +1,4 @@
-"""Stage `pretrain`: the student region encoder from the shards and their sidecars (REFERENCE §4-5).
+"""Stage `pretrain`: the student region encoder from the shards and their sidecars (docs/method.md §4-5).
 
     student init   teacher CLIP (teacher.checkpoint, or train-teacher's output)
     data           shards/*.tar + proposals/ + labels/ (+ codec) + concepts/caption_embeddings/
@@ -22,7 +22,7 @@ from stages.proposals import rpn_from_train_rpn
 def reads(manifest) -> tuple[str, ...]:
     upstream = ("shard", "embed")
     if manifest.pretrain.online_teacher:
-        upstream += ("train-rpn",) if rpn_from_train_rpn(manifest) else ()
+        upstream += ("train-rpn",) if rpn_from_train_rpn(manifest, "proposals") else ()
     else:
         upstream += ("proposals", "label")
     return upstream + (("train-teacher",) if teacher_from_train_teacher(manifest) else ())
@@ -46,7 +46,7 @@ def train(run: StageRun) -> dict:
 
         teacher, _ = load_model_ref(manifest.teacher, manifest, fallback=layout.teacher_checkpoint)
         p = manifest.proposals
-        rpn = load_rpn(rpn_checkpoint_path(manifest), resolve_device(cfg.device))
+        rpn = load_rpn(rpn_checkpoint_path(manifest, "proposals"), resolve_device(cfg.device))
         online = OnlineTeacher(rpn, teacher, p.pre_nms_top_n, p.post_nms_top_n, p.nms_thresh)
     else:
         from trainer.offline.codecs import load_codec

@@ -1,4 +1,4 @@
-"""Stage `proposals`: the frozen class-agnostic RPN over every written shard image (REFERENCE §2).
+"""Stage `proposals`: the frozen class-agnostic RPN over every written shard image (docs/method.md §2).
 
 Canonical scale (proposals.min_size / max_size, paper: 800 / 1333), top post_nms_top_n boxes (300)
 after NMS (0.5), with objectness logits, in original-image pixels -> proposals/NNNNN.parquet
@@ -12,20 +12,21 @@ from pipeline.layout import RunLayout
 from pipeline.runner import Stage, StageRun
 
 
-def rpn_from_train_rpn(manifest) -> bool:
-    """Whether the RPN is train-rpn's output (proposals.checkpoint null, train-rpn on)."""
-    return manifest.proposals.checkpoint is None and manifest.train_rpn.enabled
+def rpn_from_train_rpn(manifest, purpose: str) -> bool:
+    """Whether the RPN of `purpose` (pipeline.config.RPN_PURPOSES) is train-rpn's output (no checkpoint
+    set for it, train-rpn on)."""
+    return manifest.rpn_checkpoint(purpose) is None and manifest.train_rpn.enabled
 
 
 def reads(manifest) -> tuple[str, ...]:
-    return ("shard",) + (("train-rpn",) if rpn_from_train_rpn(manifest) else ())
+    return ("shard",) + (("train-rpn",) if rpn_from_train_rpn(manifest, "proposals") else ())
 
 
 def rpn_checksum(run: StageRun) -> dict:
     from pipeline.io import sha256_file
     from stages.resolve import rpn_checkpoint_path
 
-    checkpoint = run.memo["checkpoint"] = rpn_checkpoint_path(run.manifest)
+    checkpoint = run.memo["checkpoint"] = rpn_checkpoint_path(run.manifest, "proposals")
     return {"checkpoint": {"sha256": sha256_file(checkpoint)}}  # content, not path: runs move
 
 

@@ -50,12 +50,24 @@ def load_teacher_clip(manifest: RunManifest, device: Union[str, torch.device] = 
     return load_model_ref(manifest.teacher, manifest, fallback=teacher_checkpoint_path(manifest), device=device)
 
 
-def rpn_checkpoint_path(manifest: RunManifest) -> Path:
-    """The class-agnostic RPN: proposals.checkpoint, or train-rpn's output."""
-    path = manifest.resolve(manifest.proposals.checkpoint) or RunLayout.of(manifest).rpn_checkpoint
+RPN_SETTING = {"proposals": "proposals.checkpoint", "transfer": "transfer.rpn_checkpoint",
+               "zero_shot": "evaluate.zero_shot_rpn_checkpoint"}
+
+
+def rpn_checkpoint_file(manifest: RunManifest, purpose: str) -> Path:
+    """Where the RPN of `purpose` (pipeline.config.RPN_PURPOSES: proposals, transfer, zero_shot) is:
+    its own setting, else proposals.checkpoint, else train-rpn's output. The file may not exist."""
+    return manifest.resolve(manifest.rpn_checkpoint(purpose)) or RunLayout.of(manifest).rpn_checkpoint
+
+
+def rpn_checkpoint_path(manifest: RunManifest, purpose: str) -> Path:
+    """rpn_checkpoint_file, which must exist (an error naming the setting to fix otherwise)."""
+    path = rpn_checkpoint_file(manifest, purpose)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no RPN checkpoint; set proposals.checkpoint to a class-agnostic RPN "
-                                "(trainer/models/rpn.py), or enable train_rpn and run `regionclip train-rpn MANIFEST`")
+        own = "" if purpose == "proposals" else f"{RPN_SETTING[purpose]} or "
+        raise FileNotFoundError(f"{path}: no RPN checkpoint for {purpose}; set {own}proposals.checkpoint to a "
+                                "class-agnostic RPN (trainer/models/rpn.py), or enable train_rpn and run "
+                                "`regionclip train-rpn MANIFEST`")
     return path
 
 
@@ -118,11 +130,11 @@ def class_embeddings(manifest, names: Sequence[str], device="cpu", text_model=No
     return torch.from_numpy(emb).to(device)
 
 
-def load_frozen_rpn(manifest, device="cpu"):
-    """The class-agnostic RPN (proposals.checkpoint, or train-rpn's output), frozen."""
+def load_frozen_rpn(manifest, purpose: str, device="cpu"):
+    """The class-agnostic RPN of `purpose` (rpn_checkpoint_path), frozen."""
     from trainer.models.rpn import load_rpn
 
-    rpn = load_rpn(rpn_checkpoint_path(manifest), device)
+    rpn = load_rpn(rpn_checkpoint_path(manifest, purpose), device)
     rpn.requires_grad_(False)
     return rpn.eval()
 
@@ -132,7 +144,7 @@ def test_settings(evaluate_cfg) -> dict:
     e = evaluate_cfg
     return {"test_min_size": e.min_size, "test_max_size": e.max_size, "score_threshold": e.score_threshold,
             "detections_per_image": e.detections_per_image, "soft_nms_sigma": e.soft_nms_sigma,
-            "multiply_rpn_score": e.multiply_rpn_score}
+            "multiply_rpn_score": e.multiply_rpn_score, "objectness": e.objectness}
 
 
 def detector_settings(manifest: RunManifest) -> "DetectorSettings":  # noqa: F821

@@ -5,7 +5,9 @@ Optional: runs when `train_rpn.enabled` is true.
 Builds the RPN (trainer/models/rpn.py: ResNet-50-FPN / ResNet-18-FPN from a local weights file or from
 scratch, or a CLIP ResNet's res4 map), trains it with SGD (trainer/tasks/rpn.py), measures proposal
 recall at 100/300 proposals (IoU 0.5 and 0.7) on `train_rpn.val_annotations`, per category split
-(novel vs base), and writes `checkpoints/rpn/rpn.pt` (trainer.models.rpn.load_rpn) with a training curve.
+(novel vs base), and writes `checkpoints/rpn/rpn.pt` (trainer.models.rpn.load_rpn) with a training curve
+and the names of the categories whose boxes it trained on (`evaluate` warns when they include
+evaluation-novel classes).
 The `proposals` stage uses it when `proposals.checkpoint` is null.
 """
 from __future__ import annotations
@@ -86,7 +88,7 @@ def train(run: StageRun) -> dict:
                         checkpoint_every=cfg.checkpoint_every, fingerprint=run.fingerprint)
     recall = evaluate_recall(model, val, min_size=cfg.min_size, max_size=cfg.max_size)
     recall["val_annotations"] = str(val_file)
-    save_rpn_checkpoint(model, checkpoint, recall=recall)
+    save_rpn_checkpoint(model, checkpoint, recall=recall, training_categories=train.boxed_category_names())
     parts = [f"{name} {recall[name]['recall@300']} ({recall[name]['num_boxes']} boxes)"
              for name in ("novel", "base", "all") if name in recall]
     print(f"train-rpn: val recall@300 (IoU 0.5): {'; '.join(parts)}")

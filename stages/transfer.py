@@ -1,8 +1,9 @@
-"""Stage `transfer`: open-vocabulary detector transfer on base classes (REFERENCE §6).
+"""Stage `transfer`: open-vocabulary detector transfer on base classes (docs/method.md §6).
 
     data      transfer.annotations (default: the synthetic world's instances_train.json, base boxes only)
     classes   the base categories of that file, embedded by the teacher's text encoder (81 templates)
-    proposals the frozen class-agnostic RPN (proposals.checkpoint or train-rpn's output), computed once
+    proposals the frozen class-agnostic RPN of transfer.rpn_checkpoint (one trained on the base classes
+              only; null: proposals.checkpoint or train-rpn's output), computed once
     init      each of transfer.init: `pretrain` (the student, checkpoints/pretrain/student.pt) and/or
               `teacher` (the plain CLIP: the baseline)
     output    checkpoints/transfer/detector_<init>.pt  (trainer.models.detector.build_detector loads it)
@@ -28,22 +29,22 @@ def reads(manifest) -> tuple[str, ...]:
         upstream += ("pretrain",)
     if teacher_from_train_teacher(manifest):
         upstream += ("train-teacher",)
-    return upstream + (("train-rpn",) if rpn_from_train_rpn(manifest) else ())
+    return upstream + (("train-rpn",) if rpn_from_train_rpn(manifest, "transfer") else ())
 
 
 def data_models_and_tests(run: StageRun) -> dict:
     """The RPN, teacher and test settings a detector depends on, and the checksums of the files it reads."""
     from pipeline.io import sha256_file
-    from stages.resolve import annotation_file, clip_checkpoint
+    from stages.resolve import annotation_file, clip_checkpoint, rpn_checkpoint_file
 
     manifest = run.manifest
     p, e = manifest.proposals, manifest.evaluate
-    rpn = manifest.resolve(p.checkpoint) or run.layout.rpn_checkpoint   # loaded (or refused) by the work
+    rpn = rpn_checkpoint_file(manifest, "transfer")   # loaded (or refused) by the work
     return {"rpn": {"min_size": p.min_size, "max_size": p.max_size, "pre_nms_top_n": p.pre_nms_top_n},
             "ensemble": manifest.embed.ensemble,
             "test": {"min_size": e.min_size, "max_size": e.max_size, "score_threshold": e.score_threshold,
                      "detections_per_image": e.detections_per_image, "soft_nms_sigma": e.soft_nms_sigma,
-                     "multiply_rpn_score": e.multiply_rpn_score},
+                     "multiply_rpn_score": e.multiply_rpn_score, "objectness": e.objectness},
             "annotations": sha256_file(annotation_file(manifest, "train")),
             "rpn_checkpoint": sha256_file(rpn) if rpn.is_file() else "missing",
             "init_checkpoints": {init: sha256_file(clip_checkpoint(manifest, init))
@@ -102,7 +103,7 @@ def transfer(run: StageRun) -> dict:
     image_ids = data.image_ids_with_boxes(vocab)
     print(f"transfer: {len(image_ids)} training images, {len(vocab)} base classes "
           f"({', '.join(vocab.names[:8])}{', ...' if len(vocab) > 8 else ''}); inits {', '.join(todo)}")
-    rpn = load_frozen_rpn(manifest, device)
+    rpn = load_frozen_rpn(manifest, "transfer", device)
     propose = rpn_proposal_fn(rpn, **rpn_settings, post_nms_top_n=cfg.proposals_per_image,
                               nms_thresh=cfg.rpn_nms_thresh)
     t0 = time.time()

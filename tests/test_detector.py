@@ -3,6 +3,7 @@ Tiny random CLIPs, a stand-in RPN, a tiny synthetic world."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import warnings
@@ -13,8 +14,8 @@ from torchvision.ops import box_iou
 
 from tests.detection_helpers import StandInRPN, save_tiny_clip, text_embeddings, tiny_clip
 from trainer.models.clip import CheckpointError, EmbeddingDimError
-from trainer.models.detector import (DetectorSettings, OpenVocabDetector, build_detector, save_detector,
-                              select_detections, soft_nms)
+from trainer.models.detector import (DetectorSettings, OpenVocabDetector, build_detector, rpn_weighted_scores,
+                                     save_detector, select_detections, soft_nms)
 
 SMALL = DetectorSettings(min_sizes=(64, 96), max_size=128, test_min_size=96, test_max_size=128,
                          rois_per_image=32)
@@ -158,6 +159,49 @@ def test_multiply_rpn_score_ranks_by_objectness():
     assert torch.equal(detector.detect([image], [box])[0]["scores"], plain["scores"])   # no objectness given
 
 
+def test_rpn_weighted_scores_raw_and_sigmoid_forms():
+    probs = torch.tensor([[0.64, 0.25]])
+    # raw (the reference's sqrt(p * logit)): logit 2.25 -> sqrt(1.44) = 1.2 (above 1) and sqrt(0.5625) = 0.75;
+    # logit 0.04 -> sqrt(0.0256) = 0.16, sqrt(0.01) = 0.1; logit -1 -> NaN in the reference (dropped): -1 here
+    raw = rpn_weighted_scores(probs.expand(3, 2), torch.tensor([2.25, 0.04, -1.0]), "raw")
+    assert torch.allclose(raw, torch.tensor([[1.2, 0.75], [0.16, 0.1], [-1.0, -1.0]]), atol=1e-6)
+    # sigmoid: logit 0 -> o = 0.5: sqrt(0.32) = 0.565685, sqrt(0.125) = 0.353553;
+    # logit ln 3 -> o = 0.75: sqrt(0.48) = 0.692820, sqrt(0.1875) = 0.433013
+    sig = rpn_weighted_scores(probs.expand(2, 2), torch.tensor([0.0, math.log(3.0)]), "sigmoid")
+    assert torch.allclose(sig, torch.tensor([[0.565685, 0.353553], [0.692820, 0.433013]]), atol=1e-6)
+    with pytest.raises(ValueError, match="objectness mode"):
+        rpn_weighted_scores(probs, torch.tensor([1.0]), "softplus")
+
+
+def test_multiply_rpn_score_raw_form_in_the_detector():
+    """settings.objectness = raw: sqrt(p * logit); a proposal with a negative logit yields no detection."""
+    detector, _, _ = make_detector(settings=DetectorSettings(
+        **{**SMALL.__dict__, "nms": "hard", "score_threshold": 0.0, "detections_per_image": 100}))
+    detector.eval()
+    image, box = torch.rand(3, 96, 96), torch.tensor([[10.0, 10, 60, 60]])
+    plain = detector.detect([image], [box])[0]
+    detector.settings.multiply_rpn_score, detector.settings.objectness = True, "raw"
+    found = detector.detect([image], [box], [torch.tensor([2.25])])[0]
+    assert found["labels"].tolist() == plain["labels"].tolist()
+    assert torch.allclose(found["scores"], 1.5 * torch.sqrt(plain["scores"]), atol=1e-6)   # sqrt(2.25) = 1.5
+    assert len(detector.detect([image], [box], [torch.tensor([-2.0])])[0]["scores"]) == 0
+
+
+def test_lvis_manifest_runs_the_reference_settings():
+    from pipeline.config import load_manifest
+    from stages.resolve import detector_settings, train_settings
+    from tests.conftest import REPO
+
+    manifest = load_manifest(REPO / "manifests" / "lvis.yaml")
+    train = train_settings(manifest)
+    assert (train.steps, train.lr_steps, train.warmup_steps) == (180000, [120000, 160000], 5000)
+    assert train.repeat_factor_threshold == 0.001
+    test = detector_settings(manifest)
+    assert (test.score_threshold, test.detections_per_image) == (0.02, 300)
+    assert test.multiply_rpn_score and test.objectness == "raw" and test.nms == "soft"
+    assert (test.focal_gamma, test.background_weight) == (None, 0.8)
+
+
 def test_classifier_is_cosine_over_temperature_with_zero_background():
     detector, _, _ = make_detector()
     x = torch.randn(5, detector.embed_dim)
@@ -246,7 +290,7 @@ evaluate: {min_size: 96, max_size: 128, proposals_per_image: 48}
 
 
 @pytest.mark.slow
-def test_transfer_evaluate_detect_on_a_tiny_world(write_manifest, monkeypatch, tmp_path):
+def test_transfer_evaluate_detect_on_a_tiny_world(write_manifest, monkeypatch, tmp_path, caplog):
     import stages.resolve
     from pipeline.io import write_json
     from pipeline.layout import RunLayout
@@ -260,7 +304,9 @@ def test_transfer_evaluate_detect_on_a_tiny_world(write_manifest, monkeypatch, t
     save_tiny_clip(layout.student_checkpoint, seed=1)    # stands in for pretrain's output
     write_json(layout.stage("pretrain").manifest, {"stage": "pretrain", "status": "done", "fingerprint": "test"})
     rpn = StandInRPN()
-    monkeypatch.setattr(stages.resolve, "load_frozen_rpn", lambda m, device="cpu": rpn)
+    purposes = []          # which RPN each stage asks for (transfer, evaluate and detect)
+    monkeypatch.setattr(stages.resolve, "load_frozen_rpn",
+                        lambda m, purpose, device="cpu": purposes.append(purpose) or rpn)
 
     first = transfer.run(manifest)
     assert set(first["detectors"]) == {"teacher", "pretrain"}
@@ -272,10 +318,19 @@ def test_transfer_evaluate_detect_on_a_tiny_world(write_manifest, monkeypatch, t
         assert layout.transfer_checkpoint(init).with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     again = transfer.run(manifest)                   # up to date: nothing retrained
     assert again["detectors"]["teacher"]["seconds"] == first["detectors"]["teacher"]["seconds"]
+    assert purposes == ["transfer"]
 
     (layout.summary_json.parent).mkdir(parents=True, exist_ok=True)
     layout.summary_json.write_text(json.dumps({"demo_table": {"kept": True}}))
-    result = evaluate.run(manifest)["results"]
+    # An RPN that trained on boxes of every category (novel ones too): evaluate says so, naming them.
+    world = json.loads((layout.synth / "instances_val.json").read_text())["categories"]
+    rpn.training_categories = [c["name"] for c in world]
+    novel = sorted(c["name"] for c in world if c["split"] == "novel")
+    with caplog.at_level(logging.WARNING, logger="stages.evaluate"):
+        result = evaluate.run(manifest)["results"]
+    assert purposes == ["transfer", "transfer"]      # one file serves detectors and zero-shot: loaded once
+    warned = [r.getMessage() for r in caplog.records if "evaluation-novel" in r.getMessage()]
+    assert len(warned) == 1 and all(name in warned[0] for name in novel), warned
     summary = json.loads(layout.summary_json.read_text())
     assert summary["demo_table"] == {"kept": True}
     assert set(summary["evaluate"]["detector"]) == {"teacher", "pretrain"}
@@ -305,3 +360,4 @@ def test_transfer_evaluate_detect_on_a_tiny_world(write_manifest, monkeypatch, t
     assert code == 0
     report = json.loads((out / "zs" / "detections.json").read_text())
     assert report["kind"] == "clip" and all(d["label"] in ("sun", "car") for d in report["images"][0]["detections"])
+    assert purposes[2:] == ["transfer", "zero_shot"]   # detect: a detector's RPN, then zero-shot's

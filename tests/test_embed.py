@@ -15,7 +15,7 @@ from trainer.models.clip import EmbeddingDimError, create_clip, save_clip_checkp
 from trainer.offline.text_embed import (TEMPLATES, embed_captions, embed_names, load_concept_embeddings,
                                         load_vocabulary)
 
-# The COCO open-vocabulary split's 65 classes (48 base + 17 novel, REFERENCE §6).
+# The COCO open-vocabulary split's 65 classes (48 base + 17 novel, docs/method.md §6).
 COCO65 = ("person bicycle car motorcycle train truck boat bench bird horse sheep bear zebra giraffe "
           "backpack handbag suitcase frisbee skis kite surfboard bottle fork spoon bowl banana apple "
           "sandwich orange broccoli carrot pizza donut chair bed toilet tv laptop mouse remote microwave "

@@ -191,6 +191,31 @@ def test_repeat_factors():
     assert epoch.count(7) in (3, 4) and len(epoch) in (1002, 1003)
 
 
+def test_repeat_factors_at_the_lvis_threshold():
+    # 4000 training images, threshold t = 0.001; r(c) = max(1, sqrt(t / f(c))), f(c) = images with c / 4000:
+    #   category 1 in every image:   f = 1         -> r = 1
+    #   category 2 in image 0 only:  f = 0.00025   -> r = sqrt(4) = 2
+    #   category 3 in images 1, 2:   f = 0.0005    -> r = sqrt(2) = 1.414214
+    #   category 4 in images 2..5:   f = 0.001     -> r = 1
+    #   category 5 (novel, not in the training vocabulary) in image 7 only: ignored -> image 7 r = 1
+    # An image repeats max over its categories: image 2 (categories 1, 3, 4) -> sqrt(2).
+    n = 4000
+    anns = [(i, 1) for i in range(n)] + [(0, 2), (1, 3), (2, 3)] + [(i, 4) for i in range(2, 6)] + [(7, 5)]
+    gt = {"images": [{"id": i} for i in range(n)],
+          "categories": [{"id": c, "name": f"c{c}", "split": "novel" if c == 5 else "base"} for c in range(1, 6)],
+          "annotations": [{"id": k, "image_id": i, "category_id": c, "bbox": [0, 0, 5, 5]}
+                          for k, (i, c) in enumerate(anns)]}
+    data = DetectionSet(gt)
+    factors = repeat_factors(data, list(range(n)), threshold=0.001, vocab=data.vocabulary("base"))
+    assert factors[:8].tolist() == pytest.approx([2.0, math.sqrt(2), math.sqrt(2), 1.0, 1.0, 1.0, 1.0, 1.0])
+    assert float(factors.sum()) == pytest.approx(3997 + 2 + 2 * math.sqrt(2))
+    # detectron2's stochastic rounding: image 0 twice in every epoch, images 1 and 2 once or twice
+    for seed in range(5):
+        epoch = repeat_factor_epoch(factors, random.Random(seed))
+        assert epoch.count(0) == 2 and epoch.count(1) in (1, 2) and epoch.count(7) == 1
+        assert len(epoch) == 3997 + 2 + epoch.count(1) + epoch.count(2)
+
+
 def test_hflip_boxes():
     image = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(3, 2, 4)
     flipped, boxes = hflip(image, torch.tensor([[0.0, 0.0, 1.0, 2.0]]))

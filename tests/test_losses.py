@@ -75,6 +75,23 @@ def test_distillation_kl_teacher_to_student():
     assert float(distillation_loss(torch.tensor(te), torch.tensor(te))) == pytest.approx(0.0, abs=1e-7)
 
 
+def test_distillation_is_over_kept_regions_only():
+    # Three regions, three concepts. Teacher logits are log-probabilities, so p_t is read off directly;
+    # student logits (0, 0, 0) give q = (1/3, 1/3, 1/3) and (ln 2, 0, 0) give q = (1/2, 1/4, 1/4).
+    #   region 0: p = (0.8, 0.1, 0.1),  q uniform:      KL = 0.8 ln 2.4 + 0.2 ln 0.3        = 0.4595804
+    #   region 1: p = (1/2, 1/4, 1/4),  q uniform:      KL = 1/2 ln 1.5 + 1/2 ln 0.75 = 1/2 ln 1.125 = 0.0588915
+    #   region 2: p uniform,            q = (1/2, 1/4, 1/4): KL = 1/3 (ln 2/3 + 2 ln 4/3) = 1/3 ln 32/27 = 0.0566330
+    # Teacher max probabilities 0.8, 0.5, 1/3: at threshold 0.4 regions 0 and 1 are kept, so the loss
+    # is (0.4595804 + 0.0588915) / 2 = 0.2592360 (the mean over all three would be 0.1917017).
+    te = torch.log(torch.tensor([[0.8, 0.1, 0.1], [0.5, 0.25, 0.25], [1 / 3, 1 / 3, 1 / 3]]))
+    st = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [math.log(2.0), 0.0, 0.0]])
+    keep = keep_mask(te.softmax(-1).max(-1).values, 0.4)
+    assert keep.tolist() == [True, True, False]
+    assert float(distillation_loss(st, te, keep)) == pytest.approx(0.2592360, abs=1e-6)
+    # without a mask every region counts
+    assert float(distillation_loss(st, te)) == pytest.approx(0.1917017, abs=1e-6)
+
+
 def test_image_caption_symmetric_contrastive():
     img = np.array([[1.0, 0.0], [0.6, 0.8], [0.0, 2.0]])
     cap = np.array([[0.8, 0.6], [0.0, 1.0], [-1.0, 1.0]])

@@ -143,6 +143,51 @@ def test_flip_mirrors_boxes_and_uses_stored_flipped_targets(tmp_path):
     assert seen_flip
 
 
+def test_an_image_with_several_captions_draws_one_per_seed_and_epoch(tmp_path):
+    """One sample per image; its caption (one of 3 caption-embedding rows) is drawn per (seed, epoch):
+    the same for the same pair, different across epochs; the boxes do not depend on it."""
+    from pipeline.sidecars import read_caption_embeddings, write_caption_embeddings
+
+    w = make_world(tmp_path, num_shards=1, per_shard=4)
+    layout = w["layout"]
+    keys, emb = read_caption_embeddings(layout.caption_embeddings, 0)
+    three = np.stack([emb[0], emb[1], emb[2]])       # key 0 gets three distinct captions
+    write_caption_embeddings(layout.caption_embeddings, 0, [keys[0]] * 3 + keys[1:], np.concatenate([three, emb[1:]]))
+    src = shard_sources(layout, [0])[0]
+    side = Sidecars.read(src)
+    assert side.captions[keys[0]] == [0, 1, 2] and side.captions[keys[1]] == [3]
+    key, members = next(iter(shard_samples(src.tar)))
+
+    def caption(seed, epoch):
+        out = prepare_sample(key, members, side, _opts(), sample_rng(seed, epoch, 0, 0))
+        return [i for i in range(3) if np.array_equal(out["caption"], three[i])], out["boxes"]
+
+    chosen = [caption(3, epoch)[0] for epoch in range(12)]
+    assert all(len(c) == 1 for c in chosen) and len({c[0] for c in chosen}) == 3   # every caption comes up
+    assert [caption(3, epoch)[0] for epoch in range(12)] == chosen                  # fixed per (seed, epoch)
+    assert [caption(4, epoch)[0] for epoch in range(12)] != chosen                  # another seed, others
+    # the box sample is drawn before the caption: the same as with one caption
+    one = Sidecars.read(src)
+    one.captions[key] = [0]
+    np.testing.assert_array_equal(caption(3, 5)[1], prepare_sample(key, members, one, _opts(),
+                                                                  sample_rng(3, 5, 0, 0))["boxes"])
+
+
+def test_a_batch_never_holds_an_image_twice(tmp_path):
+    # One shard of 5 images drawn again every epoch (resample_shards): batches of 4 straddle epochs,
+    # where a sample already in the batch being filled is skipped (counted), never taken twice.
+    w = make_world(tmp_path, num_shards=1, per_shard=5)
+    it = iter(PretrainStream(shard_sources(w["layout"], [0]), _opts(resample_shards=True)))
+    batches = [next(it) for _ in range(10)]
+    assert all(len(set(b["keys"])) == len(b["keys"]) == 4 for b in batches)
+    assert batches[-1]["_skipped"].get("repeated_in_batch", 0) > 0
+    assert len({k for b in batches for k in b["keys"]}) == 5
+    # fewer distinct images than a batch: an error that says so (a batch would repeat an image)
+    small = make_world(tmp_path / "small", num_shards=1, per_shard=3)
+    with pytest.raises(DataError, match="fewer distinct"):
+        next(iter(PretrainStream(shard_sources(small["layout"], [0]), _opts())))
+
+
 # -- exact resume ------------------------------------------------------------------------------------------
 
 def _losses(history):
@@ -273,7 +318,8 @@ def test_two_ranks_match_one_process(tmp_path):
     single = _trainer(w, tmp_path / "single", steps=1, batch_size=8, loss_region_concept=0.0, resume="never")
     s = single.train(batches=iter([union]))
     one, two = s["history"][0], ddp_history[0]
-    # distill: mean over regions (equal counts per rank); image-caption: over the gathered global batch
+    # distill: mean over kept regions (6 concepts: max prob >= 1/6 > 0.1 keeps all, equal counts per rank);
+    # image-caption: over the gathered global batch
     print("\n2 ranks (gloo) vs 1 process, first step: " + ", ".join(
         f"{k} {two[k]:.6f} vs {one[k]:.6f}" for k in ("loss_distill", "loss_image_caption")))
     for k in ("loss_distill", "loss_image_caption"):

@@ -608,7 +608,7 @@ evaluate: {min_size: 96, max_size: 128, proposals_per_image: 48, zero_shot: [], 
     reference["roi_heads.box_predictor.cls_score.weight"] = torch.randn(48, 64)
     reference["roi_heads.box_predictor.cls_bg_score.weight"] = torch.zeros(1, 64)
     save_reference(manifest.resolve("regionclip_finetuned-tiny.pth"), reference)
-    monkeypatch.setattr(stages.resolve, "load_frozen_rpn", lambda m, device="cpu": StandInRPN())
+    monkeypatch.setattr(stages.resolve, "load_frozen_rpn", lambda m, purpose, device="cpu": StandInRPN())
 
     summary = evaluate.run(manifest)["results"]
     assert set(summary["detector"]) == {"ours", "regionclip"}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,11 +95,14 @@ def test_propose_gives_sorted_boxes_in_original_pixels():
 
 def test_checkpoint_round_trip_and_refusals(tmp_path):
     model = _small_rpn()
-    path = save_rpn_checkpoint(model, tmp_path / "rpn" / "rpn.pt", recall={"novel": {"recall@300": 0.5}})
+    path = save_rpn_checkpoint(model, tmp_path / "rpn" / "rpn.pt", recall={"novel": {"recall@300": 0.5}},
+                               training_categories=["apple", "kite"])
     assert not list(path.parent.glob(".*tmp*"))
     loaded = load_rpn(path)
     assert not loaded.training and loaded.config["backbone"] == "clip_res4"
     assert loaded.recall == {"novel": {"recall@300": 0.5}}
+    assert loaded.training_categories == ["apple", "kite"]
+    assert load_rpn(save_rpn_checkpoint(model, tmp_path / "plain.pt")).training_categories is None
     image = [torch.rand(3, 80, 120)]
     a = model.propose(image, min_size=96, max_size=160)[0]
     b = loaded.propose(image, min_size=96, max_size=160)[0]
@@ -145,7 +149,7 @@ def test_resnet_weights_file_loads_into_backbone(tmp_path):
 @pytest.mark.slow
 def test_stage_trains_and_reports_recall_by_split(write_manifest):
     from stages import synth, train_rpn
-    from trainer.tasks.rpn import read_coco_boxes
+    from trainer.tasks.rpn import novel_classes_seen, read_coco_boxes
 
     manifest = write_manifest("""
         corpus: {format: synthetic}
@@ -173,12 +177,75 @@ def test_stage_trains_and_reports_recall_by_split(write_manifest):
         assert recall[part]["recall@100"] <= recall[part]["recall@300"]
     model = load_rpn(layout.rpn_checkpoint)
     assert model.recall["novel"] == recall["novel"]
+    # It records the categories it saw: the world's base ones (its train set boxes no novel category),
+    # so evaluating on the world's novel classes raises no warning.
+    world = json.loads((layout.synth / "world.json").read_text())
+    assert set(model.training_categories) <= set(world["base_categories"]) and model.training_categories
+    assert novel_classes_seen(model.training_categories, world["novel_categories"]) == []
     assert (layout.rpn_checkpoint.parent / "training_curve.png").exists()
     assert torch.load(layout.rpn_state, weights_only=True)["step"] == metrics["steps"] > 0
     stamp = layout.rpn_checkpoint.stat().st_mtime_ns
     train_rpn.run(manifest)                                  # up to date: skipped
     assert layout.rpn_checkpoint.stat().st_mtime_ns == stamp
     assert not train_rpn.enabled(write_manifest("", name="plain"))
+
+
+# -- one RPN per purpose ------------------------------------------------------------------------------
+
+def test_novel_classes_seen_compares_normalised_names():
+    from trainer.tasks.rpn import novel_classes_seen
+
+    lvis_base = ["airplane", "bus_(vehicle)", "Hot_dog", "necktie", "person"]
+    coco_novel = ["airplane", "bus", "hot dog", "tie", "cat"]
+    # 'bus_(vehicle)' counts as 'bus' (LVIS qualifier dropped); the synonym necktie/tie is not caught.
+    assert novel_classes_seen(lvis_base, coco_novel) == ["airplane", "bus", "hot dog"]
+    assert novel_classes_seen(["person"], coco_novel) == []
+    assert novel_classes_seen(None, coco_novel) == []          # not recorded (e.g. a foreign checkpoint)
+
+
+def test_each_shipped_manifest_names_its_rpn_per_purpose():
+    from pipeline.config import RPN_PURPOSES, load_manifest
+    from stages import evaluate, pretrain, proposals, transfer
+    from stages.resolve import rpn_checkpoint_file
+    from tests.conftest import REPO
+
+    lvis_866, coco_48 = "/weights/rpn/rpn_lvis_866.pth", "/weights/rpn/rpn_coco_48.pth"
+    expected = {   # purpose -> file: pretraining's proposals, the detector's (train and test), zero-shot
+        "cc3m-rn50.yaml": {"proposals": lvis_866, "transfer": coco_48, "zero_shot": lvis_866},
+        "coco-ovd.yaml": {"proposals": lvis_866, "transfer": coco_48, "zero_shot": lvis_866},
+        "lvis.yaml": {"proposals": lvis_866, "transfer": "/weights/rpn/rpn_lvis_866_lsj.pth",
+                      "zero_shot": lvis_866},
+        "demo.yaml": dict.fromkeys(RPN_PURPOSES, "train-rpn"),
+        "demo-small.yaml": dict.fromkeys(RPN_PURPOSES, "train-rpn"),
+    }
+    for name, want in expected.items():
+        manifest = load_manifest(REPO / "manifests" / name)
+        trained = RunLayout.of(manifest).rpn_checkpoint
+        got = {purpose: rpn_checkpoint_file(manifest, purpose) for purpose in RPN_PURPOSES}
+        assert got == {k: trained if v == "train-rpn" else Path(v) for k, v in want.items()}, name
+        # the stages that run an RPN ask for their purpose's, and wait for train-rpn only when it makes it
+        assert evaluate.rpn_purposes(manifest) == ["transfer", "zero_shot"], name
+        from_train_rpn = "train-rpn" in want.values()
+        for stage in (proposals, pretrain, transfer, evaluate):
+            if stage is pretrain and not manifest.pretrain.online_teacher:
+                continue
+            assert ("train-rpn" in stage.reads(manifest)) == from_train_rpn, (name, stage.__name__)
+
+
+def test_rpn_purposes_fall_back_to_the_proposals_rpn(write_manifest):
+    from stages.resolve import rpn_checkpoint_file, rpn_checkpoint_path
+
+    m = write_manifest("proposals: {checkpoint: lvis.pt}\ntransfer: {rpn_checkpoint: coco.pt}\n")
+    base = Path(m.source_path).parent
+    assert rpn_checkpoint_file(m, "proposals") == base / "lvis.pt"
+    assert rpn_checkpoint_file(m, "transfer") == base / "coco.pt"
+    assert rpn_checkpoint_file(m, "zero_shot") == base / "lvis.pt"          # unset: the proposals' RPN
+    with pytest.raises(FileNotFoundError, match=r"transfer\.rpn_checkpoint or proposals\.checkpoint"):
+        rpn_checkpoint_path(m, "transfer")
+    with pytest.raises(ValueError, match="unknown RPN purpose"):
+        m.rpn_checkpoint("detect")
+    plain = write_manifest("", name="plain")                                 # nothing set: train-rpn's output
+    assert rpn_checkpoint_file(plain, "zero_shot") == RunLayout.of(plain).rpn_checkpoint
 
 
 def test_anchors_stay_fp32_under_bf16_autocast():

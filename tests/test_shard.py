@@ -88,9 +88,47 @@ def test_coco_captions_several_per_image(ray_local, tmp_path, write_manifest):
     path = make_coco_captions(tmp_path / "coco", n_images=3, per_image=3)
     m = write_manifest(f"corpus: {{format: coco_captions, path: {path}, images_root: {path.parent / 'train2017'}}}\n")
     shard.run(m)
-    rows = assert_balanced(RunLayout.of(m), 10)
-    assert sum(r["status"] == "success" for r in rows) == 9
+    rows = assert_balanced(RunLayout.of(m), 4)     # one row per image (+ the orphan caption's)
+    assert sum(r["status"] == "success" for r in rows) == 3
     assert [r["reason"] for r in rows if r["status"] != "success"] == ["unknown_image_id"]
+    assert rows[0]["caption"] == "caption 0 of image 0\ncaption 1 of image 0\ncaption 2 of image 0"
+
+
+def test_several_captions_of_one_image_make_one_sample(tmp_path, write_manifest):
+    """Rows naming the same image (adjacent or not) become one row with every caption; a repeated
+    (image, caption) pair stays a rejected duplicate; the shard writes one sample whose .txt holds the
+    captions one per line, and shard_captions gives one entry per caption."""
+    from pipeline.layout import StageDir, sample_key
+    from pipeline.shard_writer import ShardOptions, write_shard
+    from pipeline.sidecars import shard_captions, shard_samples
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("a", "b"):
+        (images / f"{name}.jpg").write_bytes(jpeg_bytes(40, 30, seed=ord(name)))
+    (tmp_path / "captions.tsv").write_text("\n".join([
+        "caption\turl", "a dog on a sofa\timages/a.jpg", "a red kite\timages/b.jpg",
+        "a puppy  sleeping\timages/a.jpg", "a dog on a sofa\timages/a.jpg", "a brown dog\timages/a.jpg"]) + "\n")
+    m = write_manifest(f"corpus: {{format: cc3m_tsv, path: {tmp_path / 'captions.tsv'}}}\n")
+    rows = read_corpus(m).to_pylist()
+    assert [(r["captions"], r["error"]) for r in rows] == [
+        ([b"a dog on a sofa", b"a puppy  sleeping", b"a brown dog"], None), ([b"a red kite"], None),
+        ([b"a dog on a sofa"], "duplicate_row: same image and caption as captions.tsv:2")]
+
+    import pyarrow as pa
+    from pipeline.readers import ROW_SCHEMA, corpus_files
+    shards = StageDir(tmp_path / "shards")
+    options = ShardOptions(max_side=1333, max_pixels=10**8, min_side=8, jpeg_quality=95, max_caption_chars=2000,
+                           key_digits=4, files=corpus_files(m))
+    stats = write_shard(0, pa.Table.from_pylist(rows, schema=ROW_SCHEMA), options, shards,
+                        shards.root / "00000.tar", "fp")
+    assert stats["counts"] == {"in": 3, "written": 2, "rejected": 1}
+    samples = dict(shard_samples(shards.root / "00000.tar"))
+    assert samples[sample_key(0, 0, 4)]["txt"] == b"a dog on a sofa\na puppy sleeping\na brown dog"
+    assert json.loads(samples[sample_key(0, 0, 4)]["json"])["caption"].count("\n") == 2
+    keys, captions = shard_captions(shards, 0)
+    assert keys == [sample_key(0, 0, 4)] * 3 + [sample_key(0, 1, 4)]
+    assert captions == ["a dog on a sofa", "a puppy sleeping", "a brown dog", "a red kite"]
 
 
 def test_img2dataset_input_and_our_shards_round_trip(ray_local, tmp_path, write_manifest):

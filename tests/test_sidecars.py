@@ -32,6 +32,11 @@ def test_shard_rows_round_trip(tmp_path):
     assert written_keys(shards, 3) == [{"key": "000030000", "width": 64, "height": 48},
                                        {"key": "000030002", "width": 32, "height": 40}]
     assert shard_captions(shards, 3) == (["000030000", "000030002"], ["two kites", "a cup"])
+    # an image with several captions (one per line): one entry per caption, the key repeated
+    rows[2]["caption"] = "a cup\na mug on a desk"
+    write_shard_rows(shards, 3, rows)
+    assert shard_captions(shards, 3) == (["000030000", "000030002", "000030002"],
+                                         ["two kites", "a cup", "a mug on a desk"])
     assert shard_of_key("000030002") == 3 and sidecar_shards(shards) == [3]
 
 
@@ -55,6 +60,9 @@ def test_concept_pool_and_caption_concepts_round_trip(tmp_path):
     assert pq.read_schema(captions.parquet(0)).equals(CAPTION_CONCEPTS_SCHEMA)
     assert read_caption_nouns(captions, 0) == (keys, nouns)
     assert read_caption_concepts(captions, 0) == {"000000000": [1], "000000001": []}
+    # several captions of one key (one row each): the concepts any of them names
+    write_caption_concepts(captions, 1, ["000010000"] * 3, [["kite"], ["cup", "kite"], []], [[1], [0, 1], []])
+    assert read_caption_concepts(captions, 1) == {"000010000": [1, 0]}
 
 
 def test_caption_embeddings_round_trip_and_bad_rows_read_as_nan(tmp_path):

@@ -136,3 +136,13 @@ def test_disabled_by_default_and_needs_shards(write_manifest):
     assert not train_teacher.enabled(write_manifest(""))
     with pytest.raises(StageInputError, match="regionclip shard"):
         train_teacher.run(write_manifest("train_teacher: {enabled: true}"))
+
+
+def test_a_sample_with_several_captions_gives_one_per_seed_and_epoch():
+    from trainer.data.image_text import one_caption
+
+    text = "a dog on a sofa\na puppy sleeping\na brown dog"
+    chosen = [one_caption(text, "000000003", seed=0, epoch=e) for e in range(12)]
+    assert set(chosen) == set(text.split("\n"))                                   # each comes up
+    assert chosen == [one_caption(text, "000000003", seed=0, epoch=e) for e in range(12)]   # fixed per pair
+    assert one_caption("a red kite", "000000004", seed=0, epoch=7) == "a red kite"

@@ -1,5 +1,5 @@
 """Evaluation: COCO-style box AP (pycocotools) split by novel / base / all categories, LVIS AP
-(the LVIS API), zero-shot inference with ground-truth or RPN boxes (REFERENCE §7), zero-shot region
+(the LVIS API), zero-shot inference with ground-truth or RPN boxes (docs/method.md §7), zero-shot region
 recognition, and pictures of detections.
 
 Detections everywhere are COCO results: {"image_id", "category_id", "bbox": [x, y, w, h], "score"}.
@@ -25,7 +25,7 @@ from torchvision.ops import batched_nms
 
 from pipeline.io import atomic_path
 from trainer.data.detection import DetectionSet, DetectorClasses
-from trainer.models.detector import class_logits, prepare_images, scale_boxes
+from trainer.models.detector import class_logits, prepare_images, rpn_weighted_scores, scale_boxes
 from trainer.models.region_encoder import RegionEncoder
 
 COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -172,10 +172,11 @@ def zero_shot_detect(encoder: RegionEncoder, image: Optional[torch.Tensor], boxe
                      temperature: float = 0.01, nms_thresh: float = 0.5, score_threshold: float = 0.001,
                      detections_per_image: int = 100, chunk: int = 256,
                      features: Optional[tuple] = None) -> dict:
-    """REFERENCE §7: boxes are used as they are (GT boxes, or RPN boxes: no box deltas); each box is
+    """docs/method.md §7: boxes are used as they are (GT boxes, or RPN boxes: no box deltas); each box is
     classified over the vocabulary (softmax of cos / T, no background); score = p_c for GT boxes and
-    sqrt(p_c * objectness) for RPN boxes, with objectness = sigmoid(logit) (default) or the raw logit
-    (`raw`, the reference's form: negative logits give NaN and are dropped); per-class NMS, top-k.
+    sqrt(p_c * objectness) for RPN boxes (rpn_weighted_scores), with objectness = sigmoid(logit)
+    (default) or the raw logit (`raw`, the reference's form: negative logits are dropped); per-class
+    NMS, top-k.
 
     `features`: image_features()'s output, to share one backbone pass between several box sets.
     Returns boxes, scores, labels (vocabulary indices) and `box_labels`: the argmax class of every
@@ -191,10 +192,8 @@ def zero_shot_detect(encoder: RegionEncoder, image: Optional[torch.Tensor], boxe
     probs = class_logits(x, class_embeddings, temperature, background=False).softmax(dim=1)
     box_labels = probs.argmax(dim=1)
     if objectness is not None:
-        obj = objectness.to(device, torch.float32).reshape(-1, 1)
-        obj = torch.sigmoid(obj) if objectness_mode == "sigmoid" else obj
-        probs = torch.sqrt(probs * obj)                      # NaN where a raw logit is negative
-    idx, cls = (torch.nan_to_num(probs, nan=-1.0) > score_threshold).nonzero(as_tuple=True)
+        probs = rpn_weighted_scores(probs, objectness, objectness_mode)   # -1 where a raw logit is negative
+    idx, cls = (probs > score_threshold).nonzero(as_tuple=True)
     picked, scores = boxes[idx], probs[idx, cls]
     keep = batched_nms(picked, scores, cls, nms_thresh)[:detections_per_image]
     return {"boxes": picked[keep], "scores": scores[keep], "labels": cls[keep], "box_labels": box_labels}

@@ -1,10 +1,10 @@
-"""RegionCLIP's pretraining losses (REFERENCE §5) as pure functions of tensors.
+"""RegionCLIP's pretraining losses (docs/method.md §5) as pure functions of tensors.
 
 All three take *unnormalised* embeddings and normalise them here; logits are computed in float32
 whatever the autocast dtype. Temperature 0.01 is the reference's fixed value.
 
     (a) region_concept_loss    contrastive, several positives, over the kept regions of the local batch
-    (b) distillation_loss      KL(p_teacher || q_student) over the whole concept pool, mean over regions
+    (b) distillation_loss      KL(p_teacher || q_student) over the whole concept pool, mean over the kept regions
     (c) image_caption_loss     symmetric InfoNCE over the (gathered) global batch
 """
 from __future__ import annotations
@@ -49,8 +49,15 @@ def region_concept_loss(student_logits: torch.Tensor, pseudo_labels: torch.Tenso
     return (log_all - log_pos).mean()
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """(b) KL(p_teacher || q_student) = sum_c p_t (log p_t - log q_s), mean over regions."""
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                      keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(b) KL(p_teacher || q_student) = sum_c p_t (log p_t - log q_s), mean over the kept regions
+    (keep_mask, the same regions as (a); the reference's kl_div with reduction="batchmean" over them).
+
+    student_logits, teacher_logits: [N, C]; keep: [N] bool, None for every region.
+    """
+    if keep is not None:
+        student_logits, teacher_logits = student_logits[keep], teacher_logits[keep]
     if student_logits.shape[0] == 0:
         return student_logits.sum() * 0.0
     log_q = F.log_softmax(student_logits.float(), dim=-1)

@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 from trainer.data.images import as_unit_range, read_image_tensor
 
 
-# REFERENCE §6 (OVR-CNN's split), COCO 2017 category names.
+# docs/method.md §6 (OVR-CNN's split), COCO 2017 category names.
 COCO_OVD_NOVEL: tuple[str, ...] = (
     "airplane", "bus", "cat", "dog", "cow", "elephant", "umbrella", "tie", "snowboard", "skateboard",
     "cup", "knife", "cake", "couch", "keyboard", "sink", "scissors")

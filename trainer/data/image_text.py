@@ -4,7 +4,8 @@ training (train-teacher) and anything else that needs (image, caption) batches s
     loader = image_text_batches(layout_tars, preprocess, tokenizer, batch_size=64, seed=0, epoch=3)
     for images, texts in loader: ...     # images [B,3,S,S] float, texts [B, context_length] long
 
-Reads `{key}.jpg` + `{key}.txt` members (pipeline.sidecars.shard_samples, the one shard-tar reader),
+Reads `{key}.jpg` + `{key}.txt` members (pipeline.sidecars.shard_samples, the one shard-tar reader; a
+`.txt` with several captions, one per line, gives one of them per (seed, epoch): `one_caption`),
 decodes them as every stage does (pipeline.images.load_rgb), applies open_clip's preprocess transform
 and tokenizer. Shards are split
 across nodes (torch.distributed rank) and data-loader workers (wds.split_by_node / split_by_worker);
@@ -13,10 +14,13 @@ The pretrain loader that joins the Parquet sidecars is trainer/data/pretrain_str
 """
 from __future__ import annotations
 
+import functools
 import random
+import zlib
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
+import numpy as np
 import torch
 import webdataset as wds
 
@@ -31,12 +35,22 @@ def _tar_samples(shards: Iterable[dict]) -> Iterator[dict]:
             yield {"__key__": key, **members}
 
 
-def _decode_sample(sample: dict) -> Optional[dict]:
+def one_caption(text: str, key: str, seed: int, epoch: int) -> str:
+    """A sample's caption: its `.txt` holds one caption per line (several for COCO-style corpora);
+    one of them is drawn from (seed, epoch, key), so it changes with the epoch and a rerun repeats it."""
+    lines = text.split("\n")
+    if len(lines) == 1:
+        return text
+    return lines[int(np.random.default_rng([seed, epoch, zlib.crc32(key.encode())]).integers(len(lines)))]
+
+
+def _decode_sample(sample: dict, seed: int = 0, epoch: int = 0) -> Optional[dict]:
     """{'__key__', 'jpg': bytes, 'txt': bytes} -> {'key', 'image': PIL RGB, 'text': str}; None if incomplete."""
     if "jpg" not in sample or "txt" not in sample:
         return None
+    text = sample["txt"].decode("utf-8") if isinstance(sample["txt"], bytes) else sample["txt"]
     return {"key": sample["__key__"], "image": load_rgb(sample["jpg"]),
-            "text": sample["txt"].decode("utf-8") if isinstance(sample["txt"], bytes) else sample["txt"]}
+            "text": one_caption(text, sample["__key__"], seed, epoch)}
 
 
 def image_text_samples(tars: Sequence[str | Path], *, shuffle_buffer: int = 0, seed: int = 0,
@@ -58,7 +72,8 @@ def image_text_samples(tars: Sequence[str | Path], *, shuffle_buffer: int = 0, s
     if shuffle_buffer:
         stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100),
                                   rng=random.Random(seed * 1_000_003 + epoch)))
-    stages += [wds.map(_decode_sample), wds.select(lambda s: s is not None)]
+    stages += [wds.map(functools.partial(_decode_sample, seed=seed, epoch=epoch)),
+               wds.select(lambda s: s is not None)]
     return wds.DataPipeline(*stages)
 
 

@@ -2,7 +2,7 @@
 
     tars (webdataset) ─┬─ proposals/NNNNN.parquet         boxes (original pixels), num_boxes
                        ├─ labels/NNNNN.parquet            pseudo labels/probs, teacher codes
-                       └─ concepts/caption_embeddings/    caption embedding (fp16)
+                       └─ concepts/caption_embeddings/    caption embedding (fp16), one per caption
 
 Determinism and exact resume
 ----------------------------
@@ -11,8 +11,13 @@ epoch e the shard order is a permutation drawn from (seed, e) and slot k takes s
 it (S = ranks x workers; fewer shards than slots is an error unless `resample_shards`, which draws
 each slot's shards with replacement from (seed, e, slot)). Inside a shard the samples are visited in
 a permutation drawn from (seed, e, shard, its place in the slot's list); box sampling and flipping
-of a sample come from (seed, e, shard, sample index). Each slot streams forever (epoch after epoch),
-so ranks never run dry at different times (no DDP hang) and nothing is silently dropped.
+of a sample come from (seed, e, shard, sample index), and so does its caption when its image has
+several (COCO captions: one sample per image, one of its captions drawn per (seed, epoch), as the
+reference draws one each time it reads the image). Each slot streams forever (epoch after epoch), so
+ranks never run dry at different times (no DDP hang) and nothing is silently dropped. A batch never
+holds an image twice (a duplicate is a false negative of the image-caption loss): a sample whose key
+is already in the batch being filled (which happens only across an epoch boundary, or with
+`resample_shards`) is skipped and counted as `repeated_in_batch`.
 
 A slot's position is (epoch, shard place, offset in the shard's permutation); every batch carries
 the position of the slot that made it, and `DataPosition` keeps the last consumed one per slot plus
@@ -92,7 +97,7 @@ class DataOptions:
 @dataclass
 class Sidecars:
     """One shard's sidecar rows, looked up by key (a row that is missing or damaged is absent)."""
-    captions: dict = field(default_factory=dict)     # key -> row in caption_emb
+    captions: dict = field(default_factory=dict)     # key -> its rows in caption_emb (one per caption)
     caption_emb: Optional[np.ndarray] = None         # [N, D] float16
     proposals: dict[str, Proposals] = field(default_factory=dict)
     labels: dict[str, RegionLabels] = field(default_factory=dict)
@@ -102,7 +107,9 @@ class Sidecars:
         side, s = cls(), src.shard_id
         if src.caption_embeddings.parquet(s).exists():
             keys, side.caption_emb = read_caption_embeddings(src.caption_embeddings, s)
-            side.captions = {k: i for i, k in enumerate(keys) if np.isfinite(side.caption_emb[i]).all()}
+            for i, k in enumerate(keys):
+                if np.isfinite(side.caption_emb[i]).all():
+                    side.captions.setdefault(k, []).append(i)
         if src.proposals is not None and src.proposals.parquet(s).exists():
             side.proposals = read_proposals(src.proposals, s, skip_damaged=True)
         if src.labels is not None and src.labels.parquet(s).exists():
@@ -155,12 +162,18 @@ def prepare_sample(key: str, members: dict, side: Sidecars, opts: DataOptions,
         img = img.resize((w, h), Image.BICUBIC)
     if flip:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    image = image_tensor(img)
-    out = {"key": key, "image": image, "size": (h, w), "flip": flip,
-           "caption": side.caption_emb[side.captions[key]]}
-    if opts.online:
-        return out
-    proposals, labels = side.proposals[key], side.labels[key]
+    out = {"key": key, "image": image_tensor(img), "size": (h, w), "flip": flip}
+    if not opts.online:
+        out.update(_sample_regions(side.proposals[key], side.labels[key], opts, rng, w, h, flip))
+    # Drawn after the boxes: a sample with one caption draws nothing, so its boxes are those it always had.
+    rows = side.captions[key]
+    out["caption"] = side.caption_emb[rows[int(rng.integers(len(rows)))] if len(rows) > 1 else rows[0]]
+    return out
+
+
+def _sample_regions(proposals: Proposals, labels: RegionLabels, opts: DataOptions, rng: np.random.Generator,
+                    w: int, h: int, flip: bool) -> dict:
+    """regions_per_image of the stored boxes (resized, mirrored when flipped) with their teacher targets."""
     pw, ph, boxes = proposals.width, proposals.height, proposals.boxes
     y, p, codes, fcodes = labels.pseudo_label, labels.pseudo_prob, labels.region_codes, labels.flipped_region_codes
     n = len(boxes)
@@ -174,9 +187,8 @@ def prepare_sample(key: str, members: dict, side: Sidecars, opts: DataOptions,
         if fcodes is not None and len(fcodes) == len(codes):
             codes = fcodes  # the teacher's outputs on the flipped image (label.store_flipped)
         # else: the documented approximation, the unflipped teacher outputs for mirrored boxes
-    out.update(boxes=b.astype(np.float32), labels=y[pick], probs=p[pick],
-               codes=np.frombuffer(codes, np.uint8).reshape(n, code_size)[pick])
-    return out
+    return dict(boxes=b.astype(np.float32), labels=y[pick], probs=p[pick],
+                codes=np.frombuffer(codes, np.uint8).reshape(n, code_size)[pick])
 
 
 def collate(samples: list[dict], regions: int, online: bool) -> dict:
@@ -283,6 +295,9 @@ class PretrainStream(IterableDataset):
                 while offset < len(order):
                     index = int(order[offset])
                     offset += 1
+                    if any(sample["key"] == tar.keys[index] for sample in pending):
+                        skipped["repeated_in_batch"] = skipped.get("repeated_in_batch", 0) + 1
+                        continue
                     try:
                         pending.append(prepare_sample(tar.keys[index], read_members(tar, index), side, self.opts,
                                                       sample_rng(self.opts.seed, epoch, src.shard_id, index)))
@@ -297,8 +312,13 @@ class PretrainStream(IterableDataset):
                         pending = []
                         yield batch
                 place, offset, cached = place + 1, 0, None
-            if from_start and not produced_this_epoch and not pending:
+            if from_start and not produced_this_epoch:
                 names = ", ".join(shard_name(self.sources[i].shard_id) for i in shards)
+                if pending:   # every usable sample of the epoch is already in the unfinished batch
+                    raise DataError(f"rank {self.rank} reader {logical}: shards [{names}] hold fewer distinct "
+                                    f"usable samples in epoch {epoch} than a batch ({self.opts.batch_size}), "
+                                    "and a batch never holds an image twice; use a smaller "
+                                    "pretrain.batch_size or fewer readers")
                 raise DataError(f"rank {self.rank} reader {logical}: no usable sample in shards [{names}] "
                                 f"in epoch {epoch} (skipped: {skipped}); are the proposals, labels and "
                                 "caption-embedding sidecars there?")

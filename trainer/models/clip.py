@@ -42,7 +42,7 @@ from torch import nn
 
 from pipeline.io import atomic_path
 
-# CLIP's image normalisation (REFERENCE §3); the same numbers as open_clip's OPENAI_DATASET_MEAN/STD.
+# CLIP's image normalisation (docs/method.md §3); the same numbers as open_clip's OPENAI_DATASET_MEAN/STD.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 

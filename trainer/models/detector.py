@@ -1,4 +1,4 @@
-"""The open-vocabulary C4 detector (REFERENCE §6) on torchvision's detection parts.
+"""The open-vocabulary C4 detector (docs/method.md §6) on torchvision's detection parts.
 
     image -> resize (short side, long-side cap) -> CLIP normalisation -> pad to 32
           -> region encoder stem..res4 (the backbone, stem and res2 frozen, every BatchNorm frozen)
@@ -13,8 +13,8 @@ focal-scaled by (1 - p_t)^gamma, background rows weighted) + L1 box loss over fo
 divided by the number of sampled RoIs (detectron2's normalisation). With only_sample_fg_proposals
 (RegionCLIP's ONLY_SAMPLE_FG_PROPOSALS) only foreground RoIs are sampled.
 
-Inference: softmax over classes + background (times the RPN's sigmoid objectness, square-rooted, with
-multiply_rpn_score), deltas applied to the proposals, per-class soft-NMS
+Inference: softmax over classes + background (times the RPN's objectness, square-rooted, with
+multiply_rpn_score: rpn_weighted_scores), deltas applied to the proposals, per-class soft-NMS
 (gaussian, sigma 0.5, implemented here: torchvision has none), score threshold, top-k per image.
 The vocabulary is a buffer, not a weight: `set_vocabulary` swaps base classes for all classes (or any
 custom list) at test time, with no class count anywhere in the weights.
@@ -62,7 +62,8 @@ class DetectorSettings:
     nms: str = "soft"                           # "soft" (gaussian) or "hard"
     soft_nms_sigma: float = 0.5
     only_sample_fg_proposals: bool = False      # train the classifier on foreground RoIs only
-    multiply_rpn_score: bool = False            # score sqrt(p * sigmoid(objectness)) at inference
+    multiply_rpn_score: bool = False            # score sqrt(p * objectness) at inference (rpn_weighted_scores)
+    objectness: str = "sigmoid"                 # ... objectness = sigmoid(logit), or "raw": the logit (reference)
     nms_thresh: float = 0.5                     # hard NMS only
     roi_chunk: int = 256                        # RoIs per res5 pass at inference (memory)
 
@@ -111,6 +112,25 @@ def scale_boxes(boxes: torch.Tensor, scale: tuple[float, float]) -> torch.Tensor
 def unscale_boxes(boxes: torch.Tensor, scale: tuple[float, float]) -> torch.Tensor:
     sx, sy = scale
     return boxes / boxes.new_tensor([sx, sy, sx, sy])
+
+
+# -- scores ------------------------------------------------------------------------------------------
+
+OBJECTNESS_MODES = ("sigmoid", "raw")
+
+
+def rpn_weighted_scores(probs: torch.Tensor, objectness_logits: torch.Tensor, mode: str = "sigmoid") -> torch.Tensor:
+    """RegionCLIP's MULTIPLY_RPN_SCORE: score = sqrt(p_c * o) for each proposal (row of `probs` [N, C]),
+    o = sigmoid(objectness logit) (`sigmoid`), or the raw logit itself (`raw`), as the reference
+    multiplies it (fast_rcnn.py: `(scores * objectness_logits) ** 0.5`): its scores can exceed 1, and
+    a negative logit gives NaN, which the reference's finite-score mask drops with the proposal. Such
+    a proposal scores -1 here, below every score threshold."""
+    if mode not in OBJECTNESS_MODES:
+        raise ValueError(f"objectness mode {mode!r}: one of {', '.join(OBJECTNESS_MODES)}")
+    obj = objectness_logits.to(probs.device, torch.float32).reshape(-1, 1)
+    if mode == "sigmoid":
+        obj = torch.sigmoid(obj)
+    return torch.nan_to_num(torch.sqrt(probs.float() * obj), nan=-1.0)
 
 
 # -- soft-NMS ----------------------------------------------------------------------------------------
@@ -339,7 +359,7 @@ class OpenVocabDetector(nn.Module):
         """Detections per image: boxes [K, 4] in original pixels, scores [K], labels [K] (vocabulary index).
 
         With `objectness` (the RPN's logits per proposal) and settings.multiply_rpn_score, a score is
-        sqrt(p_c * sigmoid(objectness)), RegionCLIP's MULTIPLY_RPN_SCORE."""
+        sqrt(p_c * objectness) (rpn_weighted_scores, settings.objectness), RegionCLIP's MULTIPLY_RPN_SCORE."""
         s = self.settings
         device = self.class_embeddings.device
         results = []
@@ -359,7 +379,7 @@ class OpenVocabDetector(nn.Module):
                 continue
             probs = torch.cat(logits).softmax(dim=1)[:, :-1]
             if obj is not None:
-                probs = torch.sqrt(probs * torch.sigmoid(obj.to(device, torch.float32).reshape(-1, 1)))
+                probs = rpn_weighted_scores(probs, obj, s.objectness)
             boxes = self.box_coder.decode_single(torch.cat(deltas), props)
             boxes = clip_boxes_to_image(boxes, size)
             found = select_detections(boxes, probs, s, size)

@@ -1,4 +1,4 @@
-"""The region encoder: CLIP's own ResNet turned into a region feature extractor (REFERENCE §3, §4, §6).
+"""The region encoder: CLIP's own ResNet turned into a region feature extractor (docs/method.md §3, §4, §6).
 
     res4 = stem -> layer1 -> layer2 -> layer3          (stride 16, computed once per image)
     region = RoIAlign(res4, box) -> layer4 -> attnpool (per box)
@@ -130,7 +130,7 @@ class RegionEncoder(nn.Module):
 
     def image_embedding(self, images: torch.Tensor,
                         image_sizes: Optional[Sequence[tuple[int, int]]] = None) -> torch.Tensor:
-        """One embedding per image [B, D]: the whole-image box through the region head (REFERENCE §4).
+        """One embedding per image [B, D]: the whole-image box through the region head (docs/method.md §4).
 
         `image_sizes`: (height, width) of each image inside a padded batch; None uses the padded
         size. At the native input size (224 for RN50) this equals CLIP's encode_image.

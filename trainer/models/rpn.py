@@ -1,4 +1,4 @@
-"""A class-agnostic region proposal network from torchvision's detection parts (REFERENCE §2).
+"""A class-agnostic region proposal network from torchvision's detection parts (docs/method.md §2).
 
     model = build_rpn("resnet50_fpn", backbone_weights="weights/resnet50.pth")   # or None: scratch
     model = build_rpn("clip_res4", clip_arch="RN50-tiny", backbone_weights="teacher.pt")
@@ -243,6 +243,9 @@ class ProposalNetwork(nn.Module):
         self.backbone = backbone
         self.rpn = rpn
         self.config = dict(config)
+        # Names of the categories whose boxes it trained on, when its checkpoint records them (train-rpn's
+        # do); evaluate warns when they include evaluation-novel classes.
+        self.training_categories: Optional[list[str]] = None
 
     def _features(self, tensors: Tensor) -> "OrderedDict[str, Tensor]":
         features = self.backbone(tensors)
@@ -279,7 +282,7 @@ class ProposalNetwork(nn.Module):
                 min_box_size: float = 0.0) -> list[tuple[Tensor, Tensor]]:
         """Proposals for images [3, H, W] float in 0..1 (any sizes): one (boxes [N, 4] float32 x1y1x2y2
         in the input image's pixels, objectness logits [N]) per image, ordered by objectness, N at
-        most post_nms_top_n. REFERENCE §2: top 1000 per level before NMS 0.5, 300 after, min size 0."""
+        most post_nms_top_n. docs/method.md §2: top 1000 per level before NMS 0.5, 300 after, min size 0."""
         was_training = self.training
         self.eval()
         saved = (self.transform.min_size, self.transform.max_size)
@@ -433,8 +436,9 @@ def _torch_load(path: Path):
 
 
 def save_rpn_checkpoint(model: ProposalNetwork, path: PathLike, recall: Optional[dict] = None,
-                        **config) -> Path:
-    """Write {"state_dict", "config" (the build args, updated by `config`), "recall"} atomically.
+                        training_categories: Optional[Sequence[str]] = None, **config) -> Path:
+    """Write {"state_dict", "config" (the build args, updated by `config`), "recall",
+    "training_categories" (names of the categories whose boxes it trained on)} atomically.
     Values must be plain data: the file is read back with weights_only=True."""
     model = getattr(model, "module", model)
     cfg = {**model.config, **config}
@@ -443,7 +447,9 @@ def save_rpn_checkpoint(model: ProposalNetwork, path: PathLike, recall: Optional
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:  # a temporary file, fsync, then rename
-        torch.save({"state_dict": state, "config": cfg, "recall": recall}, tmp)
+        torch.save({"state_dict": state, "config": cfg, "recall": recall,
+                    "training_categories": list(training_categories) if training_categories is not None else None},
+                   tmp)
     return path
 
 
@@ -479,6 +485,7 @@ def load_rpn(path: PathLike, device: Union[str, torch.device] = "cpu") -> Propos
         raise CheckpointError(f"{path}: the weights do not fit the RPN its config describes ({err})") from None
     model.config.update(cfg)
     model.recall = obj.get("recall")
+    model.training_categories = obj.get("training_categories")
     return model.to(device).eval()
 
 

@@ -6,7 +6,7 @@ how the trainer turns the stored codes back into concept logits on the device.
     logits = codec.decode_logits(codes_u8_on_device, concept_emb_on_device, temperature=0.01)  # [N, C]
 
 `decode_logits` is the single entry point for the trainer; softmax(logits) is the teacher's
-distribution p_t over the concept pool (REFERENCE §3, §5b).
+distribution p_t over the concept pool (docs/method.md §3, §5b).
 
 Codecs (label.codec):
 - `fp16`: the embedding as float16, 2*D bytes. decode: view as half, L2-normalize, cos/T.

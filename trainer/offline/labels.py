@@ -1,4 +1,4 @@
-"""The teacher's pseudo-labels for proposals (REFERENCE §3): region embeddings, concept logits, the
+"""The teacher's pseudo-labels for proposals (docs/method.md §3): region embeddings, concept logits, the
 argmax concept and its probability, and the compact teacher targets (trainer/offline/codecs.py).
 
 Input to the teacher: the whole image resized to the canonical scale (short side `min_size`, long

@@ -1,4 +1,4 @@
-"""Region proposals for pretraining (REFERENCE §2): a frozen class-agnostic RPN over every shard image.
+"""Region proposals for pretraining (docs/method.md §2): a frozen class-agnostic RPN over every shard image.
 
 The RPN (trainer/models/rpn.py, `load_rpn(path, device).propose(...)`) resizes each image to the canonical
 scale itself and returns boxes in original-image pixels with objectness logits. Here they are made

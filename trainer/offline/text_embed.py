@@ -2,7 +2,7 @@
 captions (the end-of-text embedding), class vocabularies (.npz files), and their dimension checks.
 
 Text embedding = the final layer norm's output at the end-of-text token times the text projection,
-which is what open_clip's `model.encode_text` returns (REFERENCE §1).
+which is what open_clip's `model.encode_text` returns (docs/method.md §1).
 
 Ensembling over the templates (`embed.ensemble`):
 - ``mean_unnormalized``: the reference's: the mean of the 81 unnormalized embeddings;

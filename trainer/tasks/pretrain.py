@@ -1,4 +1,4 @@
-"""The lean streaming pretraining task (REFERENCE §4-5) on the training engine (trainer/engine/loop.py).
+"""The lean streaming pretraining task (docs/method.md §4-5) on the training engine (trainer/engine/loop.py).
 
     trainer = PretrainTrainer(cfg, clip_model, concept_embeddings, sources=..., codec=..., paths=...)
     summary = trainer.train()            # resumes from paths.state when cfg.resume == "auto"
@@ -246,7 +246,7 @@ class PretrainTrainer(TrainLoop):
         if captions.shape[1] != self.encoder.output_dim:
             check_embedding_dim(self.encoder.output_dim, captions.shape[1], "caption embeddings", self.arch or "")
         return {"region_concept": region_concept_loss(s_logits, labels, keep),
-                "distill": distillation_loss(s_logits, t_logits),
+                "distill": distillation_loss(s_logits, t_logits, keep),
                 "image_caption": image_caption_loss(gather_with_grad(images), gather_with_grad(captions),
                                                     cfg.temperature)}
 

@@ -4,6 +4,8 @@
     history = train_rpn(model, train, cfg)                     # SGD, warmup, x0.1 steps, flips
     report = evaluate_recall(model, read_coco_boxes("instances_val.json"), min_size=.., max_size=..)
     report["novel"]["recall@300"]   # recall at IoU 0.5 of the novel categories' boxes
+    train.boxed_category_names()    # what the RPN saw: recorded in its checkpoint (training_categories)
+    novel_classes_seen(rpn.training_categories, evaluation_novel_names)   # evaluate's warning
 
 A COCO-format set is read with plain JSON: `bbox` [x, y, w, h] -> x1y1x2y2, crowd and empty boxes
 dropped; a category's `split` field ("base" / "novel", as in the synthetic world and LVIS's
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -22,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipeline.concepts import normalize_concept
 from trainer.data.images import read_image_tensor
 from trainer.engine.checkpoint import seed_all
 from trainer.engine.device import resolve_device
@@ -40,11 +44,17 @@ class CocoBoxes:
     boxes: dict[int, np.ndarray]            # image id -> float32 [N, 4] x1y1x2y2
     categories: dict[int, np.ndarray]       # image id -> int64 [N] category ids
     split_of: dict[int, str]                # category id -> 'base' / 'novel' / ... (may be empty)
+    names: dict[int, str] = field(default_factory=dict)   # category id -> name
 
     def with_boxes(self) -> "CocoBoxes":
         """Only the images that have at least one box (the OVD protocol's training images)."""
         keep = [im for im in self.images if len(self.boxes.get(im["id"], ())) > 0]
-        return CocoBoxes(keep, self.boxes, self.categories, self.split_of)
+        return CocoBoxes(keep, self.boxes, self.categories, self.split_of, self.names)
+
+    def boxed_category_names(self) -> list[str]:
+        """Names of the categories that have a box in these images (what an RPN trained here saw)."""
+        ids = {int(c) for im in self.images for c in self.categories.get(im["id"], ())}
+        return sorted(self.names.get(c, str(c)) for c in ids)
 
     @property
     def num_boxes(self) -> int:
@@ -71,8 +81,24 @@ def read_coco_boxes(annotations: Path, images_root: Optional[Path] = None) -> Co
         boxes.setdefault(ann["image_id"], []).append([x, y, x + w, y + h])
         cats.setdefault(ann["image_id"], []).append(ann["category_id"])
     split_of = {c["id"]: c["split"] for c in data.get("categories", []) if "split" in c}
+    names = {c["id"]: c.get("name", str(c["id"])) for c in data.get("categories", [])}
     return CocoBoxes(images, {k: np.asarray(v, np.float32) for k, v in boxes.items()},
-                     {k: np.asarray(v, np.int64) for k, v in cats.items()}, split_of)
+                     {k: np.asarray(v, np.int64) for k, v in cats.items()}, split_of, names)
+
+
+def _name_forms(name: str) -> set[str]:
+    """A class name as compared across datasets: normalised (pipeline.concepts), with and without an
+    LVIS-style qualifier in parentheses ('bus_(vehicle)' -> 'bus vehicle', 'bus')."""
+    return {normalize_concept(name), normalize_concept(re.sub(r"\(.*?\)", " ", name))} - {""}
+
+
+def novel_classes_seen(training_categories: Optional[Sequence[str]], novel_names: Sequence[str]) -> list[str]:
+    """The novel classes whose boxes an RPN was trained on (names compared after normalisation, so a
+    synonym such as LVIS' 'necktie' for COCO's 'tie' is not caught); [] when the RPN records none."""
+    if not training_categories:
+        return []
+    trained = set().union(*(_name_forms(n) for n in training_categories))
+    return [n for n in novel_names if _name_forms(n) & trained]
 
 
 @dataclass

@@ -113,7 +113,7 @@ def compute_proposals(propose: BatchProposalFn, data: DetectionSet, image_ids: S
 
 
 class DetectorTrainer(TrainLoop):
-    """The detector on the base classes (REFERENCE §6): SGD with WarmupMultiStep, `batch_size` images a
+    """The detector on the base classes (docs/method.md §6): SGD with WarmupMultiStep, `batch_size` images a
     step drawn from `training_order` (shuffled or repeat-factor epochs), random flips. The images drawn so
     far are the data position: a resumed run draws them again from the seeded order and flip generator
     (no image is read) and continues. Images come from a DataLoader whose sampler is that order; its
