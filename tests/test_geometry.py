@@ -37,7 +37,7 @@ def test_teacher_student_and_detector_resize_an_image_to_the_same_size(width, he
 
     png = io.BytesIO()
     image.save(png, format="PNG")
-    side = Sidecars(captions={"k": 0}, caption_emb=np.zeros((1, 4), np.float16))
+    side = Sidecars(captions={"k": [0]}, caption_emb=np.zeros((1, 4), np.float16))
     opts = DataOptions(batch_size=1, min_size=min_size, max_size=max_size, flip=False, online=True)
     sample = prepare_sample("k", {"png": png.getvalue()}, side, opts, np.random.default_rng(0))
     student_h, student_w = sample["size"]
