@@ -256,7 +256,9 @@ class PretrainConfig(Section):
                              "the order of the samples depends on it)")
     seed: int = 0
     device: str = Field("auto", json_schema_extra=RUNTIME_ONLY)
-    amp: bool = True
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA, fp32 elsewhere; bf16 also autocasts on a CPU "
+        "(to measure it); losses and optimizer state stay fp32")
     min_size: int = Field(800, ge=32, description="images resized so the short side is this (bicubic)")
     max_size: int = Field(1333, ge=32, description="... and the long side at most this")
     keep_threshold: float = Field(0.1, ge=0, le=1, description="regions with teacher max prob above "

@@ -283,7 +283,7 @@ train_rpn: {{enabled: true, backbone: clip_res4, epochs: 1, batch_size: 4, warmu
 proposals: {{min_size: 128, max_size: 192, post_nms_top_n: 12, pre_nms_top_n: 200, batch_size: 2, num_actors: 2}}
 label: {{codec: pq, pq_subquantizers: 16, pq_bits: 6, pq_train_regions: 256, batch_size: 2, num_actors: 2}}
 pretrain: {{steps: 6, batch_size: 4, regions_per_image: 8, min_size: 96, max_size: 160, checkpoint_every: 2,
-           warmup_steps: 1, device: cpu, amp: false}}
+           warmup_steps: 1, device: cpu, precision: fp32}}
 transfer: {{init: [teacher, pretrain], steps: 4, batch_size: 2, min_sizes: [96], max_size: 160,
            rois_per_image: 32, proposals_per_image: 48, warmup_steps: 1, device: cpu}}
 evaluate: {{min_size: 96, max_size: 160, proposals_per_image: 48, device: cpu}}

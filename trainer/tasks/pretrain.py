@@ -44,6 +44,7 @@ from trainer.losses import (concept_logits, distillation_loss, gather_with_grad,
                             keep_mask, region_concept_loss)
 from trainer.models.clip import CLIP_MEAN, CLIP_STD, check_embedding_dim, save_clip_checkpoint
 from trainer.models.region_encoder import RegionEncoder
+from trainer.offline.streaming import autocast, autocast_dtype
 
 __all__ = ["HookBase", "OnlineTeacher", "PretrainPaths", "PretrainTrainer"]  # HookBase: bench/trainer.py's hooks
 
@@ -116,7 +117,7 @@ class PretrainTrainer(TrainLoop):
                                         weight_decay=cfg.weight_decay)
         else:
             optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.amp = bool(cfg.amp and self.device.type == "cuda")
+        self.autocast_dtype = autocast_dtype(cfg.precision, self.device)   # None: fp32
         # bf16 autocast needs no loss scaling; the scaler is kept (disabled) so the state format is fixed.
         scaler = torch.amp.GradScaler("cuda", enabled=False)
         model: nn.Module = self.encoder
@@ -177,9 +178,7 @@ class PretrainTrainer(TrainLoop):
 
     # -- the step --------------------------------------------------------------------------------------------
     def _autocast(self):
-        if self.amp:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
+        return autocast(self.device, self.autocast_dtype)
 
     def prepare_images(self, batch: dict) -> torch.Tensor:
         """uint8 padded batch -> CLIP-normalised float, padding zero (detectron2 pads after normalising)."""
