@@ -407,3 +407,17 @@ def test_stage_online_teacher_runs_rpn_and_teacher_in_the_step(tmp_path, write_m
     result = stage.run(manifest)["work"]
     assert result["status"] == "done" and result["step"] == 3
     assert all(np.isfinite(v) for v in result["losses"].values())
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16),
+                                              ("auto", torch.float32)])
+def test_precision_sets_the_students_compute_dtype_and_keeps_fp32_weights(world, tmp_path, precision, dtype):
+    """pretrain.precision: bf16 autocasts the student's forward (on a CPU too, to measure it), auto is
+    fp32 off CUDA; the weights and the losses stay fp32 either way."""
+    t = _trainer(world, tmp_path, steps=1, precision=precision)
+    seen = []
+    conv = next(m for m in t.encoder.visual.layer4.modules() if isinstance(m, torch.nn.Conv2d))
+    conv.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    t.train()
+    assert seen and set(seen) == {dtype}
+    assert all(p.dtype == torch.float32 for p in t.encoder.parameters())
