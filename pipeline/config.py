@@ -168,6 +168,10 @@ class TrainRpnConfig(Section):
                                            "(default: the synthetic world's instances_val.json); "
                                            "categories with a `split` field are reported per split")
     val_images_root: Optional[str] = None
+    allow_outside_root: StrictBool = Field(
+        False, json_schema_extra=RUNTIME_ONLY, description="read train and val images whose file_name leads "
+        "outside images_root / val_images_root (an absolute path, `..`, a link leading out); by default such "
+        "an annotation file is refused before training, naming the first few")
     backbone: Literal["resnet50_fpn", "resnet18_fpn", "clip_res4"] = "resnet50_fpn"
     backbone_weights: Optional[str] = Field(None, description="local weights file: torchvision ImageNet "
                                             "ResNet / Faster R-CNN state dict, or CLIP weights for "
@@ -283,6 +287,11 @@ class TransferConfig(Section):
     images_root: Optional[str] = Field(None, description="folder of the train images (default: the "
                                        "annotation file's folder)")
     val_images_root: Optional[str] = None
+    allow_outside_root: StrictBool = Field(
+        False, json_schema_extra=RUNTIME_ONLY, description="read images (transfer's train set, evaluate's "
+        "val set) whose file_name or coco_url leads outside images_root / val_images_root (an absolute "
+        "path, `..`, a link leading out); by default such an annotation file is refused before any work, "
+        "naming the first few")
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(4, ge=1)
     lr: float = Field(0.002, gt=0)

@@ -76,7 +76,7 @@ def run(manifest: RunManifest, args: argparse.Namespace) -> dict:
     from pipeline.concepts import read_vocabulary
     from pipeline.images import open_rgb
     from trainer.data.images import image_tensor
-    from trainer.models.clip import embedding_dim, load_clip
+    from trainer.models.clip import embedding_dim, load_checkpoint_file, load_clip
     from trainer.models.detector import build_detector, read_checkpoint_kind
     from trainer.evaluation import draw_detections, zero_shot_detect
     from trainer.models.region_encoder import RegionEncoder
@@ -98,7 +98,7 @@ def run(manifest: RunManifest, args: argparse.Namespace) -> dict:
                                trust_torchscript=manifest.teacher.trust_torchscript)
         text_model = clip_model
     else:
-        payload_arch = torch.load(checkpoint, map_location="cpu", weights_only=True).get("arch") or arch
+        payload_arch = load_checkpoint_file(checkpoint).get("arch") or arch
         arch = payload_arch
         text_model = None
 

@@ -94,7 +94,7 @@ def evaluate(run: StageRun) -> dict:
     from trainer.engine.device import resolve_device
     from pipeline.io import write_json
     from stages.resolve import (annotation_file, apply_test_settings, class_embeddings, clip_checkpoint,
-                                images_root, load_frozen_rpn, load_teacher_clip, rpn_checkpoint_file)
+                                detection_images, load_frozen_rpn, load_teacher_clip, rpn_checkpoint_file)
     from trainer.tasks.rpn import novel_classes_seen
     from trainer.tasks.transfer import compute_proposals, detect_dataset, rpn_proposal_fn
 
@@ -106,7 +106,7 @@ def evaluate(run: StageRun) -> dict:
     started = time.time()
 
     val_path = annotation_file(manifest, "val")
-    data = DetectionSet(val_path, images_root(manifest, "val"))  # images are read as they are used
+    data = DetectionSet(val_path, **detection_images(manifest, "val"))  # images are read as they are used
     vocab = data.vocabulary("all")
     novel_ids = set(data.category_split["novel"])
     image_ids = [im["id"] for im in data.images][: cfg.max_images]

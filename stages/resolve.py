@@ -92,10 +92,14 @@ def annotation_file(manifest, which: str) -> Path:
     return path
 
 
-def images_root(manifest, which: str):
-    cfg = manifest.transfer
+def detection_images(manifest, which: str, section: str = "transfer") -> dict:
+    """Where `section`'s (transfer, train_rpn) `which` (train, val) detection set reads its images, as
+    DetectionSet's and read_coco_boxes' keywords: the images root (None: the annotation file's folder),
+    and whether file names may lead outside it (the setting named in the refusal)."""
+    cfg = getattr(manifest, section)
     root = cfg.images_root if which == "train" else cfg.val_images_root
-    return manifest.resolve(root) if root else None
+    return {"images_root": manifest.resolve(root) if root else None,
+            "allow_outside_root": cfg.allow_outside_root, "setting": f"{section}.allow_outside_root"}
 
 
 def clip_checkpoint(manifest, which: str) -> Path:

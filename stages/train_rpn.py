@@ -65,6 +65,7 @@ def train(run: StageRun) -> dict:
     from trainer.models.rpn import build_rpn, save_rpn_checkpoint
     from trainer.engine.loop import TrainFiles
     from trainer.tasks.rpn import evaluate_recall, read_coco_boxes, train_rpn
+    from stages.resolve import detection_images
 
     manifest, layout = run.manifest, run.layout
     cfg = manifest.train_rpn
@@ -73,8 +74,8 @@ def train(run: StageRun) -> dict:
     weights = manifest.resolve(cfg.backbone_weights)
     checkpoint = layout.rpn_checkpoint
 
-    train = read_coco_boxes(train_file, manifest.resolve(cfg.images_root)).with_boxes()
-    val = read_coco_boxes(val_file, manifest.resolve(cfg.val_images_root))
+    train = read_coco_boxes(train_file, **detection_images(manifest, "train", "train_rpn")).with_boxes()
+    val = read_coco_boxes(val_file, **detection_images(manifest, "val", "train_rpn"))
 
     torch.manual_seed(manifest.seed)  # the random init too: a rerun (after a kill) trains the same RPN
     model = build_rpn(cfg.backbone, weights, clip_arch, cfg.anchor_sizes, min_size=cfg.min_size,

@@ -78,7 +78,7 @@ def transfer(run: StageRun) -> dict:
     from trainer.models.detector import build_detector, save_detector
     from trainer.engine.device import resolve_device
     from stages.resolve import (annotation_file, class_embeddings, clip_checkpoint, detector_settings,
-                                images_root, load_frozen_rpn, load_teacher_clip, train_settings)
+                                detection_images, load_frozen_rpn, load_teacher_clip, train_settings)
     from trainer.engine.loop import TrainFiles
     from trainer.tasks.transfer import compute_proposals, rpn_proposal_fn, train_detector
 
@@ -95,7 +95,7 @@ def transfer(run: StageRun) -> dict:
         print(f"transfer: every detector is current ({', '.join(inits)})")
         return {"detectors": detectors}
     started = time.time()
-    data = DetectionSet(annotations, images_root(manifest, "train"))  # images are read per step
+    data = DetectionSet(annotations, **detection_images(manifest, "train"))  # images are read per step
     vocab = data.vocabulary("base")
     text_model = load_teacher_clip(manifest, device=device)
     embeddings = class_embeddings(manifest, vocab.names, device, text_model)

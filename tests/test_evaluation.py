@@ -180,7 +180,8 @@ def test_coco_ovd_split():
 
 def test_repeat_factors():
     # 1000 images: category 1 in all, category 2 in one. f(2) = 0.001 / ... threshold 0.01
-    gt = {"images": [{"id": i} for i in range(1000)], "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+    gt = {"images": [{"id": i, "file_name": f"{i}.jpg"} for i in range(1000)],
+          "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
           "annotations": [{"id": i, "image_id": i, "category_id": 1, "bbox": [0, 0, 5, 5]} for i in range(1000)]
           + [{"id": 5000, "image_id": 7, "category_id": 2, "bbox": [0, 0, 5, 5]}]}
     data = DetectionSet(gt)
@@ -201,7 +202,7 @@ def test_repeat_factors_at_the_lvis_threshold():
     # An image repeats max over its categories: image 2 (categories 1, 3, 4) -> sqrt(2).
     n = 4000
     anns = [(i, 1) for i in range(n)] + [(0, 2), (1, 3), (2, 3)] + [(i, 4) for i in range(2, 6)] + [(7, 5)]
-    gt = {"images": [{"id": i} for i in range(n)],
+    gt = {"images": [{"id": i, "file_name": f"{i}.jpg"} for i in range(n)],
           "categories": [{"id": c, "name": f"c{c}", "split": "novel" if c == 5 else "base"} for c in range(1, 6)],
           "annotations": [{"id": k, "image_id": i, "category_id": c, "bbox": [0, 0, 5, 5]}
                           for k, (i, c) in enumerate(anns)]}

@@ -101,6 +101,36 @@ def test_every_checkpoint_loader_refuses_files_that_pickle_code(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("error", [MemoryError, KeyboardInterrupt])
+def test_running_out_of_memory_or_an_interrupt_while_loading_a_checkpoint_is_no_damaged_file(
+        tmp_path, monkeypatch, error):
+    from trainer.models.clip import CheckpointError, load_clip
+    from trainer.models.detector import build_detector, read_checkpoint_kind
+    from trainer.models.reference_weights import read_reference_checkpoint
+    from trainer.models.rpn import load_rpn
+
+    good = tmp_path / "weights.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, good)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(good.read_bytes()[:-10])
+    classes = torch.nn.functional.normalize(torch.randn(3, 64), dim=-1)
+    loaders = {"load_clip": lambda p: load_clip("RN50-tiny", p), "load_rpn": load_rpn,
+               "build_detector": lambda p: build_detector("RN50-tiny", p, classes),
+               "read_reference_checkpoint": read_reference_checkpoint}
+    for load in loaders.values():   # a damaged file is a CheckpointError ...
+        with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+            load(cut)
+
+    def torch_load(*args, **kwargs):
+        raise error("raised inside torch.load")
+
+    monkeypatch.setattr(torch, "load", torch_load)
+    loaders["read_checkpoint_kind"] = read_checkpoint_kind
+    for load in loaders.values():   # ... but nothing else torch.load raises is
+        with pytest.raises(error, match="inside torch.load"):
+            load(good)
+
+
 def test_numpy_files_that_pickle_objects_are_refused(tmp_path):
     from trainer.offline.codecs import load_codec
     from trainer.offline.text_embed import load_concept_embeddings, load_vocabulary

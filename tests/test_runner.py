@@ -38,6 +38,9 @@ RUNTIME_ONLY = {
     "pretrain.checkpoint_every", "pretrain.device", "pretrain.resume", "pretrain.log_every",
     "transfer.device", "evaluate.device", "teacher.trust_torchscript",
     "train_teacher.checkpoint_every", "train_rpn.checkpoint_every", "transfer.checkpoint_every", "transfer.num_workers",
+    # only whether an annotation file naming images outside its images root is refused or read: a run
+    # that finished read the same images either way
+    "train_rpn.allow_outside_root", "transfer.allow_outside_root",
 }
 
 

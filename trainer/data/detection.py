@@ -11,6 +11,12 @@ Category splits, first that applies: a `split` field on each category (our synth
 files `coco-ovd-split` writes), LVIS's `frequency` (rare = novel; frequent + common = base), COCO's
 category names (the 17 OVR-CNN novel names are novel, the 48 base names base); otherwise every
 category is base.
+
+Every image file resolves inside the images root (`image_file`): an annotation file whose `file_name`
+(or `coco_url`) is absolute, climbs out with `..` or passes a link leading out is refused whole when
+it is read (`ImagesOutsideRoot`, naming the first few), before any image is, unless
+`allow_outside_root`. Refused rather than skipped: evaluation must score every ground-truth image,
+and a training set that silently shrinks is another experiment.
 """
 from __future__ import annotations
 
@@ -26,7 +32,10 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 from torch.utils.data import Dataset
 
+from pipeline.layout import UnsafeName, inside
 from trainer.data.images import as_unit_range, read_image_tensor
+
+MAX_LISTED_NAMES = 5
 
 
 # docs/method.md §6 (OVR-CNN's split), COCO 2017 category names.
@@ -85,11 +94,44 @@ def image_relative_path(record: dict) -> str:
     return "/".join(url.split("/")[-2:])
 
 
+class ImagesOutsideRoot(ValueError):
+    """An annotation file names image files outside its images root."""
+
+
+def image_file(root: Union[str, os.PathLike], record: dict, allow_outside_root: bool = False) -> Path:
+    """The file of an image record: `root / image_relative_path(record)`, refused with UnsafeName unless it
+    stays inside `root` (a relative name, no `..`, no link on the way leading out) or `allow_outside_root`."""
+    name = image_relative_path(record)
+    return Path(root) / name if allow_outside_root else inside(root, name)
+
+
+def image_files(images: Sequence[dict], root: Union[str, os.PathLike], *, allow_outside_root: bool = False,
+                setting: str = "allow_outside_root", source: str = "the annotations") -> list[Path]:
+    """`image_file` of every record, checked before any image is read: ImagesOutsideRoot naming the first
+    few names that lead outside `root` and `setting`, the manifest field that allows them."""
+    files, refused = [], []
+    for record in images:
+        try:
+            files.append(image_file(root, record, allow_outside_root))
+        except UnsafeName:
+            refused.append(repr(image_relative_path(record)))
+    if refused:
+        shown = ", ".join(refused[:MAX_LISTED_NAMES]) + (", ..." if len(refused) > MAX_LISTED_NAMES else "")
+        raise ImagesOutsideRoot(
+            f"{source}: {len(refused)} of {len(images)} image file names lead outside the images root "
+            f"{root}: {shown}. Fix the file names or the images root, or set {setting}: true to read "
+            "images anywhere on this machine.")
+    return files
+
+
 class DetectionSet:
-    """A COCO-format detection set (COCO, LVIS v1, the synthetic world)."""
+    """A COCO-format detection set (COCO, LVIS v1, the synthetic world). Its images must lie inside
+    `images_root` unless `allow_outside_root` (see the module doc); `setting` names that switch in the
+    error."""
 
     def __init__(self, annotations: Union[str, os.PathLike, dict], images_root: Union[str, os.PathLike, None] = None,
-                 cache_images: bool = False):
+                 cache_images: bool = False, *, allow_outside_root: bool = False,
+                 setting: str = "allow_outside_root"):
         if isinstance(annotations, dict):
             data, self.path = annotations, None
         else:
@@ -103,6 +145,9 @@ class DetectionSet:
         self.categories = sorted(data.get("categories", []), key=lambda c: c["id"])
         self.category_by_id = {c["id"]: c for c in self.categories}
         self.images = list(data.get("images", []))
+        self.allow_outside_root = allow_outside_root
+        image_files(self.images, self.images_root, allow_outside_root=allow_outside_root, setting=setting,
+                    source=str(self.path or "the annotations"))
         self.image_by_id = {im["id"]: im for im in self.images}
         self.annotations_by_image: dict[int, list[dict]] = defaultdict(list)
         for ann in data.get("annotations", []):
@@ -124,7 +169,7 @@ class DetectionSet:
 
     # -- images and boxes -------------------------------------------------------------------------------
     def image_path(self, record: dict) -> Path:
-        return self.images_root / image_relative_path(record)
+        return image_file(self.images_root, record, self.allow_outside_root)
 
     def load_image(self, record: dict) -> torch.Tensor:
         """float [3, H, W] in 0..1 (RGB)."""

@@ -62,6 +62,13 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used as asked; the message says what is wrong and how to fix it."""
 
 
+# What torch.load(weights_only=True) raises for a corrupt, truncated or foreign file (a text file: KeyError,
+# a cut-off zip: OSError, a flipped byte: UnicodeDecodeError, a TorchScript archive: RuntimeError):
+# load_checkpoint_file makes each a CheckpointError. A MemoryError or KeyboardInterrupt is no property
+# of the file and passes through.
+UNREADABLE_CHECKPOINT_ERRORS = (RuntimeError, OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile)
+
+
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """The checkpoint file does not exist."""
 
@@ -193,6 +200,23 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     return state_dict, "openai-state-dict" if source.startswith("openai") else "open_clip-safetensors"
 
 
+def load_checkpoint_file(path: PathLike):
+    """What torch.save wrote at `path`, read with torch.load(weights_only=True): tensors and plain data
+    only. A file that pickles Python objects, or a corrupt, truncated or foreign one, is a CheckpointError
+    saying so; anything else (a MemoryError, a KeyboardInterrupt) passes through."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"{path}: refused: the file pickles Python objects, and checkpoints are only read with "
+            f"torch.load(weights_only=True) ({first_line}). Re-save it as plain tensors and plain data, "
+            "e.g. torch.save({'state_dict': model.state_dict()}, path).") from None
+    except UNREADABLE_CHECKPOINT_ERRORS as err:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") \
+            from None
+
+
 def read_clip_state_dict(path: PathLike, trust_torchscript: bool = False) -> tuple[dict[str, torch.Tensor], str, dict]:
     """The tensors of a checkpoint file, its format ('openai-torchscript', 'openai-state-dict',
     'open_clip-checkpoint', 'open_clip-safetensors', 'state-dict' or reference_weights'
@@ -210,17 +234,7 @@ def read_clip_state_dict(path: PathLike, trust_torchscript: bool = False) -> tup
     elif path.suffix == ".safetensors":
         state_dict, fmt = _read_safetensors(path)
     else:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise CheckpointError(
-                f"{path}: refused: the file pickles Python objects, and checkpoints are only read with "
-                f"torch.load(weights_only=True) ({first_line}). Re-save the weights as plain tensors, "
-                "e.g. torch.save({'state_dict': model.state_dict()}, path).") from None
-        except Exception as err:  # noqa: BLE001 - a corrupt or foreign file
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: "
-                                  f"{err})") from None
+        obj = load_checkpoint_file(path)
         reference = reference_state_dict(obj)
         if reference is not None:   # detectron2's {"model": ...}: renamed by the region encoder's key map
             return reference, REFERENCE_FORMAT, {k: v for k, v in obj.items() if k == "iteration"}

@@ -35,7 +35,7 @@ from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image
 
 from pipeline.io import atomic_path
 from trainer.models.clip import (CLIP_MEAN, CLIP_STD, CheckpointError, CheckpointNotFoundError, LoadReport,
-                          check_embedding_dim, create_clip, load_clip, load_fitting)
+                                 check_embedding_dim, create_clip, load_checkpoint_file, load_clip, load_fitting)
 from trainer.models.geometry import padded, resized_size
 from trainer.models.region_encoder import RegionEncoder
 
@@ -422,8 +422,8 @@ def read_checkpoint_kind(path: Union[str, os.PathLike]) -> str:
     if path.suffix == ".safetensors":
         return "clip"
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - TorchScript (OpenAI) or unreadable: left to load_clip
+        obj = load_checkpoint_file(path)
+    except CheckpointError:  # TorchScript (OpenAI), pickled objects or unreadable: load_clip says which
         return "clip"
     if isinstance(obj, dict) and obj.get("format") == DETECTOR_FORMAT:
         return "detector"
@@ -457,7 +457,7 @@ def build_detector(arch: str, checkpoint: Union[str, os.PathLike], class_embeddi
 
     path = Path(checkpoint).expanduser()
     if read_checkpoint_kind(path) == "detector":
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = load_checkpoint_file(path)
         reference = reference_state_dict(payload)
         if reference is not None:
             detector = detector_from_reference(reference, source=str(path), arch=arch,

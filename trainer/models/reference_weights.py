@@ -49,7 +49,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from trainer.models.clip import CheckpointError, CheckpointNotFoundError, LoadReport
+from trainer.models.clip import CheckpointError, CheckpointNotFoundError, LoadReport, load_checkpoint_file
 
 REFERENCE_FORMAT = "regionclip-detectron2"
 KINDS = ("region_encoder", "detector", "rpn_c4", "rpn_fpn")
@@ -178,13 +178,11 @@ def reference_state_dict(obj) -> Optional[dict[str, Tensor]]:
 
 def read_reference_checkpoint(path: PathLike) -> dict[str, Tensor]:
     """The state dict of a RegionCLIP/detectron2 file; refuses pickled code and other layouts."""
-    from trainer.models.rpn import _torch_load
-
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointNotFoundError(f"{path}: no such checkpoint file (RegionCLIP's weights are on its "
                                       "model zoo page, docs/MODEL_ZOO.md in microsoft/RegionCLIP)")
-    state = reference_state_dict(_torch_load(path))
+    state = reference_state_dict(load_checkpoint_file(path))
     if state is None:
         raise CheckpointError(f"{path}: not a detectron2 checkpoint (expected {{'model': state dict}})")
     return state

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
-import zipfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -46,7 +44,8 @@ from torchvision.ops import FrozenBatchNorm2d, batched_nms, box_iou, clip_boxes_
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
 from pipeline.io import atomic_path
-from trainer.models.clip import CLIP_MEAN, CLIP_STD, CheckpointError, CheckpointNotFoundError, load_clip
+from trainer.models.clip import (CLIP_MEAN, CLIP_STD, CheckpointError, CheckpointNotFoundError,
+                                 load_checkpoint_file, load_clip)
 
 BACKBONES = ("resnet50_fpn", "resnet18_fpn", "resnet50_c4", "clip_res4")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -182,7 +181,7 @@ def _clip_backbone(clip_arch: str, weights: Optional[PathLike], frozen_bn: bool,
 
 
 def _torchvision_state_dict(path: Path) -> dict:
-    obj = _torch_load(path)
+    obj = load_checkpoint_file(path)
     for key in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -421,20 +420,6 @@ def build_rpn(backbone: str = "resnet50_fpn", backbone_weights: Optional[PathLik
 
 # -- checkpoints -------------------------------------------------------------------------------------
 
-def _torch_load(path: Path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: refused: the file pickles Python objects, and checkpoints are only "
-                              f"read with torch.load(weights_only=True) ({first}). Re-save it as plain "
-                              "tensors and plain data.") from None
-    except (RuntimeError, OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as err:
-        # What torch.load raises for a corrupt or foreign file; a MemoryError is no property of the file.
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") \
-            from None
-
-
 def save_rpn_checkpoint(model: ProposalNetwork, path: PathLike, recall: Optional[dict] = None,
                         training_categories: Optional[Sequence[str]] = None, **config) -> Path:
     """Write {"state_dict", "config" (the build args, updated by `config`), "recall",
@@ -462,7 +447,7 @@ def load_rpn(path: PathLike, device: Union[str, torch.device] = "cpu") -> Propos
             f"{path}: no such RPN checkpoint. Train one with the train-rpn stage "
             "(train_rpn.enabled: true), or set proposals.checkpoint to a class-agnostic RPN checkpoint "
             "saved by trainer.models.rpn.save_rpn_checkpoint or released by RegionCLIP (rpn_*.pth).")
-    obj = _torch_load(path)
+    obj = load_checkpoint_file(path)
     from trainer.models.reference_weights import reference_state_dict, rpn_from_reference
 
     reference = reference_state_dict(obj)

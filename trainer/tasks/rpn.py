@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.concepts import normalize_concept
+from trainer.data.detection import image_files
 from trainer.data.images import read_image_tensor
 from trainer.engine.checkpoint import seed_all
 from trainer.engine.device import resolve_device
@@ -61,15 +62,20 @@ class CocoBoxes:
         return int(sum(len(self.boxes.get(im["id"], ())) for im in self.images))
 
 
-def read_coco_boxes(annotations: Path, images_root: Optional[Path] = None) -> CocoBoxes:
-    """Read a COCO instances file; image paths are `images_root / file_name` (default: the JSON's folder)."""
+def read_coco_boxes(annotations: Path, images_root: Optional[Path] = None, *, allow_outside_root: bool = False,
+                    setting: str = "allow_outside_root") -> CocoBoxes:
+    """Read a COCO instances file; image paths are `images_root / file_name` (default: the JSON's folder),
+    each inside it unless `allow_outside_root` (trainer.data.detection.image_files: ImagesOutsideRoot
+    naming `setting` otherwise)."""
     annotations = Path(annotations)
     if not annotations.is_file():
         raise FileNotFoundError(f"{annotations}: no such COCO annotations file")
     data = json.loads(annotations.read_text(encoding="utf-8"))
     root = Path(images_root) if images_root else annotations.parent
-    images = [{"id": im["id"], "path": str(root / im["file_name"]), "width": im.get("width"),
-               "height": im.get("height")} for im in data["images"]]
+    files = image_files(data["images"], root, allow_outside_root=allow_outside_root, setting=setting,
+                        source=str(annotations))
+    images = [{"id": im["id"], "path": str(path), "width": im.get("width"), "height": im.get("height")}
+              for im, path in zip(data["images"], files)]
     boxes: dict[int, list] = {}
     cats: dict[int, list] = {}
     for ann in data.get("annotations", []):
