@@ -1,6 +1,6 @@
 """Time to build the PQ codebook against shard size: the same photos in shards 10x larger.
 
-    python bench/pq_sample.py --quick        # 200 photos: 10 shards of 20, then 1 shard of 200
+    python bench/pq_sample.py --quick        # 100 photos: 10 shards of 10, then 1 shard of 100
     python bench/pq_sample.py --images 2000 --small-shard 100
 
 The codebook is trained on a seeded sample of images drawn across all shards (trainer/offline/labels.py
@@ -48,13 +48,15 @@ def codebook_seconds(manifest) -> tuple[float, int, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="the defaults (200 photos)")
+    parser.add_argument("--quick", action="store_true", help="100 photos, shards of 10 against 100")
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--small-shard", type=int, default=20)
     parser.add_argument("--factor", type=int, default=10)
     parser.add_argument("--repeat", type=int, default=2, help="builds per shard size (the best is kept)")
     parser.add_argument("--train-regions", type=int, default=4096, help="label.pq_train_regions")
     args = parser.parse_args()
+    if args.quick:
+        args.images, args.small_shard = 100, 10
     from stages import proposals
 
     models = dataclasses.replace(TINY, min_size=256, max_size=384, boxes=100, batch_size=4)

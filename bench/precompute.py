@@ -2,7 +2,7 @@
 their shards through decode threads) against a plain loop running the same model on images decoded
 before the clock starts, in one process with the same number of threads.
 
-    python bench/precompute.py --quick      # paper models on 8 photos, tiny models on one 200-photo shard
+    python bench/precompute.py --quick      # paper models on 6 photos, tiny models on one 60-photo shard
     python bench/precompute.py              # paper models on shards of 200 photos (hours on a 2-core CPU)
 
 Setting (bench/_photo_run.py): 1333x1000 camera-like JPEG photos; `paper`: the RN50 teacher (width 1024,
@@ -139,14 +139,15 @@ def measure(name: str, models: Models, images: int, per_shard: int, tmp: Path, p
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="paper models on --paper-images photos; tiny models on one 200-photo shard")
+                        help="paper models on 6 photos (2 shards); tiny models on one 60-photo shard")
     parser.add_argument("--paper-images", type=int, default=None, help="photos for the paper models")
     parser.add_argument("--paper-per-shard", type=int, default=None)
-    parser.add_argument("--tiny-images", type=int, default=200)
+    parser.add_argument("--tiny-images", type=int, default=None, help="photos for the tiny models (one shard)")
     parser.add_argument("--only", default="paper,tiny")
     args = parser.parse_args()
-    paper_images = args.paper_images or (8 if args.quick else 400)
-    paper_per_shard = args.paper_per_shard or (4 if args.quick else 200)
+    paper_images = args.paper_images or (6 if args.quick else 400)
+    paper_per_shard = args.paper_per_shard or (3 if args.quick else 200)
+    tiny_images = args.tiny_images or (60 if args.quick else 200)
     torch.set_num_threads(os.cpu_count())
     load_start = os.getloadavg()
     print(f"load average at start: {' '.join(f'{v:.2f}' for v in load_start)} ({os.cpu_count()} CPUs)", flush=True)
@@ -155,7 +156,7 @@ def main() -> None:
         if "paper" in args.only:
             figures["paper"] = measure("paper", PAPER, paper_images, paper_per_shard, Path(tmp), None)
         if "tiny" in args.only:
-            figures["tiny"] = measure("tiny", TINY, args.tiny_images, args.tiny_images, Path(tmp), None)
+            figures["tiny"] = measure("tiny", TINY, tiny_images, tiny_images, Path(tmp), None)
     load_end = os.getloadavg()
     print(f"load average at end: {' '.join(f'{v:.2f}' for v in load_end)}")
     figures.update(cpus=os.cpu_count(), load_average_start=round(load_start[0], 2),
