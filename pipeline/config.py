@@ -261,8 +261,9 @@ class PretrainConfig(Section):
     seed: int = 0
     device: str = Field("auto", json_schema_extra=RUNTIME_ONLY)
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto: bf16 autocast on CUDA, fp32 elsewhere; bf16 also autocasts on a CPU "
-        "(to measure it); losses and optimizer state stay fp32")
+        "fp32", description="fp32 (the reference's; bf16 lowered the demo's transfer novel AP50, "
+        "docs/pretrain.md); auto: bf16 autocast on CUDA, fp32 elsewhere; bf16 autocasts on a CPU too; "
+        "losses and optimizer state stay fp32")
     min_size: int = Field(800, ge=32, description="images resized so the short side is this (bicubic)")
     max_size: int = Field(1333, ge=32, description="... and the long side at most this")
     keep_threshold: float = Field(0.1, ge=0, le=1, description="regions with teacher max prob above "
