@@ -1,7 +1,7 @@
 """Peak memory against shard (or dataset) size: the same number of images, shards 10x larger.
 
     .venv/bin/python bench/memory.py                      # every stage, 200 images
-    .venv/bin/python bench/memory.py --quick              # every stage, 100 images
+    .venv/bin/python bench/memory.py --quick              # every stage, 100 images (shards of 5 and 50)
     .venv/bin/python bench/memory.py --images 2000 --size 1333x1000 --stages label
 
 Each stage runs twice in a child process, once on small shards (`--small-shard` images each; for
@@ -233,12 +233,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="transfer steps")
     ap.add_argument("--min-size", type=int, default=128)
     ap.add_argument("--max-size", type=int, default=224)
-    ap.add_argument("--quick", action="store_true", help="100 images (shards of 10 against 100)")
+    ap.add_argument("--quick", action="store_true", help="100 images, shards of 5 against 50 (two large "
+                    "shards: one per pretrain loader worker)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--root", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.quick:
-        args.images = 100
+        args.images, args.small_shard = 100, 5
     if args.child:  # one measured run
         print(json.dumps(STAGES[args.child][1](Path(args.root), args)))
         return
