@@ -437,11 +437,17 @@ class RunManifest(Section):
         return getattr(self, name).model_dump(mode="json")
 
 
+# Settings that were renamed: the error says what to write instead.
+RENAMED = {"pretrain.amp": "pretrain.precision (fp32, bf16 or auto; amp: true was bf16 on CUDA = auto)"}
+
+
 def _format_errors(err: ValidationError, origin: str) -> str:
     lines = [f"{origin}: invalid run manifest"]
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "extra_forbidden" and field in RENAMED:
+            lines.append(f"  {field}: renamed; write {RENAMED[field]}")
+        elif e["type"] == "extra_forbidden":
             lines.append(f"  {field}: unknown key; check its spelling against manifests/demo.yaml "
                          "or the settings in pipeline/config.py")
         elif e["type"] == "missing":

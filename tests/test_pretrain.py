@@ -421,3 +421,12 @@ def test_precision_sets_the_students_compute_dtype_and_keeps_fp32_weights(world,
     t.train()
     assert seen and set(seen) == {dtype}
     assert all(p.dtype == torch.float32 for p in t.encoder.parameters())
+
+
+def test_the_old_amp_setting_is_refused_naming_its_replacement(tmp_path):
+    from pipeline.config import ManifestError, load_manifest
+
+    path = tmp_path / "m.yaml"
+    path.write_text("pretrain: {amp: true}\n")
+    with pytest.raises(ManifestError, match=r"pretrain\.amp: renamed; write pretrain\.precision"):
+        load_manifest(path)
