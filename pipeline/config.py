@@ -192,12 +192,13 @@ class TrainRpnConfig(Section):
 
 class GpuActorSettings(Section):
     """How a GPU stage's Ray actors run (proposals, label): each holds the model on a GPU when the cluster
-    has them and decodes images in cpus_per_actor threads ahead of it."""
+    has them and decodes images in cpus_per_actor threads ahead of it (one per 8 CPUs when the model
+    runs on the CPU, whose threads take the rest)."""
     num_gpus_per_actor: float = Field(1.0, ge=0, json_schema_extra=RUNTIME_ONLY)
     num_actors: Optional[int] = Field(None, ge=1, json_schema_extra=RUNTIME_ONLY)
     cpus_per_actor: Optional[int] = Field(None, ge=1, json_schema_extra=RUNTIME_ONLY,
-                                          description="CPUs each actor asks Ray for and decodes with "
-                                          "(threads); null: 8 when the cluster has GPUs, else 1")
+                                          description="CPUs each actor asks Ray for; with a GPU they "
+                                          "all decode; null: 8 when the cluster has GPUs, else 1")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast with TF32 on CUDA, fp32 on CPU; boxes, RoIAlign "
         "coordinates and logits stay fp32")

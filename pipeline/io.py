@@ -48,9 +48,9 @@ def read_json(path: str | os.PathLike):
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
-def write_parquet(path: str | os.PathLike, table: pa.Table) -> None:
+def write_parquet(path: str | os.PathLike, table: pa.Table, row_group_rows: int | None = None) -> None:
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
+        pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_rows)
 
 
 @contextlib.contextmanager

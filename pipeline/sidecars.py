@@ -7,9 +7,9 @@ and the one reader of shard tars.
 | `shards/NNNNN.parquet` | `SHARD_ROWS_SCHEMA` (every input row) | `write_shard_rows` | `written_keys`, `shard_captions` |
 | `concepts/concepts.parquet` | `CONCEPT_POOL_SCHEMA` | `write_concept_pool` | `read_concept_names` |
 | `concepts/captions/NNNNN.parquet` | `CAPTION_NOUNS_SCHEMA`, then `CAPTION_CONCEPTS_SCHEMA` | `write_caption_nouns`, `write_caption_concepts` | `read_caption_nouns`, `read_caption_concepts` |
-| `concepts/caption_embeddings/NNNNN.parquet` | key + fixed_size_list<float16>[D] | `write_caption_embeddings` | `read_caption_embeddings` |
-| `proposals/NNNNN.parquet` | `PROPOSALS_SCHEMA` | `write_proposals`, `proposals_writer` (batch by batch) | `read_proposals`, `iter_proposals` (streamed) |
-| `labels/NNNNN.parquet` | `labels_schema(store_flipped)` | `write_labels`, `labels_writer` (batch by batch) | `read_labels` (a table), `read_region_labels` (the trainer's) |
+| `concepts/caption_embeddings/NNNNN.parquet` | key + fixed_size_list<float16>[D] | `write_caption_embeddings` | `read_caption_embeddings`, `ShardSidecarReader` (by key) |
+| `proposals/NNNNN.parquet` | `PROPOSALS_SCHEMA` | `write_proposals`, `proposals_writer` (batch by batch) | `read_proposals`, `iter_proposals` (streamed), `ShardSidecarReader` (by key) |
+| `labels/NNNNN.parquet` | `labels_schema(store_flipped)` | `write_labels`, `labels_writer` (batch by batch) | `read_labels` (a table), `read_region_labels`, `ShardSidecarReader` (by key) |
 | `labels/regions.parquet` | `REGION_IDS_SCHEMA` | `write_region_ids` | `read_region_ids` |
 
 Per-shard sidecars (docs/formats.md) have one Parquet file per shard and one row per *written* key of
@@ -41,6 +41,10 @@ from pipeline.io import parquet_writer, read_parquet, write_parquet
 from pipeline.layout import SHARD_ID_DIGITS, StageDir
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+# Rows per row group of a per-shard sidecar written whole (the streamed writers write one per batch):
+# the trainer reads sidecars by key (`ShardSidecarReader`), decoding one row group per lookup.
+KEYED_ROW_GROUP_ROWS = 64
 
 
 # -- shard tars ------------------------------------------------------------------------------------
@@ -316,25 +320,36 @@ def write_caption_embeddings(sidecars: StageDir, shard_id: int, keys: Sequence[s
     values = pa.array(embeddings.reshape(-1))
     path = sidecars.parquet(shard_id)
     write_parquet(path, pa.table({"key": pa.array(list(keys), pa.string()),
-                                  "embedding": pa.FixedSizeListArray.from_arrays(values, embeddings.shape[1])}))
+                                  "embedding": pa.FixedSizeListArray.from_arrays(values, embeddings.shape[1])}),
+                  row_group_rows=KEYED_ROW_GROUP_ROWS)
     return path
+
+
+def _embedding_lengths(column) -> np.ndarray:
+    return np.asarray(pc.fill_null(pc.list_value_length(column), 0).to_numpy(zero_copy_only=False))
+
+
+def _embedding_rows(table: pa.Table, dim: int) -> np.ndarray:
+    """float16 [rows, dim] of a caption-embedding table; a row that is null or not `dim` long is NaN."""
+    column = table["embedding"].combine_chunks()
+    out = np.full((len(column), dim), np.nan, np.float16)
+    if len(column) == 0:
+        return out
+    lengths = _embedding_lengths(column)
+    flat = np.asarray(pc.list_flatten(column).to_numpy(zero_copy_only=False), np.float16)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    for i in np.flatnonzero(lengths == dim):
+        out[i] = flat[starts[i]:starts[i] + dim]
+    return out
 
 
 def read_caption_embeddings(sidecars: StageDir, shard_id: int) -> tuple[list[str], np.ndarray]:
     """(keys, float16 [N, D]) of one shard; a row that is null or not D long (D: the longest) is NaN."""
     table = read_parquet(sidecars.parquet(shard_id), columns=["key", "embedding"])
-    keys = table["key"].to_pylist()
-    column = table["embedding"].combine_chunks()
-    if len(column) == 0:
-        return keys, np.zeros((0, 0), np.float16)
-    lengths = np.asarray(pc.fill_null(pc.list_value_length(column), 0).to_numpy(zero_copy_only=False))
-    dim = int(lengths.max())
-    flat = np.asarray(pc.list_flatten(column).to_numpy(zero_copy_only=False), np.float16)
-    out = np.full((len(column), dim), np.nan, np.float16)
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    for i in np.flatnonzero(lengths == dim):
-        out[i] = flat[starts[i]:starts[i] + dim]
-    return keys, out
+    if table.num_rows == 0:
+        return [], np.zeros((0, 0), np.float16)
+    dim = int(_embedding_lengths(table["embedding"].combine_chunks()).max())
+    return table["key"].to_pylist(), _embedding_rows(table, dim)
 
 
 # -- proposals ---------------------------------------------------------------------------------------
@@ -377,7 +392,7 @@ def _proposals_table(rows: Sequence[Proposals]) -> pa.Table:
 
 def write_proposals(stage_dir: StageDir, shard_id: int, rows: list[Proposals]) -> Path:
     path = stage_dir.parquet(shard_id)
-    write_parquet(path, _proposals_table(rows))
+    write_parquet(path, _proposals_table(rows), row_group_rows=KEYED_ROW_GROUP_ROWS)
     return path
 
 
@@ -445,7 +460,7 @@ def labels_schema(store_flipped: bool) -> pa.Schema:
 def write_labels(stage_dir: StageDir, shard_id: int, columns: dict, store_flipped: bool) -> Path:
     """`columns`: key and the other fields of labels_schema(store_flipped), one list each."""
     path = stage_dir.parquet(shard_id)
-    write_parquet(path, pa.table(columns, schema=labels_schema(store_flipped)))
+    write_parquet(path, pa.table(columns, schema=labels_schema(store_flipped)), row_group_rows=KEYED_ROW_GROUP_ROWS)
     return path
 
 
@@ -471,20 +486,104 @@ class RegionLabels:
     flipped_region_codes: Optional[bytes]  # the same for the mirrored image (label.store_flipped)
 
 
-def read_region_labels(stage_dir: StageDir, shard_id: int) -> dict[str, RegionLabels]:
-    """The region targets of a shard by key; a row missing any of them is left out."""
-    path = stage_dir.parquet(shard_id)
-    flipped = "flipped_region_codes" in pq.read_schema(path).names
-    table = read_parquet(path, ["key", "pseudo_label", "pseudo_prob", "region_codes"]
-                         + (["flipped_region_codes"] if flipped else []))
+REGION_LABEL_COLUMNS = ["key", "pseudo_label", "pseudo_prob", "region_codes", "flipped_region_codes"]
+
+
+def _region_labels(table: pa.Table) -> Iterator[tuple[str, RegionLabels]]:
+    """(key, targets) of each complete row of a labels table (REGION_LABEL_COLUMNS that the file has)."""
     codes = table["region_codes"].to_pylist()
+    flipped = "flipped_region_codes" in table.column_names
     flipped_codes = table["flipped_region_codes"].to_pylist() if flipped else [None] * len(codes)
-    out = {}
     for key, y, p, c, fc in zip(table["key"].to_pylist(), _list_rows(table, "pseudo_label", np.int64),
                                 _list_rows(table, "pseudo_prob", np.float32), codes, flipped_codes):
         if y is not None and p is not None and c is not None:
-            out[key] = RegionLabels(y, p, c, fc)
-    return out
+            yield key, RegionLabels(y, p, c, fc)
+
+
+def read_region_labels(stage_dir: StageDir, shard_id: int) -> dict[str, RegionLabels]:
+    """The region targets of a shard by key; a row missing any of them is left out."""
+    path = stage_dir.parquet(shard_id)
+    names = pq.read_schema(path).names
+    return dict(_region_labels(read_parquet(path, [c for c in REGION_LABEL_COLUMNS if c in names])))
+
+
+# -- a per-shard sidecar read by key (the trainer's) ---------------------------------------------
+
+
+class KeyedRows:
+    """A per-shard sidecar read by key a row group at a time. It holds each key's row numbers and the row
+    group last read, never the file: the teacher targets of a 10000-image CC3M shard are about 1 GB.
+
+        rows = KeyedRows(layout.labels.parquet(3), REGION_LABEL_COLUMNS)
+        table = rows.table(key)      # the key's rows (several for a multi-caption image), in file order
+    """
+
+    def __init__(self, path: str | os.PathLike, columns: Sequence[str]):
+        self.path = Path(path)
+        self.file = pq.ParquetFile(self.path)
+        names = self.file.schema_arrow.names
+        self.columns = [c for c in columns if c in names]
+        meta = self.file.metadata
+        self.starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+        self.rows: dict[str, list[int]] = {}
+        for g in range(meta.num_row_groups):   # the key column a row group at a time
+            keys = self.file.read_row_group(g, columns=["key"]).column(0).to_pylist()
+            for i, key in enumerate(keys, start=int(self.starts[g])):
+                self.rows.setdefault(key, []).append(i)
+        self._group: tuple[int, Optional[pa.Table]] = (-1, None)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.rows
+
+    def table(self, key: str) -> pa.Table:
+        parts = []
+        for i in self.rows.get(key, ()):
+            g = int(np.searchsorted(self.starts, i, side="right")) - 1
+            if self._group[0] != g:
+                self._group = (g, self.file.read_row_group(g, columns=self.columns))
+            parts.append(self._group[1].slice(i - int(self.starts[g]), 1))
+        if not parts:
+            return self.file.schema_arrow.empty_table().select(self.columns)
+        return pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+
+
+class ShardSidecarReader:
+    """The trainer's view of one shard's sidecars, by key: caption embeddings (each finite one), proposals
+    (None when missing or damaged) and region targets (None when missing or incomplete). Memory: the
+    keys and a row group per file, whatever the shard's size. A missing file reads as no rows."""
+
+    def __init__(self, caption_embeddings: Optional[Path], proposals: Optional[Path] = None,
+                 labels: Optional[Path] = None):
+        exists = lambda p: p is not None and Path(p).exists()  # noqa: E731
+        self._captions = KeyedRows(caption_embeddings, ["key", "embedding"]) if exists(caption_embeddings) else None
+        self._proposals = KeyedRows(proposals, list(PROPOSALS_SCHEMA.names)) if exists(proposals) else None
+        self._labels = KeyedRows(labels, REGION_LABEL_COLUMNS) if exists(labels) else None
+        self._dim = self._caption_dim() if self._captions is not None else 0
+
+    def _caption_dim(self) -> int:
+        """D of the caption embeddings: the fixed list size, or (a plain list column) the longest row."""
+        typ = self._captions.file.schema_arrow.field("embedding").type
+        if pa.types.is_fixed_size_list(typ):
+            return typ.list_size
+        return max((int(_embedding_lengths(self._captions.file.read_row_group(g, ["embedding"])["embedding"]
+                                           .combine_chunks()).max(initial=0))
+                    for g in range(self._captions.file.num_row_groups)), default=0)
+
+    def captions(self, key: str) -> list[np.ndarray]:
+        """The key's caption embeddings (float16 [D] each, in file order), non-finite ones left out."""
+        if self._captions is None or key not in self._captions:
+            return []
+        return [row for row in _embedding_rows(self._captions.table(key), self._dim) if np.isfinite(row).all()]
+
+    def proposals(self, key: str) -> Optional[Proposals]:
+        if self._proposals is None or key not in self._proposals:
+            return None
+        return next(_checked_proposals(self._proposals.path, self._proposals.table(key), True), None)
+
+    def labels(self, key: str) -> Optional[RegionLabels]:
+        if self._labels is None or key not in self._labels:
+            return None
+        return next((found for _, found in _region_labels(self._labels.table(key))), None)
 
 
 # -- the region index's row ids ----------------------------------------------------------------------

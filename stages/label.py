@@ -94,15 +94,16 @@ def label_job(manifest, decode_threads: int = 1) -> "LabelJob":  # noqa: F821
 
 
 def label(run: StageRun) -> dict:
-    from pipeline.ray_runtime import actor_cpus, init_ray, map_with_actor_pool
+    from pipeline.ray_runtime import actor_cpus, decode_threads, init_ray, map_with_actor_pool
     from trainer.offline.labels import LabelShardWorker
     from trainer.offline.region_index import write_region_index
 
     manifest, layout, cfg = run.manifest, run.layout, run.manifest.label
     shard_ids = run.shard_ids("proposals")
     init_ray(manifest.ray)
-    job = label_job(manifest, decode_threads=actor_cpus(cfg.cpus_per_actor))
-    codec = ensure_codec(run, job, shard_ids)
+    cpus = actor_cpus(cfg.cpus_per_actor)
+    job = label_job(manifest, decode_threads=decode_threads(cpus, cfg.num_gpus_per_actor))
+    codec = ensure_codec(run, job, shard_ids, cpus)
     markers = run.markers(fingerprint=marker_fingerprint(run, codec))
     job.fingerprint = markers.fingerprint
     pending, nodes = markers.start_pending(shard_ids), set()
@@ -111,7 +112,7 @@ def label(run: StageRun) -> dict:
               f"codec {codec['codec']} ({codec['code_size']} bytes/region)")
         for row in map_with_actor_pool(LabelShardWorker, [{"shard": s} for s in pending], constructor_args=(job,),
                                        num_gpus_per_actor=cfg.num_gpus_per_actor, num_actors=cfg.num_actors,
-                                       cpus_per_actor=job.decode_threads, desc="label"):
+                                       cpus_per_actor=cpus, desc="label"):
             nodes.add(str(row["node"]))
     else:
         print(f"label: every shard done ({len(shard_ids)} shards)")
@@ -128,8 +129,9 @@ def _files_inside(folder, names) -> bool:
         return False
 
 
-def ensure_codec(run: StageRun, job, shard_ids: list[int]) -> dict:
-    """The saved codec if it was built from the same settings, else a new one (PQ: trained on a sample)."""
+def ensure_codec(run: StageRun, job, shard_ids: list[int], cpus: int) -> dict:
+    """The saved codec if it was built from the same settings, else a new one (PQ: trained on a sample by
+    one task of `cpus` CPUs)."""
     from pipeline.ray_runtime import cluster_gpus, run_tasks
     from trainer.offline.codecs import codec_from_settings, read_codec_description
     from trainer.offline.labels import plan_region_sample, sample_region_embeddings
@@ -149,7 +151,7 @@ def ensure_codec(run: StageRun, job, shard_ids: list[int]) -> dict:
               f"{len(plan)} shard(s)")
         gpus = cfg.num_gpus_per_actor if cluster_gpus() > 0 else 0
         sample = next(run_tasks(sample_region_embeddings, [(job, plan, cfg.pq_train_regions, manifest.seed)],
-                                num_cpus=job.decode_threads, num_gpus=gpus, desc="label: PQ sample"))
+                                num_cpus=cpus, num_gpus=gpus, desc="label: PQ sample"))
     codec = codec_from_settings(cfg, run.memo["dim"], concept_embeddings=run.memo["concepts"], sample=sample,
                                 seed=manifest.seed)
     return codec.save(layout.labels_codec, extra={"build_key": build_key, "build": params,

@@ -10,7 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer.data.pretrain_stream import DataOptions, Sidecars, prepare_sample
+from pipeline.layout import StageDir
+from pipeline.sidecars import ShardSidecarReader, write_caption_embeddings
+from trainer.data.pretrain_stream import DataOptions, prepare_sample
 from trainer.models.detector import prepare_images
 from trainer.models.geometry import PAD_MULTIPLE, padded, resized_size
 from trainer.offline.labels import resize_canonical
@@ -29,7 +31,7 @@ def test_the_rule_rounds_half_up_and_caps_the_long_side():
 
 
 @pytest.mark.parametrize("width,height,min_size,max_size", CASES)
-def test_teacher_student_and_detector_resize_an_image_to_the_same_size(width, height, min_size, max_size):
+def test_teacher_student_and_detector_resize_an_image_to_the_same_size(width, height, min_size, max_size, tmp_path):
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
 
@@ -37,7 +39,9 @@ def test_teacher_student_and_detector_resize_an_image_to_the_same_size(width, he
 
     png = io.BytesIO()
     image.save(png, format="PNG")
-    side = Sidecars(captions={"k": [0]}, caption_emb=np.zeros((1, 4), np.float16))
+    captions = StageDir(tmp_path)
+    write_caption_embeddings(captions, 0, ["k"], np.zeros((1, 4), np.float16))
+    side = ShardSidecarReader(captions.parquet(0))
     opts = DataOptions(batch_size=1, min_size=min_size, max_size=max_size, flip=False, online=True)
     sample = prepare_sample("k", {"png": png.getvalue()}, side, opts, np.random.default_rng(0))
     student_h, student_w = sample["size"]

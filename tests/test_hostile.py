@@ -267,12 +267,12 @@ def test_the_streaming_trainer_counts_and_skips_each_hostile_row(tmp_path):
 
 def test_each_hostile_sidecar_row_is_a_named_skip(tmp_path):
     from pipeline.sidecars import shard_samples
-    from trainer.data.pretrain_stream import DataOptions, Sidecars, SkipSample, prepare_sample, shard_sources
+    from trainer.data.pretrain_stream import DataOptions, SkipSample, open_sidecars, prepare_sample, shard_sources
 
     w = hostile_world(tmp_path)
     layout, keys = w["layout"], w["keys"]
     src = shard_sources(layout, [0])[0]
-    side = Sidecars.read(src)
+    side = open_sidecars(src)
     samples = dict(shard_samples(src.tar))
     opts = DataOptions(batch_size=1, min_size=64, max_size=96, regions_per_image=8)
     reasons = {}

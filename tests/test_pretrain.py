@@ -19,7 +19,7 @@ from pipeline.layout import RunLayout, sample_key
 from tests.pretrain_world import make_world
 from trainer.models.clip import create_clip, load_clip
 from pipeline.sidecars import shard_samples
-from trainer.data.pretrain_stream import (DataError, DataOptions, PretrainStream, Sidecars, collate, prepare_sample,
+from trainer.data.pretrain_stream import (DataError, DataOptions, PretrainStream, collate, open_sidecars, prepare_sample,
                                          sample_rng, shard_sources)
 from trainer.tasks.pretrain import PretrainPaths, PretrainTrainer
 
@@ -92,7 +92,7 @@ def test_streamed_batches_equal_those_of_shards_read_whole(world):
     for epoch in range(2):
         for place, shard in enumerate(stream.slot_shards(epoch, 0)):
             src = sources[shard]
-            samples, side = list(shard_samples(src.tar)), Sidecars.read(src)
+            samples, side = list(shard_samples(src.tar)), open_sidecars(src)
             for index in np.random.default_rng([opts.seed, epoch, src.shard_id, place]).permutation(len(samples)):
                 key, members = samples[index]
                 try:
@@ -124,7 +124,7 @@ def test_too_few_shards_is_an_error_unless_resampling(world):
 def test_flip_mirrors_boxes_and_uses_stored_flipped_targets(tmp_path):
     w = make_world(tmp_path, num_shards=1, per_shard=4, store_flipped=True)
     src = shard_sources(w["layout"], [0])[0]
-    side = Sidecars.read(src)
+    side = open_sidecars(src)
     samples = list(shard_samples(src.tar))
     seen_flip = False
     for index, (key, members) in enumerate(samples):
@@ -154,8 +154,9 @@ def test_an_image_with_several_captions_draws_one_per_seed_and_epoch(tmp_path):
     three = np.stack([emb[0], emb[1], emb[2]])       # key 0 gets three distinct captions
     write_caption_embeddings(layout.caption_embeddings, 0, [keys[0]] * 3 + keys[1:], np.concatenate([three, emb[1:]]))
     src = shard_sources(layout, [0])[0]
-    side = Sidecars.read(src)
-    assert side.captions[keys[0]] == [0, 1, 2] and side.captions[keys[1]] == [3]
+    side = open_sidecars(src)
+    assert [c.tolist() for c in side.captions(keys[0])] == three.tolist()
+    assert [c.tolist() for c in side.captions(keys[1])] == [emb[1].tolist()]
     key, members = next(iter(shard_samples(src.tar)))
 
     def caption(seed, epoch):
@@ -167,10 +168,11 @@ def test_an_image_with_several_captions_draws_one_per_seed_and_epoch(tmp_path):
     assert [caption(3, epoch)[0] for epoch in range(12)] == chosen                  # fixed per (seed, epoch)
     assert [caption(4, epoch)[0] for epoch in range(12)] != chosen                  # another seed, others
     # the box sample is drawn before the caption: the same as with one caption
-    one = Sidecars.read(src)
-    one.captions[key] = [0]
-    np.testing.assert_array_equal(caption(3, 5)[1], prepare_sample(key, members, one, _opts(),
-                                                                  sample_rng(3, 5, 0, 0))["boxes"])
+    with_three = caption(3, 5)[1]
+    write_caption_embeddings(layout.caption_embeddings, 0, keys, emb)
+    one = open_sidecars(src)
+    np.testing.assert_array_equal(with_three, prepare_sample(key, members, one, _opts(),
+                                                             sample_rng(3, 5, 0, 0))["boxes"])
 
 
 def test_a_batch_never_holds_an_image_twice(tmp_path):

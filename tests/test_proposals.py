@@ -199,3 +199,19 @@ def test_missing_checkpoint_is_a_clear_error(run):
             proposals.run(manifest)
     finally:
         manifest.proposals.checkpoint = None
+
+
+@pytest.mark.parametrize("resources, setting, gpus_per_actor, expected", [
+    ({"CPU": 64, "GPU": 8}, None, 1.0, (8, 8)),      # GPU node: 8 CPUs per actor, all decoding
+    ({"CPU": 16, "GPU": 4}, None, 1.0, (4, 4)),      # never more CPUs than the node has per GPU
+    ({"CPU": 64, "GPU": 8}, 6, 1.0, (6, 6)),         # the setting wins
+    ({"CPU": 2}, None, 1.0, (1, 1)),                  # CPU-only Ray: one CPU per actor
+    ({"CPU": 32}, 16, 1.0, (16, 2)),                 # a CPU actor's model threads keep most CPUs
+    ({"CPU": 64, "GPU": 8}, 8, 0.0, (8, 1)),         # num_gpus_per_actor 0: the model runs on the CPU
+])
+def test_actor_cpus_and_decode_threads(monkeypatch, resources, setting, gpus_per_actor, expected):
+    from pipeline import ray_runtime
+
+    monkeypatch.setattr(ray_runtime, "cluster_resources", lambda: resources)
+    cpus = ray_runtime.actor_cpus(setting)
+    assert (cpus, ray_runtime.decode_threads(cpus, gpus_per_actor)) == expected

@@ -9,8 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.layout import StageDir, sample_key
-from pipeline.sidecars import (CAPTION_CONCEPTS_SCHEMA, CAPTION_NOUNS_SCHEMA, CONCEPT_POOL_SCHEMA, PROPOSALS_SCHEMA,
-                               REGION_IDS_SCHEMA, SHARD_ROWS_SCHEMA, DamagedTarError, Proposals,
+from pipeline.sidecars import (CAPTION_CONCEPTS_SCHEMA, CAPTION_NOUNS_SCHEMA, CONCEPT_POOL_SCHEMA,
+                               KEYED_ROW_GROUP_ROWS, PROPOSALS_SCHEMA, REGION_IDS_SCHEMA, SHARD_ROWS_SCHEMA,
+                               DamagedTarError, Proposals, ShardSidecarReader,
                                labels_schema, read_caption_concepts, read_caption_embeddings, read_caption_nouns,
                                read_concept_names, read_labels, read_proposals, read_region_ids, read_region_labels,
                                read_shard_images, shard_captions, shard_of_key, shard_samples, sidecar_shards,
@@ -126,6 +127,45 @@ def test_labels_round_trip_as_a_table_and_as_region_targets(tmp_path, store_flip
     assert k0.pseudo_prob.tolist() == [0.5, 0.25] and k0.region_codes == b"\x01\x02\x03\x04"
     assert k0.flipped_region_codes == (b"\x09\x0a\x0b\x0c" if store_flipped else None)
     assert targets["k1"].pseudo_label.size == 0
+
+
+def test_the_keyed_reader_gives_every_row_of_a_large_shard_and_holds_one_row_group(tmp_path):
+    """The trainer's reader by key on a shard of 300 images (several row groups per file): each key's
+    proposals, targets and captions equal the whole-file readers', and it holds one row group per file."""
+    n = 300
+    keys = [sample_key(0, i) for i in range(n)]
+    rng = np.random.default_rng(0)
+    proposals, labels, captions = StageDir(tmp_path / "p"), StageDir(tmp_path / "l"), StageDir(tmp_path / "c")
+    write_proposals(proposals, 0, [_proposals(k, 1 + i % 7, i) for i, k in enumerate(keys)])
+    counts = [1 + i % 7 for i in range(n)]
+    write_labels(labels, 0, {
+        "key": keys, "num_regions": counts, "pseudo_label": [list(range(c)) for c in counts],
+        "pseudo_prob": [[0.5] * c for c in counts], "region_codes": [bytes([i % 256]) * 2 * c for i, c in enumerate(counts)],
+        "image_code": [b"\x00\x01"] * n, "image_pseudo_label": [0] * n}, False)
+    caption_keys = [keys[0]] * 3 + keys[1:]                 # the first image has three captions
+    emb = rng.standard_normal((len(caption_keys), 8)).astype(np.float16)
+    emb[5, 2] = np.nan                                       # a damaged caption row is left out
+    write_caption_embeddings(captions, 0, caption_keys, emb)
+    for stage in (proposals, labels, captions):
+        groups = pq.ParquetFile(stage.parquet(0)).metadata
+        assert groups.num_row_groups >= 4 and max(groups.row_group(g).num_rows
+                                                  for g in range(groups.num_row_groups)) <= KEYED_ROW_GROUP_ROWS
+    reader = ShardSidecarReader(captions.parquet(0), proposals.parquet(0), labels.parquet(0))
+    whole_p, whole_l = read_proposals(proposals, 0), read_region_labels(labels, 0)
+    for i in rng.permutation(n):                             # the trainer's order: random within the shard
+        key = keys[i]
+        p, lab = reader.proposals(key), reader.labels(key)
+        assert np.array_equal(p.boxes, whole_p[key].boxes) and np.array_equal(p.objectness, whole_p[key].objectness)
+        assert lab.pseudo_label.tolist() == whole_l[key].pseudo_label.tolist()
+        assert lab.region_codes == whole_l[key].region_codes
+        want = [emb[j] for j, k in enumerate(caption_keys) if k == key and np.isfinite(emb[j]).all()]
+        assert [c.tolist() for c in reader.captions(key)] == [w.tolist() for w in want]
+        for rows in (reader._proposals, reader._labels, reader._captions):
+            assert rows._group[1].num_rows <= KEYED_ROW_GROUP_ROWS     # one row group, never the file
+    assert len(reader.captions(keys[0])) == 3 and reader.captions(keys[3]) == []   # caption row 5 is keys[3]
+    assert reader.proposals("absent") is None and reader.labels("absent") is None and reader.captions("absent") == []
+    missing = ShardSidecarReader(tmp_path / "none.parquet")
+    assert missing.captions(keys[0]) == [] and missing.proposals(keys[0]) is None
 
 
 def test_region_ids_round_trip(tmp_path):

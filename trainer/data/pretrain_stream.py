@@ -27,10 +27,11 @@ that much and each slot skips to its stored position without decoding anything, 
 after a resume are exactly the batches an uninterrupted run would have seen.
 
 A shard is read as it goes: its tar is indexed (member offsets from the headers, pipeline.sidecars'
-ShardIndex) and each sample's members are read when the permutation reaches it, so a reader holds one
-sample's bytes, the index (a key and a few offsets per sample) and the shard's sidecar rows (caption
-embeddings, proposals and teacher targets: a few kB per sample), never the tar. Skipping to a stored
-offset reads nothing.
+ShardIndex) and each sample's members are read when the permutation reaches it; its sidecars are read
+by key too (pipeline.sidecars' ShardSidecarReader: the row numbers of each key, and one Parquet row
+group per file when a sample needs it). A reader holds one sample's bytes, the indexes (a key and a few
+offsets per sample) and a row group per sidecar, never the tar nor the shard's teacher targets (about
+100 kB per CC3M image). Skipping to a stored offset reads nothing.
 
 A sample whose image does not decode, whose sidecar row is missing (or whose proposals and labels
 disagree) is counted by reason and skipped, never fatal; a tar that ends early keeps its good
@@ -51,8 +52,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.images import ImageError, load_rgb
 from pipeline.layout import RunLayout, StageDir, shard_name
-from pipeline.sidecars import (DamagedTarError, Proposals, RegionLabels, ShardIndex, read_caption_embeddings,
-                               read_proposals, read_region_labels)
+from pipeline.sidecars import DamagedTarError, Proposals, RegionLabels, ShardIndex, ShardSidecarReader
 from trainer.data.images import image_tensor
 from trainer.models.geometry import padded, resized_size
 
@@ -94,27 +94,13 @@ class DataOptions:
 
 # -- reading one shard -------------------------------------------------------------------------------
 
-@dataclass
-class Sidecars:
-    """One shard's sidecar rows, looked up by key (a row that is missing or damaged is absent)."""
-    captions: dict = field(default_factory=dict)     # key -> its rows in caption_emb (one per caption)
-    caption_emb: Optional[np.ndarray] = None         # [N, D] float16
-    proposals: dict[str, Proposals] = field(default_factory=dict)
-    labels: dict[str, RegionLabels] = field(default_factory=dict)
-
-    @classmethod
-    def read(cls, src: ShardSource) -> "Sidecars":
-        side, s = cls(), src.shard_id
-        if src.caption_embeddings.parquet(s).exists():
-            keys, side.caption_emb = read_caption_embeddings(src.caption_embeddings, s)
-            for i, k in enumerate(keys):
-                if np.isfinite(side.caption_emb[i]).all():
-                    side.captions.setdefault(k, []).append(i)
-        if src.proposals is not None and src.proposals.parquet(s).exists():
-            side.proposals = read_proposals(src.proposals, s, skip_damaged=True)
-        if src.labels is not None and src.labels.parquet(s).exists():
-            side.labels = read_region_labels(src.labels, s)
-        return side
+def open_sidecars(src: ShardSource) -> ShardSidecarReader:
+    """One shard's sidecars, read by key a row group at a time (a row that is missing or damaged reads
+    as absent)."""
+    s = src.shard_id
+    return ShardSidecarReader(src.caption_embeddings.parquet(s),
+                              src.proposals.parquet(s) if src.proposals is not None else None,
+                              src.labels.parquet(s) if src.labels is not None else None)
 
 
 # -- one sample ----------------------------------------------------------------------------------------
@@ -139,15 +125,17 @@ class SkipSample(Exception):
         self.reason = reason
 
 
-def prepare_sample(key: str, members: dict, side: Sidecars, opts: DataOptions,
+def prepare_sample(key: str, members: dict, side: ShardSidecarReader, opts: DataOptions,
                    rng: np.random.Generator) -> dict:
     """Decode, resize, flip and sample the regions of one sample (raises SkipSample)."""
-    if key not in side.captions:
+    captions = side.captions(key)
+    if not captions:
         raise SkipSample("missing_caption_embedding")
     if not opts.online:
-        if key not in side.proposals:
+        proposals, labels = side.proposals(key), side.labels(key)
+        if proposals is None:
             raise SkipSample("missing_proposals")
-        if key not in side.labels:
+        if labels is None:
             raise SkipSample("missing_labels")
     data = members.get("jpg") or members.get("jpeg") or members.get("png")
     if not data:
@@ -164,10 +152,9 @@ def prepare_sample(key: str, members: dict, side: Sidecars, opts: DataOptions,
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     out = {"key": key, "image": image_tensor(img), "size": (h, w), "flip": flip}
     if not opts.online:
-        out.update(_sample_regions(side.proposals[key], side.labels[key], opts, rng, w, h, flip))
+        out.update(_sample_regions(proposals, labels, opts, rng, w, h, flip))
     # Drawn after the boxes: a sample with one caption draws nothing, so its boxes are those it always had.
-    rows = side.captions[key]
-    out["caption"] = side.caption_emb[rows[int(rng.integers(len(rows)))] if len(rows) > 1 else rows[0]]
+    out["caption"] = captions[int(rng.integers(len(captions)))] if len(captions) > 1 else captions[0]
     return out
 
 
@@ -287,7 +274,7 @@ class PretrainStream(IterableDataset):
                     if tar.damaged:  # a truncated or damaged tar keeps its complete samples
                         log.warning("%s; keeping %d samples", tar.damaged, len(tar))
                         skipped["truncated_tar"] = skipped.get("truncated_tar", 0) + 1
-                    side = Sidecars.read(src)
+                    side = open_sidecars(src)
                     order = np.random.default_rng([self.opts.seed, epoch, src.shard_id, place]).permutation(
                         len(tar))
                     cached = ((epoch, place), tar, side, order)
