@@ -16,8 +16,9 @@ throughput does not depend on them. fp32, label codec fp16 (no PQ training in th
     loading, included; Parquet and markers written);
   - streaming: the actor's own seconds over its shards (`NNNNN_stats.json`), i.e. the stage without the
     start-up, which a real run pays once per actor for thousands of shards;
-  - ideal: the same model object and batches, images decoded and resized before timing, outputs kept
-    in memory; model loading excluded.
+  - ideal: the same model and batches in this process, images decoded and resized before timing,
+    outputs kept in memory; model loading excluded. Half its batches run before the stage and half
+    after, so that a host whose speed drifts (shared cores) weighs on both sides alike.
 Goal on this CPU: stage >= 0.85 of ideal at paper settings. The outputs of both sides are compared
 (they must be equal: the stage streams, the ideal does not).
 Prints readable lines, then (last line) one JSON object.
@@ -57,61 +58,81 @@ def decoded_shards(layout: RunLayout, keys_of, resize=None) -> list[tuple[list, 
     return out
 
 
-def ideal_proposals(manifest, layout: RunLayout) -> tuple[float, int, bool]:
-    """Seconds, images and whether the boxes equal the stage's, for the RPN over pre-decoded images."""
-    from stages.proposals import proposal_job
-    from stages.resolve import rpn_checkpoint_path
-    from trainer.offline.proposals import Proposer
+class IdealProposals:
+    """The RPN over pre-decoded images in this process: its batches can run in parts, around the stage."""
 
-    cfg = manifest.proposals
-    job = proposal_job(manifest, rpn_checkpoint_path(manifest, "proposals"), device="cpu")
-    proposer = Proposer(job)
-    shards = decoded_shards(layout, lambda s: [r["key"] for r in written_keys(layout.shards, s)])
-    same, images, started = True, 0, time.perf_counter()
-    results = []
-    for keys, pixels, sizes in shards:
-        for i in range(0, len(keys), cfg.batch_size):
-            results.append(proposer.propose(pixels[i:i + cfg.batch_size], sizes[i:i + cfg.batch_size]))
-        images += len(keys)
-    seconds = time.perf_counter() - started
-    at = 0
-    for s, (keys, _, _) in zip(sidecar_shards(layout.shards), shards):
-        stage = read_proposals(layout.proposals, s)
-        for i in range(0, len(keys), cfg.batch_size):
-            for key, (boxes, _) in zip(keys[i:i + cfg.batch_size], results[at]):
-                same &= np.array_equal(boxes, stage[key].boxes)
-            at += 1
-    return seconds, images, bool(same)
+    def __init__(self, manifest, layout: RunLayout):
+        from stages.proposals import proposal_job
+        from stages.resolve import rpn_checkpoint_path
+        from trainer.offline.proposals import Proposer
+
+        self.layout, size = layout, manifest.proposals.batch_size
+        self.proposer = Proposer(proposal_job(manifest, rpn_checkpoint_path(manifest, "proposals"), device="cpu"))
+        self.batches = [(s, keys[i:i + size], pixels[i:i + size], sizes[i:i + size])
+                        for s, (keys, pixels, sizes) in zip(
+                            sidecar_shards(layout.shards),
+                            decoded_shards(layout, lambda s: [r["key"] for r in written_keys(layout.shards, s)]))
+                        for i in range(0, len(keys), size)]
+        self.images = sum(len(b[1]) for b in self.batches)
+        self.results: dict[int, list] = {}
+
+    def run(self, which: range) -> float:
+        started = time.perf_counter()
+        for i in which:
+            _, _, pixels, sizes = self.batches[i]
+            self.results[i] = self.proposer.propose(pixels, sizes)
+        return time.perf_counter() - started
+
+    def same_as_stage(self) -> bool:
+        stage = {s: read_proposals(self.layout.proposals, s) for s in sidecar_shards(self.layout.proposals)}
+        return all(np.array_equal(boxes, stage[s][key].boxes)
+                   for i, (s, keys, _, _) in enumerate(self.batches)
+                   for key, (boxes, _) in zip(keys, self.results[i]))
 
 
-def ideal_label(manifest, layout: RunLayout) -> tuple[float, int, bool]:
-    """Seconds, images and whether the pseudo-labels equal the stage's, for the teacher over
-    pre-decoded, pre-resized images and the stage's proposals."""
-    from stages.label import teacher_scale
-    from stages.resolve import load_model_ref
-    from trainer.offline.codecs import load_codec
-    from trainer.offline.labels import Teacher, label_batch
+class IdealLabel:
+    """The teacher over pre-decoded, pre-resized images and the stage's proposals, in this process."""
 
-    cfg = manifest.label
-    model, _ = load_model_ref(manifest.teacher, manifest)
-    teacher = Teacher(model, np.load(layout.concept_embeddings), **teacher_scale(manifest), device="cpu",
-                      temperature=cfg.temperature, faiss_threshold=cfg.faiss_threshold, precision=cfg.precision)
-    codec = load_codec(layout.labels.root)
-    proposals = {s: read_proposals(layout.proposals, s) for s in sidecar_shards(layout.proposals)}
-    shards = decoded_shards(layout, lambda s: list(proposals[s]), resize=teacher.resize)
-    labels, images, started = [], 0, time.perf_counter()
-    for s, (keys, pixels, sizes) in zip(sorted(proposals), shards):
-        for i in range(0, len(keys), cfg.batch_size):
-            part = keys[i:i + cfg.batch_size]
-            cols = label_batch(teacher, codec, pixels[i:i + cfg.batch_size], sizes[i:i + cfg.batch_size],
-                               [proposals[s][k].boxes for k in part], cfg.store_flipped)
-            labels += cols["pseudo_label"]
-        images += len(keys)
-    seconds = time.perf_counter() - started
-    stage = [np.asarray(v) for s in sorted(proposals)
-             for v in pq.read_table(layout.labels.parquet(s), columns=["pseudo_label"]).column(0).to_pylist()]
-    same = len(stage) == len(labels) and all(np.array_equal(a, b) for a, b in zip(stage, labels))
-    return seconds, images, bool(same)
+    def __init__(self, manifest, layout: RunLayout):
+        from stages.label import teacher_scale
+        from stages.resolve import load_model_ref
+        from trainer.offline.codecs import codec_from_settings
+        from trainer.offline.labels import Teacher
+
+        cfg, size = manifest.label, manifest.label.batch_size
+        model, _ = load_model_ref(manifest.teacher, manifest)
+        self.layout, self.store_flipped = layout, cfg.store_flipped
+        self.teacher = Teacher(model, np.load(layout.concept_embeddings), **teacher_scale(manifest), device="cpu",
+                               temperature=cfg.temperature, faiss_threshold=cfg.faiss_threshold,
+                               precision=cfg.precision)
+        proposals = {s: read_proposals(layout.proposals, s) for s in sidecar_shards(layout.proposals)}
+        shards = decoded_shards(layout, lambda s: list(proposals[s]), resize=self.teacher.resize)
+        self.batches = [(keys[i:i + size], pixels[i:i + size], sizes[i:i + size],
+                         [proposals[s][k].boxes for k in keys[i:i + size]])
+                        for s, (keys, pixels, sizes) in zip(sorted(proposals), shards)
+                        for i in range(0, len(keys), size)]
+        self.images = sum(len(b[0]) for b in self.batches)
+        concepts = np.load(layout.concept_embeddings)
+        # fp16 or top-k (no training): the same codec as the stage's; the pseudo-labels compared do not
+        # depend on it anyway
+        self.codec = codec_from_settings(cfg, concepts.shape[1], concept_embeddings=concepts, seed=manifest.seed)
+        self.results: dict[int, list] = {}
+
+    def run(self, which: range) -> float:
+        from trainer.offline.labels import label_batch
+
+        started = time.perf_counter()
+        for i in which:
+            _, pixels, sizes, boxes = self.batches[i]
+            self.results[i] = label_batch(self.teacher, self.codec, pixels, sizes, boxes,
+                                          self.store_flipped)["pseudo_label"]
+        return time.perf_counter() - started
+
+    def same_as_stage(self) -> bool:
+        stage = [np.asarray(v) for s in sidecar_shards(self.layout.labels)
+                 for v in pq.read_table(self.layout.labels.parquet(s), columns=["pseudo_label"]).column(0).to_pylist()]
+        ideal = [np.asarray(v) for i in range(len(self.batches)) for v in self.results[i]]
+        return len(stage) == len(ideal) and all(np.array_equal(a, b) for a, b in zip(stage, ideal))
 
 
 def measure(name: str, models: Models, images: int, per_shard: int, tmp: Path, photos: Path | None,
@@ -127,15 +148,25 @@ def measure(name: str, models: Models, images: int, per_shard: int, tmp: Path, p
     init_ray(manifest.ray)
     figures = {"images": images, "images_per_shard": per_shard, "teacher": models.teacher_arch,
                "rpn": models.rpn_backbone, "boxes": models.boxes, "scale": f"{models.min_size}/{models.max_size}"}
-    for stage, ideal in (("proposals", ideal_proposals), ("label", ideal_label)):
+    for stage, ideal_cls in (("proposals", IdealProposals), ("label", IdealLabel)):
         if stage not in stages:
+            if stage == "proposals" and "label" in stages:
+                proposals.run(manifest)   # label's input
             continue
-        started = time.perf_counter()
-        (proposals if stage == "proposals" else label).run(manifest)
-        stage_s = time.perf_counter() - started
         folder = layout.proposals if stage == "proposals" else layout.labels
+        module = proposals if stage == "proposals" else label
+        ideal = ideal_cls(manifest, layout)
+        half = len(ideal.batches) // 2
+        # The ideal's first half before the stage and its second half after it: a host whose speed drifts
+        # during the run (shared cores) then weighs on both sides alike.
+        ideal_s = ideal.run(range(half))
+        started = time.perf_counter()
+        module.run(manifest)
+        stage_s = time.perf_counter() - started
+        ideal_s += ideal.run(range(half, len(ideal.batches)))
         streaming_s = sum(json.loads(folder.stats(s).read_text())["seconds"] for s in sidecar_shards(folder))
-        ideal_s, n, same = ideal(manifest, layout)
+        n, same = ideal.images, ideal.same_as_stage()
+        del ideal
         figures[stage] = {"stage_images_per_s": round(n / stage_s, 3), "ideal_images_per_s": round(n / ideal_s, 3),
                           "ratio_stage_vs_ideal": round(ideal_s / stage_s, 3),
                           "ratio_streaming_vs_ideal": round(ideal_s / streaming_s, 3),
