@@ -89,7 +89,7 @@ def make_trainer(args, world, out: Path, steps: int, online: bool = False, rpn=N
     cfg = PretrainConfig(steps=steps, batch_size=args.batch, regions_per_image=args.regions, min_size=args.min_size,
                          max_size=args.max_size, warmup_steps=10, lr=0.002, checkpoint_every=10 ** 9,
                          log_every=10 ** 9, device=args.device, resume="never", num_workers=workers,
-                         online_teacher=online, amp=True)
+                         online_teacher=online, precision="auto")
     teacher = None
     if online:
         torch.manual_seed(1)
