@@ -26,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from pipeline.config import load_manifest  # noqa: E402
@@ -91,30 +92,33 @@ def main() -> None:
         # the plain loop: same model, same images, one process
         t = time.time()
         model, _ = load_model_ref(m.teacher, m, fallback=scratch.teacher_checkpoint)
-        import numpy as np
         teacher = Teacher(model, np.load(scratch.concept_embeddings), **teacher_scale(m),
                           temperature=m.label.temperature,
                           faiss_threshold=m.label.faiss_threshold)
         codec = load_codec(scratch.labels.root)
-        same = True
+        differing = total = 0
         for s in shards:
             props = read_proposals(scratch.proposals, s)
             keys = list(props)
             blobs = read_shard_images(scratch.shard_tar(s), keys)
             cols = label_images(teacher, codec, [load_rgb(blobs[k]) for k in keys], [props[k].boxes for k in keys],
                                 m.label.batch_size, m.label.store_flipped)
-            path = write_labels(scratch.labels, s, {"key": keys, **cols}, m.label.store_flipped)
-            same &= pq.read_table(path, columns=columns).equals(stage_rows[s])
+            write_labels(scratch.labels, s, {"key": keys, **cols}, m.label.store_flipped)
+            for mine, theirs in zip(cols["pseudo_label"], stage_rows[s].column("pseudo_label").to_pylist()):
+                total += len(theirs)
+                differing += len(theirs) if len(mine) != len(theirs) else int((np.asarray(mine) != theirs).sum())
         plain_s = time.time() - t
         shutil.rmtree(scratch.labels.root, ignore_errors=True)
     stage_ips, plain_ips = images / stage_s, images / plain_s
     print(f"stage (Ray actor pool): {images} images in {stage_s:.1f}s = {stage_ips:.1f} images/s")
     print(f"plain loop, one process: {images} images in {plain_s:.1f}s = {plain_ips:.1f} images/s")
-    print(f"ratio stage / plain: {stage_ips / plain_ips:.2f}; same pseudo-labels: {same}")
+    # The actors run the teacher in 1 thread each here, the plain loop in every thread: fp32 sums in another
+    # order can flip a near-tie, so a handful of differing labels is expected; at equal threads none differ.
+    print(f"ratio stage / plain: {stage_ips / plain_ips:.2f}; pseudo-labels differing: {differing} of {total}")
     print(json.dumps({"images": images, "shards": len(shards), "stage_images_per_s": round(stage_ips, 2),
                       "plain_images_per_s": round(plain_ips, 2), "ratio_stage_vs_plain": round(stage_ips / plain_ips, 3),
                       "stage_seconds": round(stage_s, 2), "plain_seconds": round(plain_s, 2),
-                      "same_pseudo_labels": bool(same), "ray_cpus": cluster_resources().get("CPU"),
+                      "pseudo_labels_differing": differing, "pseudo_labels": total, "ray_cpus": cluster_resources().get("CPU"),
                       "ray_gpus": cluster_resources().get("GPU", 0)}))
 
 
