@@ -509,7 +509,6 @@ def read_region_labels(stage_dir: StageDir, shard_id: int) -> dict[str, RegionLa
 
 # -- a per-shard sidecar read by key (the trainer's) ---------------------------------------------
 
-
 class KeyedRows:
     """A per-shard sidecar read by key a row group at a time. It holds each key's row numbers and the row
     group last read, never the file: the teacher targets of a 10000-image CC3M shard are about 1 GB.
@@ -547,6 +546,10 @@ class KeyedRows:
         return pa.concat_tables(parts) if len(parts) > 1 else parts[0]
 
 
+def _keyed_rows(path: Optional[Path], columns: Sequence[str]) -> Optional[KeyedRows]:
+    return KeyedRows(path, columns) if path is not None and Path(path).exists() else None
+
+
 class ShardSidecarReader:
     """The trainer's view of one shard's sidecars, by key: caption embeddings (each finite one), proposals
     (None when missing or damaged) and region targets (None when missing or incomplete). Memory: the
@@ -554,10 +557,9 @@ class ShardSidecarReader:
 
     def __init__(self, caption_embeddings: Optional[Path], proposals: Optional[Path] = None,
                  labels: Optional[Path] = None):
-        exists = lambda p: p is not None and Path(p).exists()  # noqa: E731
-        self._captions = KeyedRows(caption_embeddings, ["key", "embedding"]) if exists(caption_embeddings) else None
-        self._proposals = KeyedRows(proposals, list(PROPOSALS_SCHEMA.names)) if exists(proposals) else None
-        self._labels = KeyedRows(labels, REGION_LABEL_COLUMNS) if exists(labels) else None
+        self._captions = _keyed_rows(caption_embeddings, ["key", "embedding"])
+        self._proposals = _keyed_rows(proposals, PROPOSALS_SCHEMA.names)
+        self._labels = _keyed_rows(labels, REGION_LABEL_COLUMNS)
         self._dim = self._caption_dim() if self._captions is not None else 0
 
     def _caption_dim(self) -> int:
