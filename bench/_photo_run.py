@@ -10,6 +10,7 @@ decode several times faster than real images of the same size.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,18 @@ import numpy as np
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def with_the_actors_allocator() -> None:
+    """Re-run this script under the malloc settings the stages give their CPU actors
+    (pipeline.ray_runtime.CPU_MODEL_ALLOCATOR_ENV), unless it already runs under them: a plain loop in
+    this process must differ from the stage by its data path only. glibc reads them at process start."""
+    from pipeline.ray_runtime import CPU_MODEL_ALLOCATOR_ENV
+
+    missing = {k: v for k, v in CPU_MODEL_ALLOCATOR_ENV.items() if os.environ.get(k) != v}
+    if missing:
+        sys.stdout.flush()
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **missing})
 
 
 @dataclass(frozen=True)

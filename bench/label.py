@@ -9,7 +9,8 @@ PQ training):
   - stage: `stages.label.run` on the scratch run: Ray start-up is excluded (Ray is started first),
     actor start-up (each actor loads the teacher) is included;
   - plain: one process, the teacher loaded once, every shard's images read, labelled
-    (trainer/teacher_labels.label_images: embeddings, scores, codes) and written, in turn.
+    (trainer/offline/labels.label_images: embeddings, scores, codes) and written, in turn, under the
+    malloc settings of the stage's CPU actors.
 Prints readable lines, then (last line) one JSON object.
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
+from bench._photo_run import with_the_actors_allocator  # noqa: E402
 from pipeline.config import load_manifest  # noqa: E402
 from pipeline.images import load_rgb  # noqa: E402
 from pipeline.layout import RunLayout  # noqa: E402
@@ -67,6 +69,7 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--max-shards", type=int, default=None)
     args = parser.parse_args()
+    with_the_actors_allocator()
     manifest = load_manifest(args.manifest, args.overrides)
     layout = RunLayout.of(manifest)
     shards = sidecar_shards(layout.proposals)[:args.max_shards]

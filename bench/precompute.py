@@ -2,8 +2,8 @@
 their shards through decode threads) against a plain loop running the same model on images decoded
 before the clock starts, in one process with the same number of threads.
 
-    python bench/precompute.py --quick      # paper models on one 24-photo shard, tiny on one of 60 (~12 min)
-    python bench/precompute.py              # paper models on shards of 200 photos (hours on a 2-core CPU)
+    python bench/precompute.py --quick      # paper proposals on a 200-photo shard, label on 24; tiny on 60 (~25 min)
+    python bench/precompute.py              # paper models on two shards of 200 photos (hours on a 2-core CPU)
     python bench/precompute.py --only paper --stages proposals --paper-images 200 --paper-per-shard 200
 
 Setting (bench/_photo_run.py): 1333x1000 camera-like JPEG photos; `paper`: the RN50 teacher (width 1024,
@@ -18,7 +18,8 @@ throughput does not depend on them. fp32, label codec fp16 (no PQ training in th
     start-up, which a real run pays once per actor for thousands of shards;
   - ideal: the same model and batches in this process, images decoded and resized before timing,
     outputs kept in memory; model loading excluded. Half its batches run before the stage and half
-    after, so that a host whose speed drifts (shared cores) weighs on both sides alike.
+    after, so that a host whose speed drifts (shared cores) weighs on both sides alike. This process
+    runs under the malloc settings of the stage's CPU actors (it re-executes itself under them).
 Goal on this CPU: stage >= 0.85 of ideal at paper settings. The outputs of both sides are compared
 (they must be equal: the stage streams, the ideal does not).
 Prints readable lines, then (last line) one JSON object.
@@ -39,7 +40,7 @@ import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from bench._photo_run import PAPER, TINY, Models, prepare  # noqa: E402
+from bench._photo_run import PAPER, TINY, Models, prepare, with_the_actors_allocator  # noqa: E402
 from pipeline.images import load_rgb  # noqa: E402
 from pipeline.layout import RunLayout  # noqa: E402
 from pipeline.sidecars import read_proposals, read_shard_images, sidecar_shards, written_keys  # noqa: E402
@@ -146,8 +147,8 @@ def measure(name: str, models: Models, images: int, per_shard: int, tmp: Path, p
                        photos=photos)
     layout = RunLayout.of(manifest)
     init_ray(manifest.ray)
-    figures = {"images": images, "images_per_shard": per_shard, "teacher": models.teacher_arch,
-               "rpn": models.rpn_backbone, "boxes": models.boxes, "scale": f"{models.min_size}/{models.max_size}"}
+    figures = {"teacher": models.teacher_arch, "rpn": models.rpn_backbone, "boxes": models.boxes,
+               "scale": f"{models.min_size}/{models.max_size}"}
     for stage, ideal_cls in (("proposals", IdealProposals), ("label", IdealLabel)):
         if stage not in stages:
             if stage == "proposals" and "label" in stages:
@@ -167,7 +168,7 @@ def measure(name: str, models: Models, images: int, per_shard: int, tmp: Path, p
         streaming_s = sum(json.loads(folder.stats(s).read_text())["seconds"] for s in sidecar_shards(folder))
         n, same = ideal.images, ideal.same_as_stage()
         del ideal
-        figures[stage] = {"stage_images_per_s": round(n / stage_s, 3), "ideal_images_per_s": round(n / ideal_s, 3),
+        figures[stage] = {"images": n, "images_per_shard": per_shard, "stage_images_per_s": round(n / stage_s, 3), "ideal_images_per_s": round(n / ideal_s, 3),
                           "ratio_stage_vs_ideal": round(ideal_s / stage_s, 3),
                           "ratio_streaming_vs_ideal": round(ideal_s / streaming_s, 3),
                           "startup_seconds": round(stage_s - streaming_s, 1), "same_outputs": same}
@@ -177,29 +178,42 @@ def measure(name: str, models: Models, images: int, per_shard: int, tmp: Path, p
     return figures
 
 
+def plan(args) -> list[tuple[str, Models, int, int, tuple[str, ...]]]:
+    """(name, models, images, images per shard, stages) of each measured run."""
+    stages = tuple(args.stages.split(","))
+    if args.quick and args.paper_images is None:
+        # proposals at a realistic shard size (its start-up and warm-up weigh little there); label, 3.5x
+        # slower per image, on a shard of 24 so that the whole script stays within ~25 minutes
+        runs = [("paper", PAPER, 200, 200, tuple(s for s in stages if s == "proposals")),
+                ("paper", PAPER, 24, 24, tuple(s for s in stages if s == "label"))]
+    else:
+        images = args.paper_images or 400
+        runs = [("paper", PAPER, images, args.paper_per_shard or min(images, 200), stages)]
+    tiny_images = args.tiny_images or (60 if args.quick else 200)
+    runs.append(("tiny", TINY, tiny_images, tiny_images, stages))
+    wanted = args.only.split(",")
+    return [run for run in runs if run[0] in wanted and run[4]]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="paper models on one 24-photo shard; tiny models on one 60-photo shard")
+                        help="paper proposals on one 200-photo shard, paper label on one of 24; tiny models on one of 60")
     parser.add_argument("--paper-images", type=int, default=None, help="photos for the paper models")
     parser.add_argument("--paper-per-shard", type=int, default=None)
     parser.add_argument("--tiny-images", type=int, default=None, help="photos for the tiny models (one shard)")
     parser.add_argument("--only", default="paper,tiny")
     parser.add_argument("--stages", default="proposals,label", help="which stages to measure")
     args = parser.parse_args()
-    paper_images = args.paper_images or (24 if args.quick else 400)
-    paper_per_shard = args.paper_per_shard or (24 if args.quick else 200)
-    stages = tuple(args.stages.split(","))
-    tiny_images = args.tiny_images or (60 if args.quick else 200)
+    with_the_actors_allocator()
     torch.set_num_threads(os.cpu_count())
     load_start = os.getloadavg()
     print(f"load average at start: {' '.join(f'{v:.2f}' for v in load_start)} ({os.cpu_count()} CPUs)", flush=True)
     figures: dict = {}
     with tempfile.TemporaryDirectory(prefix="bench-precompute-") as tmp:
-        if "paper" in args.only:
-            figures["paper"] = measure("paper", PAPER, paper_images, paper_per_shard, Path(tmp), None, stages)
-        if "tiny" in args.only:
-            figures["tiny"] = measure("tiny", TINY, tiny_images, tiny_images, Path(tmp), None, stages)
+        for i, (name, models, images, per_shard, stages) in enumerate(plan(args)):
+            measured = measure(name, models, images, per_shard, Path(tmp) / str(i), None, stages)
+            figures.setdefault(name, {}).update(measured)
     load_end = os.getloadavg()
     print(f"load average at end: {' '.join(f'{v:.2f}' for v in load_end)}")
     figures.update(cpus=os.cpu_count(), load_average_start=round(load_start[0], 2),

@@ -9,7 +9,7 @@ and end of the report and of each script, the commit and whether the checkout ha
 Every figure is measured in this run: a script that fails or times out gets a row saying so.
 `make bench` runs the demo first (the scripts that read a finished run use it), then this.
 
-    python bench/report.py [--full] [--timeout 1200] [--only precompute,memory] [--out bench/results]
+    python bench/report.py [--full] [--timeout 2400] [--only precompute,memory] [--out bench/results]
 """
 from __future__ import annotations
 
@@ -158,7 +158,7 @@ def markdown(report: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="run each script with its defaults (no --quick)")
-    ap.add_argument("--timeout", type=float, default=1200, help="seconds per script")
+    ap.add_argument("--timeout", type=float, default=2400, help="seconds per script (a guard against a hung script)")
     ap.add_argument("--only", default=None, help="comma list of script names (without .py)")
     ap.add_argument("--out", default=str(BENCH / "results"))
     args = ap.parse_args()

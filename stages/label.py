@@ -132,7 +132,7 @@ def _files_inside(folder, names) -> bool:
 def ensure_codec(run: StageRun, job, shard_ids: list[int], cpus: int) -> dict:
     """The saved codec if it was built from the same settings, else a new one (PQ: trained on a sample by
     one task of `cpus` CPUs)."""
-    from pipeline.ray_runtime import cluster_gpus, run_tasks
+    from pipeline.ray_runtime import cluster_gpus, model_process_env, run_tasks
     from trainer.offline.codecs import codec_from_settings, read_codec_description
     from trainer.offline.labels import plan_region_sample, sample_region_embeddings
 
@@ -151,7 +151,8 @@ def ensure_codec(run: StageRun, job, shard_ids: list[int], cpus: int) -> dict:
               f"{len(plan)} shard(s)")
         gpus = cfg.num_gpus_per_actor if cluster_gpus() > 0 else 0
         sample = next(run_tasks(sample_region_embeddings, [(job, plan, cfg.pq_train_regions, manifest.seed)],
-                                num_cpus=cpus, num_gpus=gpus, desc="label: PQ sample"))
+                                num_cpus=cpus, num_gpus=gpus, desc="label: PQ sample",
+                                ray_options=model_process_env(gpus)))
     codec = codec_from_settings(cfg, run.memo["dim"], concept_embeddings=run.memo["concepts"], sample=sample,
                                 seed=manifest.seed)
     return codec.save(layout.labels_codec, extra={"build_key": build_key, "build": params,

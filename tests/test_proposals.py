@@ -215,3 +215,23 @@ def test_actor_cpus_and_decode_threads(monkeypatch, resources, setting, gpus_per
     monkeypatch.setattr(ray_runtime, "cluster_resources", lambda: resources)
     cpus = ray_runtime.actor_cpus(setting)
     assert (cpus, ray_runtime.decode_threads(cpus, gpus_per_actor)) == expected
+
+
+class _ActorEnvironment:
+    """A Ray Data actor that reports the malloc settings its process started with."""
+
+    def __call__(self, batch: dict) -> dict:
+        import os
+
+        from pipeline.ray_runtime import CPU_MODEL_ALLOCATOR_ENV
+
+        return {"env": np.array([",".join(f"{k}={os.environ.get(k)}" for k in sorted(CPU_MODEL_ALLOCATOR_ENV))])}
+
+
+def test_actors_of_a_cpu_model_start_with_the_caching_malloc_settings(ray_local):
+    from pipeline.ray_runtime import CPU_MODEL_ALLOCATOR_ENV, map_with_actor_pool, model_process_env
+
+    # the test cluster has no GPU: a model-holding actor runs its model on the CPU
+    rows = list(map_with_actor_pool(_ActorEnvironment, [{"shard": 0}], num_gpus_per_actor=1.0, cpus_per_actor=1))
+    assert [r["env"] for r in rows] == [",".join(f"{k}={v}" for k, v in sorted(CPU_MODEL_ALLOCATOR_ENV.items()))]
+    assert model_process_env(1.0) == {}   # on a GPU the activations are the device allocator's
