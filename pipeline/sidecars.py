@@ -43,8 +43,12 @@ from pipeline.layout import SHARD_ID_DIGITS, StageDir
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 # Rows per row group of a per-shard sidecar written whole (the streamed writers write one per batch):
-# the trainer reads sidecars by key (`ShardSidecarReader`), decoding one row group per lookup.
+# the trainer reads sidecars by key (`ShardSidecarReader`), a row group at a time.
 KEYED_ROW_GROUP_ROWS = 64
+# Bytes of recently read row groups a keyed reader keeps: enough for the two groups that a block of
+# consecutive samples can straddle (the trainer visits a shard block by block, 16 samples each), so each
+# group is decoded once per pass: 64 rows of an RN50's fp16 region codes (300 x 1024) are 38 MiB.
+KEYED_CACHE_BYTES = 128 << 20
 
 
 # -- shard tars ------------------------------------------------------------------------------------
@@ -510,14 +514,16 @@ def read_region_labels(stage_dir: StageDir, shard_id: int) -> dict[str, RegionLa
 # -- a per-shard sidecar read by key (the trainer's) ---------------------------------------------
 
 class KeyedRows:
-    """A per-shard sidecar read by key a row group at a time. It holds each key's row numbers and the row
-    group last read, never the file: the teacher targets of a 10000-image CC3M shard are about 1 GB.
+    """A per-shard sidecar read by key, a row group at a time. It holds each key's row numbers and the row
+    groups read last (at most `cache_bytes`, and always the group just read), never the file: the teacher
+    targets of a 10000-image CC3M shard are about 1 GB. Keys visited in a random order that stays within
+    a window of consecutive rows (the trainer's block order) decode each row group once.
 
         rows = KeyedRows(layout.labels.parquet(3), REGION_LABEL_COLUMNS)
         table = rows.table(key)      # the key's rows (several for a multi-caption image), in file order
     """
 
-    def __init__(self, path: str | os.PathLike, columns: Sequence[str]):
+    def __init__(self, path: str | os.PathLike, columns: Sequence[str], cache_bytes: int = KEYED_CACHE_BYTES):
         self.path = Path(path)
         self.file = pq.ParquetFile(self.path)
         names = self.file.schema_arrow.names
@@ -529,18 +535,28 @@ class KeyedRows:
             keys = self.file.read_row_group(g, columns=["key"]).column(0).to_pylist()
             for i, key in enumerate(keys, start=int(self.starts[g])):
                 self.rows.setdefault(key, []).append(i)
-        self._group: tuple[int, Optional[pa.Table]] = (-1, None)
+        self.cache_bytes = cache_bytes
+        self.groups: dict[int, pa.Table] = {}   # row group -> its rows, least recently used first
+        self.group_reads = 0
 
     def __contains__(self, key: str) -> bool:
         return key in self.rows
+
+    def _group(self, g: int) -> pa.Table:
+        if g in self.groups:
+            self.groups[g] = self.groups.pop(g)   # now the most recently used
+            return self.groups[g]
+        table = self.groups[g] = self.file.read_row_group(g, columns=self.columns)
+        self.group_reads += 1
+        while len(self.groups) > 1 and sum(t.nbytes for t in self.groups.values()) > self.cache_bytes:
+            del self.groups[next(iter(self.groups))]
+        return table
 
     def table(self, key: str) -> pa.Table:
         parts = []
         for i in self.rows.get(key, ()):
             g = int(np.searchsorted(self.starts, i, side="right")) - 1
-            if self._group[0] != g:
-                self._group = (g, self.file.read_row_group(g, columns=self.columns))
-            parts.append(self._group[1].slice(i - int(self.starts[g]), 1))
+            parts.append(self._group(g).slice(i - int(self.starts[g]), 1))
         if not parts:
             return self.file.schema_arrow.empty_table().select(self.columns)
         return pa.concat_tables(parts) if len(parts) > 1 else parts[0]
@@ -553,7 +569,7 @@ def _keyed_rows(path: Optional[Path], columns: Sequence[str]) -> Optional[KeyedR
 class ShardSidecarReader:
     """The trainer's view of one shard's sidecars, by key: caption embeddings (each finite one), proposals
     (None when missing or damaged) and region targets (None when missing or incomplete). Memory: the
-    keys and a row group per file, whatever the shard's size. A missing file reads as no rows."""
+    keys and at most KEYED_CACHE_BYTES of row groups per file, whatever the shard's size. A missing file reads as no rows."""
 
     def __init__(self, caption_embeddings: Optional[Path], proposals: Optional[Path] = None,
                  labels: Optional[Path] = None):

@@ -11,13 +11,14 @@ import pytest
 from pipeline.layout import StageDir, sample_key
 from pipeline.sidecars import (CAPTION_CONCEPTS_SCHEMA, CAPTION_NOUNS_SCHEMA, CONCEPT_POOL_SCHEMA,
                                KEYED_ROW_GROUP_ROWS, PROPOSALS_SCHEMA, REGION_IDS_SCHEMA, SHARD_ROWS_SCHEMA,
-                               DamagedTarError, Proposals, ShardSidecarReader,
+                               DamagedTarError, KeyedRows, Proposals, ShardSidecarReader,
                                labels_schema, read_caption_concepts, read_caption_embeddings, read_caption_nouns,
                                read_concept_names, read_labels, read_proposals, read_region_ids, read_region_labels,
                                read_shard_images, shard_captions, shard_of_key, shard_samples, sidecar_shards,
                                write_caption_concepts, write_caption_embeddings, write_caption_nouns,
                                write_concept_pool, write_labels, write_proposals, write_region_ids,
                                write_shard_rows, written_keys)
+from trainer.data.pretrain_stream import block_permutation
 from tests.corpora import add_tar_member
 
 
@@ -129,9 +130,10 @@ def test_labels_round_trip_as_a_table_and_as_region_targets(tmp_path, store_flip
     assert targets["k1"].pseudo_label.size == 0
 
 
-def test_the_keyed_reader_gives_every_row_of_a_large_shard_and_holds_one_row_group(tmp_path):
+def test_the_keyed_reader_gives_every_row_of_a_large_shard_and_reads_each_row_group_once(tmp_path):
     """The trainer's reader by key on a shard of 300 images (several row groups per file): each key's
-    proposals, targets and captions equal the whole-file readers', and it holds one row group per file."""
+    proposals, targets and captions equal the whole-file readers'; in the trainer's block order it decodes
+    each row group once, and it never holds more than its cache (one group at least)."""
     n = 300
     keys = [sample_key(0, i) for i in range(n)]
     rng = np.random.default_rng(0)
@@ -152,7 +154,7 @@ def test_the_keyed_reader_gives_every_row_of_a_large_shard_and_holds_one_row_gro
                                                   for g in range(groups.num_row_groups)) <= KEYED_ROW_GROUP_ROWS
     reader = ShardSidecarReader(captions.parquet(0), proposals.parquet(0), labels.parquet(0))
     whole_p, whole_l = read_proposals(proposals, 0), read_region_labels(labels, 0)
-    for i in rng.permutation(n):                             # the trainer's order: random within the shard
+    for i in block_permutation(n, rng):                      # the trainer's order: blocks, shuffled
         key = keys[i]
         p, lab = reader.proposals(key), reader.labels(key)
         assert np.array_equal(p.boxes, whole_p[key].boxes) and np.array_equal(p.objectness, whole_p[key].objectness)
@@ -160,8 +162,11 @@ def test_the_keyed_reader_gives_every_row_of_a_large_shard_and_holds_one_row_gro
         assert lab.region_codes == whole_l[key].region_codes
         want = [emb[j] for j, k in enumerate(caption_keys) if k == key and np.isfinite(emb[j]).all()]
         assert [c.tolist() for c in reader.captions(key)] == [w.tolist() for w in want]
-        for rows in (reader._proposals, reader._labels, reader._captions):
-            assert rows._group[1].num_rows <= KEYED_ROW_GROUP_ROWS     # one row group, never the file
+    for rows in (reader._proposals, reader._labels, reader._captions):
+        assert rows.group_reads == rows.file.num_row_groups          # each group decoded once
+    small = KeyedRows(labels.parquet(0), ["key", "pseudo_label"], cache_bytes=1)
+    for i in rng.permutation(n):                             # any order: at most the cache (here one group)
+        assert small.table(keys[i])["key"].to_pylist() == [keys[i]] and len(small.groups) == 1
     assert len(reader.captions(keys[0])) == 3 and reader.captions(keys[3]) == []   # caption row 5 is keys[3]
     assert reader.proposals("absent") is None and reader.labels("absent") is None and reader.captions("absent") == []
     missing = ShardSidecarReader(tmp_path / "none.parquet")
