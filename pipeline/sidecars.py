@@ -42,13 +42,26 @@ from pipeline.layout import SHARD_ID_DIGITS, StageDir
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
-# Rows per row group of a per-shard sidecar written whole (the streamed writers write one per batch):
-# the trainer reads sidecars by key (`ShardSidecarReader`), a row group at a time.
+# The trainer reads per-shard sidecars by key in a random order (`ShardSidecarReader`), decoding the
+# whole row group that holds a key: row groups stay small, at most KEYED_ROW_GROUP_ROWS rows and about
+# KEYED_ROW_GROUP_BYTES (one row at least). 64 rows of an RN50's fp16 region codes (300 x 1024) would be
+# 38 MiB decoded for one sample's 600 kB; proposals (300 boxes, 5 kB a row) keep 64 rows.
 KEYED_ROW_GROUP_ROWS = 64
-# Bytes of recently read row groups a keyed reader keeps: enough for the two groups that a block of
-# consecutive samples can straddle (the trainer visits a shard block by block, 16 samples each), so each
-# group is decoded once per pass: 64 rows of an RN50's fp16 region codes (300 x 1024) are 38 MiB.
-KEYED_CACHE_BYTES = 128 << 20
+KEYED_ROW_GROUP_BYTES = 4 << 20
+# Bytes of recently read row groups a keyed reader keeps: a shard's sidecar up to this size is decoded
+# once per pass; a larger one costs one row group per sample, and memory stays at this.
+KEYED_CACHE_BYTES = 32 << 20
+
+
+def keyed_group_rows(table: pa.Table) -> int:
+    """Rows per row group for `table` in a keyed sidecar (see KEYED_ROW_GROUP_BYTES)."""
+    row_bytes = table.nbytes / max(table.num_rows, 1)
+    return max(1, min(KEYED_ROW_GROUP_ROWS, int(KEYED_ROW_GROUP_BYTES // max(row_bytes, 1.0))))
+
+
+def write_keyed(path: str | os.PathLike, table: pa.Table) -> None:
+    """A whole per-shard sidecar, its row groups sized for reading by key."""
+    write_parquet(path, table, row_group_rows=keyed_group_rows(table))
 
 
 # -- shard tars ------------------------------------------------------------------------------------
@@ -323,9 +336,8 @@ def write_caption_embeddings(sidecars: StageDir, shard_id: int, keys: Sequence[s
     embeddings = np.ascontiguousarray(embeddings, np.float16)
     values = pa.array(embeddings.reshape(-1))
     path = sidecars.parquet(shard_id)
-    write_parquet(path, pa.table({"key": pa.array(list(keys), pa.string()),
-                                  "embedding": pa.FixedSizeListArray.from_arrays(values, embeddings.shape[1])}),
-                  row_group_rows=KEYED_ROW_GROUP_ROWS)
+    write_keyed(path, pa.table({"key": pa.array(list(keys), pa.string()),
+                                "embedding": pa.FixedSizeListArray.from_arrays(values, embeddings.shape[1])}))
     return path
 
 
@@ -396,16 +408,20 @@ def _proposals_table(rows: Sequence[Proposals]) -> pa.Table:
 
 def write_proposals(stage_dir: StageDir, shard_id: int, rows: list[Proposals]) -> Path:
     path = stage_dir.parquet(shard_id)
-    write_parquet(path, _proposals_table(rows), row_group_rows=KEYED_ROW_GROUP_ROWS)
+    write_keyed(path, _proposals_table(rows))
     return path
+
+
+def _write_keyed_batch(writer: pq.ParquetWriter, table: pa.Table) -> None:
+    writer.write_table(table, row_group_size=keyed_group_rows(table))
 
 
 @contextlib.contextmanager
 def proposals_writer(stage_dir: StageDir, shard_id: int) -> Iterator:
-    """`write(rows)` for a shard's proposals a batch at a time (one row group each); the file appears
-    under its name when the block ends without an error. The same rows as `write_proposals`."""
+    """`write(rows)` for a shard's proposals a batch at a time (row groups of at most a batch each); the
+    file appears under its name when the block ends without an error. The same rows as `write_proposals`."""
     with parquet_writer(stage_dir.parquet(shard_id), PROPOSALS_SCHEMA) as writer:
-        yield lambda rows: writer.write_table(_proposals_table(rows))
+        yield lambda rows: _write_keyed_batch(writer, _proposals_table(rows))
 
 
 def _checked_proposals(path: Path, table: pa.Table, skip_damaged: bool) -> Iterator[Proposals]:
@@ -464,17 +480,18 @@ def labels_schema(store_flipped: bool) -> pa.Schema:
 def write_labels(stage_dir: StageDir, shard_id: int, columns: dict, store_flipped: bool) -> Path:
     """`columns`: key and the other fields of labels_schema(store_flipped), one list each."""
     path = stage_dir.parquet(shard_id)
-    write_parquet(path, pa.table(columns, schema=labels_schema(store_flipped)), row_group_rows=KEYED_ROW_GROUP_ROWS)
+    write_keyed(path, pa.table(columns, schema=labels_schema(store_flipped)))
     return path
 
 
 @contextlib.contextmanager
 def labels_writer(stage_dir: StageDir, shard_id: int, store_flipped: bool) -> Iterator:
     """`write(columns)` for a shard's labels a batch at a time (columns as `write_labels` takes them,
-    one row group per call); the file appears under its name when the block ends without an error."""
+    row groups of at most a call each); the file appears under its name when the block ends without an
+    error."""
     schema = labels_schema(store_flipped)
     with parquet_writer(stage_dir.parquet(shard_id), schema) as writer:
-        yield lambda columns: writer.write_table(pa.table(columns, schema=schema))
+        yield lambda columns: _write_keyed_batch(writer, pa.table(columns, schema=schema))
 
 
 def read_labels(stage_dir: StageDir, shard_id: int, columns: Optional[list[str]] = None) -> pa.Table:
@@ -516,8 +533,8 @@ def read_region_labels(stage_dir: StageDir, shard_id: int) -> dict[str, RegionLa
 class KeyedRows:
     """A per-shard sidecar read by key, a row group at a time. It holds each key's row numbers and the row
     groups read last (at most `cache_bytes`, and always the group just read), never the file: the teacher
-    targets of a 10000-image CC3M shard are about 1 GB. Keys visited in a random order that stays within
-    a window of consecutive rows (the trainer's block order) decode each row group once.
+    targets of a 10000-image CC3M shard are about 1 GB. A file that fits in the cache is decoded once
+    whatever the order of the keys.
 
         rows = KeyedRows(layout.labels.parquet(3), REGION_LABEL_COLUMNS)
         table = rows.table(key)      # the key's rows (several for a multi-caption image), in file order

@@ -10,15 +10,14 @@ import pytest
 
 from pipeline.layout import StageDir, sample_key
 from pipeline.sidecars import (CAPTION_CONCEPTS_SCHEMA, CAPTION_NOUNS_SCHEMA, CONCEPT_POOL_SCHEMA,
-                               KEYED_ROW_GROUP_ROWS, PROPOSALS_SCHEMA, REGION_IDS_SCHEMA, SHARD_ROWS_SCHEMA,
+                               KEYED_ROW_GROUP_BYTES, KEYED_ROW_GROUP_ROWS, PROPOSALS_SCHEMA, REGION_IDS_SCHEMA, SHARD_ROWS_SCHEMA,
                                DamagedTarError, KeyedRows, Proposals, ShardSidecarReader,
                                labels_schema, read_caption_concepts, read_caption_embeddings, read_caption_nouns,
                                read_concept_names, read_labels, read_proposals, read_region_ids, read_region_labels,
                                read_shard_images, shard_captions, shard_of_key, shard_samples, sidecar_shards,
                                write_caption_concepts, write_caption_embeddings, write_caption_nouns,
-                               write_concept_pool, write_labels, write_proposals, write_region_ids,
+                               labels_writer, write_concept_pool, write_labels, write_proposals, write_region_ids,
                                write_shard_rows, written_keys)
-from trainer.data.pretrain_stream import block_permutation
 from tests.corpora import add_tar_member
 
 
@@ -130,10 +129,10 @@ def test_labels_round_trip_as_a_table_and_as_region_targets(tmp_path, store_flip
     assert targets["k1"].pseudo_label.size == 0
 
 
-def test_the_keyed_reader_gives_every_row_of_a_large_shard_and_reads_each_row_group_once(tmp_path):
+def test_the_keyed_reader_gives_every_row_of_a_large_shard_within_its_cache(tmp_path):
     """The trainer's reader by key on a shard of 300 images (several row groups per file): each key's
-    proposals, targets and captions equal the whole-file readers'; in the trainer's block order it decodes
-    each row group once, and it never holds more than its cache (one group at least)."""
+    proposals, targets and captions equal the whole-file readers'; a file within the cache is decoded once,
+    and a reader never holds more than its cache (one row group at least)."""
     n = 300
     keys = [sample_key(0, i) for i in range(n)]
     rng = np.random.default_rng(0)
@@ -154,7 +153,7 @@ def test_the_keyed_reader_gives_every_row_of_a_large_shard_and_reads_each_row_gr
                                                   for g in range(groups.num_row_groups)) <= KEYED_ROW_GROUP_ROWS
     reader = ShardSidecarReader(captions.parquet(0), proposals.parquet(0), labels.parquet(0))
     whole_p, whole_l = read_proposals(proposals, 0), read_region_labels(labels, 0)
-    for i in block_permutation(n, rng):                      # the trainer's order: blocks, shuffled
+    for i in rng.permutation(n):                             # the trainer's order: random within the shard
         key = keys[i]
         p, lab = reader.proposals(key), reader.labels(key)
         assert np.array_equal(p.boxes, whole_p[key].boxes) and np.array_equal(p.objectness, whole_p[key].objectness)
@@ -165,12 +164,32 @@ def test_the_keyed_reader_gives_every_row_of_a_large_shard_and_reads_each_row_gr
     for rows in (reader._proposals, reader._labels, reader._captions):
         assert rows.group_reads == rows.file.num_row_groups          # each group decoded once
     small = KeyedRows(labels.parquet(0), ["key", "pseudo_label"], cache_bytes=1)
-    for i in rng.permutation(n):                             # any order: at most the cache (here one group)
+    for i in rng.permutation(n):                             # at most the cache: here one group
         assert small.table(keys[i])["key"].to_pylist() == [keys[i]] and len(small.groups) == 1
     assert len(reader.captions(keys[0])) == 3 and reader.captions(keys[3]) == []   # caption row 5 is keys[3]
     assert reader.proposals("absent") is None and reader.labels("absent") is None and reader.captions("absent") == []
     missing = ShardSidecarReader(tmp_path / "none.parquet")
     assert missing.captions(keys[0]) == [] and missing.proposals(keys[0]) is None
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_row_groups_of_large_rows_stay_small_enough_to_read_one_row(tmp_path, streamed):
+    """Rows of 1 MiB of region codes (an RN50's fp16 codes are 600 kB): about KEYED_ROW_GROUP_BYTES per
+    row group instead of 64 rows, from the whole-file writer and the streamed one alike; rows unchanged."""
+    n, stage = 20, StageDir(tmp_path / "l")
+    columns = {"key": [sample_key(0, i) for i in range(n)], "num_regions": [1] * n, "pseudo_label": [[i] for i in range(n)],
+               "pseudo_prob": [[0.5]] * n, "region_codes": [bytes([i]) * (1 << 20) for i in range(n)],
+               "image_code": [b"\x00"] * n, "image_pseudo_label": [0] * n}
+    if streamed:
+        with labels_writer(stage, 0, False) as write:
+            write({k: v[:12] for k, v in columns.items()})
+            write({k: v[12:] for k, v in columns.items()})
+    else:
+        write_labels(stage, 0, columns, False)
+    meta = pq.ParquetFile(stage.parquet(0)).metadata
+    sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+    assert sum(sizes) == n and 1 < max(sizes) <= KEYED_ROW_GROUP_BYTES >> 20   # 64 rows if by rows alone
+    assert read_labels(stage, 0).to_pydict() == columns
 
 
 def test_region_ids_round_trip(tmp_path):

@@ -10,9 +10,7 @@ Every rank runs `num_workers` (at least one, logical) *slots*; slot = rank * wor
 epoch e the shard order is a permutation drawn from (seed, e) and slot k takes shards k, k+S, ... of
 it (S = ranks x workers; fewer shards than slots is an error unless `resample_shards`, which draws
 each slot's shards with replacement from (seed, e, slot)). Inside a shard the samples are visited in
-a block permutation drawn from (seed, e, shard, its place in the slot's list): blocks of SHARD_BLOCK
-consecutive samples in random order, each shuffled inside (so the sidecars are read a row group once,
-not once per sample); box sampling and flipping
+a permutation drawn from (seed, e, shard, its place in the slot's list); box sampling and flipping
 of a sample come from (seed, e, shard, sample index), and so does its caption when its image has
 several (COCO captions: one sample per image, one of its captions drawn per (seed, epoch), as the
 reference draws one each time it reads the image). Each slot streams forever (epoch after epoch), so
@@ -30,10 +28,10 @@ after a resume are exactly the batches an uninterrupted run would have seen.
 
 A shard is read as it goes: its tar is indexed (member offsets from the headers, pipeline.sidecars'
 ShardIndex) and each sample's members are read when the permutation reaches it; its sidecars are read
-by key too (pipeline.sidecars' ShardSidecarReader: the row numbers of each key, and the Parquet row
-groups around the current block, at most KEYED_CACHE_BYTES per file). A reader holds one sample's
-bytes, the indexes (a key and a few offsets per sample) and those row groups, never the tar nor the
-whole shard's teacher targets (about 100 kB per CC3M image). Skipping to a stored offset reads nothing.
+by key too (pipeline.sidecars' ShardSidecarReader: the row numbers of each key, and one Parquet row
+group per file when a sample needs it). A reader holds one sample's bytes, the indexes (a key and a few
+offsets per sample) and a row group per sidecar, never the tar nor the shard's teacher targets (about
+100 kB per CC3M image). Skipping to a stored offset reads nothing.
 
 A sample whose image does not decode, whose sidecar row is missing (or whose proposals and labels
 disagree) is counted by reason and skipped, never fatal; a tar that ends early keeps its good
@@ -115,21 +113,6 @@ def read_members(tar: ShardIndex, index: int) -> dict[str, bytes]:
         raise SkipSample("unreadable_sample") from None
 
 
-
-
-# Samples of a shard are visited block by block: blocks of this many consecutive samples in a random
-# order, each shuffled inside. The sidecars hold a shard's rows in tar order, so a reader then decodes
-# each Parquet row group once per pass instead of once per sample (a row group of region targets is
-# tens of MB at paper size), as litdata shuffles chunks and then samples within them.
-SHARD_BLOCK = 16
-
-
-def block_permutation(n: int, rng: np.random.Generator, block: int = SHARD_BLOCK) -> np.ndarray:
-    """A permutation of range(n): the blocks [0, block), [block, 2 block), ... in random order, each
-    shuffled inside."""
-    starts = rng.permutation(np.arange(0, n, block))
-    return np.concatenate([start + rng.permutation(min(block, n - start)) for start in starts] or
-                          [np.zeros(0, np.int64)]).astype(np.int64)
 
 
 def sample_rng(seed: int, epoch: int, shard_id: int, index: int) -> np.random.Generator:
@@ -292,8 +275,8 @@ class PretrainStream(IterableDataset):
                         log.warning("%s; keeping %d samples", tar.damaged, len(tar))
                         skipped["truncated_tar"] = skipped.get("truncated_tar", 0) + 1
                     side = open_sidecars(src)
-                    order = block_permutation(
-                        len(tar), np.random.default_rng([self.opts.seed, epoch, src.shard_id, place]))
+                    order = np.random.default_rng([self.opts.seed, epoch, src.shard_id, place]).permutation(
+                        len(tar))
                     cached = ((epoch, place), tar, side, order)
                 _, tar, side, order = cached
                 while offset < len(order):
