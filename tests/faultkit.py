@@ -61,6 +61,40 @@ def wait_until_ray_is_idle(timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (Ray's raylet, GCS and workers start their own process groups)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def kill_process_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a child started with start_new_session=True: its process group and every process below
+    it (a machine that dies)."""
+    below = _descendants(proc.pid)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for pid in below:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=30)
+
+
 def stage_command(stage: str, manifest_path: Path) -> list[str]:
     return [sys.executable, "-m", f"stages.{stage.replace('-', '_')}", str(manifest_path)]
 

@@ -10,26 +10,24 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
+import subprocess
 
 import pytest
 
 pytestmark = pytest.mark.slow   # runs whole stages or kills processes: not in the fast tier
 
-REPO = Path(__file__).resolve().parents[1]
 
-
-def test_demo_small_end_to_end_and_direction(tmp_path):
-    from pipeline.config import load_manifest
-    from stages.registry import PIPELINE
+def test_demo_small_end_to_end_and_direction(demo_small_run):
     from trainer.evaluation import headline_figures
 
-    # Every stage in order, as `regionclip run` does, but in this process: ten fresh processes would add
-    # about a minute of start-up to the suite and change no number (tests/test_shard.py runs `run` itself).
-    manifest = load_manifest(REPO / "manifests" / "demo-small.yaml", [f"output_dir={tmp_path / 'run'}"])
-    for stage in PIPELINE:
-        stage.run(manifest)
-    summary = json.loads((tmp_path / "run" / "eval" / "summary.json").read_text())
+    # `regionclip run manifests/demo-small.yaml` (every stage in a fresh process, as users run it) was
+    # started in the background with the session (tests/conftest.py) and this test runs last.
+    try:
+        code = demo_small_run.wait(timeout=1800)
+    except subprocess.TimeoutExpired:
+        pytest.fail("demo-small still running after 30 minutes:\n" + demo_small_run.log_tail())
+    assert code == 0, f"regionclip run demo-small exited with {code}:\n" + demo_small_run.log_tail()
+    summary = json.loads((demo_small_run.output_dir / "eval" / "summary.json").read_text())
     assert "student - teacher" in summary["results_table"]
     f = headline_figures(summary["evaluate"])
     print(json.dumps(f))

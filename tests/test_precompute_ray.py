@@ -6,7 +6,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
@@ -17,7 +16,7 @@ import pytest
 
 from pipeline.layout import RunLayout
 from stages import label, proposals
-from tests.faultkit import wait_until_ray_is_idle
+from tests.faultkit import kill_process_tree, wait_until_ray_is_idle
 from tests.labelkit import concepts_from_regions, manifest_body, prepare_run, read_rows, rpn_loader
 
 pytestmark = pytest.mark.slow   # runs whole stages or kills processes: not in the fast tier
@@ -51,39 +50,6 @@ def _label_files(layout: RunLayout) -> dict[str, bytes]:
             if p.suffix in (".parquet", ".faiss") or p.name == "codec.json"}
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every live process below `pid` (Ray's raylet, GCS and workers start their own process groups)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the run's process group and every process it started (a machine that dies)."""
-    below = _descendants(proc.pid)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    for pid in below:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait(timeout=30)
-
-
 def test_sigkill_mid_stage_then_rerun_gives_the_uninterrupted_rows(runs, ray_local, capsys):
     root, _, reference = runs
     layout = RunLayout(root / "killed" / "out")
@@ -104,7 +70,7 @@ def test_sigkill_mid_stage_then_rerun_gives_the_uninterrupted_rows(runs, ray_loc
             time.sleep(0.01)
         time.sleep(rng.uniform(0.0, 0.05))   # a seeded moment just after the first shard is done
     finally:
-        _kill_group(proc)
+        kill_process_tree(proc)
     wait_until_ray_is_idle()
     done_at_kill = len(list(layout.labels.root.glob("*_stats.json")))
     print(f"label shards done when killed: {done_at_kill} of 10", file=sys.stderr)
@@ -153,7 +119,7 @@ def test_two_node_loopback_cluster_writes_the_local_outputs(runs, tmp_path):
     try:
         out, err = proc.communicate(timeout=400)
     finally:
-        _kill_group(proc)
+        kill_process_tree(proc)
     assert proc.returncode == 0, err[-3000:]
     nodes = json.loads(out.split("NODES", 1)[1].strip().splitlines()[0])
     assert nodes["alive"] == 2
