@@ -554,6 +554,7 @@ class KeyedRows:
                 self.rows.setdefault(key, []).append(i)
         self.cache_bytes = cache_bytes
         self.groups: dict[int, pa.Table] = {}   # row group -> its rows, least recently used first
+        self.cached_bytes = 0                   # of the tables in self.groups
         self.group_reads = 0
 
     def __contains__(self, key: str) -> bool:
@@ -565,8 +566,9 @@ class KeyedRows:
             return self.groups[g]
         table = self.groups[g] = self.file.read_row_group(g, columns=self.columns)
         self.group_reads += 1
-        while len(self.groups) > 1 and sum(t.nbytes for t in self.groups.values()) > self.cache_bytes:
-            del self.groups[next(iter(self.groups))]
+        self.cached_bytes += table.nbytes
+        while len(self.groups) > 1 and self.cached_bytes > self.cache_bytes:
+            self.cached_bytes -= self.groups.pop(next(iter(self.groups))).nbytes
         return table
 
     def table(self, key: str) -> pa.Table:
