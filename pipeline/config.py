@@ -212,7 +212,9 @@ class RpnInferenceConfig(GpuActorSettings):
     min_size: int = Field(800, ge=32, description="canonical short side")
     max_size: int = Field(1333, ge=32, description="canonical long-side cap")
     nms_thresh: float = Field(0.5, gt=0, le=1)
-    pre_nms_top_n: int = Field(1000, ge=1)
+    pre_nms_top_n: int = Field(1000, ge=1, description="boxes kept before NMS, per FPN level (pretraining's "
+                               "RPN; also transfer's and zero-shot's unless transfer.rpn_pre_nms_top_n / "
+                               "evaluate.zero_shot_rpn_pre_nms_top_n say otherwise)")
     post_nms_top_n: int = Field(300, ge=1)
     batch_size: int = Field(8, ge=1, description="images per forward pass (padded to one size together, "
                             "so it is part of the fingerprint)")
@@ -318,6 +320,10 @@ class TransferConfig(Section):
                                           "in training and in testing (evaluate, detect): one trained on "
                                           "the transfer set's base classes only (the reference: COCO's 48, "
                                           "LVIS' 866); null: proposals.checkpoint (or train-rpn's output)")
+    rpn_pre_nms_top_n: Optional[int] = Field(None, ge=1, description="the detector's RPN (rpn_checkpoint): "
+                                             "boxes kept before NMS, per FPN level (a C4 RPN has one level), in "
+                                             "training and in testing (evaluate, detect); the reference: 6000 for "
+                                             "COCO's C4 RPN, 1000 for LVIS' FPN RPN; null: proposals.pre_nms_top_n")
     proposals_per_image: int = Field(1000, ge=1, description="RPN post-NMS top-n for training images")
     rpn_nms_thresh: float = Field(0.7, gt=0, le=1)
     allow_partial: bool = False
@@ -354,6 +360,9 @@ class EvaluateConfig(Section):
                                                     "(evaluate's RPN boxes, detect with a CLIP checkpoint); "
                                                     "the reference uses its pretraining RPN (LVIS-866 base); "
                                                     "null: proposals.checkpoint (or train-rpn's output)")
+    zero_shot_rpn_pre_nms_top_n: Optional[int] = Field(None, ge=1, description="the zero-shot RPN's boxes kept "
+                                                       "before NMS, per FPN level (the reference: 1000); null: "
+                                                       "proposals.pre_nms_top_n")
     zero_shot_rpn_nms_thresh: float = Field(0.9, gt=0, le=1)
     zero_shot_nms_thresh: float = Field(0.5, gt=0, le=1)
     zero_shot: list[Literal["teacher", "pretrain"]] = Field(

@@ -81,7 +81,7 @@ def run(manifest: RunManifest, args: argparse.Namespace) -> dict:
     from trainer.evaluation import draw_detections, zero_shot_detect
     from trainer.models.region_encoder import RegionEncoder
     from trainer.engine.device import resolve_device
-    from stages.resolve import apply_test_settings, load_frozen_rpn, load_teacher_clip
+    from stages.resolve import apply_test_settings, load_frozen_rpn, load_teacher_clip, rpn_inference
     from trainer.offline.text_embed import embed_names, load_vocabulary
 
     images = image_files(args.images)
@@ -113,19 +113,17 @@ def run(manifest: RunManifest, args: argparse.Namespace) -> dict:
     ids = list(range(1, len(names) + 1))
     labels = dict(zip(ids, names))
 
-    p = manifest.proposals
-    rpn = load_frozen_rpn(manifest, "transfer" if kind == "detector" else "zero_shot", device)
+    purpose = "transfer" if kind == "detector" else "zero_shot"
+    rpn = load_frozen_rpn(manifest, purpose, device)
     if kind == "detector":
         detector = build_detector(arch, checkpoint, embeddings, device=device, class_names=names)
         apply_test_settings(detector, cfg)
-        nms = cfg.rpn_nms_thresh
     else:
         from trainer.models.clip import check_embedding_dim
 
         model = clip_model[0]
         check_embedding_dim(embedding_dim(model), embeddings.shape[1], "the class embeddings", arch)
         encoder = RegionEncoder.from_clip(model).eval()
-        nms = cfg.zero_shot_rpn_nms_thresh
 
     out_dir = Path(args.out) if args.out else layout.detect_output("detections", ".json").parent
     report = {"checkpoint": str(checkpoint), "kind": kind, "arch": arch, "vocabulary": list(names),
@@ -133,9 +131,7 @@ def run(manifest: RunManifest, args: argparse.Namespace) -> dict:
     for path in images:
         rgb = open_rgb(path)
         image = image_tensor(rgb, unit_range=True)
-        ((boxes, objectness),) = rpn.propose([image], min_size=p.min_size, max_size=p.max_size,
-                                             pre_nms_top_n=p.pre_nms_top_n, post_nms_top_n=cfg.proposals_per_image,
-                                             nms_thresh=nms)
+        ((boxes, objectness),) = rpn.propose([image], **rpn_inference(manifest, purpose))
         if kind == "detector":
             (found,) = detector.detect([image], [boxes], [objectness])
         else:

@@ -57,13 +57,14 @@ def data_and_models(run: StageRun) -> dict:
     """What the figures depend on beyond the evaluate section: the evaluation set, the models (by
     checksum) and how the detectors and the RPN are set up."""
     from pipeline.io import sha256_file
-    from stages.resolve import annotation_file, clip_checkpoint, rpn_checkpoint_file
+    from stages.resolve import annotation_file, clip_checkpoint, rpn_checkpoint_file, rpn_inference
 
     manifest = run.manifest
     p = manifest.proposals
     rpns = {purpose: rpn_checkpoint_file(manifest, purpose) for purpose in rpn_purposes(manifest)}
     return {"val_annotations": sha256_file(annotation_file(manifest, "val")),
-            "rpn": {"min_size": p.min_size, "max_size": p.max_size, "pre_nms_top_n": p.pre_nms_top_n,
+            "rpn": {"min_size": p.min_size, "max_size": p.max_size,
+                    "pre_nms_top_n": {purpose: rpn_inference(manifest, purpose)["pre_nms_top_n"] for purpose in rpns},
                     # loaded (or refused) by the work
                     "checkpoints": {purpose: sha256_file(path) if path.is_file() else "missing"
                                     for purpose, path in rpns.items()}},
@@ -94,7 +95,8 @@ def evaluate(run: StageRun) -> dict:
     from trainer.engine.device import resolve_device
     from pipeline.io import write_json
     from stages.resolve import (annotation_file, apply_test_settings, class_embeddings, clip_checkpoint,
-                                detection_images, load_frozen_rpn, load_teacher_clip, rpn_checkpoint_file)
+                                detection_images, load_frozen_rpn, load_teacher_clip, rpn_checkpoint_file,
+                                rpn_inference)
     from trainer.tasks.rpn import novel_classes_seen
     from trainer.tasks.transfer import compute_proposals, detect_dataset, rpn_proposal_fn
 
@@ -143,15 +145,12 @@ def evaluate(run: StageRun) -> dict:
                             "an RPN trained on the base classes only gives one", path, purpose, len(seen),
                             ", ".join(seen))
         rpns[purpose] = loaded[path]
-    p = manifest.proposals
-    rpn_args = {"min_size": p.min_size, "max_size": p.max_size, "pre_nms_top_n": p.pre_nms_top_n,
-                "post_nms_top_n": cfg.proposals_per_image}
     results: dict = {"dataset": str(val_path), "kind": data.kind, "images": len(image_ids),
                      "classes": {"all": len(vocab), "novel": len(novel_ids)}, "detector": {}, "zero_shot": {}}
 
     # -- transferred detectors (ours, and those of evaluate.detectors) -------------------------------------
     if detector_files:
-        proposals = compute_proposals(rpn_proposal_fn(rpns["transfer"], **rpn_args, nms_thresh=cfg.rpn_nms_thresh),
+        proposals = compute_proposals(rpn_proposal_fn(rpns["transfer"], **rpn_inference(manifest, "transfer")),
                                       data, image_ids, desc="val proposals", folder=run.stage_dir.root)
         for init, checkpoint in detector_files.items():
             detector = build_detector(manifest.teacher.arch, checkpoint, embeddings,
@@ -167,8 +166,7 @@ def evaluate(run: StageRun) -> dict:
     # -- zero-shot -------------------------------------------------------------------------------------
     zs_proposals = None
     if cfg.zero_shot:
-        zs_proposals = compute_proposals(rpn_proposal_fn(rpns["zero_shot"], **rpn_args,
-                                                         nms_thresh=cfg.zero_shot_rpn_nms_thresh),
+        zs_proposals = compute_proposals(rpn_proposal_fn(rpns["zero_shot"], **rpn_inference(manifest, "zero_shot")),
                                          data, image_ids, desc="zero-shot proposals",
                                          folder=run.stage_dir.root)
     for which in cfg.zero_shot:

@@ -71,6 +71,33 @@ def rpn_checkpoint_path(manifest: RunManifest, purpose: str) -> Path:
     return path
 
 
+def rpn_inference(manifest: RunManifest, purpose: str, training: bool = False) -> dict:
+    """How the RPN of `purpose` proposes, as the keywords of its `propose` (min_size, max_size,
+    pre_nms_top_n, post_nms_top_n, nms_thresh). Each purpose has its own settings, as the reference
+    runs each RPN with its own detectron2 config (docs/method.md §2, §6, §7):
+      proposals  pretraining's boxes: the proposals section (paper: 1000 per FPN level, NMS 0.5, 300 kept)
+      transfer   the detector's boxes: transfer.rpn_pre_nms_top_n before NMS (paper COCO C4: 6000); NMS
+                 and boxes kept from the transfer section for its training images (`training`), from the
+                 evaluate section at test time (paper: 0.7, 1000)
+      zero_shot  evaluate.zero_shot_rpn_pre_nms_top_n, zero_shot_rpn_nms_thresh (0.9), evaluate.proposals_per_image
+    A null pre-NMS setting is proposals.pre_nms_top_n. Every RPN runs at proposals.min_size / max_size."""
+    p, t, e = manifest.proposals, manifest.transfer, manifest.evaluate
+    if training and purpose != "transfer":
+        raise ValueError(f"only the transfer RPN proposes for training images, not {purpose!r}")
+    if purpose == "proposals":
+        pre, post, nms = p.pre_nms_top_n, p.post_nms_top_n, p.nms_thresh
+    elif purpose == "transfer":
+        pre = t.rpn_pre_nms_top_n
+        post, nms = (t.proposals_per_image, t.rpn_nms_thresh) if training else (e.proposals_per_image,
+                                                                                 e.rpn_nms_thresh)
+    elif purpose == "zero_shot":
+        pre, post, nms = e.zero_shot_rpn_pre_nms_top_n, e.proposals_per_image, e.zero_shot_rpn_nms_thresh
+    else:
+        raise ValueError(f"unknown RPN purpose {purpose!r}; one of proposals, transfer, zero_shot")
+    return {"min_size": p.min_size, "max_size": p.max_size, "pre_nms_top_n": pre or p.pre_nms_top_n,
+            "post_nms_top_n": post, "nms_thresh": nms}
+
+
 def annotation_file(manifest, which: str) -> Path:
     """transfer.annotations (which='train') or transfer.val_annotations ('val'); default: the
     synthetic world's instances_train.json / instances_val.json."""

@@ -35,12 +35,14 @@ def reads(manifest) -> tuple[str, ...]:
 def data_models_and_tests(run: StageRun) -> dict:
     """The RPN, teacher and test settings a detector depends on, and the checksums of the files it reads."""
     from pipeline.io import sha256_file
-    from stages.resolve import annotation_file, clip_checkpoint, rpn_checkpoint_file
+    from stages.resolve import annotation_file, clip_checkpoint, rpn_checkpoint_file, rpn_inference
 
     manifest = run.manifest
-    p, e = manifest.proposals, manifest.evaluate
+    e = manifest.evaluate
     rpn = rpn_checkpoint_file(manifest, "transfer")   # loaded (or refused) by the work
-    return {"rpn": {"min_size": p.min_size, "max_size": p.max_size, "pre_nms_top_n": p.pre_nms_top_n},
+    # The RPN settings outside the transfer section (its NMS and top-n after NMS are in the section).
+    proposing = rpn_inference(manifest, "transfer", training=True)
+    return {"rpn": {k: proposing[k] for k in ("min_size", "max_size", "pre_nms_top_n")},
             "ensemble": manifest.embed.ensemble,
             "test": {"min_size": e.min_size, "max_size": e.max_size, "score_threshold": e.score_threshold,
                      "detections_per_image": e.detections_per_image, "soft_nms_sigma": e.soft_nms_sigma,
@@ -78,7 +80,8 @@ def transfer(run: StageRun) -> dict:
     from trainer.models.detector import build_detector, save_detector
     from trainer.engine.device import resolve_device
     from stages.resolve import (annotation_file, class_embeddings, clip_checkpoint, detector_settings,
-                                detection_images, load_frozen_rpn, load_teacher_clip, train_settings)
+                                detection_images, load_frozen_rpn, load_teacher_clip, rpn_inference,
+                                train_settings)
     from trainer.engine.loop import TrainFiles
     from trainer.tasks.transfer import compute_proposals, rpn_proposal_fn, train_detector
 
@@ -86,7 +89,6 @@ def transfer(run: StageRun) -> dict:
     cfg = manifest.transfer
     device = resolve_device(cfg.device)
     annotations = annotation_file(manifest, "train")
-    rpn_settings = run.settings["rpn"]
     inits, todo = list(dict.fromkeys(cfg.init)), _todo(run)
     previous = (run.previous or {}).get("detectors", {})
     detectors = {i: previous[i] for i in inits if i not in todo}
@@ -104,8 +106,7 @@ def transfer(run: StageRun) -> dict:
     print(f"transfer: {len(image_ids)} training images, {len(vocab)} base classes "
           f"({', '.join(vocab.names[:8])}{', ...' if len(vocab) > 8 else ''}); inits {', '.join(todo)}")
     rpn = load_frozen_rpn(manifest, "transfer", device)
-    propose = rpn_proposal_fn(rpn, **rpn_settings, post_nms_top_n=cfg.proposals_per_image,
-                              nms_thresh=cfg.rpn_nms_thresh)
+    propose = rpn_proposal_fn(rpn, **rpn_inference(manifest, "transfer", training=True))
     t0 = time.time()
     proposals = compute_proposals(propose, data, image_ids, desc="train proposals", folder=run.stage_dir.root)
     proposal_seconds = round(time.time() - t0, 2)

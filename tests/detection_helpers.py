@@ -46,7 +46,8 @@ class StandInRPN:
         self.calls = []
 
     def propose(self, images, *, min_size, max_size, pre_nms_top_n=1000, post_nms_top_n=300, nms_thresh=0.5):
-        self.calls.append({"min_size": min_size, "post_nms_top_n": post_nms_top_n, "nms_thresh": nms_thresh})
+        self.calls.append({"min_size": min_size, "pre_nms_top_n": pre_nms_top_n, "post_nms_top_n": post_nms_top_n,
+                           "nms_thresh": nms_thresh})
         out = []
         for image in images:
             h, w = image.shape[-2:]

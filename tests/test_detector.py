@@ -284,8 +284,8 @@ MANIFEST = """
 synth: {num_images: 8, num_val_images: 3, min_side: 64, max_side: 96, max_objects: 3}
 teacher: {arch: RN50-tiny, checkpoint: teacher.pt}
 transfer: {init: [teacher, pretrain], steps: 2, batch_size: 1, min_sizes: [64, 96], max_size: 128,
-           rois_per_image: 32, proposals_per_image: 48, warmup_steps: 1}
-evaluate: {min_size: 96, max_size: 128, proposals_per_image: 48}
+           rois_per_image: 32, proposals_per_image: 48, warmup_steps: 1, rpn_pre_nms_top_n: 600}
+evaluate: {min_size: 96, max_size: 128, proposals_per_image: 48, zero_shot_rpn_pre_nms_top_n: 400}
 """
 
 
@@ -311,7 +311,7 @@ def test_transfer_evaluate_detect_on_a_tiny_world(write_manifest, monkeypatch, t
     first = transfer.run(manifest)
     assert set(first["detectors"]) == {"teacher", "pretrain"}
     assert layout.transfer_checkpoint("teacher").is_file() and layout.transfer_checkpoint("pretrain").is_file()
-    assert rpn.calls[0]["post_nms_top_n"] == 48
+    assert (rpn.calls[0]["pre_nms_top_n"], rpn.calls[0]["post_nms_top_n"]) == (600, 48)
     for init in ("teacher", "pretrain"):             # the training state, TensorBoard scalars, the curve
         assert torch.load(layout.transfer_state(init), weights_only=True)["step"] == 2
         assert list((layout.tensorboard / "transfer" / init).glob("events.*"))
@@ -342,7 +342,8 @@ def test_transfer_evaluate_detect_on_a_tiny_world(write_manifest, monkeypatch, t
         assert json.loads(layout.eval_metrics(name).read_text())["AP50"]
         assert isinstance(json.loads(layout.eval_detections(name).read_text()), list)
         assert layout.eval_picture(name).read_bytes()[:4] == b"\x89PNG"
-    assert {c["nms_thresh"] for c in rpn.calls[1:]} == {0.7, 0.9}
+    # each RPN purpose with its own settings: the detectors' (transfer's) and zero-shot inference's
+    assert {(c["pre_nms_top_n"], c["nms_thresh"]) for c in rpn.calls[1:]} == {(600, 0.7), (400, 0.9)}
 
     # detect: a detector and a plain CLIP checkpoint, custom vocabulary, an image file.
     from PIL import Image
@@ -361,3 +362,4 @@ def test_transfer_evaluate_detect_on_a_tiny_world(write_manifest, monkeypatch, t
     report = json.loads((out / "zs" / "detections.json").read_text())
     assert report["kind"] == "clip" and all(d["label"] in ("sun", "car") for d in report["images"][0]["detections"])
     assert purposes[2:] == ["transfer", "zero_shot"]   # detect: a detector's RPN, then zero-shot's
+    assert [c["pre_nms_top_n"] for c in rpn.calls[-2:]] == [600, 400]
