@@ -13,7 +13,9 @@
               evaluation-novel classes gets a logged warning naming them: its novel AP is not an
               open-vocabulary figure
     output    eval/metrics_<name>.json, eval/detections_<name>.json (COCO results),
-              eval/detections_<name>.png, and the `evaluate` section of eval/summary.json
+              eval/detections_<name>.png, and the `evaluate` section of eval/summary.json: the
+              headline figures, the images and GT regions they rest on, and a 95% interval for every
+              student - teacher margin (a paired bootstrap over the images, trainer/evaluation.py)
 
 COCO-style sets report box AP50 over novel, base and all categories (pycocotools) plus the usual AP
 table; LVIS sets (categories with `frequency`) report AP, APr, APc, APf with the LVIS API.
@@ -88,8 +90,9 @@ def evaluate(run: StageRun) -> dict:
     from trainer.models.clip import load_clip
     from trainer.data.detection import DetectionSet
     from trainer.models.detector import build_detector
-    from trainer.evaluation import (RecognitionTally, coco_evaluate, draw_detections, image_features,
-                                    lvis_evaluate, merge_summary, results_table, to_coco_results,
+    from trainer.evaluation import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, Ap50Matches, RecognitionTally,
+                                    coco_evaluate, draw_detections, image_features, lvis_evaluate,
+                                    margin_intervals, merge_summary, results_table, to_coco_results,
                                     zero_shot_detect)
     from trainer.models.region_encoder import RegionEncoder
     from trainer.engine.device import resolve_device
@@ -147,6 +150,10 @@ def evaluate(run: StageRun) -> dict:
         rpns[purpose] = loaded[path]
     results: dict = {"dataset": str(val_path), "kind": data.kind, "images": len(image_ids),
                      "classes": {"all": len(vocab), "novel": len(novel_ids)}, "detector": {}, "zero_shot": {}}
+    # per-image records of every model on the same images, for the margins' bootstrap intervals (COCO sets)
+    tallies: dict = {}
+    matches: dict = {"gt_boxes": {}, "detector": {}}
+    coco_kind = data.kind != "lvis"
 
     # -- transferred detectors (ours, and those of evaluate.detectors) -------------------------------------
     if detector_files:
@@ -161,6 +168,8 @@ def evaluate(run: StageRun) -> dict:
             metrics = score(detections)
             metrics["seconds"] = round(time.time() - t0, 2)
             results["detector"][init] = record(f"detector_{init}", detections, metrics)
+            if coco_kind:
+                matches["detector"][init] = Ap50Matches(data.data, detections, image_ids)
             print(f"evaluate: detector[{init}] {_headline(metrics)}")
 
     # -- zero-shot -------------------------------------------------------------------------------------
@@ -194,6 +203,9 @@ def evaluate(run: StageRun) -> dict:
             rpn_dets += to_coco_results(image_id, found["boxes"].cpu(), found["scores"].cpu(),
                                         found["labels"].cpu(), vocab)
         recognition = tally.result()
+        tallies[which] = tally
+        if coco_kind:
+            matches["gt_boxes"][which] = Ap50Matches(data.data, gt_dets, image_ids)
         entry = {"gt_boxes": record(f"zeroshot_gt_{which}", gt_dets, score(gt_dets)),
                  "rpn_boxes": record(f"zeroshot_rpn_{which}", rpn_dets, score(rpn_dets)),
                  "recognition": recognition, "seconds": round(time.time() - t0, 2)}
@@ -202,6 +214,13 @@ def evaluate(run: StageRun) -> dict:
               f"{_headline(entry['rpn_boxes'])}; region top-1 {recognition['top1']}")
         del model, encoder
 
+    if coco_kind and image_ids:
+        results["intervals"] = margin_intervals(data.category_split, len(image_ids), recognition=tallies,
+                                                gt_boxes=matches["gt_boxes"], detector=matches["detector"])
+        results["bootstrap"] = {"resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED, "level": 0.95,
+                                "over": "images", "paired": True}
+    if tallies:
+        results["regions"] = next(iter(tallies.values())).result()["regions"]
     results["seconds"] = round(time.time() - started, 2)
     merge_summary(layout.summary_json, SUMMARY_SECTION, summarize(results))
     if data.kind != "lvis":    # the demo's headline: teacher vs student (trainer.evaluation.results_table)
@@ -232,11 +251,13 @@ def summarize(results: dict) -> dict:
         return metrics["lvis"] if "lvis" in metrics else metrics["AP50"]
 
     return {"dataset": results["dataset"], "kind": results["kind"], "images": results["images"],
-            "classes": results["classes"], "metric": "LVIS box AP" if results["kind"] == "lvis" else "box AP50",
+            "regions": results.get("regions"), "classes": results["classes"],
+            "metric": "LVIS box AP" if results["kind"] == "lvis" else "box AP50",
             "detector": {k: head(v) for k, v in results["detector"].items()},
             "zero_shot_gt_boxes": {k: head(v["gt_boxes"]) for k, v in results["zero_shot"].items()},
             "zero_shot_rpn_boxes": {k: head(v["rpn_boxes"]) for k, v in results["zero_shot"].items()},
             "region_recognition_top1": {k: v["recognition"]["top1"] for k, v in results["zero_shot"].items()},
+            "intervals": results.get("intervals", {}), "bootstrap": results.get("bootstrap"),
             "seconds": results["seconds"]}
 
 

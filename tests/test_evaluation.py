@@ -321,3 +321,109 @@ def test_coco_ovd_split_command(write_manifest, tmp_path):
     assert main(["coco-ovd-split", manifest.source_path, "--train", str(tmp_path / "train.json"),
                  "--val", str(tmp_path / "val.json"), "--out-dir", str(tmp_path / "o")]) == 0
     assert (tmp_path / "o" / "instances_val2017_ovd65.json").is_file()
+
+
+# -- the margins' bootstrap intervals -------------------------------------------------------------------
+
+def test_ap50_matches_reproduce_pycocotools_and_a_resampled_set():
+    import numpy as np
+
+    from trainer.evaluation import Ap50Matches
+
+    gt = toy_gt(num_images=20, seed=3)
+    dets = perturb(gt, seed=4)
+    ids = [im["id"] for im in gt["images"]]
+    matches = Ap50Matches(gt, dets, ids)
+    direct = coco_evaluate(gt, dets, category_split(gt["categories"]))["per_category_AP50"]
+    ones = matches.ap50(np.ones((1, len(ids))))[0]
+    names = {c["id"]: c["name"] for c in gt["categories"]}
+    for k, cid in enumerate(matches.category_ids):
+        assert ones[k] == pytest.approx(direct[names[cid]], abs=1e-3), names[cid]
+
+    # a draw that takes image 1 three times, image 2 twice and leaves out images 3..6 scores as
+    # pycocotools scores that resampled set written out (copies under new ids)
+    counts = np.ones(len(ids))
+    counts[0], counts[1], counts[2:6] = 3, 2, 0
+    resampled = {"images": [], "annotations": [], "categories": gt["categories"]}
+    resampled_dets = []
+    for i, image in enumerate(gt["images"]):
+        for copy_index in range(int(counts[i])):
+            new_id = image["id"] * 100 + copy_index
+            resampled["images"].append({**image, "id": new_id})
+            resampled["annotations"] += [{**a, "id": len(resampled["annotations"]) + j + 1, "image_id": new_id}
+                                         for j, a in enumerate(a for a in gt["annotations"]
+                                                               if a["image_id"] == image["id"])]
+            resampled_dets += [{**d, "image_id": new_id} for d in dets if d["image_id"] == image["id"]]
+    expected = coco_evaluate(resampled, resampled_dets, category_split(gt["categories"]))["per_category_AP50"]
+    weighted = matches.ap50(counts[None, :])[0]
+    for k, cid in enumerate(matches.category_ids):
+        if expected[names[cid]] is None:
+            assert np.isnan(weighted[k])
+        else:
+            assert weighted[k] == pytest.approx(expected[names[cid]], abs=1e-3), names[cid]
+
+
+def _tally(correct_novel: list[int], correct_base: list[int]):
+    """A RecognitionTally over images holding one novel and one base region each (vocabulary: the toy
+    categories; novel ids 3 and 5), with the given per-image hits."""
+    from trainer.data.detection import DetectorClasses
+    from trainer.evaluation import RecognitionTally
+
+    vocab = DetectorClasses(ids=[1, 2, 3, 5, 7], names=["apple", "kite", "cup", "boat", "tree"])
+    tally = RecognitionTally(vocab, novel_ids=[3, 5])
+    for novel_hit, base_hit in zip(correct_novel, correct_base):
+        labels = torch.tensor([2, 0])                       # cup (novel), apple (base)
+        tally.add(torch.tensor([2 if novel_hit else 3, 0 if base_hit else 1]), labels)
+    return tally
+
+
+def test_paired_bootstrap_interval_of_the_top1_margin():
+    import numpy as np
+
+    from trainer.evaluation import margin_intervals
+
+    rng = np.random.default_rng(7)
+    n = 600
+    student = (rng.random(n) < 0.6).astype(int)
+    teacher = (rng.random(n) < 0.4).astype(int)
+    recognition = {"pretrain": _tally(student, student), "teacher": _tally(teacher, 1 - teacher)}
+    assert recognition["pretrain"].result()["regions"] == {"all": 2 * n, "base": n, "novel": n}
+    split = {"novel": [3, 5], "base": [1, 2, 7]}
+    low, high = margin_intervals(split, n, recognition=recognition)["region_top1_novel"]
+    margin = 100.0 * (student.mean() - teacher.mean())
+    # the percentile interval of a mean of paired differences is close to margin +- 1.96 standard errors
+    standard_error = 100.0 * (student - teacher).std(ddof=1) / np.sqrt(n)
+    assert low < margin < high
+    assert low == pytest.approx(margin - 1.96 * standard_error, abs=0.4 * standard_error)
+    assert high == pytest.approx(margin + 1.96 * standard_error, abs=0.4 * standard_error)
+    # seeded: the same draws give the same interval, another seed a (slightly) different one
+    assert margin_intervals(split, n, recognition=recognition)["region_top1_novel"] == [low, high]
+    assert margin_intervals(split, n, recognition=recognition, seed=1)["region_top1_novel"] != [low, high]
+    # pairing: a student that is the teacher plus the same extra hits everywhere has a narrow interval
+    same = {"pretrain": _tally(np.maximum(teacher, student), teacher), "teacher": _tally(teacher, teacher)}
+    paired = margin_intervals(split, n, recognition=same)["region_top1_novel"]
+    assert paired[1] - paired[0] < high - low
+
+
+def test_headline_figures_and_table_show_intervals_and_counts():
+    from trainer.evaluation import headline_figures, results_table
+
+    summary = {"images": 1100, "regions": {"all": 2700, "base": 2050, "novel": 650},
+               "region_recognition_top1": {"teacher": {"novel": 30.0, "base": 40.0},
+                                           "pretrain": {"novel": 42.3, "base": 55.0}},
+               "zero_shot_gt_boxes": {"teacher": {"novel": 50.0, "base": 60.0},
+                                      "pretrain": {"novel": 70.0, "base": 75.0}},
+               "detector": {"teacher": {"novel": 8.0, "base": 30.0, "all": 25.0},
+                            "pretrain": {"novel": 13.0, "base": 35.0, "all": 30.0}},
+               "intervals": {"region_top1_novel": [7.1, 17.6], "transfer_ap50_novel": [1.5, 8.24]},
+               "bootstrap": {"resamples": 1000, "seed": 0}}
+    f = headline_figures(summary)
+    assert f["margin_region_top1_novel"] == pytest.approx(12.3)
+    assert f["margin_region_top1_novel_ci95"] == [7.1, 17.6]
+    assert f["margin_transfer_ap50_novel_ci95"] == [1.5, 8.24]
+    assert f["margin_gt_ap50_base_ci95"] is None
+    assert (f["novel_regions"], f["base_regions"], f["images"]) == (650, 2050, 1100)
+    table = results_table(summary)
+    assert "| student - teacher | +12.3 [+7.1, +17.6] | +15.0 | +20.0 | +15.0 |" in table
+    assert "| student - teacher | +5.0 [+1.5, +8.2] | +5.0 | +5.0 |" in table
+    assert "1100 images: 650 novel and 2050 base regions" in table

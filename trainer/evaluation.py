@@ -200,23 +200,47 @@ def zero_shot_detect(encoder: RegionEncoder, image: Optional[torch.Tensor], boxe
 
 
 class RecognitionTally:
-    """Top-1 accuracy of zero-shot region recognition over GT regions, by split."""
+    """Top-1 accuracy of zero-shot region recognition over GT regions, by split. One `add` per image,
+    in a fixed image order: the per-image hits and counts are kept for the bootstrap over images."""
+
+    GROUPS = ("all", "base", "novel")
 
     def __init__(self, vocab: DetectorClasses, novel_ids):
         novel_ids = set(novel_ids)
         self.group = ["novel" if cid in novel_ids else "base" for cid in vocab.ids]
-        self.hits = {"all": 0, "base": 0, "novel": 0}
-        self.counts = {"all": 0, "base": 0, "novel": 0}
+        self.image_hits: dict[str, list[int]] = {g: [] for g in self.GROUPS}
+        self.image_counts: dict[str, list[int]] = {g: [] for g in self.GROUPS}
 
     def add(self, predicted: torch.Tensor, labels: torch.Tensor) -> None:
+        hits, counts = dict.fromkeys(self.GROUPS, 0), dict.fromkeys(self.GROUPS, 0)
         for pred, label in zip(predicted.tolist(), labels.tolist()):
             for g in ("all", self.group[label]):
-                self.counts[g] += 1
-                self.hits[g] += int(pred == label)
+                counts[g] += 1
+                hits[g] += int(pred == label)
+        for g in self.GROUPS:
+            self.image_hits[g].append(hits[g])
+            self.image_counts[g].append(counts[g])
+
+    @property
+    def hits(self) -> dict[str, int]:
+        return {g: sum(v) for g, v in self.image_hits.items()}
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {g: sum(v) for g, v in self.image_counts.items()}
+
+    def top1(self, group: str, weights: np.ndarray) -> np.ndarray:
+        """Top-1 (percent) of `group` for each row of image weights [R, images] (bootstrap_weights):
+        regions of an image drawn k times count k times. NaN where a row holds no region of the group."""
+        hits = weights @ np.asarray(self.image_hits[group], dtype=np.float64)
+        counts = weights @ np.asarray(self.image_counts[group], dtype=np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(counts > 0, 100.0 * hits / counts, np.nan)
 
     def result(self) -> dict:
-        return {"top1": {g: (round(100.0 * self.hits[g] / self.counts[g], 3) if self.counts[g] else None)
-                         for g in self.hits}, "regions": dict(self.counts)}
+        hits, counts = self.hits, self.counts
+        return {"top1": {g: (round(100.0 * hits[g] / counts[g], 3) if counts[g] else None)
+                         for g in self.GROUPS}, "regions": counts}
 
 
 @torch.no_grad()
@@ -235,6 +259,177 @@ def region_recognition(encoder: RegionEncoder, data: DetectionSet, class_embeddi
                                  temperature=temperature)
         tally.add(found["box_labels"].cpu(), gt_labels)
     return tally.result()
+
+
+# -- intervals: a paired bootstrap over the evaluation images ------------------------------------------------
+#
+# A figure of the held-out set rests on its images, and so does its sampling error: the images are drawn
+# again with replacement, many times. Each draw is one row of weights (how often each image was drawn: a
+# multinomial draw of n images out of the n), both models are scored on the same draws (paired: the margin's
+# interval, not two intervals), and the 95% interval is the 2.5th and 97.5th percentiles of the margin over
+# the draws (the percentile bootstrap). Region top-1 weighs each image's hits and regions; AP50 is
+# recomputed from pycocotools' own matches (`Ap50Matches`), so an all-ones row gives pycocotools' figure.
+
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_SEED = 0
+RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101)      # pycocotools' 101-point interpolation
+_ROWS_PER_BLOCK = 100                               # bootstrap rows scored at once (bounds the memory)
+
+
+def bootstrap_weights(num_images: int, resamples: int = BOOTSTRAP_RESAMPLES,
+                      seed: int = BOOTSTRAP_SEED) -> np.ndarray:
+    """[resamples, num_images]: how many times each image is drawn in each bootstrap draw (numpy's
+    multinomial: n draws with replacement among n equally likely images), seeded."""
+    if num_images < 1:
+        raise ValueError("bootstrap_weights: no images to draw from")
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(num_images, np.full(num_images, 1.0 / num_images), size=resamples).astype(np.float64)
+
+
+def percentile_interval(values, level: float = 0.95) -> Optional[list[float]]:
+    """[low, high]: the central `level` share of the finite `values` (numpy's percentiles); None if none."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if not values.size:
+        return None
+    tail = 100.0 * (1.0 - level) / 2.0
+    low, high = np.percentile(values, [tail, 100.0 - tail])
+    return [round(float(low), 3), round(float(high), 3)]
+
+
+class Ap50Matches:
+    """The detections of one evaluation as pycocotools matches them at IoU 0.5 (area all, the top 100 per
+    image), kept per image so that AP50 can be recomputed for any weighting of the images.
+
+    Per category: the detections in pycocotools' order (images in `image_ids` order, then a stable sort by
+    descending score) as (image index, true positive, false positive) arrays, and the number of
+    non-ignored GT boxes of every image."""
+
+    def __init__(self, gt: Union[dict, str, os.PathLike], detections: list[dict], image_ids: Sequence[int]):
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+
+        data = _load_gt(gt)
+        data = {**data, "info": data.get("info", {}), "annotations": [
+            {**a, "iscrowd": a.get("iscrowd", 0), "area": a.get("area", a["bbox"][2] * a["bbox"][3])}
+            for a in data["annotations"]]}
+        self.image_ids = list(image_ids)
+        self.category_ids = sorted(c["id"] for c in data["categories"])
+        position = {image_id: i for i, image_id in enumerate(self.image_ids)}
+        detections = [d for d in detections if d["image_id"] in position]
+        n, k = len(self.image_ids), len(self.category_ids)
+        self.gt_counts = np.zeros((n, k), dtype=np.float64)
+        self.detections: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco_gt = COCO()
+            coco_gt.dataset = data
+            coco_gt.createIndex()
+            if not detections:
+                for a in data["annotations"]:
+                    if a["image_id"] in position and not a["iscrowd"]:
+                        self.gt_counts[position[a["image_id"]], self.category_ids.index(a["category_id"])] += 1
+                empty = np.zeros(0)
+                self.detections = [(empty.astype(np.int64), empty, empty)] * k
+                return
+            ev = COCOeval(coco_gt, coco_gt.loadRes(detections), "bbox")
+            ev.params.imgIds, ev.params.catIds = self.image_ids, self.category_ids
+            ev.params.iouThrs = np.array([0.5])
+            ev.params.areaRng, ev.params.areaRngLbl, ev.params.maxDets = [[0, 1e10]], ["all"], [100]
+            ev.evaluate()
+        for c in range(k):          # evalImgs: category-major, then area (one), then image
+            images, scores, tp, fp = [], [], [], []
+            for i in range(n):
+                e = ev.evalImgs[c * n + i]
+                if e is None:
+                    continue
+                self.gt_counts[i, c] = np.count_nonzero(np.asarray(e["gtIgnore"]) == 0)
+                matched = np.asarray(e["dtMatches"][0], dtype=bool)
+                ignored = np.asarray(e["dtIgnore"][0], dtype=bool)
+                images.append(np.full(len(matched), i, dtype=np.int64))
+                scores.append(np.asarray(e["dtScores"], dtype=np.float64))
+                tp.append(matched & ~ignored)
+                fp.append(~matched & ~ignored)
+            if not images:
+                empty = np.zeros(0)
+                self.detections.append((empty.astype(np.int64), empty, empty))
+                continue
+            order = np.argsort(-np.concatenate(scores), kind="mergesort")
+            self.detections.append((np.concatenate(images)[order], np.concatenate(tp)[order].astype(np.float64),
+                                    np.concatenate(fp)[order].astype(np.float64)))
+
+    def ap50(self, weights: np.ndarray) -> np.ndarray:
+        """[R, categories] AP50 (percent) for each row of image weights [R, images]; NaN for a category
+        with no GT box in a row (pycocotools leaves such a category out of the mean)."""
+        weights = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+        out = np.full((len(weights), len(self.category_ids)), np.nan)
+        for start in range(0, len(weights), _ROWS_PER_BLOCK):
+            block = weights[start:start + _ROWS_PER_BLOCK]
+            out[start:start + len(block)] = self._ap50_block(block)
+        return out
+
+    def _ap50_block(self, weights: np.ndarray) -> np.ndarray:
+        rows = len(weights)
+        positives = weights @ self.gt_counts                       # [R, K] GT boxes per draw
+        out = np.where(positives > 0, 0.0, np.nan)
+        for c, (images, tp, fp) in enumerate(self.detections):
+            if not len(images):
+                continue
+            w = weights[:, images]                                 # [R, D]: each detection counts as often as its image
+            tp_sum, fp_sum = np.cumsum(w * tp, axis=1), np.cumsum(w * fp, axis=1)
+            recall = tp_sum / np.maximum(positives[:, c:c + 1], 1.0)
+            precision = tp_sum / (tp_sum + fp_sum + np.spacing(1))
+            precision = np.maximum.accumulate(precision[:, ::-1], axis=1)[:, ::-1]   # the envelope
+            # the first detection reaching each recall threshold; recall rises along each row, so one
+            # searchsorted over the rows laid end to end (each shifted by 2, above any recall) finds them all
+            d = recall.shape[1]
+            shift = 2.0 * np.arange(rows)[:, None]
+            found = np.searchsorted((recall + shift).ravel(), (RECALL_THRESHOLDS[None, :] + shift).ravel(),
+                                    side="left").reshape(rows, -1) - d * np.arange(rows)[:, None]
+            reached = np.take_along_axis(precision, np.minimum(found, d - 1), axis=1)
+            ap = 100.0 * np.where(found < d, reached, 0.0).mean(axis=1)
+            out[:, c] = np.where(positives[:, c] > 0, ap, np.nan)
+        return out
+
+
+def split_mean(per_category: np.ndarray, category_ids: Sequence[int], members: Sequence[int]) -> np.ndarray:
+    """Row means over the `members` columns of a [R, categories] table, NaN columns left out (as
+    `coco_evaluate`'s split means); NaN where a row has none."""
+    columns = [i for i, c in enumerate(category_ids) if c in set(members)]
+    values = per_category[:, columns]
+    counted = np.isfinite(values).sum(axis=1)
+    return np.where(counted > 0, np.nansum(values, axis=1) / np.maximum(counted, 1), np.nan)
+
+
+def margin_intervals(split: dict[str, list[int]], num_images: int, *,
+                     recognition: Optional[dict[str, RecognitionTally]] = None,
+                     gt_boxes: Optional[dict[str, Ap50Matches]] = None,
+                     detector: Optional[dict[str, Ap50Matches]] = None,
+                     student: str = "pretrain", baseline: str = "teacher",
+                     resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
+                     level: float = 0.95) -> dict:
+    """95% intervals of every student - baseline margin by a paired bootstrap over the images: region
+    top-1 (novel, base), zero-shot GT-box AP50 (novel, base), detector AP50 (novel, base, all).
+    Each argument maps a model name to its per-image record over the same `num_images` images in the same
+    order; a figure missing for either model is left out. Returns {figure: [low, high]}."""
+    weights = bootstrap_weights(num_images, resamples, seed)
+    groups = {"novel": split.get("novel", []), "base": split.get("base", [])}
+    out: dict = {}
+    recognition, gt_boxes, detector = recognition or {}, gt_boxes or {}, detector or {}
+    if student in recognition and baseline in recognition:
+        for group in ("novel", "base"):
+            margins = recognition[student].top1(group, weights) - recognition[baseline].top1(group, weights)
+            out[f"region_top1_{group}"] = percentile_interval(margins, level)
+    for name, matches, splits in (("gt_ap50", gt_boxes, ("novel", "base")),
+                                  ("transfer_ap50", detector, ("novel", "base", "all"))):
+        if student not in matches or baseline not in matches:
+            continue
+        a, b = matches[student], matches[baseline]
+        ap_a, ap_b = a.ap50(weights), b.ap50(weights)
+        for group in splits:
+            members = a.category_ids if group == "all" else groups[group]
+            margins = split_mean(ap_a, a.category_ids, members) - split_mean(ap_b, b.category_ids, members)
+            out[f"{name}_{group}"] = percentile_interval(margins, level)
+    return out
 
 
 # -- pictures --------------------------------------------------------------------------------------------
@@ -294,10 +489,16 @@ def merge_summary(path: Union[str, os.PathLike], section: str, content: dict) ->
 _INIT_NAMES = {"teacher": "teacher (image-level CLIP)", "pretrain": "student (region-pretrained)"}
 
 
+MARGINS = ("region_top1_novel", "region_top1_base", "gt_ap50_novel", "gt_ap50_base",
+           "transfer_ap50_novel", "transfer_ap50_base", "transfer_ap50_all")
+
+
 def headline_figures(summary: dict) -> dict:
     """Flat headline figures from `summarize`'s output (the `evaluate` section of eval/summary.json):
     region top-1 and GT-box AP50 (novel/base) per zero-shot model, detector AP50 (novel/base/all) per
-    initialisation, and the margins student - teacher. Missing figures are None."""
+    initialisation, the margins student - teacher (`margin_<figure>`) with their 95% bootstrap intervals
+    (`margin_<figure>_ci95`: [low, high], same units), and what they rest on: `images`, `novel_regions`,
+    `base_regions` (GT regions of the held-out set). Missing figures are None."""
     def get(section: str, model: str, group: str):
         value = (summary.get(section) or {}).get(model) or {}
         return value.get(group) if isinstance(value, dict) else None
@@ -313,34 +514,49 @@ def headline_figures(summary: dict) -> dict:
         a, b = figures.get(f"{name}_pretrain"), figures.get(f"{name}_teacher")
         return None if a is None or b is None else round(a - b, 3)
 
-    figures["margin_region_top1_novel"] = margin("region_top1_novel")
-    figures["margin_transfer_ap50_novel"] = margin("transfer_ap50_novel")
+    intervals = summary.get("intervals") or {}
+    for name in MARGINS:
+        figures[f"margin_{name}"] = margin(name)
+        figures[f"margin_{name}_ci95"] = intervals.get(name)
+    regions = summary.get("regions") or {}
+    figures["images"] = summary.get("images")
+    figures["novel_regions"] = regions.get("novel")
+    figures["base_regions"] = regions.get("base")
     return figures
 
 
 def results_table(summary: dict) -> str:
-    """The results table (Markdown) from the `evaluate` section of eval/summary.json."""
+    """The results table (Markdown) from the `evaluate` section of eval/summary.json; each margin with
+    its 95% interval (`+12.3 [+7.1, +17.6]`)."""
     f = headline_figures(summary)
 
     def cell(value) -> str:
         return "-" if value is None else f"{value:.1f}"
 
-    def diff(a, b) -> str:
-        return "-" if a is None or b is None else f"{a - b:+.1f}"
+    def diff(name: str) -> str:
+        value, interval = f[f"margin_{name}"], f[f"margin_{name}_ci95"]
+        if value is None:
+            return "-"
+        return f"{value:+.1f}" + ("" if interval is None else f" [{interval[0]:+.1f}, {interval[1]:+.1f}]")
 
-    lines = [f"Zero-shot region recognition with ground-truth boxes ({summary.get('images', '?')} images; "
+    regions = ("" if f["novel_regions"] is None else
+               f": {f['novel_regions']} novel and {f['base_regions']} base regions")
+    lines = [f"Zero-shot region recognition with ground-truth boxes ({f['images'] or '?'} images{regions}; "
              "top-1 accuracy % and box AP50)", "",
              "| model | top-1 novel | top-1 base | AP50 novel | AP50 base |", "|---|---:|---:|---:|---:|"]
     keys = ("region_top1_novel", "region_top1_base", "gt_ap50_novel", "gt_ap50_base")
     for model in ("teacher", "pretrain"):
         lines.append(f"| {_INIT_NAMES[model]} | " + " | ".join(cell(f[f"{k}_{model}"]) for k in keys) + " |")
-    lines.append("| student - teacher | " + " | ".join(diff(f[f"{k}_pretrain"], f[f"{k}_teacher"])
-                                                      for k in keys) + " |")
-    lines += ["", "Detector transfer on base classes, evaluated on all classes (box AP50)", "",
+    lines.append("| student - teacher | " + " | ".join(diff(k) for k in keys) + " |")
+    lines += ["", f"Detector transfer on base classes, evaluated on all classes (box AP50, the same "
+              f"{f['images'] or '?'} images)", "",
               "| initialised from | AP50 novel | AP50 base | AP50 all |", "|---|---:|---:|---:|"]
     keys = ("transfer_ap50_novel", "transfer_ap50_base", "transfer_ap50_all")
     for model in ("teacher", "pretrain"):
         lines.append(f"| {_INIT_NAMES[model]} | " + " | ".join(cell(f[f"{k}_{model}"]) for k in keys) + " |")
-    lines.append("| student - teacher | " + " | ".join(diff(f[f"{k}_pretrain"], f[f"{k}_teacher"])
-                                                      for k in keys) + " |")
+    lines.append("| student - teacher | " + " | ".join(diff(k) for k in keys) + " |")
+    bootstrap = summary.get("bootstrap")
+    if bootstrap:
+        lines += ["", f"[low, high]: 95% interval of the margin, a paired bootstrap over the images "
+                  f"({bootstrap['resamples']} draws, seed {bootstrap['seed']})"]
     return "\n".join(lines)
