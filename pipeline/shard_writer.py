@@ -7,7 +7,8 @@ The shard's Parquet holds every input row (an image and its captions), rejected 
 img2dataset's `status` words, a `reason` code and an `error_message` (pipeline/sidecars.py), so that
 rows in = samples written + rows rejected. Files are written under temporary names and renamed; the
 `_stats.json` marker (with img2dataset's `_stats.json` fields: count, successes, failed_to_download,
-..., and `dropped_captions`: why captions of images that kept others were dropped) is written last.
+..., `dropped_captions`: why captions of images that kept others were dropped, and `letterboxed`:
+written images padded with uniform bands, see looks_letterboxed) is written last.
 
 Only bad data becomes a rejected row: the errors caught are those of reading and decoding (FileRefused,
 OSError, EOFError, ImageError, UnicodeDecodeError); a MemoryError or KeyboardInterrupt stops the shard
@@ -79,7 +80,33 @@ def _caption_lines(raw_captions: list, max_chars: int) -> tuple[str, Counter]:
     return "\n".join(kept), dropped
 
 
-def _image_payload(image_ref: str, opt: ShardOptions) -> tuple[bytes, dict]:
+# Letterboxing (img2dataset's default `--resize_mode border` pads to a square with white): one pair of
+# opposite edges is a band of one colour, `BAND_ROWS` deep, within `BAND_TOLERANCE` per channel (JPEG
+# noise), while the other pair is not (an object on a plain background has all four edges plain).
+BAND_ROWS = 2
+BAND_TOLERANCE = 8
+
+
+def _one_colour(image, boxes) -> bool:
+    """Whether the pixels of every box (left, top, right, bottom) together hold a single colour."""
+    extrema = [image.crop(box).getextrema() for box in boxes]     # per box: ((min, max) per channel)
+    return all(max(e[c][1] for e in extrema) - min(e[c][0] for e in extrema) <= BAND_TOLERANCE
+               for c in range(len(extrema[0])))
+
+
+def looks_letterboxed(image) -> bool:
+    """An RGB image padded to its size with uniform bands on two opposite sides (a cheap check: four
+    strips of BAND_ROWS pixels along the edges)."""
+    w, h = image.size
+    if min(w, h) <= 4 * BAND_ROWS:
+        return False
+    rows = _one_colour(image, [(0, 0, w, BAND_ROWS), (0, h - BAND_ROWS, w, h)])
+    columns = _one_colour(image, [(0, 0, BAND_ROWS, h), (w - BAND_ROWS, 0, w, h)])
+    return rows != columns
+
+
+def _image_payload(image_ref: str, opt: ShardOptions) -> tuple[bytes, dict, bool]:
+    """The bytes to store, their sizes, and whether the image looks letterboxed."""
     try:
         data = read_image_bytes(image_ref, opt.files)
     except FileRefused as err:
@@ -100,7 +127,7 @@ def _image_payload(image_ref: str, opt: ShardOptions) -> tuple[bytes, dict]:
         payload = encode_jpeg(image, opt.jpeg_quality)
     ow, oh = decoded.original_size
     return payload, {"width": image.width, "height": image.height,
-                     "original_width": ow, "original_height": oh}
+                     "original_width": ow, "original_height": oh}, looks_letterboxed(image)
 
 
 def write_shard(shard_id: int, rows: pa.Table, opt: ShardOptions, stage_dir: StageDir,
@@ -108,6 +135,7 @@ def write_shard(shard_id: int, rows: pa.Table, opt: ShardOptions, stage_dir: Sta
     """Write `<shard>.tar`, `<shard>.parquet`, then `<shard>_stats.json`. Returns the stats."""
     started = time.time()
     records, reasons, dropped_captions = [], Counter(), Counter()
+    letterboxed = 0
     with atomic_path(tar_path) as tmp_tar:
         with open(tmp_tar, "wb") as stream, wds.TarWriter(stream, mtime=TAR_MTIME) as sink:
             for index, row in enumerate(rows.to_pylist()):
@@ -120,7 +148,7 @@ def write_shard(shard_id: int, rows: pa.Table, opt: ShardOptions, stage_dir: Sta
                     if row["error"]:
                         raise RowRejected(row["error"])
                     caption, dropped = _caption_lines(raw_captions, opt.max_caption_chars)
-                    payload, sizes = _image_payload(row["image_ref"], opt)
+                    payload, sizes, banded = _image_payload(row["image_ref"], opt)
                 except RowRejected as err:
                     message = str(err)
                     reason = message.split(":")[0]
@@ -129,6 +157,7 @@ def write_shard(shard_id: int, rows: pa.Table, opt: ShardOptions, stage_dir: Sta
                                     "status": failure_status(reason), "reason": reason, "error_message": message})
                     continue
                 dropped_captions.update(dropped)
+                letterboxed += banded
                 digest = hashlib.sha256(payload).hexdigest()
                 meta = {"key": key, "uid": rec["uid"], "source_id": row["source_id"], "url": row["image_ref"],
                         "caption": caption, "status": SUCCESS, "error_message": None, "sha256": digest, **sizes}
@@ -146,7 +175,8 @@ def write_shard(shard_id: int, rows: pa.Table, opt: ShardOptions, stage_dir: Sta
                          "status_dict": dict(sorted({SUCCESS: statuses[SUCCESS], **reasons}.items()))}
     return write_shard_stats(stage_dir, shard_id, fingerprint, counts, [tar_path, parquet_path],
                              extra={**img2dataset_stats,
-                                    "dropped_captions": dict(sorted(dropped_captions.items()))},
+                                    "dropped_captions": dict(sorted(dropped_captions.items())),
+                                    "letterboxed": letterboxed},
                              seconds=seconds)
 
 

@@ -6,12 +6,19 @@ shard as a Ray task. Shards already done under the same settings are skipped.
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections import Counter
 
 from pipeline.layout import RunLayout, synthetic_world
 from pipeline.ray_runtime import init_ray, run_tasks
 from pipeline.runner import Stage, StageRun
+
+log = logging.getLogger(__name__)
+
+# A written image that pretraining would enlarge more than this many times to reach its scale
+# (pretrain.min_size / max_size) is far below that scale: img2dataset's default 256 px under 800 is 3.1x.
+FAR_BELOW_SCALE = 2.0
 
 
 def reads(manifest) -> tuple[str, ...]:
@@ -77,7 +84,33 @@ def write_shards(run: StageRun) -> dict:
         raise CorpusError(f"corpus.path: {run.manifest.corpus.path!r}: none of its {rows.num_rows} rows was "
                           f"written ({', '.join(f'{r} {n}' for r, n in reasons.most_common())}); see the "
                           f"reason column of {layout.shards.root}/*.parquet")
-    return {**summary, "sizes": str(layout.sizes_json)}
+    return {**summary, "sizes": str(layout.sizes_json), "image_scale": check_image_scale(run, shard_ids)}
+
+
+def check_image_scale(run: StageRun, shard_ids: list[int]) -> dict:
+    """Counts of the written images that pretraining would enlarge more than FAR_BELOW_SCALE times and
+    of those that look letterboxed (pipeline.shard_writer.looks_letterboxed), with one warning when
+    either is most of them: a corpus downloaded with img2dataset's defaults (256 px, white borders)
+    would be trained on blown-up, padded images (docs/formats.md gives the download command)."""
+    from pipeline.sidecars import written_keys
+    from trainer.models.geometry import resize_scale
+
+    p, markers = run.manifest.pretrain, run.markers()
+    images = small = letterboxed = 0
+    for s in shard_ids:       # one shard's sizes at a time
+        for row in written_keys(run.layout.shards, s):
+            images += 1
+            small += resize_scale(row["width"], row["height"], p.min_size, p.max_size) > FAR_BELOW_SCALE
+        letterboxed += (markers.shard_stats(s) or {}).get("letterboxed", 0)
+    counts = {"images": images, "far_below_scale": small, "letterboxed": letterboxed}
+    if images and max(small, letterboxed) * 2 > images:
+        log.warning("shard: %d of %d images are far below the training scale (enlarged more than %gx to a "
+                    "short side of %d, long side at most %d: pretrain.min_size / max_size) and %d look "
+                    "letterboxed (uniform bands on two opposite sides). Regions of blown-up, padded images "
+                    "are not what the paper trained on: download the corpus at full size, e.g. img2dataset "
+                    "--resize_mode keep_ratio --image_size 800 --resize_only_if_bigger True (docs/formats.md, "
+                    "\"Downloading CC3M\")", small, images, FAR_BELOW_SCALE, p.min_size, p.max_size, letterboxed)
+    return counts
 
 
 def sizes_file(layout: RunLayout, manifest) -> list:

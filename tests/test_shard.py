@@ -1,7 +1,9 @@
 """The shard stage: every input format, hostile rows, WebDataset compatibility, reruns."""
 from __future__ import annotations
 
+import io
 import json
+import logging
 import tarfile
 from pathlib import Path
 
@@ -265,3 +267,50 @@ def test_every_shipped_manifest_validates():
         if path.name.startswith("ray-cluster"):
             continue
         assert load_manifest(path).name
+
+
+def letterboxed_jpeg(seed: int, size: int = 256) -> bytes:
+    """A photo as img2dataset's defaults store it (--resize_mode border): fitted into a size x size
+    square, padded with white bands above and below."""
+    photo = Image.open(io.BytesIO(jpeg_bytes(size, size * 3 // 5, seed=seed)))
+    square = Image.new("RGB", (size, size), (255, 255, 255))
+    square.paste(photo, (0, (size - photo.height) // 2))
+    buf = io.BytesIO()
+    square.save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def test_shard_warns_once_when_most_images_are_far_below_scale_or_letterboxed(ray_local, tmp_path, write_manifest,
+                                                                               caplog):
+    from pipeline.shard_writer import looks_letterboxed
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"boxed{i}.jpg").write_bytes(letterboxed_jpeg(seed=i))
+        (corpus / f"plain{i}.jpg").write_bytes(jpeg_bytes(300, 200, seed=10 + i))
+        for stem in (f"boxed{i}", f"plain{i}"):
+            (corpus / f"{stem}.txt").write_text("a dog on a sofa")
+    assert looks_letterboxed(Image.open(corpus / "boxed0.jpg").convert("RGB"))
+    assert not looks_letterboxed(Image.open(corpus / "plain0.jpg").convert("RGB"))
+
+    def shard_at(min_size: int, name: str):
+        m = write_manifest(f"""
+            corpus: {{format: folder, path: {corpus}}}
+            shard: {{samples_per_shard: 4}}
+            pretrain: {{min_size: {min_size}, max_size: {min_size * 5 // 3}}}
+        """, name=name)
+        m.output_dir = str(tmp_path / name)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="stages.shard"):
+            counts = shard.run(m)["image_scale"]
+        return counts, [r.getMessage() for r in caplog.records if "training scale" in r.getMessage()]
+
+    # At the paper's 800 px every image is enlarged 2.7x or more: one warning over both shards, with counts.
+    counts, warned = shard_at(800, "paper")
+    assert counts == {"images": 6, "far_below_scale": 6, "letterboxed": 3}
+    assert len(warned) == 1 and warned[0].startswith("shard: 6 of 6 images are far below") \
+        and "and 3 look letterboxed" in warned[0] and "--resize_mode keep_ratio" in warned[0]
+    # At 256 px none is far below, and 3 of 6 letterboxed is not most of them: no warning.
+    counts, warned = shard_at(256, "small")
+    assert counts == {"images": 6, "far_below_scale": 0, "letterboxed": 3} and warned == []
