@@ -302,24 +302,32 @@ def stopword_set(cfg) -> frozenset[str]:
 
 
 def build_pool(counts: Counter, cfg, vocabulary: Sequence[str] = (),
-               vocabulary_counts: Optional[Counter] = None) -> list[dict]:
+               vocabulary_counts: Optional[Counter] = None, pool: Optional[Sequence[str]] = None) -> list[dict]:
     """Concept rows {concept_id, name, count, source}: corpus nouns with count >= min_count (most
-    frequent first, ties by name), minus non-object nouns, at most max_concepts; then vocabulary names
-    not already in the pool (in their given order). ids are dense from 0 in that order."""
-    stop = stopword_set(cfg)
-    corpus = sorted(((n, c) for n, c in counts.items() if c >= cfg.min_count and n not in stop),
-                    key=lambda nc: (-nc[1], nc[0]))
-    if cfg.max_concepts is not None:
-        corpus = corpus[: cfg.max_concepts]
-    rows = [{"name": n, "count": int(c), "source": "corpus"} for n, c in corpus]
-    seen = {r["name"] for r in rows}
+    frequent first, ties by name), minus non-object nouns, at most max_concepts, or instead the names of
+    a given `pool` (read_pool_file) in their order, unfiltered; then vocabulary names not already in the
+    pool (in their given order). ids are dense from 0 in that order. `vocabulary_counts`: the caption
+    counts of multi-word names (count_phrases)."""
     vocabulary_counts = vocabulary_counts or Counter()
+
+    def count(name: str) -> int:
+        return int(counts.get(name, 0) if " " not in name else vocabulary_counts.get(name, 0))
+
+    if pool is not None:
+        rows = [{"name": n, "count": count(n), "source": "pool_file"} for n in pool]
+    else:
+        stop = stopword_set(cfg)
+        corpus = sorted(((n, c) for n, c in counts.items() if c >= cfg.min_count and n not in stop),
+                        key=lambda nc: (-nc[1], nc[0]))
+        if cfg.max_concepts is not None:
+            corpus = corpus[: cfg.max_concepts]
+        rows = [{"name": n, "count": int(c), "source": "corpus"} for n, c in corpus]
+    seen = {r["name"] for r in rows}
     for name in vocabulary:
         name = normalize_concept(name)
         if name and name not in seen:
             seen.add(name)
-            count = counts.get(name, 0) if " " not in name else vocabulary_counts.get(name, 0)
-            rows.append({"name": name, "count": int(count), "source": "vocabulary"})
+            rows.append({"name": name, "count": count(name), "source": "vocabulary"})
     for i, r in enumerate(rows):
         r["concept_id"] = i
     return rows
@@ -409,6 +417,36 @@ def read_vocabulary(spec: str, base: Optional[Path] = None) -> ClassList:
     if dupes:
         raise ValueError(f"{spec}: duplicate class names after clean-up: {', '.join(dupes[:10])}")
     return vocab
+
+
+# File suffixes of embedding files, which hold no names (the reference's pools are `.pth` tensors).
+_EMBEDDING_SUFFIXES = (".pth", ".pt", ".npy", ".npz", ".safetensors")
+
+
+def read_pool_file(path: Path) -> list[str]:
+    """A given concept pool (concepts.pool_file): one name per line, in pool order; blank lines and '#'
+    comments skipped. A line `name,count` gives its name: the reference's pool names files
+    (`{coco,googlecc}_nouns_<N>.txt`, beside the `.pth` embeddings of the same names) are written so,
+    and its get_cls_names reads the part before the first comma. Names are spelled as the pool spells
+    them (normalize_concept); a name given twice is refused with both line numbers."""
+    if path.suffix.lower() in _EMBEDDING_SUFFIXES:
+        raise ValueError(f"concepts.pool_file: {path} holds embeddings, not names; give the text file of the "
+                         "names, one per line (the reference's coco_nouns_4764_emb.pth is made from "
+                         "coco_nouns_4764.txt)")
+    if not path.is_file():
+        raise FileNotFoundError(f"concepts.pool_file: {path}: no such file")
+    names, line_of = [], {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        name = normalize_concept(line.split("#", 1)[0].split(",", 1)[0])
+        if not name:
+            continue
+        if name in line_of:
+            raise ValueError(f"concepts.pool_file: {path}:{number}: {name!r} is already on line {line_of[name]}")
+        line_of[name] = number
+        names.append(name)
+    if not names:
+        raise ValueError(f"concepts.pool_file: {path}: no concept names in it")
+    return names
 
 
 # -- per-shard work (Ray tasks) -------------------------------------------------------------------------

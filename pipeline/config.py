@@ -114,6 +114,11 @@ class ConceptsConfig(Section):
                                  "the built-in list)")
     vocabulary: Optional[str] = Field(None, description="class names merged into the pool: a text file, "
                                       "a COCO/LVIS JSON, or a comma list")
+    pool_file: Optional[str] = Field(None, description="a given concept pool instead of the corpus' frequent "
+                                     "nouns: a text file (relative to the manifest's folder) with one name per "
+                                     "line, in pool order (the reference's coco_nouns_4764.txt: lines "
+                                     "`name,count`); min_count, max_concepts and stopwords then do not apply, "
+                                     "vocabulary names not in it are appended")
     batch_size: int = Field(256, ge=1, description="captions per spaCy nlp.pipe batch (each parsed on its own)",
                             json_schema_extra=RUNTIME_ONLY)
 

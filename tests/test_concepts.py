@@ -64,6 +64,32 @@ def test_pool_min_count_max_concepts_stopwords_vocabulary():
     assert [r["name"] for r in capped] == ["dog", "ant"]       # ties by name: ant before cat
 
 
+def test_a_given_pool_is_kept_in_its_order_and_the_references_names_files_read(tmp_path):
+    from pipeline.concepts import read_pool_file
+
+    path = tmp_path / "coco_nouns_5.txt"        # the reference's lines: name,count (frequent first)
+    path.write_text("man,40\nPhoto,38\n\n# a comment\nhot_dog,3\nant,1\nzebra\n")
+    names = read_pool_file(path)
+    assert names == ["man", "photo", "hot dog", "ant", "zebra"]
+    counts = Counter({"dog": 5, "man": 4, "photo": 9, "ant": 1})
+    cfg = ConceptsConfig(min_count=3, stopwords=["ant"], max_concepts=1)   # none of them filters a given pool
+    pool = build_pool(counts, cfg, vocabulary=["dog", "man"], vocabulary_counts=Counter({"hot dog": 2}), pool=names)
+    assert [(r["concept_id"], r["name"], r["count"], r["source"]) for r in pool] == [
+        (0, "man", 4, "pool_file"), (1, "photo", 9, "pool_file"), (2, "hot dog", 2, "pool_file"),
+        (3, "ant", 1, "pool_file"), (4, "zebra", 0, "pool_file"), (5, "dog", 5, "vocabulary")]
+
+    path.write_text("dog\ncat\nDog,7\n")
+    with pytest.raises(ValueError, match=r"coco_nouns_5.txt:3: 'dog' is already on line 1"):
+        read_pool_file(path)
+    path.write_text("# nothing\n\n")
+    with pytest.raises(ValueError, match="no concept names"):
+        read_pool_file(path)
+    with pytest.raises(ValueError, match=r"holds embeddings, not names.*coco_nouns_4764.txt"):
+        read_pool_file(tmp_path / "coco_nouns_4764_emb.pth")
+    with pytest.raises(FileNotFoundError, match=r"concepts.pool_file: .*missing.txt: no such file"):
+        read_pool_file(tmp_path / "missing.txt")
+
+
 def test_matcher_names_pool_concepts_and_vocabulary_phrases():
     match = ConceptMatcher(["dog", "cat", "hot dog"])
     assert match(["cat", "dog", "cat", "bone"], "a cat, a dog and two hot dogs") == [1, 0, 2]
@@ -224,3 +250,41 @@ def test_a_kill_between_a_sidecar_and_its_marker_leaves_no_marker_naming_the_wro
     shutil.rmtree(layout.concepts.root)
     concepts.run(lower)
     assert rows == [pq.read_table(layout.caption_concepts.parquet(s)).to_pylist() for s in range(3)]
+
+
+def test_the_demo_pretrains_with_a_given_pool_file(ray_local, tmp_path):
+    """The demo's synthetic world with concepts.pool_file (relative to the manifest): the pool is the
+    file's names in its order, the captions' concept ids point into it, and embed embeds exactly it."""
+    import numpy as np
+
+    from pipeline.config import load_manifest
+    from stages import concepts, embed, shard, synth
+    from tests.conftest import REPO
+    from tests.detection_helpers import save_tiny_clip
+
+    (tmp_path / "pools").mkdir()
+    (tmp_path / "pools" / "nouns.txt").write_text("tree,120\nsun,80\napple,75\nsailing boat,3\nzebra,1\n")
+    teacher = save_tiny_clip(tmp_path / "teacher.pt")
+    manifest_path = tmp_path / "demo.yaml"
+    manifest_path.write_text((REPO / "manifests" / "demo.yaml").read_text())   # pool_file resolves beside it
+    m = load_manifest(manifest_path, [f"output_dir={tmp_path / 'run'}", "synth.num_images=24",
+                                      "synth.num_val_images=2", "shard.samples_per_shard=12",
+                                      "concepts.pool_file=pools/nouns.txt", f"teacher.checkpoint={teacher}",
+                                      "train_teacher.enabled=false", "ray.num_cpus=2"])
+    layout = RunLayout.of(m)
+    for stage in (synth, shard, concepts, embed):
+        stage.run(m)
+
+    names = ["tree", "sun", "apple", "sailing boat", "zebra"]
+    table = pq.read_table(layout.concepts_parquet).to_pydict()
+    assert table["name"] == names and table["concept_id"] == list(range(5))
+    assert set(table["source"]) == {"pool_file"}
+    captions = {}
+    for s in range(2):
+        for row in pq.read_table(layout.caption_concepts.parquet(s)).to_pylist():
+            captions.setdefault(row["key"], set()).update(names[i] for i in row["concept_ids"])
+    shards = [r for s in range(2) for r in pq.read_table(layout.shards.parquet(s)).to_pylist()]
+    text = {r["key"]: r["caption"].lower() for r in shards if r["status"] == "success"}
+    assert captions and all(name in text[key] for key, named in captions.items() for name in named)
+    assert sum(table["count"][:3]) > 0 and table["count"][4] == 0            # the world has no zebra
+    assert np.load(layout.concept_embeddings).shape[0] == len(names)
