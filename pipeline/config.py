@@ -14,6 +14,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
+from pipeline.images import DEFAULT_IMAGE_FORMATS, openable_formats
+
 
 class ManifestError(ValueError):
     """A run manifest that cannot be used; the message names the field and the fix."""
@@ -101,6 +103,21 @@ class ShardConfig(Section):
     min_side: int = Field(8, ge=1, description="smaller images are rejected")
     jpeg_quality: int = Field(95, ge=1, le=100)
     max_caption_chars: int = Field(2000, ge=1)
+    image_formats: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_IMAGE_FORMATS), description="the only formats PIL opens (its "
+        "names: JPEG, PNG, WEBP, GIF, BMP, TIFF, AVIF, ...); any other file is a rejected row `not_an_image`. "
+        "The default holds what web caption corpora hold; each added format is more decoder code facing "
+        "untrusted bytes")
+
+    @field_validator("image_formats")
+    @classmethod
+    def _known_formats(cls, value):
+        names = [str(name).upper() for name in value]
+        unknown = sorted(set(names) - set(openable_formats()))
+        if unknown or not names:
+            raise ValueError(f"{', '.join(unknown) or 'an empty list'}: name formats this PIL opens: "
+                             f"{', '.join(openable_formats())}")
+        return list(dict.fromkeys(names))
 
 
 class ConceptsConfig(Section):

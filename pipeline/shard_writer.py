@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import webdataset as wds
 
-from pipeline.images import ImageError, decode_image, encode_jpeg, resize_max_side
+from pipeline.images import DEFAULT_IMAGE_FORMATS, ImageError, decode_image, encode_jpeg
 from pipeline.io import FileRefused, atomic_path
 from pipeline.layout import StageDir, sample_key
 from pipeline.readers import CorpusFiles, read_image_bytes
@@ -43,6 +43,7 @@ class ShardOptions:
     max_caption_chars: int
     key_digits: int
     files: CorpusFiles          # where image files may be read from, and how much of each
+    image_formats: tuple = DEFAULT_IMAGE_FORMATS   # the formats PIL may open (shard.image_formats)
 
 
 class RowRejected(Exception):
@@ -65,7 +66,7 @@ def _caption_text(raw: bytes, max_chars: int) -> str:
 def _caption_lines(raw_captions: list, max_chars: int) -> tuple[str, Counter]:
     """The usable captions of a row, one per line, without repeats, and the reasons the others were
     dropped; RowRejected (the first reason) when none is usable."""
-    kept, dropped, first = [], Counter(), None
+    kept, dropped, first = {}, Counter(), None      # a dict: ordered, and a repeat is found in O(1)
     for raw in raw_captions or [b""]:
         try:
             text = _caption_text(raw or b"", max_chars)
@@ -73,8 +74,7 @@ def _caption_lines(raw_captions: list, max_chars: int) -> tuple[str, Counter]:
             first = first or err
             dropped[str(err).split(":")[0]] += 1
             continue
-        if text not in kept:
-            kept.append(text)
+        kept.setdefault(text, None)
     if not kept:
         raise first
     return "\n".join(kept), dropped
@@ -116,12 +116,14 @@ def _image_payload(image_ref: str, opt: ShardOptions) -> tuple[bytes, dict, bool
     except (EOFError, OSError) as err:
         raise RowRejected(f"read_error: {err}") from None
     try:
-        decoded = decode_image(data, opt.max_pixels, opt.min_side)
+        # min_side applies to the image as stored, after the resize to max_side
+        decoded = decode_image(data, opt.max_pixels, opt.min_side, max_side=opt.max_side,
+                               formats=opt.image_formats)
     except ImageError as err:
         raise RowRejected(str(err)) from None
-    image = resize_max_side(decoded.image, opt.max_side)
+    image = decoded.image
     # Keep the original bytes when they already are the RGB JPEG we would store (no quality loss).
-    if image is decoded.image and not decoded.needs_reencode:
+    if not decoded.needs_reencode:
         payload = data
     else:
         payload = encode_jpeg(image, opt.jpeg_quality)

@@ -48,7 +48,8 @@ def shard_options(manifest):
     cfg = manifest.shard
     return ShardOptions(max_side=cfg.max_side, max_pixels=cfg.max_pixels, min_side=cfg.min_side,
                         jpeg_quality=cfg.jpeg_quality, max_caption_chars=cfg.max_caption_chars,
-                        key_digits=max(4, len(str(cfg.samples_per_shard - 1))), files=corpus_files(manifest))
+                        key_digits=max(4, len(str(cfg.samples_per_shard - 1))), files=corpus_files(manifest),
+                        image_formats=tuple(cfg.image_formats))
 
 
 def shards_done(run: StageRun) -> bool:
