@@ -9,7 +9,8 @@ Two parsers (``concepts.parser``):
   the ``spacy-lookups-data`` tables (WordNet's noun/verb/adjective/adverb word lists, lemma rules and
   exceptions). A word is a noun candidate when it (or its rule lemma) is in the noun list; words that
   are also verbs or adjectives are decided by the neighbouring words (a determiner or number before
-  -> noun; a noun before and a verb form -> verb; an adjective directly before a noun -> modifier).
+  -> noun; a noun before and a verb form -> verb; an adjective directly before a noun -> modifier) and,
+  where the neighbours do not decide, by the class of the word's Brown cluster (word priors below).
   No statistical tagger: lower precision on real captions (see docs/concepts.md for figures).
 
 ``auto`` picks the trained pipeline when ``spacy.util.is_package(spacy_model)`` and the lookups
@@ -33,7 +34,7 @@ from typing import Iterable, Optional, Sequence
 from pipeline.sidecars import read_caption_nouns, shard_captions, write_caption_concepts, write_caption_nouns
 
 # Bump when extraction changes, so cached per-shard nouns are recomputed.
-EXTRACTOR_VERSION = 1
+EXTRACTOR_VERSION = 2
 
 # Nouns that name no object: picture types, layout words, quantities, time. Captions of web images
 # (CC3M) are full of them. `concepts.stopwords` adds to this list.
@@ -54,7 +55,12 @@ few any each every no one two three four five six seven eight nine ten eleven tw
 _SINGULAR_DETERMINERS = frozenset("a an the this that one each every 's his her its my your our their".split())
 _PREPOSITIONS = frozenset("""in on at of with near under over above below behind beside besides between
 among into onto from by for to against along across around through inside outside beneath
-without within upon via and or""".split())
+without within upon via and or past toward towards beyond throughout amid amidst atop underneath
+alongside during""".split())
+# Particles and object pronouns: a verb form directly before one has an object or a particle
+# ("holding a cup", "taking off", "hugging him"), so it is a verb there, not a noun.
+_PARTICLES = frozenset("up down off out away back".split())
+_OBJECT_PRONOUNS = frozenset("him her them it me us you himself herself themselves itself".split())
 _SUBJECT_PRONOUNS = frozenset("he she it they we i you who which that".split())
 _BE_WORDS = frozenset("is are was were be been being am 's 're can will may might could would "
                       "should does do did has have had to".split())
@@ -114,6 +120,80 @@ def _rule_lemma(word: str, pos: str, tables: dict) -> Optional[str]:
     return None
 
 
+# -- word-class priors from word clusters -------------------------------------------------------------
+#
+# Context decides most words ("a dog", "is running", "red apple"), but not all: "walking along the
+# beach", "actor poses on the carpet", "a wedding cake" against "a smiling sun". Where context is
+# silent the tagger asks which class a word's distributional neighbours are: spacy-lookups-data's
+# Brown clusters (en_lexeme_cluster: words used alike in a large web corpus share a cluster) hold
+# "walking" with "running, playing, eating" (verbs) and "wedding" with "dog, house, birthday" (nouns).
+# Loading the cluster table takes seconds and about a gigabyte, so the priors it gives are derived
+# once (`build_word_priors`) into a small table shipped with the package.
+
+WORD_PRIORS = Path(__file__).with_name("data") / "en_word_priors.tsv.gz"
+_NOUN_SHARE = 0.7        # a cluster votes noun at >= 70% nouns among its one-reading members, not-noun at <= 30%
+_CLUSTER_MIN_VOTES = 4   # members with one reading a cluster needs to vote; fewer: its parent cluster votes
+
+
+def _cluster_parent(cluster: int) -> int:
+    """The enclosing Brown cluster: spaCy stores a cluster's bit path reversed as an int, so the last
+    step of the path is the highest bit."""
+    return cluster & ~(1 << (cluster.bit_length() - 1))
+
+
+def build_word_priors(out: Path = WORD_PRIORS) -> dict[str, str]:
+    """Derive the word-class priors from the installed spacy-lookups-data and write them to `out`
+    (gzipped TSV `word<TAB>noun|verb|adj`). A cluster's vote: the class of its members that WordNet
+    gives one reading only (noun, verb or adjective), a noun at >= 70% nouns, else the larger of verb
+    and adjective at <= 30% nouns, else none. Written for each word with a noun reading and another
+    one ("walking", "poses", "wedding"). Rebuild with `python -c "from pipeline.concepts import build_word_priors as b; b()"`."""
+    import spacy_lookups_data
+
+    from pipeline.io import write_bytes
+
+    folder = Path(spacy_lookups_data.__file__).parent / "data"
+    with gzip.open(folder / "en_lexeme_cluster.json.gz", "rt", encoding="utf-8") as f:
+        clusters = {w: c for w, c in json.load(f).items() if c and re.fullmatch(r"[a-z]+", w)}
+    tables = _lookup_tables()
+    readings = {w: [pos for pos in ("noun", "verb", "adj") if _rule_lemma(w, pos, tables)] for w in clusters}
+    votes: dict[int, Counter] = {}
+    for word, cluster in clusters.items():
+        if len(readings[word]) == 1:
+            votes.setdefault(cluster, Counter())[readings[word][0]] += 1
+
+    def vote(cluster: int) -> Optional[str]:
+        while cluster:
+            counts = votes.get(cluster, Counter())
+            total = sum(counts.values())
+            if total >= _CLUSTER_MIN_VOTES:
+                if counts["noun"] >= _NOUN_SHARE * total:
+                    return "noun"
+                if counts["noun"] <= (1 - _NOUN_SHARE) * total:
+                    return "verb" if counts["verb"] >= counts["adj"] else "adj"
+                return None
+            cluster = _cluster_parent(cluster)
+        return None
+
+    priors = {}
+    for word in sorted(clusters):
+        if "noun" not in readings[word]:
+            continue
+        role = vote(clusters[word])
+        if role is not None and len(readings[word]) > 1:
+            priors[word] = role
+    version = getattr(spacy_lookups_data, "__version__", "?")
+    lines = [f"# word-class priors from spacy-lookups-data {version} (pipeline.concepts.build_word_priors)"]
+    lines += [f"{w}\t{r}" for w, r in priors.items()]
+    write_bytes(Path(out), gzip.compress(("\n".join(lines) + "\n").encode("utf-8"), mtime=0))
+    return priors
+
+
+@lru_cache(maxsize=1)
+def _word_priors() -> dict[str, str]:
+    with gzip.open(WORD_PRIORS, "rt", encoding="utf-8") as f:
+        return dict(line.rstrip("\n").split("\t") for line in f if not line.startswith("#"))
+
+
 @dataclass
 class _Word:
     text: str                      # lower case
@@ -122,15 +202,29 @@ class _Word:
     adj: bool = False
     adv: bool = False
     function: bool = False         # stop word, number, punctuation
+    prior: Optional[str] = None    # what the word's cluster mostly is: noun, verb, adj (None: undecided)
+    unknown: bool = False          # in no WordNet list ("smartphone"): `noun` holds a guessed lemma
+
+    @property
+    def participle(self) -> bool:
+        """An -ing or -ed form of a verb ("walking", "parked"), whether or not WordNet lists it as a noun."""
+        return self.verb and self.text.endswith(("ing", "ed"))
+
+    @property
+    def inflected(self) -> bool:
+        """A plural noun form ("dogs", "children")."""
+        return self.noun is not None and self.text != self.noun
 
 
 class LookupsTagger:
-    """Noun lemmas of a tokenized caption from WordNet word lists and neighbour rules (no model)."""
+    """Noun lemmas of a tokenized caption from WordNet word lists, neighbour rules and, where the
+    neighbours do not decide, the word's cluster prior (no model)."""
 
     def __init__(self):
         from spacy.lang.en.stop_words import STOP_WORDS
 
         self.tables = _lookup_tables()
+        self.priors = _word_priors()
         self.stop = frozenset(STOP_WORDS) | _DETERMINERS | _PREPOSITIONS | _BE_WORDS
         self._cache: dict[str, _Word] = {}
 
@@ -147,6 +241,11 @@ class LookupsTagger:
             w.verb = _rule_lemma(text, "verb", t) is not None
             w.adj = _rule_lemma(text, "adj", t) is not None
             w.adv = _rule_lemma(text, "adv", t) is not None
+            w.prior = self.priors.get(text)
+            if w.noun is None and not (w.verb or w.adj or w.adv) and "-" not in text:
+                w.unknown = True                         # a newer word or a name: a noun only where placed as one
+                lemma = t["lookup"].get(text, text)
+                w.noun = lemma[:-1] if lemma == text and text.endswith("s") and not text.endswith("ss") else lemma
         if len(self._cache) < 200_000:
             self._cache[text] = w
         return w
@@ -154,16 +253,29 @@ class LookupsTagger:
     def nouns(self, tokens: Sequence[str]) -> list[str]:
         words = [self.word(t.lower()) for t in tokens]
         # Per word: "noun"; "mod" (a noun-or-adjective modifying the next noun); "adj" (an
-        # adjective-only word); "other".
+        # adjective-only word); "verb" (a verb form that takes an object or a particle); "other".
+        acting = [self._acts_as_verb(words, i) for i in range(len(words))]
         tags: list[str] = []
         for i in range(len(words)):
-            tags.append(self.tag(words, tags, i))
+            tags.append("verb" if acting[i] else self.tag(words, tags, i, acting))
         return [w.noun for w, tag in zip(words, tags) if tag == "noun"]
 
     @staticmethod
-    def _reaches_noun(words: list[_Word], j: int) -> Optional[int]:
+    def _acts_as_verb(words: list[_Word], i: int) -> bool:
+        """A participle, or a word whose cluster is verbs, directly followed by a determiner, an object
+        pronoun or a particle, with no determiner before it: "holding a cup", "taking off", "reads a
+        book", but not "the painting a child made"."""
+        w = words[i]
+        if not (w.participle or (w.verb and w.prior == "verb")) or i + 1 >= len(words):
+            return False
+        nxt = words[i + 1].text
+        after_determiner = i > 0 and words[i - 1].text in _DETERMINERS
+        return not after_determiner and (nxt in _DETERMINERS or nxt in _OBJECT_PRONOUNS or nxt in _PARTICLES)
+
+    @staticmethod
+    def _reaches_noun(words: list[_Word], j: int, acting: Sequence[bool]) -> Optional[int]:
         """The index of the noun if words[j:] start with adjectives then a noun ("shiny car"), else None."""
-        while j < len(words) and not words[j].function:
+        while j < len(words) and not words[j].function and not acting[j]:
             if words[j].noun is not None and not words[j].adj:
                 return j
             if not words[j].adj:
@@ -173,59 +285,69 @@ class LookupsTagger:
             j += 1
         return None
 
-    def tag(self, words: list[_Word], tags: list[str], i: int) -> str:
+    def tag(self, words: list[_Word], tags: list[str], i: int, acting: Sequence[bool]) -> str:
         w = words[i]
+        prev = words[i - 1] if i > 0 else None
+        prev_tag = tags[i - 1] if i > 0 else None
         if w.function:
             return "other"
+        if w.unknown:                                     # "a smartphone", "her new hoodie"
+            placed = prev is not None and (prev.text in _DETERMINERS or prev.text.isdigit()
+                                           or prev_tag in ("mod", "adj"))
+            return "noun" if placed else "other"
         if w.noun is None:
             return "adj" if w.adj else "other"
         if not (w.verb or w.adj or w.adv):
             return "noun"                                 # only ever a noun
-        prev = words[i - 1] if i > 0 else None
-        prev_tag = tags[i - 1] if i > 0 else None
         before = words[i - 2].text if i >= 2 else ""
         nxt = words[i + 1] if i + 1 < len(words) else None
+        phrase_ends = nxt is None or nxt.function
         if w.adv and w.text.endswith("ly"):
             return "other"
-        if w.adj and self._reaches_noun(words, i + 1) is not None:
+        if w.adj and self._reaches_noun(words, i + 1, acting) is not None:
             return "mod"                                  # "red apple", "blue shiny car": a modifier
-        head = (self._reaches_noun(words, i + 2) if w.adj and nxt is not None and nxt.text in ("and", "or")
+        head = (self._reaches_noun(words, i + 2, acting) if w.adj and nxt is not None and nxt.text in ("and", "or")
                 and prev_tag not in ("mod", "adj") else None)
         if head is not None and not (prev is not None and prev.text in ("a", "an", "one")
                                      and words[head].text != words[head].noun):
             return "mod"                                  # "red and blue kite", not "a star and blue lines"
-        if (w.verb and w.text.endswith("ing") and nxt is not None and not nxt.function
-                and nxt.noun is not None):
-            return "mod"                                  # "sailing boat", "smiling sun"
-        if w.verb and w.text.endswith(("ing", "ed")) and nxt is not None and nxt.adv and nxt.noun is None:
+        if w.verb and w.text.endswith("ing") and nxt is not None and not nxt.function and nxt.noun is not None:
+            # "sailing boat", "smiling sun"; but "wedding cake", "swimming pool" (noun compounds)
+            return "noun" if w.prior == "noun" else "mod"
+        if w.participle and nxt is not None and nxt.adv and nxt.noun is None:
             return "other"                                # "running quickly"
         if prev is None:
-            return "noun"
+            # "walking along the beach" (a verb-like word alone), but "stop sign" (a compound)
+            return "other" if w.prior in ("verb", "adj") and phrase_ends else "noun"
         if prev.text == "'s" and i >= 2 and tags[i - 2] == "noun":
             return "noun"                                 # possessive: "a dog's bone"
         if prev.text == "to" and before in ("next", "close", "up", "due"):
             return "noun"                                 # "next to bottles"
         if prev.text in _BE_WORDS and (w.verb or w.adj):
             return "other"                                # "is running", "are white", "to sign"
-        if prev.text in _DETERMINERS or prev.text.isdigit() or prev.text in _PREPOSITIONS:
-            return "noun"                                 # "a dog", "two runs", "with apples"
+        if prev.text in _DETERMINERS or prev.text.isdigit():
+            return "noun"                                 # "a dog", "two runs"
+        if prev.text in _PREPOSITIONS:
+            # "with apples", "in the rain"; a gerund after one is an action: "for walking"
+            return "other" if w.participle and w.prior != "noun" else "noun"
         if prev_tag in ("mod", "adj"):
             return "noun"                                 # the head of "white building"
         if w.verb and prev.text in _SUBJECT_PRONOUNS:
             return "other"                                # "he signs"
         if w.verb and prev_tag == "noun":
-            # "a man rides", "dogs running"; but "stop sign", "two glass bottles" (compounds).
-            if w.text.endswith(("ing", "ed")):
+            # "a man rides", "dogs running", "dogs run"; but "stop sign", "two glass bottles" (compounds).
+            if w.participle:
                 return "other"
-            inflected = w.text != w.noun and w.text.endswith("s")
-            if inflected and before in _SINGULAR_DETERMINERS:
-                return "other"
+            if prev.inflected and w.text == w.noun:
+                return "other"                            # a plural subject and a bare verb: "waves crash"
+            if w.inflected and w.text.endswith("s") and (before in _SINGULAR_DETERMINERS or w.prior == "verb"):
+                return "other"                            # "a man rides", "actor poses"
             return "noun"
-        if w.verb and w.text.endswith(("ing", "ed")) and w.text != w.noun:
+        if w.participle and (w.text != w.noun or w.prior != "noun"):
+            return "other"                                # "while walking", "and looking"
+        if w.adj and not w.verb and not phrase_ends and w.prior != "noun":
             return "other"
-        if w.adj and not w.verb and nxt is not None and not nxt.function:
-            return "other"
-        return "noun"
+        return "other" if w.prior in ("verb", "adj") and phrase_ends else "noun"
 
 
 # -- parsers ----------------------------------------------------------------------------------------
