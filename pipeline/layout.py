@@ -197,6 +197,11 @@ class RunLayout:
         return self.checkpoints("transfer") / f"last_{init}.pt"
 
     @property
+    def transfer_train_proposals(self) -> Path:
+        """transfer's RPN proposals for its training images (kept while current: a restart reuses them)."""
+        return self.checkpoints("transfer") / "train_proposals.parquet"
+
+    @property
     def labels_codec(self) -> Path:
         """The label stage's codec description (and files named beside it, e.g. a PQ codebook)."""
         return self.labels.root / "codec.json"

@@ -11,6 +11,7 @@ and the one reader of shard tars.
 | `proposals/NNNNN.parquet` | `PROPOSALS_SCHEMA` | `write_proposals`, `proposals_writer` (batch by batch) | `read_proposals`, `iter_proposals` (streamed), `ShardSidecarReader` (by key) |
 | `labels/NNNNN.parquet` | `labels_schema(store_flipped)` | `write_labels`, `labels_writer` (batch by batch) | `read_labels` (a table), `read_region_labels`, `ShardSidecarReader` (by key) |
 | `labels/regions.parquet` | `REGION_IDS_SCHEMA` | `write_region_ids` | `read_region_ids` |
+| `checkpoints/transfer/train_proposals.parquet` | `DETECTION_PROPOSALS_SCHEMA` (+ fingerprint) | `detection_proposals_writer` (image by image) | `detection_proposals_fingerprint`, `iter_detection_proposals` (streamed) |
 
 Per-shard sidecars (docs/formats.md) have one Parquet file per shard and one row per *written* key of
 that shard (shard Parquet rows with status `success`), in the shard's order; the caption sidecars
@@ -458,6 +459,81 @@ def iter_proposals(stage_dir: StageDir, shard_id: int, batch_rows: int = 256) ->
     path = stage_dir.parquet(shard_id)
     for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
         yield from _checked_proposals(path, pa.Table.from_batches([batch]), False)
+
+
+# -- a detection set's proposals (transfer's training images) ----------------------------------------------
+
+# One row per image of a COCO-format set, by its image id; boxes as in PROPOSALS_SCHEMA (float32 x1,y1,x2,y2 in
+# the image's pixels, flattened, ordered by objectness). The fingerprint of what made them (the RPN, its
+# settings, the annotations) is in the file's metadata, so a reader can tell whether they are still current.
+DETECTION_PROPOSALS_SCHEMA = pa.schema([
+    ("image_id", pa.int64()), ("num_boxes", pa.int32()),
+    ("boxes", pa.list_(pa.float32())), ("objectness", pa.list_(pa.float32())),
+])
+FINGERPRINT_METADATA_KEY = b"regionclip.fingerprint"
+
+
+@contextlib.contextmanager
+def detection_proposals_writer(path: str | os.PathLike, fingerprint: str) -> Iterator:
+    """`write(image_id, boxes [N, 4], objectness [N])` image by image into a detection set's proposals file
+    carrying `fingerprint`; rows are written in row groups of about KEYED_ROW_GROUP_BYTES (memory holds
+    one), and the file appears under its name only when the block ends without an error."""
+    schema = DETECTION_PROPOSALS_SCHEMA.with_metadata({FINGERPRINT_METADATA_KEY: fingerprint.encode()})
+    rows: list[tuple[int, np.ndarray, np.ndarray]] = []
+    held = 0
+
+    with parquet_writer(path, schema) as writer:
+        def flush() -> None:
+            nonlocal held
+            if rows:
+                writer.write_table(pa.table({
+                    "image_id": pa.array([r[0] for r in rows], pa.int64()),
+                    "num_boxes": pa.array([len(r[2]) for r in rows], pa.int32()),
+                    "boxes": pa.array([r[1].reshape(-1) for r in rows], pa.list_(pa.float32())),
+                    "objectness": pa.array([r[2] for r in rows], pa.list_(pa.float32())),
+                }, schema=schema))
+            rows.clear()
+            held = 0
+
+        def write(image_id: int, boxes, objectness) -> None:
+            nonlocal held
+            b = np.ascontiguousarray(boxes, np.float32).reshape(-1, 4)
+            o = np.ascontiguousarray(objectness, np.float32).reshape(-1)
+            if len(b) != len(o):
+                raise ValueError(f"image {image_id}: {len(b)} boxes but {len(o)} objectness scores")
+            rows.append((int(image_id), b, o))
+            held += b.nbytes + o.nbytes
+            if held >= KEYED_ROW_GROUP_BYTES:
+                flush()
+
+        yield write
+        flush()
+
+
+def detection_proposals_fingerprint(path: str | os.PathLike) -> Optional[str]:
+    """The fingerprint a detection proposals file was written with; None when there is no such file or it
+    is not one (a cut-off or foreign file)."""
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowException):
+        return None
+    value = metadata.get(FINGERPRINT_METADATA_KEY)
+    return value.decode() if value is not None else None
+
+
+def iter_detection_proposals(path: str | os.PathLike, batch_rows: int = 256) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(image id, boxes [N, 4] float32, objectness [N] float32) per row of a detection proposals file, read
+    `batch_rows` rows at a time (memory does not grow with the set). A damaged row is a ValueError naming
+    the file and the image."""
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
+        table = pa.Table.from_batches([batch])
+        for image_id, n, boxes, objectness in zip(table["image_id"].to_pylist(), table["num_boxes"].to_pylist(),
+                                                  _list_rows(table, "boxes", np.float32),
+                                                  _list_rows(table, "objectness", np.float32)):
+            if (image_id is None or n is None or boxes is None or objectness is None
+                    or boxes.size != 4 * n or objectness.size != n):
+                raise ValueError(f"{path}: image {image_id}: boxes are not {n} x1,y1,x2,y2 rows with a score each")
+            yield int(image_id), boxes.reshape(n, 4), objectness
 
 
 # -- labels ------------------------------------------------------------------------------------------

@@ -3,7 +3,10 @@
     data      transfer.annotations (default: the synthetic world's instances_train.json, base boxes only)
     classes   the base categories of that file, embedded by the teacher's text encoder (81 templates)
     proposals the frozen class-agnostic RPN of transfer.rpn_checkpoint (one trained on the base classes
-              only; null: proposals.checkpoint or train-rpn's output), computed once
+              only; null: proposals.checkpoint or train-rpn's output), computed once into
+              checkpoints/transfer/train_proposals.parquet and reused by every later start (a resume after
+              a kill, another init, other training settings) while the RPN, its settings and the
+              annotations are the same
     init      each of transfer.init: `pretrain` (the student, checkpoints/pretrain/student.pt) and/or
               `teacher` (the plain CLIP: the baseline)
     output    checkpoints/transfer/detector_<init>.pt  (trainer.models.detector.build_detector loads it)
@@ -46,6 +49,7 @@ def data_models_and_tests(run: StageRun) -> dict:
             "ensemble": manifest.embed.ensemble,
             "test": {"min_size": e.min_size, "max_size": e.max_size, "score_threshold": e.score_threshold,
                      "detections_per_image": e.detections_per_image, "soft_nms_sigma": e.soft_nms_sigma,
+                     "soft_nms_prune": e.soft_nms_prune,
                      "multiply_rpn_score": e.multiply_rpn_score, "objectness": e.objectness},
             "annotations": sha256_file(annotation_file(manifest, "train")),
             "rpn_checkpoint": sha256_file(rpn) if rpn.is_file() else "missing",
@@ -69,6 +73,14 @@ def _todo(run: StageRun) -> list[str]:
                     and run.layout.transfer_checkpoint(i).is_file())]
 
 
+def train_proposals_fingerprint(run: StageRun, rpn_settings: dict) -> str:
+    """What the training images' proposals depend on: the RPN's checkpoint (content), the settings it
+    proposes with (the keywords of its `propose`), the annotation file (content) and the images' folder."""
+    return fingerprint_of("transfer-train-proposals", {
+        "rpn_checkpoint": run.settings["rpn_checkpoint"], "rpn": rpn_settings,
+        "annotations": run.settings["annotations"], "images_root": run.manifest.transfer.images_root}, {})
+
+
 def detectors_done(run: StageRun) -> bool:
     return not _todo(run)
 
@@ -83,7 +95,7 @@ def transfer(run: StageRun) -> dict:
                                 detection_images, load_frozen_rpn, load_teacher_clip, rpn_inference,
                                 train_settings)
     from trainer.engine.loop import TrainFiles
-    from trainer.tasks.transfer import compute_proposals, rpn_proposal_fn, train_detector
+    from trainer.tasks.transfer import compute_proposals, load_proposals, rpn_proposal_fn, train_detector
 
     manifest, layout = run.manifest, run.layout
     cfg = manifest.transfer
@@ -105,12 +117,19 @@ def transfer(run: StageRun) -> dict:
     image_ids = data.image_ids_with_boxes(vocab)
     print(f"transfer: {len(image_ids)} training images, {len(vocab)} base classes "
           f"({', '.join(vocab.names[:8])}{', ...' if len(vocab) > 8 else ''}); inits {', '.join(todo)}")
-    rpn = load_frozen_rpn(manifest, "transfer", device)
-    propose = rpn_proposal_fn(rpn, **rpn_inference(manifest, "transfer", training=True))
+    rpn_settings = rpn_inference(manifest, "transfer", training=True)
+    kept, fingerprint = layout.transfer_train_proposals, train_proposals_fingerprint(run, rpn_settings)
     t0 = time.time()
-    proposals = compute_proposals(propose, data, image_ids, desc="train proposals", folder=run.stage_dir.root)
+    proposals = load_proposals(kept, fingerprint, image_ids, folder=run.stage_dir.root)
+    reused = proposals is not None
+    if reused:
+        print(f"transfer: the training proposals of {kept} are current (same RPN, settings and annotations)")
+    else:
+        rpn = load_frozen_rpn(manifest, "transfer", device)
+        proposals = compute_proposals(rpn_proposal_fn(rpn, **rpn_settings), data, image_ids, desc="train proposals",
+                                      folder=run.stage_dir.root, keep=kept, fingerprint=fingerprint)
+        del rpn
     proposal_seconds = round(time.time() - t0, 2)
-    del rpn
     for init in todo:
         torch.manual_seed(cfg.seed)
         checkpoint = clip_checkpoint(manifest, init)
@@ -130,7 +149,8 @@ def transfer(run: StageRun) -> dict:
                            "init_checkpoint": str(checkpoint), "seconds": report["seconds"],
                            "final_losses": report["final"], "loss_history": report["loss_history"]}
     return {"detectors": detectors, "train_images": len(image_ids), "classes": list(vocab.names),
-            "proposal_seconds": proposal_seconds, "device": str(device),
+            "proposal_seconds": proposal_seconds, "train_proposals": "reused" if reused else "computed",
+            "device": str(device),
             "total_seconds": round(time.time() - started, 2)}
 
 

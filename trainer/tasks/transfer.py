@@ -6,7 +6,10 @@ Proposals come from a frozen class-agnostic RPN and do not depend on the detecto
 computed once per image (at the RPN's own input size, unflipped) into a `ProposalStore`: float32 rows
 in an unnamed temporary file, read back per image, so memory holds 8 bytes per image rather than
 proposals_per_image x 20 bytes (2.4 GB for COCO train2017 at 1000 proposals). A flipped image gets its
-proposals mirrored. The GT boxes are added to the proposals in training.
+proposals mirrored. The GT boxes are added to the proposals in training. `compute_proposals` can also
+keep them in a Parquet file under a fingerprint (pipeline/sidecars.py, written as they are computed, renamed
+into place at the end), which `load_proposals` reads back into a store while the fingerprint is current,
+instead of running the RPN over the training set again.
 
 Training images are read from disk per step by a DataLoader over the seeded training order
 (`TrainSettings.num_workers` processes read ahead; 0 reads in the training process); memory holds the
@@ -14,6 +17,8 @@ images in flight, never the training set.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import random
 import tempfile
@@ -33,6 +38,8 @@ from trainer.engine.loop import TrainFiles, TrainingInterrupted, TrainLoop
 from trainer.engine.schedules import WarmupMultiStep
 from trainer.evaluation import to_coco_results
 from trainer.models.detector import OpenVocabDetector
+
+log = logging.getLogger(__name__)
 
 # images (float [3, H, W] in 0..1) -> per image (boxes [N, 4] original pixels, objectness logits [N])
 BatchProposalFn = Callable[[list], list]
@@ -98,18 +105,45 @@ class ProposalStore:
 
 def compute_proposals(propose: BatchProposalFn, data: DetectionSet, image_ids: Sequence[int],
                       batch_size: int = 8, progress: bool = True, desc: str = "proposals",
-                      folder: Optional[os.PathLike] = None) -> ProposalStore:
+                      folder: Optional[os.PathLike] = None, keep: Optional[os.PathLike] = None,
+                      fingerprint: str = "") -> ProposalStore:
     """The proposals of `image_ids` (see ProposalStore; its file goes in `folder`, default the system's
-    temporary folder)."""
+    temporary folder). `keep`: also write them to this Parquet file under `fingerprint`, for `load_proposals`."""
+    from pipeline.sidecars import detection_proposals_writer
+
     store = ProposalStore(folder)
     ids = list(image_ids)
-    for start in tqdm(range(0, len(ids), batch_size), desc=desc, unit="batch", disable=not progress,
-                      dynamic_ncols=True, mininterval=2.0):
-        chunk = ids[start:start + batch_size]
-        images = [data.load_image(data.image_by_id[i]) for i in chunk]
-        for image_id, (boxes, obj) in zip(chunk, propose(images)):
-            store.add(image_id, boxes, obj)
+    with (detection_proposals_writer(keep, fingerprint) if keep else contextlib.nullcontext()) as write:
+        for start in tqdm(range(0, len(ids), batch_size), desc=desc, unit="batch", disable=not progress,
+                          dynamic_ncols=True, mininterval=2.0):
+            chunk = ids[start:start + batch_size]
+            images = [data.load_image(data.image_by_id[i]) for i in chunk]
+            for image_id, (boxes, obj) in zip(chunk, propose(images)):
+                store.add(image_id, boxes, obj)
+                if write:
+                    write(image_id, *store[image_id])
     return store
+
+
+def load_proposals(path: os.PathLike, fingerprint: str, image_ids: Sequence[int],
+                   folder: Optional[os.PathLike] = None) -> Optional[ProposalStore]:
+    """The proposals `compute_proposals` kept in `path`, as a store (in `folder`, read a few hundred rows at a
+    time), when they were made under `fingerprint` and hold every one of `image_ids`; None otherwise (no
+    file, another fingerprint, a damaged file: compute them again)."""
+    import pyarrow as pa
+
+    from pipeline.sidecars import detection_proposals_fingerprint, iter_detection_proposals
+
+    if detection_proposals_fingerprint(path) != fingerprint:
+        return None
+    store = ProposalStore(folder)
+    try:
+        for image_id, boxes, objectness in iter_detection_proposals(path):
+            store.add(image_id, torch.tensor(boxes), torch.tensor(objectness))
+    except (OSError, ValueError, KeyError, pa.ArrowException) as e:
+        log.warning("%s: unreadable (%s); computing the proposals again", path, e)
+        return None
+    return store if all(i in store for i in image_ids) else None
 
 
 class DetectorTrainer(TrainLoop):
