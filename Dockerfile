@@ -1,4 +1,4 @@
-# The project's image: Python 3.11, PyTorch (PyPI's CUDA 12 build, which also runs on CPU), the project
+# The project's image: Python 3.11, PyTorch (PyPI's CUDA 13.0 build, which also runs on CPU), the project
 # with its GPU extras and LVIS, and a trained spaCy English pipeline. It runs as a non-root user and
 # writes runs under /app/runs, the folder to mount (README.md, "Docker"):
 #   docker build -t regionclip-pipeline .
@@ -8,6 +8,10 @@ FROM python:3.11-slim-bookworm
 
 # torch and torchvision are pinned as a pair (torchvision's compiled ops match one torch); at least the
 # floors of pyproject.toml (torch 2.6: its weights_only loader is safe), which tests/test_docker.py checks.
+# PyPI's torch 2.14.1 is built for CUDA 13.0 (its CUDA libraries come as nvidia-* wheels): on a GPU the
+# host needs an NVIDIA driver of the R580 series or newer (`--gpus all` passes the host's driver in).
+# For an older driver, torch's CUDA 12.x builds are on PyTorch's own package index, not on PyPI
+# (docs/cluster.md, "GPU notes"); manifests/ray-cluster-gpu.yaml installs this same pair.
 ARG TORCH_VERSION=2.14.1
 ARG TORCHVISION_VERSION=0.29.1
 
@@ -28,8 +32,9 @@ COPY trainer ./trainer
 COPY stages ./stages
 COPY manifests ./manifests
 
-# The `gpu` extra brings faiss-gpu-cu12 (and no faiss-cpu: the two ship the same `faiss` module);
-# en_core_web_sm is the trained parser the concepts stage prefers.
+# The `gpu` extra brings faiss-gpu (and no faiss-cpu: the two ship the same `faiss` module), with its CUDA 12
+# runtime wheels: a second CUDA runtime beside torch's 13.0 in the same process (different library names;
+# the R580 driver runs both). en_core_web_sm is the trained parser the concepts stage prefers.
 RUN pip install ".[gpu,lvis]" \
  && python -m spacy download en_core_web_sm
 

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 MANIFEST ?= manifests/demo.yaml
 
-.PHONY: demo test test-fast venv bench clean
+.PHONY: demo test test-fast venv bench gpu-check clean
 
 # The demo needs the package with CPU FAISS (`.[cpu]`; GPU machines: `.[gpu]` instead, never both);
 # the tests add pytest and lvis (which pulls in OpenCV).
@@ -34,6 +34,13 @@ test-fast: $(VENV)/.test-extras
 # a trained teacher and RPN; it is reused when already complete). Take it on a quiet machine.
 bench: demo
 	$(BIN)/python bench/report.py
+
+# The GPU paths on a machine with CUDA (at most 8 minutes on one H100; bench/gpu_check.py says what it runs),
+# into runs/gpu-check/; without CUDA it says so and exits 0. An existing .venv is used as it is (installing
+# `.[cpu]` over `.[gpu]` would mix two FAISS builds): FAISS runs on the GPU with the `gpu` extra installed.
+gpu-check:
+	test -x $(BIN)/pytest || $(MAKE) $(VENV)/.test-extras
+	$(BIN)/python bench/gpu_check.py
 
 clean:
 	rm -rf runs

@@ -34,7 +34,23 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "ray_local" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+    skip_gpu_tests_without_cuda(items)
     items.sort(key=lambda item: item.nodeid.startswith(DEMO_SMALL_TESTS))   # stable: only moves those
+
+
+def skip_gpu_tests_without_cuda(items) -> None:
+    """Tests marked `gpu` need CUDA (`make gpu-check` runs them with `pytest -m gpu`); elsewhere they are
+    skipped, saying why. torch is imported only when such a test was collected."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (torch.cuda.is_available() is False); make gpu-check runs it")
+    for item in gpu_items:
+        item.add_marker(skip)
 
 
 class BackgroundRun:
