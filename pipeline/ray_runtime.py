@@ -159,6 +159,14 @@ def actor_pool_plan(num_items: int, *, num_gpus_per_actor: float, num_actors: Op
             "num_cpus": cpus_per_actor}
 
 
+# Calls queued on one actor at a time. An actor runs its calls one after another, and Ray Data hands an item to
+# the first actor with room: with 2 per actor, the actor that is ready first takes two whole shards while another
+# is still loading its model and then idles (measured, bench/shard_size.py: 2 shards on 2 actors ran one after the
+# other on one actor). With 1, the next item waits for the first actor to finish its shard, whichever it is;
+# the cost is one dispatch round trip per shard, against a shard's seconds of model time.
+SHARDS_IN_FLIGHT_PER_ACTOR = 1
+
+
 def map_with_actor_pool(actor_cls: type, items: list[dict], *, constructor_args: tuple = (),
                         num_gpus_per_actor: float = 1.0, num_actors: Optional[int] = None,
                         cpus_per_actor: float = 1, desc: str = "", unit: str = "shard") -> Iterator[dict]:
@@ -168,7 +176,8 @@ def map_with_actor_pool(actor_cls: type, items: list[dict], *, constructor_args:
     constructed once with `constructor_args` (it loads the model) and is called with
     batches of one row (a dict of numpy columns); it returns a dict of small numpy columns (stats),
     yielded here row by row as they finish, with a progress bar. Ray Data streams the items
-    (backpressure: a bounded number of calls per actor are queued), and an actor that dies is
+    (backpressure: one call per actor at a time, SHARDS_IN_FLIGHT_PER_ACTOR, so that no actor holds a
+    shard while another idles), and an actor that dies is
     replaced and its item retried. Actors whose model runs on the CPU get CPU_MODEL_ALLOCATOR_ENV.
     """
     import ray
@@ -184,7 +193,7 @@ def map_with_actor_pool(actor_cls: type, items: list[dict], *, constructor_args:
     remote = {"num_gpus": plan["num_gpus"]} if plan["num_gpus"] else model_process_env(0)
     ds = ds.map_batches(actor_cls, batch_size=1, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=plan["num_actors"],
-                                                           max_tasks_in_flight_per_actor=2),
+                                                           max_tasks_in_flight_per_actor=SHARDS_IN_FLIGHT_PER_ACTOR),
                         fn_constructor_args=constructor_args, num_cpus=plan["num_cpus"], **remote)
     log.info("%s: %d items on %d actor(s), %s GPU each", desc, len(items), plan["num_actors"], plan["num_gpus"])
     with tqdm(total=len(items), desc=desc, unit=unit, dynamic_ncols=True,
