@@ -374,6 +374,9 @@ class EvaluateConfig(Section):
     min_size: int = Field(800, ge=32, description="test-time short side (detector and zero-shot)")
     max_size: int = Field(1333, ge=32)
     soft_nms_sigma: float = Field(0.5, gt=0)
+    soft_nms_prune: float = Field(0.001, ge=0, lt=1, description="soft-NMS drops a box once its decayed score is "
+                                  "at or below this (detectron2's SOFT_NMS_PRUNE); score_threshold filters "
+                                  "before soft-NMS (the reference's LVIS test: 0.02 before, 0.001 after)")
     multiply_rpn_score: bool = Field(False, description="RegionCLIP's MULTIPLY_RPN_SCORE: a detection "
                                      "scores sqrt(p * objectness), objectness as `objectness` says")
     proposals_per_image: int = Field(1000, ge=1, description="RPN post-NMS top-n at test time")

@@ -114,7 +114,7 @@ def evaluate(run: StageRun) -> dict:
     data = DetectionSet(val_path, **detection_images(manifest, "val"))  # images are read as they are used
     vocab = data.vocabulary("all")
     novel_ids = set(data.category_split["novel"])
-    image_ids = [im["id"] for im in data.images][: cfg.max_images]
+    image_ids = data.evaluation_image_ids()[: cfg.max_images]
     names = dict(zip(vocab.ids, vocab.names))
     embeddings = class_embeddings(manifest, vocab.names, device, load_teacher_clip(manifest, device=device))
     print(f"evaluate: {len(image_ids)} images of {val_path} ({data.kind}), {len(vocab)} classes "

@@ -175,7 +175,8 @@ def test_settings(evaluate_cfg) -> dict:
     e = evaluate_cfg
     return {"test_min_size": e.min_size, "test_max_size": e.max_size, "score_threshold": e.score_threshold,
             "detections_per_image": e.detections_per_image, "soft_nms_sigma": e.soft_nms_sigma,
-            "multiply_rpn_score": e.multiply_rpn_score, "objectness": e.objectness}
+            "soft_nms_prune": e.soft_nms_prune, "multiply_rpn_score": e.multiply_rpn_score,
+            "objectness": e.objectness}
 
 
 def detector_settings(manifest: RunManifest) -> "DetectorSettings":  # noqa: F821

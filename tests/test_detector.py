@@ -37,32 +37,36 @@ def batch():
 
 # -- soft-NMS -------------------------------------------------------------------------------------------
 
-def naive_soft_nms(boxes, scores, sigma, threshold):
-    """Per class, the textbook loop (Bodla et al.): pick the max, decay the rest, drop below threshold."""
+def naive_soft_nms(boxes, scores, sigma, threshold, prune):
+    """Per class, the textbook loop (Bodla et al.) as detectron2 runs it: scores above `threshold` enter;
+    pick the max, decay the rest, drop those decayed to `prune` or below."""
     kept = []
     for c in range(scores.shape[1]):
-        live = {i: float(scores[i, c]) for i in range(len(boxes)) if scores[i, c] >= threshold}
+        live = {i: float(scores[i, c]) for i in range(len(boxes)) if scores[i, c] > threshold}
         while live:
             i = max(live, key=live.get)
             kept.append((i, c, live.pop(i)))
             for j in list(live):
                 iou = float(box_iou(boxes[i:i + 1], boxes[j:j + 1]))
                 live[j] *= math.exp(-iou * iou / sigma)
-                if live[j] < threshold:
+                if live[j] <= prune:
                     del live[j]
     return kept
 
 
-def test_soft_nms_matches_the_textbook_loop():
+@pytest.mark.parametrize("threshold,prune", [(0.05, 0.05), (0.02, 0.001)])   # COCO-like; LVIS' 0.02 / 0.001
+def test_soft_nms_matches_the_textbook_loop(threshold, prune):
     g = torch.Generator().manual_seed(0)
     xy = torch.rand(40, 2, generator=g) * 60
     boxes = torch.cat([xy, xy + 10 + torch.rand(40, 2, generator=g) * 30], dim=1)
-    scores = torch.rand(40, 3, generator=g)
-    idx, cls, score = soft_nms(boxes, scores, sigma=0.5, score_threshold=0.05)
+    scores = torch.rand(40, 3, generator=g) * 0.1
+    idx, cls, score = soft_nms(boxes, scores, sigma=0.5, score_threshold=threshold, prune_threshold=prune)
     ours = sorted(zip(idx.tolist(), cls.tolist(), score.tolist()))
-    theirs = sorted(naive_soft_nms(boxes, scores, 0.5, 0.05))
+    theirs = sorted(naive_soft_nms(boxes, scores, 0.5, threshold, prune))
     assert [(i, c) for i, c, _ in ours] == [(i, c) for i, c, _ in theirs]
     assert [s for *_, s in ours] == pytest.approx([s for *_, s in theirs], rel=1e-5)
+    decayed_below_threshold = sum(s <= threshold for *_, s in ours)
+    assert (decayed_below_threshold > 0) == (prune < threshold)    # kept between the two only with LVIS'
     # Far-apart boxes are untouched; a duplicate decays by exp(-1 / sigma).
     two = torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 10], [50, 50, 60, 60]])
     i, c, s = soft_nms(two, torch.tensor([[0.9], [0.8], [0.7]]), sigma=0.5, score_threshold=0.001)
@@ -197,7 +201,7 @@ def test_lvis_manifest_runs_the_reference_settings():
     assert (train.steps, train.lr_steps, train.warmup_steps) == (180000, [120000, 160000], 5000)
     assert train.repeat_factor_threshold == 0.001
     test = detector_settings(manifest)
-    assert (test.score_threshold, test.detections_per_image) == (0.02, 300)
+    assert (test.score_threshold, test.soft_nms_prune, test.detections_per_image) == (0.02, 0.001, 300)
     assert test.multiply_rpn_score and test.objectness == "raw" and test.nms == "soft"
     assert (test.focal_gamma, test.background_weight) == (None, 0.8)
 

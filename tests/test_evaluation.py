@@ -125,6 +125,14 @@ def test_lvis_split_and_ground_truth_ap(tmp_path):
     assert data.kind == "lvis"
     assert data.category_split == {"base": [1, 2, 7], "novel": [3, 5]}
     assert str(data.image_path(data.images[0])).endswith("val2017/1.jpg")
+    # An image without a box is not evaluated, as the reference's LVIS loader skips it; COCO keeps all.
+    empty = {**gt["images"][0], "id": 99, "coco_url": "http://images.cocodataset.org/val2017/99.jpg"}
+    (tmp_path / "with_empty.json").write_text(json.dumps({**gt, "images": gt["images"] + [empty]}))
+    assert DetectionSet(tmp_path / "with_empty.json").evaluation_image_ids() == [im["id"] for im in gt["images"]]
+    coco = toy_gt()
+    coco_images = coco["images"] + [{**coco["images"][0], "id": 99}]
+    (tmp_path / "coco.json").write_text(json.dumps({**coco, "images": coco_images}))
+    assert DetectionSet(tmp_path / "coco.json").evaluation_image_ids() == [im["id"] for im in coco_images]
     import lvis  # noqa: F401  (installed by the test extra; the LVIS API must really run here)
     result = lvis_evaluate(path, ground_truth_as_detections(gt))
     assert result["AP"] == pytest.approx(100.0) and result["APr"] == pytest.approx(100.0)
@@ -258,6 +266,11 @@ def test_zero_shot_scores_objectness_modes():
                            min_size=80, max_size=128, nms_thresh=1.0, score_threshold=0.0)
     for found in (plain, sig, raw):
         assert torch.equal(found["box_labels"], plain["box_labels"])
+    # The softmax has the background logit 0 in its denominator (the reference's head): with cosines
+    # made near 0 by a huge temperature, each of 3 classes scores about 1/4, not 1/3.
+    flat = zero_shot_detect(encoder, image, boxes, emb, min_size=80, max_size=128, nms_thresh=1.0,
+                            score_threshold=0.0, temperature=1000.0)
+    assert flat["scores"].tolist() == pytest.approx([0.25] * 9, abs=1e-3)
 
     def table(found):
         return {(tuple(b.tolist()), int(c)): float(s) for b, s, c in

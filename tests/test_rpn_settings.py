@@ -43,8 +43,8 @@ def test_demo_manifests_keep_one_pre_nms_setting_for_every_purpose(name):
     manifest = load_manifest(REPO / "manifests" / f"{name}.yaml")
     pre = manifest.proposals.pre_nms_top_n
     assert manifest.transfer.rpn_pre_nms_top_n is None and manifest.evaluate.zero_shot_rpn_pre_nms_top_n is None
-    assert settings(manifest, "proposals") == {"pre_nms_top_n": pre, "post_nms_top_n": manifest.proposals.post_nms_top_n,
-                                               "nms_thresh": 0.5}
+    assert settings(manifest, "proposals") == {
+        "pre_nms_top_n": pre, "post_nms_top_n": manifest.proposals.post_nms_top_n, "nms_thresh": 0.5}
     assert settings(manifest, "transfer", training=True) == {
         "pre_nms_top_n": pre, "post_nms_top_n": manifest.transfer.proposals_per_image, "nms_thresh": 0.7}
     assert settings(manifest, "transfer") == {

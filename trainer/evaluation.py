@@ -173,10 +173,11 @@ def zero_shot_detect(encoder: RegionEncoder, image: Optional[torch.Tensor], boxe
                      detections_per_image: int = 100, chunk: int = 256,
                      features: Optional[tuple] = None) -> dict:
     """docs/method.md §7: boxes are used as they are (GT boxes, or RPN boxes: no box deltas); each box is
-    classified over the vocabulary (softmax of cos / T, no background); score = p_c for GT boxes and
-    sqrt(p_c * objectness) for RPN boxes (rpn_weighted_scores), with objectness = sigmoid(logit)
-    (default) or the raw logit (`raw`, the reference's form: negative logits are dropped); per-class
-    NMS, top-k.
+    classified over the vocabulary (softmax of cos / T with the background logit 0 in the denominator,
+    as the reference's detector head scores it, then the background column dropped); score = p_c for
+    GT boxes and sqrt(p_c * objectness) for RPN boxes (rpn_weighted_scores), with objectness =
+    sigmoid(logit) (default) or the raw logit (`raw`, the reference's form: negative logits are
+    dropped); per-class NMS, top-k.
 
     `features`: image_features()'s output, to share one backbone pass between several box sets.
     Returns boxes, scores, labels (vocabulary indices) and `box_labels`: the argmax class of every
@@ -189,7 +190,7 @@ def zero_shot_detect(encoder: RegionEncoder, image: Optional[torch.Tensor], boxe
     res4, scale = features if features is not None else image_features(encoder, image, min_size, max_size, device)
     rois = scale_boxes(boxes, scale)
     x = torch.cat([encoder.pool_regions(res4, [rois[s:s + chunk]]) for s in range(0, len(rois), chunk)])
-    probs = class_logits(x, class_embeddings, temperature, background=False).softmax(dim=1)
+    probs = class_logits(x, class_embeddings, temperature).softmax(dim=1)[:, :-1]
     box_labels = probs.argmax(dim=1)
     if objectness is not None:
         probs = rpn_weighted_scores(probs, objectness, objectness_mode)   # -1 where a raw logit is negative

@@ -201,6 +201,14 @@ class DetectionSet:
         """Images with at least one usable box of `vocab` (the training images)."""
         return [im["id"] for im in self.images if len(self.targets(im["id"], vocab)[1])]
 
+    def evaluation_image_ids(self) -> list[int]:
+        """The images an evaluation runs on: every image of a COCO-style set; of an LVIS set, those with
+        a box, as the reference's LVIS loader keeps them (an image without one is skipped and so gets no
+        detections, which the LVIS API would otherwise count against its negative categories)."""
+        if self.kind == "lvis":
+            return self.image_ids_with_boxes()
+        return [im["id"] for im in self.images]
+
 
 class ImagesByPosition(Dataset):
     """The images of `image_ids`, item i = (i, float [3, H, W] in 0..1), read from disk when asked: a

@@ -61,6 +61,7 @@ class DetectorSettings:
     detections_per_image: int = 100
     nms: str = "soft"                           # "soft" (gaussian) or "hard"
     soft_nms_sigma: float = 0.5
+    soft_nms_prune: float = 0.001               # soft-NMS drops boxes decayed to this (detectron2's SOFT_NMS_PRUNE)
     only_sample_fg_proposals: bool = False      # train the classifier on foreground RoIs only
     multiply_rpn_score: bool = False            # score sqrt(p * objectness) at inference (rpn_weighted_scores)
     objectness: str = "sigmoid"                 # ... objectness = sigmoid(logit), or "raw": the logit (reference)
@@ -136,14 +137,19 @@ def rpn_weighted_scores(probs: torch.Tensor, objectness_logits: torch.Tensor, mo
 # -- soft-NMS ----------------------------------------------------------------------------------------
 
 def soft_nms(boxes: torch.Tensor, scores: torch.Tensor, sigma: float = 0.5, score_threshold: float = 0.001,
-             max_per_class: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gaussian soft-NMS (Bodla et al. 2017), per class, all classes at once.
+             max_per_class: Optional[int] = None, prune_threshold: Optional[float] = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gaussian soft-NMS (Bodla et al. 2017), per class, all classes at once, as detectron2 runs it:
+    scores not above `score_threshold` never enter (fast_rcnn_inference_single_image's filter); each
+    class repeatedly keeps its highest remaining box and decays every other remaining box of the class
+    by exp(-IoU^2 / sigma), and a box decayed to `prune_threshold` or below is dropped (default: the
+    score threshold). The reference's LVIS test filters at 0.02 and prunes at 0.001, so a box decayed
+    to between the two is still kept.
 
     boxes [N, 4] shared by every class (class-agnostic regression) or [N, C, 4]; scores [N, C].
-    Each class repeatedly keeps its highest remaining box and decays every other remaining box of the
-    class by exp(-IoU^2 / sigma); boxes that fall below `score_threshold` are dropped.
     Returns (box indices [K], class indices [K], decayed scores [K]), in no particular order.
     """
+    prune = score_threshold if prune_threshold is None else prune_threshold
     n, c = scores.shape
     if n == 0 or c == 0:
         empty = torch.zeros(0, dtype=torch.long, device=scores.device)
@@ -154,13 +160,13 @@ def soft_nms(boxes: torch.Tensor, scores: torch.Tensor, sigma: float = 0.5, scor
         per_class = boxes.permute(1, 0, 2)                                # [C, N, 4]
         iou = torch.stack([box_iou(b, b) for b in per_class])
     live = scores.t().clone()                                             # [C, N]
-    live[live < score_threshold] = -1.0
+    live[~(live > score_threshold)] = -1.0                                # NaN scores never enter either
     steps = n if max_per_class is None else min(n, max_per_class)
     kept_idx, kept_cls, kept_score = [], [], []
     classes = torch.arange(c, device=scores.device)
     for _ in range(steps):
         best, idx = live.max(dim=1)                                       # [C]
-        active = best >= score_threshold
+        active = best >= 0                                                # a live score is above `prune`
         if not bool(active.any()):
             break
         kept_idx.append(idx[active])
@@ -171,7 +177,7 @@ def soft_nms(boxes: torch.Tensor, scores: torch.Tensor, sigma: float = 0.5, scor
         alive = live >= 0
         live = torch.where(alive, live * decay, live)
         live[classes, idx] = -1.0                                         # the picks leave the pool
-        live[(live < score_threshold) & alive] = -1.0
+        live[~(live > prune) & alive] = -1.0
     if not kept_idx:
         empty = torch.zeros(0, dtype=torch.long, device=scores.device)
         return empty, empty, scores.new_zeros(0)
@@ -184,7 +190,7 @@ def select_detections(boxes: torch.Tensor, probs: torch.Tensor, settings: Detect
     k = settings.detections_per_image
     if settings.nms == "soft":
         idx, cls, score = soft_nms(boxes, probs, settings.soft_nms_sigma, settings.score_threshold,
-                                   max_per_class=k)
+                                   max_per_class=k, prune_threshold=settings.soft_nms_prune)
         picked = boxes[idx] if boxes.dim() == 2 else boxes[idx, cls]
     else:
         n, c = probs.shape
