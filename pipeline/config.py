@@ -87,6 +87,11 @@ class RayConfig(Section):
                                     json_schema_extra=RUNTIME_ONLY)
     include_dashboard: bool = Field(False, json_schema_extra=RUNTIME_ONLY)
     dashboard_host: str = Field("127.0.0.1", json_schema_extra=RUNTIME_ONLY)
+    gpu_wait_s: float = Field(
+        0.0, ge=0, description="a GPU stage (proposals, label) on a cluster reached by address whose alive nodes "
+        "have no GPU yet waits up to this many seconds for an autoscaler to add a GPU node, then fails; 0: plan "
+        "from the nodes alive at the start (the model runs on CPUs when none has a GPU). The local Ray never "
+        "waits", json_schema_extra=RUNTIME_ONLY)
 
     @model_validator(mode="after")
     def _dashboard_on_localhost(self):
@@ -220,7 +225,8 @@ class GpuActorSettings(Section):
     num_actors: Optional[int] = Field(None, ge=1, json_schema_extra=RUNTIME_ONLY)
     cpus_per_actor: Optional[int] = Field(None, ge=1, json_schema_extra=RUNTIME_ONLY,
                                           description="CPUs each actor asks Ray for; with a GPU they "
-                                          "all decode; null: 8 when the cluster has GPUs, else 1")
+                                          "all decode; null: 8 when the cluster has GPUs (at most the GPU "
+                                          "nodes' CPUs per GPU), else 1")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast with TF32 on CUDA, fp32 on CPU; boxes, RoIAlign "
         "coordinates and logits stay fp32")

@@ -7,7 +7,10 @@ under `ray job submit`. A dashboard, when asked for, binds to localhost only.
 from __future__ import annotations
 
 import logging
+import math
 import os
+import time
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 from tqdm import tqdm
@@ -37,10 +40,6 @@ def cluster_resources() -> dict:
     import ray
 
     return dict(ray.cluster_resources())
-
-
-def cluster_gpus() -> float:
-    return float(cluster_resources().get("GPU", 0.0))
 
 
 def run_tasks(fn: Callable[..., Any], arg_list: Iterable[tuple], *, num_cpus: float = 1,
@@ -80,34 +79,206 @@ def run_tasks(fn: Callable[..., Any], arg_list: Iterable[tuple], *, num_cpus: fl
 # 800-px images per second; one thread decodes and resizes about 30-60 of them).
 GPU_ACTOR_CPUS = 8
 
-
-def actor_cpus(cpus_per_actor: Optional[int] = None) -> int:
-    """The CPUs a model-holding actor asks Ray for (and decodes with): the setting when given; else
-    GPU_ACTOR_CPUS when the cluster has GPUs (at most its CPUs per GPU, so every GPU gets an actor),
-    and 1 on a CPU-only Ray (there the actors themselves spread over the CPUs)."""
-    if cpus_per_actor:
-        return int(cpus_per_actor)
-    resources = cluster_resources()
-    gpus = float(resources.get("GPU", 0.0))
-    if gpus <= 0:
-        return 1
-    return max(1, min(GPU_ACTOR_CPUS, int(float(resources.get("CPU", 1)) // gpus)))
-
-
 # On a CPU-only actor the model's own threads use every CPU it holds, and decoding is a small part of a CPU
 # model's time (about 30 ms for a 1333x1000 JPEG against seconds for an RN50 at 800 px): more decode threads
 # would only take cores from the model (measured on 2 CPUs: 0.82 of a pre-decoded loop with 2 decode
 # threads, 0.96 with 1). With a GPU the CPUs are the decoders'.
 CPUS_PER_DECODE_THREAD_WITHOUT_GPU = 8
 
+# How often a stage waiting for a GPU node looks at the cluster again, and says it is still waiting.
+GPU_WAIT_POLL_S = 2.0
+GPU_WAIT_MESSAGE_EVERY_S = 60.0
 
-def decode_threads(actor_cpus: int, num_gpus_per_actor: float) -> int:
-    """Decode threads for a model-holding actor of `actor_cpus` CPUs (actor_cpus): all of them when the
-    actor gets a GPU (the cluster has GPUs and num_gpus_per_actor > 0), else one per
-    CPUS_PER_DECODE_THREAD_WITHOUT_GPU CPUs (at least one)."""
-    if num_gpus_per_actor > 0 and cluster_gpus() > 0:
-        return max(1, actor_cpus)
-    return max(1, actor_cpus // CPUS_PER_DECODE_THREAD_WITHOUT_GPU)
+
+@dataclass(frozen=True)
+class NodeResources:
+    """An alive Ray node's CPUs and GPUs (its `Resources` in ray.nodes())."""
+    name: str
+    cpus: float
+    gpus: float
+
+    def __str__(self) -> str:
+        return f"{self.name} {{CPU: {self.cpus:g}, GPU: {self.gpus:g}}}"
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    """What each model-holding actor of a stage asks Ray for, how many actors at most, and how many
+    threads decode in each. `num_gpus` 0: the model runs on the CPU."""
+    num_actors: int
+    num_cpus: int
+    num_gpus: float
+    decode_threads: int
+
+    def __str__(self) -> str:
+        return (f"{self.num_actors} actor(s) of {{CPU: {self.num_cpus}, GPU: {self.num_gpus:g}}}, "
+                f"{self.decode_threads} decode thread(s) each")
+
+
+class ActorShapeError(RuntimeError):
+    """No alive node can hold one actor of the planned shape (Ray would wait for one forever)."""
+
+
+def alive_nodes() -> list[NodeResources]:
+    """The cluster's alive nodes and their CPUs and GPUs (nodes that left are listed by Ray as not Alive)."""
+    import ray
+
+    return [NodeResources(f"node {n['NodeID'][:8]} ({n.get('NodeManagerAddress', '?')})",
+                          float(n["Resources"].get("CPU", 0.0)), float(n["Resources"].get("GPU", 0.0)))
+            for n in ray.nodes() if n.get("Alive")]
+
+
+def _slots(node: NodeResources, gpus_per_actor: float) -> int:
+    """How many actors of `gpus_per_actor` GPUs the node's GPUs hold (fractions allowed: 0.5 -> 2 per GPU)."""
+    return math.floor(node.gpus / gpus_per_actor + 1e-9)
+
+
+def plan_actors(nodes: list[NodeResources], *, num_gpus_per_actor: float, cpus_per_actor: Optional[int] = None,
+                num_actors: Optional[int] = None, section: str = "") -> ActorPlan:
+    """The actor plan of a stage (`section`: its manifest section, for messages) on these nodes.
+
+    With a GPU on any node (and `num_gpus_per_actor` > 0) each actor asks for `num_gpus_per_actor` GPUs and,
+    unless `cpus_per_actor` says otherwise, the CPUs per GPU slot of the GPU nodes (the smallest of them,
+    so every GPU gets an actor; at most GPU_ACTOR_CPUS): a CPU-only head does not count. Otherwise the
+    model runs on the CPU and an actor asks for `cpus_per_actor` CPUs (default 1). The pool has as many
+    actors as the nodes hold, counted node by node (`num_actors` pins it). A shape that no node can hold
+    is an ActorShapeError naming the resources (Ray would wait for such a node forever)."""
+    gpus = num_gpus_per_actor if num_gpus_per_actor > 0 and any(n.gpus > 0 for n in nodes) else 0.0
+    if gpus:
+        hosts = [n for n in nodes if _slots(n, gpus) >= 1]
+        per_slot = [int(n.cpus // _slots(n, gpus)) for n in hosts]
+        cpus = int(cpus_per_actor or max(1, min([GPU_ACTOR_CPUS, *per_slot])))
+        fits = {n: min(_slots(n, gpus), int(n.cpus // cpus)) for n in hosts}
+    else:
+        cpus = int(cpus_per_actor or 1)
+        fits = {n: int(n.cpus // cpus) for n in nodes}
+    capacity = sum(fits.values())
+    if capacity == 0:
+        where = ", ".join(map(str, nodes)) or "none"
+        if gpus and not fits:
+            fix = f"set {section}.num_gpus_per_actor to at most {max(n.gpus for n in nodes):g}"
+        else:
+            largest = max((n.cpus for n in (fits or nodes)), default=0)
+            fix = (f"set {section}.cpus_per_actor to at most {largest:g}" if largest >= 1 else
+                   f"give the {'GPU ' if gpus else ''}nodes CPUs")
+        raise ActorShapeError(f"{section}: an actor asks for {{CPU: {cpus}, GPU: {gpus:g}}}, which no alive Ray "
+                              f"node can hold (alive nodes: {where}); {fix}")
+    threads = cpus if gpus else max(1, cpus // CPUS_PER_DECODE_THREAD_WITHOUT_GPU)
+    return ActorPlan(num_actors=int(num_actors or capacity), num_cpus=cpus, num_gpus=gpus, decode_threads=threads)
+
+
+def can_grow(ray_cfg) -> bool:
+    """Whether nodes can join the Ray this process uses: a cluster reached by address can (an autoscaler
+    adds nodes); the local Ray started inside this process cannot."""
+    return bool(ray_cfg.address or os.environ.get("RAY_ADDRESS"))
+
+
+def wait_for_gpu_nodes(section: str, num_gpus_per_actor: float, wait_s: float) -> list[NodeResources]:
+    """The alive nodes once one has a GPU, waiting up to `wait_s` seconds for an autoscaler to add one
+    (it is asked for one actor's GPUs meanwhile; the request is withdrawn after). RuntimeError when none
+    joined in time."""
+    from ray.autoscaler.sdk import request_resources
+
+    started = last_message = time.monotonic()
+    nodes = alive_nodes()
+    print(f"{section}: no alive Ray node has a GPU yet; waiting up to {wait_s:g} s (ray.gpu_wait_s) for the "
+          f"autoscaler to add one (alive nodes: {', '.join(map(str, nodes))})", flush=True)
+    request_resources(bundles=[{"GPU": num_gpus_per_actor}])
+    try:
+        while not any(n.gpus > 0 for n in nodes):
+            waited = time.monotonic() - started
+            if waited >= wait_s:
+                raise RuntimeError(
+                    f"{section}: no Ray node with a GPU joined within ray.gpu_wait_s={wait_s:g} s (alive nodes: "
+                    f"{', '.join(map(str, nodes))}); check the cluster's GPU node type and the autoscaler's log, "
+                    f"raise ray.gpu_wait_s, or set {section}.num_gpus_per_actor: 0 to run the model on CPUs")
+            if time.monotonic() - last_message >= GPU_WAIT_MESSAGE_EVERY_S:
+                print(f"{section}: still waiting for a GPU node ({waited:.0f} of {wait_s:g} s)", flush=True)
+                last_message = time.monotonic()
+            time.sleep(min(GPU_WAIT_POLL_S, max(0.0, wait_s - waited)))
+            nodes = alive_nodes()
+    finally:
+        request_resources(bundles=[])   # a standing request would keep a GPU node up after the stage
+    print(f"{section}: a GPU node joined after {time.monotonic() - started:.0f} s", flush=True)
+    return nodes
+
+
+def plan_actor_pool(section: str, settings, ray_cfg) -> ActorPlan:
+    """The actor plan of a GPU stage (plan_actors) from the nodes alive now, its manifest section's
+    `settings` (num_gpus_per_actor, cpus_per_actor, num_actors) and the `ray` section. When the stage
+    asks for GPUs, no alive node has one, and nodes can join (a cluster by address), it first waits up to
+    ray.gpu_wait_s for a GPU node (0: decide from the nodes alive now; the local Ray decides at once)."""
+    nodes = alive_nodes()
+    if (settings.num_gpus_per_actor > 0 and not any(n.gpus > 0 for n in nodes) and ray_cfg.gpu_wait_s > 0
+            and can_grow(ray_cfg)):
+        nodes = wait_for_gpu_nodes(section, settings.num_gpus_per_actor, ray_cfg.gpu_wait_s)
+    plan = plan_actors(nodes, num_gpus_per_actor=settings.num_gpus_per_actor, cpus_per_actor=settings.cpus_per_actor,
+                       num_actors=settings.num_actors, section=section)
+    log.info("%s: %s on %d alive node(s)", section, plan, len(nodes))
+    return plan
+
+
+def assigned_device(section: str = "") -> "torch.device":  # noqa: F821
+    """The device of the calling Ray worker (an actor or a task), from Ray's assignment: its first GPU
+    when Ray assigned it GPUs, else the CPU. A worker given no GPU never touches one, even where CUDA is
+    visible (Ray 2.60 no longer hides GPUs from workers that asked for none). A worker given a GPU that
+    PyTorch cannot use fails at once, naming the driver and torch's CUDA version, instead of running
+    the model on the CPU."""
+    import ray
+    import torch
+
+    gpu_ids = [str(i) for i in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]
+    if not gpu_ids:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"{section or 'this worker'}: Ray assigned GPU {','.join(gpu_ids)} on {current_node() or 'this node'}, "
+            f"but PyTorch finds no usable CUDA device there (NVIDIA driver: {nvidia_driver()}; torch "
+            f"{torch.__version__} is built for CUDA {torch.version.cuda or 'none (a CPU-only build)'}). A CUDA "
+            "build needs a driver at least as new as its CUDA version (docs/cluster.md); install a matching "
+            f"torch or driver on the GPU nodes, or set {section or 'the stage'}.num_gpus_per_actor: 0 to run on CPUs")
+    return torch.device("cuda", cuda_index(gpu_ids[0]))
+
+
+def on_assigned_device(fn: Callable[..., Any], section: str = "") -> Callable[..., Any]:
+    """`fn(*args, device=...)` as a Ray task's function: run by a worker, it gets that worker's
+    assigned_device."""
+    def call(*args):
+        return fn(*args, device=assigned_device(section))
+
+    call.__name__ = getattr(fn, "__name__", "call")   # the task's name in Ray's dashboard and errors
+    return call
+
+
+def cuda_index(gpu_id: str) -> int:
+    """PyTorch's index of the GPU that Ray calls `gpu_id`: its place in CUDA_VISIBLE_DEVICES (Ray sets that to
+    the worker's GPUs, so the first is cuda:0), or the id itself when the variable is unset
+    (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        ids = [v.strip() for v in visible.split(",") if v.strip()]
+        if gpu_id in ids:
+            return ids.index(gpu_id)
+    return int(gpu_id)
+
+
+def nvidia_driver() -> str:
+    """The NVIDIA driver's version as nvidia-smi reports it, or why there is none."""
+    import shutil
+    import subprocess
+
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return "no NVIDIA driver found (no nvidia-smi)"
+    try:
+        out = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"no NVIDIA driver found (nvidia-smi: {err})"
+    versions = sorted({v.strip() for v in out.stdout.splitlines() if v.strip()})
+    if out.returncode != 0 or not versions:
+        return f"no NVIDIA driver found (nvidia-smi: {(out.stderr or out.stdout).strip()[:200]})"
+    return ", ".join(versions)
 
 
 # glibc's malloc gives a large block back to the kernel when it is freed, and the kernel zeroes it again when
@@ -139,26 +310,6 @@ def current_node() -> str:
         return ""
 
 
-def actor_pool_plan(num_items: int, *, num_gpus_per_actor: float, num_actors: Optional[int] = None,
-                    cpus_per_actor: float = 1) -> dict:
-    """How many model-holding actors to start and what each asks Ray for.
-
-    With GPUs in the cluster each actor asks for `num_gpus_per_actor` GPUs and the pool has as many
-    actors as the GPUs allow; otherwise the actors run on CPU (one per `cpus_per_actor` CPUs).
-    Never more actors than items.
-    """
-    resources = cluster_resources()
-    gpus = float(resources.get("GPU", 0.0))
-    use_gpus = num_gpus_per_actor if gpus > 0 and num_gpus_per_actor > 0 else 0.0
-    if num_actors is None:
-        if use_gpus:
-            num_actors = max(1, int(gpus // use_gpus))
-        else:
-            num_actors = max(1, int(resources.get("CPU", 1) // max(cpus_per_actor, 1e-3)))
-    return {"num_actors": max(1, min(num_actors, max(num_items, 1))), "num_gpus": use_gpus,
-            "num_cpus": cpus_per_actor}
-
-
 # Calls queued on one actor at a time. An actor runs its calls one after another, and Ray Data hands an item to
 # the first actor with room: with 2 per actor, the actor that is ready first takes two whole shards while another
 # is still loading its model and then idles (measured, bench/shard_size.py: 2 shards on 2 actors ran one after the
@@ -167,12 +318,11 @@ def actor_pool_plan(num_items: int, *, num_gpus_per_actor: float, num_actors: Op
 SHARDS_IN_FLIGHT_PER_ACTOR = 1
 
 
-def map_with_actor_pool(actor_cls: type, items: list[dict], *, constructor_args: tuple = (),
-                        num_gpus_per_actor: float = 1.0, num_actors: Optional[int] = None,
-                        cpus_per_actor: float = 1, desc: str = "", unit: str = "shard") -> Iterator[dict]:
+def map_with_actor_pool(actor_cls: type, items: list[dict], plan: ActorPlan, *, constructor_args: tuple = (),
+                        desc: str = "", unit: str = "shard") -> Iterator[dict]:
     """Ray Data: `items` (one row each, e.g. {"shard": 3}) through a pool of `actor_cls` actors.
 
-    A fixed pool of `num_actors` actors (default: one per GPU slot, or per CPU) is started; each is
+    A fixed pool of actors of the plan's shape (plan_actor_pool; never more actors than items) is started; each is
     constructed once with `constructor_args` (it loads the model) and is called with
     batches of one row (a dict of numpy columns); it returns a dict of small numpy columns (stats),
     yielded here row by row as they finish, with a progress bar. Ray Data streams the items
@@ -184,18 +334,17 @@ def map_with_actor_pool(actor_cls: type, items: list[dict], *, constructor_args:
 
     if not items:
         return
-    plan = actor_pool_plan(len(items), num_gpus_per_actor=num_gpus_per_actor, num_actors=num_actors,
-                           cpus_per_actor=cpus_per_actor)
+    num_actors = min(plan.num_actors, len(items))
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False       # our own bar below, one line per stage
     ctx.execution_options.preserve_order = False
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    remote = {"num_gpus": plan["num_gpus"]} if plan["num_gpus"] else model_process_env(0)
+    remote = {"num_gpus": plan.num_gpus} if plan.num_gpus else model_process_env(0)
     ds = ds.map_batches(actor_cls, batch_size=1, batch_format="numpy",
-                        compute=ray.data.ActorPoolStrategy(size=plan["num_actors"],
+                        compute=ray.data.ActorPoolStrategy(size=num_actors,
                                                            max_tasks_in_flight_per_actor=SHARDS_IN_FLIGHT_PER_ACTOR),
-                        fn_constructor_args=constructor_args, num_cpus=plan["num_cpus"], **remote)
-    log.info("%s: %d items on %d actor(s), %s GPU each", desc, len(items), plan["num_actors"], plan["num_gpus"])
+                        fn_constructor_args=constructor_args, num_cpus=plan.num_cpus, **remote)
+    log.info("%s: %d items on %d actor(s), %s GPU each", desc, len(items), num_actors, plan.num_gpus)
     with tqdm(total=len(items), desc=desc, unit=unit, dynamic_ncols=True,
               disable=None if os.isatty(2) else False, mininterval=1.0) as bar:
         for row in ds.iter_rows():

@@ -94,25 +94,24 @@ def label_job(manifest, decode_threads: int = 1) -> "LabelJob":  # noqa: F821
 
 
 def label(run: StageRun) -> dict:
-    from pipeline.ray_runtime import actor_cpus, decode_threads, init_ray, map_with_actor_pool
+    from pipeline.ray_runtime import init_ray, map_with_actor_pool, plan_actor_pool
     from trainer.offline.labels import LabelShardWorker
     from trainer.offline.region_index import write_region_index
 
     manifest, layout, cfg = run.manifest, run.layout, run.manifest.label
     shard_ids = run.shard_ids("proposals")
     init_ray(manifest.ray)
-    cpus = actor_cpus(cfg.cpus_per_actor)
-    job = label_job(manifest, decode_threads=decode_threads(cpus, cfg.num_gpus_per_actor))
-    codec = ensure_codec(run, job, shard_ids, cpus)
+    plan = plan_actor_pool("label", cfg, manifest.ray)
+    job = label_job(manifest, decode_threads=plan.decode_threads)
+    codec = ensure_codec(run, job, shard_ids, plan)
     markers = run.markers(fingerprint=marker_fingerprint(run, codec))
     job.fingerprint = markers.fingerprint
     pending, nodes = markers.start_pending(shard_ids), set()
     if pending:
         print(f"label: {len(shard_ids)} shards ({len(pending)} to do), teacher {manifest.teacher.arch}, "
               f"codec {codec['codec']} ({codec['code_size']} bytes/region)")
-        for row in map_with_actor_pool(LabelShardWorker, [{"shard": s} for s in pending], constructor_args=(job,),
-                                       num_gpus_per_actor=cfg.num_gpus_per_actor, num_actors=cfg.num_actors,
-                                       cpus_per_actor=cpus, desc="label"):
+        for row in map_with_actor_pool(LabelShardWorker, [{"shard": s} for s in pending], plan,
+                                       constructor_args=(job,), desc="label"):
             nodes.add(str(row["node"]))
     else:
         print(f"label: every shard done ({len(shard_ids)} shards)")
@@ -129,10 +128,10 @@ def _files_inside(folder, names) -> bool:
         return False
 
 
-def ensure_codec(run: StageRun, job, shard_ids: list[int], cpus: int) -> dict:
+def ensure_codec(run: StageRun, job, shard_ids: list[int], actors) -> dict:
     """The saved codec if it was built from the same settings, else a new one (PQ: trained on a sample by
-    one task of `cpus` CPUs)."""
-    from pipeline.ray_runtime import cluster_gpus, model_process_env, run_tasks
+    one task of the shape of a label actor, `actors`: plan_actor_pool)."""
+    from pipeline.ray_runtime import model_process_env, on_assigned_device, run_tasks
     from trainer.offline.codecs import codec_from_settings, read_codec_description
     from trainer.offline.labels import plan_region_sample, sample_region_embeddings
 
@@ -149,10 +148,10 @@ def ensure_codec(run: StageRun, job, shard_ids: list[int], cpus: int) -> dict:
         print(f"label: training the PQ codebook ({cfg.pq_subquantizers}x{cfg.pq_bits} bits) on up to "
               f"{cfg.pq_train_regions} regions of {sum(map(len, plan.values()))} images drawn from "
               f"{len(plan)} shard(s)")
-        gpus = cfg.num_gpus_per_actor if cluster_gpus() > 0 else 0
-        sample = next(run_tasks(sample_region_embeddings, [(job, plan, cfg.pq_train_regions, manifest.seed)],
-                                num_cpus=cpus, num_gpus=gpus, desc="label: PQ sample",
-                                ray_options=model_process_env(gpus)))
+        sample = next(run_tasks(on_assigned_device(sample_region_embeddings, "label"),
+                                [(job, plan, cfg.pq_train_regions, manifest.seed)],
+                                num_cpus=actors.num_cpus, num_gpus=actors.num_gpus, desc="label: PQ sample",
+                                ray_options=model_process_env(actors.num_gpus)))
     codec = codec_from_settings(cfg, run.memo["dim"], concept_embeddings=run.memo["concepts"], sample=sample,
                                 seed=manifest.seed)
     return codec.save(layout.labels_codec, extra={"build_key": build_key, "build": params,

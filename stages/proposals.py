@@ -48,7 +48,7 @@ def proposal_job(manifest, checkpoint, *, fingerprint: str = "", rpn_loader: str
 
 
 def propose(run: StageRun) -> dict:
-    from pipeline.ray_runtime import actor_cpus, decode_threads, init_ray, map_with_actor_pool
+    from pipeline.ray_runtime import init_ray, map_with_actor_pool, plan_actor_pool
     from trainer.offline.proposals import DEFAULT_RPN_LOADER, ProposalShardWorker
 
     cfg, checkpoint = run.manifest.proposals, run.memo["checkpoint"]
@@ -57,14 +57,12 @@ def propose(run: StageRun) -> dict:
     print(f"proposals: {len(shard_ids)} shards ({len(pending)} to do), RPN {checkpoint}")
     if pending:
         init_ray(run.manifest.ray)
-        cpus = actor_cpus(cfg.cpus_per_actor)
+        plan = plan_actor_pool("proposals", cfg, run.manifest.ray)
         job = proposal_job(run.manifest, checkpoint, fingerprint=run.fingerprint,
                            rpn_loader=run.options.get("rpn_loader", DEFAULT_RPN_LOADER),
-                           decode_threads=decode_threads(cpus, cfg.num_gpus_per_actor))
-        for row in map_with_actor_pool(ProposalShardWorker, [{"shard": s} for s in pending],
-                                       constructor_args=(job,), num_gpus_per_actor=cfg.num_gpus_per_actor,
-                                       num_actors=cfg.num_actors, cpus_per_actor=cpus,
-                                       desc="proposals"):
+                           decode_threads=plan.decode_threads)
+        for row in map_with_actor_pool(ProposalShardWorker, [{"shard": s} for s in pending], plan,
+                                       constructor_args=(job,), desc="proposals"):
             nodes.add(str(row["node"]))
     return {**markers.summary(shard_ids), "ray_nodes": sorted(nodes)}
 

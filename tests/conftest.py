@@ -114,14 +114,21 @@ def demo_small_run(request) -> BackgroundRun:
     return request.config.stash[_demo_small_key]
 
 
-@pytest.fixture(scope="session")
-def ray_local():
+def start_local_ray() -> None:
+    """The session's local Ray (2 CPUs), unless this process is already connected to a Ray."""
     import ray
 
     if not ray.is_initialized():
         # address="local": never join a cluster that a `ray start` on this machine left in /tmp/ray
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    start_local_ray()
     yield ray
     ray.shutdown()
 

@@ -348,6 +348,34 @@ def test_a_rank_whose_peers_never_start_stops_at_the_timeout():
     assert "the 2 ranks did not form a process group within 3 s (REGIONCLIP_DIST_TIMEOUT_S)" in done.stderr
 
 
+@pytest.mark.parametrize("local_rank, gpus_seen, expected", [
+    (None, 2, "cuda:0"),
+    (1, 2, "cuda:1"),     # torchrun: one process per GPU of the node, each sees them all
+    (3, 1, "cuda:0"),     # a launcher that shows each rank only its own GPU
+])
+def test_the_gpu_of_a_rank(monkeypatch, local_rank, gpus_seen, expected):
+    from trainer.engine.device import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus_seen)
+    if local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    assert str(resolve_device("auto")) == str(resolve_device("cuda")) == expected
+
+
+def test_a_rank_beyond_the_gpus_it_sees_is_a_clear_error(monkeypatch):
+    from trainer.engine.device import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    with pytest.raises(RuntimeError, match=r"LOCAL_RANK=2, but this process sees 2 GPUs \(CUDA_VISIBLE_DEVICES=4,5\)"):
+        resolve_device("auto")
+
+
 def test_the_timeout_setting_is_checked(monkeypatch):
     from trainer.engine.device import distributed_timeout
 

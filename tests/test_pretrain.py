@@ -288,6 +288,7 @@ DDP_SCRIPT = textwrap.dedent("""
     first = next(data)
     torch.save({{k: v for k, v in first.items() if not k.startswith("_")}}, out / f"batch{{rank}}.pt")
     s = t.train(batches=iter([first]))
+    (out / f"group{{rank}}.json").write_text(json.dumps(torch.distributed.is_initialized()))
     if rank == 0:
         (out / "summary.json").write_text(json.dumps(s["history"]))
         torch.save(t.encoder.state_dict(), out / "weights.pt")
@@ -312,6 +313,8 @@ def test_two_ranks_match_one_process(tmp_path):
     r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port()), str(script)],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=170)
     assert r.returncode == 0, r.stderr[-3000:]
+    # each rank left its process group when training ended (trainer.engine.device.end_distributed)
+    assert [json.loads((out / f"group{rank}.json").read_text()) for rank in (0, 1)] == [False, False]
     ddp_history = json.loads((out / "summary.json").read_text())
     b0, b1 = torch.load(out / "batch0.pt", weights_only=True), torch.load(out / "batch1.pt", weights_only=True)
     assert not set(b0["keys"]) & set(b1["keys"])  # the ranks read different shards

@@ -201,22 +201,6 @@ def test_missing_checkpoint_is_a_clear_error(run):
         manifest.proposals.checkpoint = None
 
 
-@pytest.mark.parametrize("resources, setting, gpus_per_actor, expected", [
-    ({"CPU": 64, "GPU": 8}, None, 1.0, (8, 8)),      # GPU node: 8 CPUs per actor, all decoding
-    ({"CPU": 16, "GPU": 4}, None, 1.0, (4, 4)),      # never more CPUs than the node has per GPU
-    ({"CPU": 64, "GPU": 8}, 6, 1.0, (6, 6)),         # the setting wins
-    ({"CPU": 2}, None, 1.0, (1, 1)),                  # CPU-only Ray: one CPU per actor
-    ({"CPU": 32}, 16, 1.0, (16, 2)),                 # a CPU actor's model threads keep most CPUs
-    ({"CPU": 64, "GPU": 8}, 8, 0.0, (8, 1)),         # num_gpus_per_actor 0: the model runs on the CPU
-])
-def test_actor_cpus_and_decode_threads(monkeypatch, resources, setting, gpus_per_actor, expected):
-    from pipeline import ray_runtime
-
-    monkeypatch.setattr(ray_runtime, "cluster_resources", lambda: resources)
-    cpus = ray_runtime.actor_cpus(setting)
-    assert (cpus, ray_runtime.decode_threads(cpus, gpus_per_actor)) == expected
-
-
 class _ActorEnvironment:
     """A Ray Data actor that reports the malloc settings its process started with."""
 
@@ -229,9 +213,12 @@ class _ActorEnvironment:
 
 
 def test_actors_of_a_cpu_model_start_with_the_caching_malloc_settings(ray_local):
-    from pipeline.ray_runtime import CPU_MODEL_ALLOCATOR_ENV, map_with_actor_pool, model_process_env
+    from pipeline.ray_runtime import (CPU_MODEL_ALLOCATOR_ENV, alive_nodes, map_with_actor_pool, model_process_env,
+                                      plan_actors)
 
     # the test cluster has no GPU: a model-holding actor runs its model on the CPU
-    rows = list(map_with_actor_pool(_ActorEnvironment, [{"shard": 0}], num_gpus_per_actor=1.0, cpus_per_actor=1))
+    plan = plan_actors(alive_nodes(), num_gpus_per_actor=1.0, cpus_per_actor=1)
+    assert plan.num_gpus == 0
+    rows = list(map_with_actor_pool(_ActorEnvironment, [{"shard": 0}], plan))
     assert [r["env"] for r in rows] == [",".join(f"{k}={v}" for k, v in sorted(CPU_MODEL_ALLOCATOR_ENV.items()))]
     assert model_process_env(1.0) == {}   # on a GPU the activations are the device allocator's

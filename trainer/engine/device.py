@@ -18,15 +18,29 @@ DEFAULT_TIMEOUT_S = 600
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """`auto`: the GPU of this rank (LOCAL_RANK under torchrun) when CUDA is present, else the CPU.
-    A bare `cuda` also means this rank's GPU."""
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    """`auto`: the GPU of this rank (rank_gpu) when CUDA is present, else the CPU. A bare `cuda` also
+    means this rank's GPU. (A Ray worker takes its device from Ray's assignment instead:
+    pipeline.ray_runtime.assigned_device.)"""
     if device == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        return rank_gpu() if torch.cuda.is_available() else torch.device("cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", local_rank)
+        dev = rank_gpu()
     return dev
+
+
+def rank_gpu() -> torch.device:
+    """This rank's GPU: cuda:LOCAL_RANK (torchrun's rank on this node, 0 without it) among the GPUs this
+    process sees, or cuda:0 when it sees one GPU only (a launcher that shows each rank its own GPU)."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    count = torch.cuda.device_count()
+    if local_rank < count or count == 0:   # none: torch's own error when the device is first used
+        return torch.device("cuda", local_rank)
+    if count == 1:
+        return torch.device("cuda", 0)
+    raise RuntimeError(f"LOCAL_RANK={local_rank}, but this process sees {count} GPUs (CUDA_VISIBLE_DEVICES="
+                       f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start at most {count} ranks on this "
+                       "node (torchrun --nproc_per_node), or show each rank one GPU")
 
 
 def distributed_timeout() -> datetime.timedelta:
@@ -59,6 +73,14 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def end_distributed() -> None:
+    """After training ended normally on every rank: leave the process group (its communicators and
+    threads end in order, rather than in the interpreter's exit, where NCCL warns or hangs). A no-op
+    without one."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def end_rank_after_error(what: str) -> NoReturn:

@@ -298,13 +298,15 @@ def label_shard(job: LabelJob, teacher: Teacher, codec, shard_id: int) -> dict:
 
 
 class LabelShardWorker:
-    """Ray Data actor: holds the teacher and codec; each call labels whole shards (one per row)."""
+    """Ray Data actor: holds the teacher (on the device Ray assigned it) and codec; each call labels whole
+    shards (one per row)."""
 
     def __init__(self, job: LabelJob):
+        from pipeline.ray_runtime import assigned_device
         from trainer.offline.codecs import load_codec
 
         self.job = job
-        self.teacher = load_teacher(job)
+        self.teacher = load_teacher(job, assigned_device("label"))
         self.codec = load_codec(job.codec_json)
 
     def __call__(self, batch: dict) -> dict:
@@ -337,14 +339,15 @@ def plan_region_sample(shard_counts: dict[int, dict], max_regions: int, seed: in
     return plan
 
 
-def sample_region_embeddings(job: LabelJob, plan: dict[int, list[int]], max_regions: int, seed: int) -> np.ndarray:
+def sample_region_embeddings(job: LabelJob, plan: dict[int, list[int]], max_regions: int, seed: int,
+                             device: str | torch.device = "auto") -> np.ndarray:
     """Teacher region (and whole-image) embeddings of the planned images (`plan_region_sample`), in shard
     order, until max_regions are held; then a seeded sample of exactly max_regions rows when more came.
-    Runs wherever it is called (a Ray task with a GPU or not)."""
+    The teacher runs on `device` (in a Ray task: the one Ray assigned it, pipeline.ray_runtime.on_assigned_device)."""
     from pipeline.layout import RunLayout
     from pipeline.sidecars import iter_proposals
 
-    teacher = load_teacher(job)
+    teacher = load_teacher(job, device)
     layout = RunLayout(Path(job.run_root))
     parts, held = [], 0
     for s in sorted(plan):

@@ -65,11 +65,12 @@ class ProposalJob:
 
 
 class Proposer:
-    def __init__(self, job: ProposalJob):
+    def __init__(self, job: ProposalJob, device: torch.device | None = None):
+        """The RPN on `device` (default: job.device, resolved by trainer.engine.device.resolve_device)."""
         from trainer.engine.device import resolve_device
 
         self.job = job
-        self.device = resolve_device(job.device)
+        self.device = device if device is not None else resolve_device(job.device)
         self.autocast_dtype = configure_precision(self.device, job.precision)
         self.rpn = import_loader(job.rpn_loader)(job.checkpoint, self.device)
         if hasattr(self.rpn, "eval"):
@@ -121,10 +122,13 @@ class Proposer:
 
 
 class ProposalShardWorker:
-    """Ray Data actor: holds the RPN; each call proposes boxes for whole shards (one per row)."""
+    """Ray Data actor: holds the RPN, on the device Ray assigned it; each call proposes boxes for whole
+    shards (one per row)."""
 
     def __init__(self, job: ProposalJob):
-        self.proposer = Proposer(job)
+        from pipeline.ray_runtime import assigned_device
+
+        self.proposer = Proposer(job, assigned_device("proposals"))
 
     def __call__(self, batch: dict) -> dict:
         rows = [self.proposer.shard(int(s)) for s in batch["shard"]]

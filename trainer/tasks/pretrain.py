@@ -36,7 +36,7 @@ from torch import nn
 from pipeline.config import PretrainConfig
 from trainer.data.pretrain_stream import DataOptions, DataPosition, ShardSource, make_loader
 from trainer.engine.checkpoint import seed_all
-from trainer.engine.device import init_distributed, resolve_device
+from trainer.engine.device import end_distributed, init_distributed, resolve_device
 from trainer.engine.hooks import standard_hooks
 from trainer.engine.loop import HookBase, TrainLoop
 from trainer.engine.schedules import WarmupMultiStep
@@ -299,6 +299,7 @@ class PretrainTrainer(TrainLoop):
             self.export_student(self.paths.student)
         if self.world > 1:
             dist.barrier()
+            end_distributed()   # the group was this trainer's (init_distributed): it trains once per process
         images_per_s = summary["steps_run"] * self.global_batch / max(summary["seconds"], 1e-9)
         return {**summary, "images_per_s": images_per_s, "skipped": self.position.skipped_total()}
 
