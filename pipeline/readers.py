@@ -19,9 +19,11 @@ checked without blocking), and at most corpus.max_file_bytes (images) or corpus.
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import functools
 import hashlib
+import itertools
 import json
 import os
 import stat
@@ -30,7 +32,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator, Optional
-from urllib.parse import unquote, urlparse
+from urllib.parse import quote, unquote_to_bytes, urlparse
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -101,10 +103,50 @@ def corpus_files(manifest) -> CorpusFiles:
 
 
 def _row(source_id: str, caption, image_ref: str, error: Optional[str] = None) -> dict:
-    """`caption`: one caption (str or bytes) or a list of them (a table's list column)."""
+    """`caption`: one caption (str or bytes) or a list of them (a table's list column). Names that are not
+    valid UTF-8 (a file name's raw bytes) are kept: image_ref as a percent-encoded file:// URL
+    (`storable_ref`, read back by `ref_path`), ids and messages with the bytes escaped."""
     captions = list(caption) if isinstance(caption, (list, tuple)) else [caption]
     captions = [c.encode("utf-8", errors="surrogateescape") if isinstance(c, str) else c for c in captions]
-    return {"source_id": source_id, "captions": captions, "image_ref": image_ref, "error": error}
+    return {"source_id": _text(source_id), "captions": captions, "image_ref": storable_ref(image_ref),
+            "error": None if error is None else _text(error)}
+
+
+def _text(value: str) -> str:
+    """A name or message as valid UTF-8: bytes of a non-UTF-8 file name shown as \\x.. escapes."""
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogateescape" if _fs_encodable(value) else "backslashreplace"
+                            ).decode("utf-8", "backslashreplace")
+
+
+def _fs_encodable(value: str) -> bool:
+    try:
+        os.fsencode(value)
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def storable_ref(path: str) -> str:
+    """A local path as an image_ref (an Arrow string): itself, or, when the file name is not valid UTF-8
+    (os.fsdecode's surrogates), a file:// URL with its bytes percent-encoded, so the file is still found."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        if not _fs_encodable(path):
+            return _text(path)          # not a name the file system can hold: it is reported missing
+        return "file://" + quote(os.fsencode(path))
+
+
+def ref_path(ref: str) -> str:
+    """The local path of an image_ref written by storable_ref (or a file:// URL of a corpus)."""
+    if ref.startswith("file://"):
+        return os.fsdecode(unquote_to_bytes(urlparse(ref).path))
+    return ref
 
 
 def _local_ref(url: str, base: Path) -> tuple[str, Optional[str]]:
@@ -114,48 +156,104 @@ def _local_ref(url: str, base: Path) -> tuple[str, Optional[str]]:
     if parsed.scheme in ("http", "https", "s3", "gs"):
         return url, "remote_url: download the corpus with img2dataset and use corpus.format: img2dataset"
     if parsed.scheme == "file":
-        return unquote(parsed.path), None
+        return ref_path(url), None
     path = Path(url)
     return str(path if path.is_absolute() else base / path), None
 
 
 # -- CC3M-style TSV / CSV / Parquet ------------------------------------------------------------
 
+TEXT_TYPES = (pa.string(), pa.large_string(), pa.binary(), pa.large_binary())
+
+
 def read_caption_table(path: Path, images_root: Optional[Path], caption_column: str = "caption",
                        url_column: str = "url") -> Iterator[dict]:
-    """CC3M's `caption<TAB>url` (with or without a header), a CSV, or a Parquet file."""
+    """CC3M's `caption<TAB>url` (with or without a header), a CSV, or a Parquet file (a caption column of
+    text or a list of texts, a url column of text). Rows end at a line feed only (a CR inside a caption is
+    whitespace, a CR LF ends a row); a UTF-8 byte order mark before the header is ignored; a url's bytes
+    are the file name's, UTF-8 or not."""
     base = images_root or path.parent
     if path.suffix == ".parquet":
-        table = pq.read_table(path)
-        for i, (caption, url) in enumerate(zip(table[caption_column].to_pylist(),
-                                               table[url_column].to_pylist())):
-            ref, err = _local_ref(str(url or ""), base)
-            yield _row(f"{path.name}:{i}", caption or b"", ref, err)
+        yield from _read_caption_parquet(path, base, caption_column, url_column)
         return
     delimiter = b"," if path.suffix == ".csv" else b"\t"
-    raw_lines = path.read_bytes().splitlines()
-    if not raw_lines:
-        return
-    header = [h.strip().decode("utf-8", "replace") for h in raw_lines[0].split(delimiter)]
-    if caption_column in header and url_column in header:
-        ci, ui = header.index(caption_column), header.index(url_column)
-        lines, first_line = raw_lines[1:], 2
-    else:
-        ci, ui, lines, first_line = 0, 1, raw_lines, 1  # CC3M's released TSV has no header
-    for n, line in enumerate(lines, start=first_line):
-        if not line.strip():
+    with open(path, "rb") as stream:
+        lines = (line[:-1] if line.endswith(b"\n") else line for line in stream)   # LF only: a CR stays
+        lines = (line[:-1] if line.endswith(b"\r") else line for line in lines)
+        first = next(lines, None)
+        if first is None:
+            return
+        first = first.removeprefix(codecs.BOM_UTF8)
+        rows = _csv_rows(itertools.chain([first], lines)) if delimiter == b"," else \
+            ((n, line.split(delimiter)) for n, line in enumerate(itertools.chain([first], lines), start=1))
+        header = None
+        for n, fields in rows:
+            if header is None:
+                header = [h.strip().decode("utf-8", "replace") for h in fields] if fields is not None else []
+                if caption_column in header and url_column in header:
+                    ci, ui = header.index(caption_column), header.index(url_column)
+                    continue
+                ci, ui = 0, 1        # CC3M's released TSV has no header
+            if fields is None:
+                yield _row(f"{path.name}:{n}", b"", "", "malformed_row: not a valid CSV row")
+                continue
+            if not any(f.strip() for f in fields):
+                continue
+            if len(fields) <= max(ci, ui):
+                yield _row(f"{path.name}:{n}", b"", "", "malformed_row: expected caption and url columns")
+                continue
+            ref, err = _local_ref(os.fsdecode(fields[ui].strip()), base)
+            yield _row(f"{path.name}:{n}", fields[ci].strip(), ref, err)
+
+
+def _csv_rows(lines: Iterator[bytes]) -> Iterator[tuple[int, Optional[list]]]:
+    """(line number, fields as bytes) of each CSV row (None: a row the csv module refuses)."""
+    text = (line.replace(b"\r", b" ").decode("utf-8", "surrogateescape") + "\n" for line in lines)
+    reader = csv.reader(text)
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error:
+            yield reader.line_num, None
             continue
-        if delimiter == b",":
-            fields = [f.encode("utf-8", "surrogateescape") for f in
-                      next(csv.reader([line.decode("utf-8", "surrogateescape")]))]
-        else:
-            fields = line.split(delimiter)
-        if len(fields) <= max(ci, ui):
-            yield _row(f"{path.name}:{n}", b"", "", "malformed_row: expected caption and url columns")
-            continue
-        url = fields[ui].strip().decode("utf-8", "replace")
-        ref, err = _local_ref(url, base)
-        yield _row(f"{path.name}:{n}", fields[ci].strip(), ref, err)
+        yield reader.line_num, [f.encode("utf-8", "surrogateescape") for f in fields]
+
+
+def _read_caption_parquet(path: Path, base: Path, caption_column: str, url_column: str) -> Iterator[dict]:
+    """A Parquet caption table, a record batch at a time; a missing column or one of the wrong type is a
+    CorpusError naming the file and the setting, before any row."""
+    try:
+        source = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as err:
+        raise CorpusError(f"corpus.path: {path} is not a readable Parquet file ({type(err).__name__}: {err})") \
+            from None
+    schema = source.schema_arrow
+    for column, setting, kinds in ((caption_column, "caption_column", "text or a list of texts"),
+                                   (url_column, "url_column", "text")):
+        if column not in schema.names:
+            raise CorpusError(f"corpus.path: {path} has no column {column!r} (corpus.{setting}); its columns: "
+                              f"{', '.join(schema.names)}")
+        kind = schema.field(column).type
+        is_list = pa.types.is_list(kind) or pa.types.is_large_list(kind)
+        element = kind.value_type if is_list else kind
+        if element not in TEXT_TYPES or (is_list and column == url_column):
+            raise CorpusError(f"corpus.path: {path}: column {column!r} (corpus.{setting}) holds {kind}, not "
+                              f"{kinds}")
+    index = 0
+    try:
+        for batch in source.iter_batches(columns=[caption_column, url_column]):
+            for caption, url in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+                if isinstance(url, bytes):
+                    url = os.fsdecode(url)
+                ref, err = _local_ref(url or "", base)
+                yield _row(f"{path.name}:{index}", [c or b"" for c in caption] if isinstance(caption, list)
+                           else caption or b"", ref, err)
+                index += 1
+    except (OSError, pa.ArrowException) as err:
+        raise CorpusError(f"corpus.path: {path}: rows from {index} on cannot be read ({type(err).__name__}: "
+                          f"{err})") from None
 
 
 # -- img2dataset output ------------------------------------------------------------------------
@@ -259,7 +357,7 @@ def _read_members(stream: BinaryIO, start: int, tar_path: Path, samples: dict, f
             elif ext in seen:
                 sample.setdefault("error", f"duplicate_tar_member: {member.name!r} appears twice")
             elif ext in IMAGE_EXTENSIONS:
-                sample["image"] = f"tar://{tar_path}#{member.offset_data}:{member.size}"
+                sample["image"] = f"tar://{storable_ref(str(tar_path))}#{member.offset_data}:{member.size}"
             elif ext == "txt":
                 if member.size > files.max_caption_bytes:
                     sample.setdefault("error", f"caption_too_large: {member.name!r} holds {member.size} bytes "
@@ -349,7 +447,7 @@ def _read_parquet_output(path: Path, folder: Path, files: CorpusFiles) -> Iterat
                 elif caption is None:
                     error = "missing_caption: no caption value"
                 yield _row(f"{label}:{key if key is not None else f'{group}:{i}'}", caption or b"",
-                           f"parquet://{path}#{group}:{i}", error)
+                           f"parquet://{storable_ref(str(path))}#{group}:{i}", error)
     except FileRefused as err:
         yield _row(f"{label}:", b"", str(path), str(err))
     except (OSError, pa.ArrowException) as err:
@@ -377,17 +475,76 @@ def _image_with_sidecar_caption(image: Path, root: Path, files: CorpusFiles) -> 
 # -- COCO captions ---------------------------------------------------------------------------
 
 def read_coco_captions(path: Path, images_root: Optional[Path]) -> Iterator[dict]:
-    """A COCO captions JSON: one row per caption, those of an image adjacent (read_corpus merges them)."""
-    data = json.loads(path.read_text(encoding="utf-8"))
+    """A COCO captions JSON: one row per caption, ordered by image and annotation id (read_corpus merges
+    the captions of an image). A file that is not a JSON object with `images` and `annotations` lists is
+    a CorpusError naming it; an annotation or image record of the wrong shape is a rejected row
+    `malformed_annotation` (after the others, in file order)."""
+    data = _coco_json(path)
     base = images_root or path.parent
-    files = {img["id"]: img["file_name"] for img in data.get("images", [])}
-    for ann in sorted(data.get("annotations", []), key=lambda a: (a["image_id"], a["id"])):
-        file_name = files.get(ann["image_id"])
-        sid = f"coco:{ann['id']}"
-        if file_name is None:
-            yield _row(sid, ann.get("caption") or "", "", f"unknown_image_id: {ann['image_id']}")
+    files: dict[int, str] = {}
+    bad_images: dict[int, str] = {}
+    for n, img in enumerate(data["images"]):
+        image_id = img.get("id") if isinstance(img, dict) else None
+        if not _is_id(image_id):
+            continue            # no annotation can name it: any that tries is `unknown_image_id`
+        name = img.get("file_name")
+        if not isinstance(name, str) or not name:
+            bad_images[image_id] = f"image {image_id} has no file_name text (got {type(name).__name__})"
+        elif files.setdefault(image_id, name) != name:
+            bad_images[image_id] = f"image {image_id} is listed twice with different file names"
+    usable, malformed = [], []
+    for n, ann in enumerate(data["annotations"]):
+        problem = _annotation_problem(ann, n)
+        if problem:
+            ann_id = ann.get("id") if isinstance(ann, dict) else None
+            malformed.append((f"coco:{ann_id if _is_id(ann_id) else f'#{n}'}", problem))
         else:
-            yield _row(sid, ann.get("caption") or "", str(base / file_name))
+            usable.append(ann)
+    for ann in sorted(usable, key=lambda a: (a["image_id"], a["id"])):
+        sid, image_id = f"coco:{ann['id']}", ann["image_id"]
+        if image_id in bad_images:
+            yield _row(sid, ann["caption"], "", f"malformed_annotation: {bad_images[image_id]}")
+        elif image_id not in files:
+            yield _row(sid, ann["caption"], "", f"unknown_image_id: {image_id}")
+        else:
+            yield _row(sid, ann["caption"], str(base / files[image_id]))
+    for sid, problem in malformed:
+        yield _row(sid, b"", "", f"malformed_annotation: {problem}")
+
+
+def _coco_json(path: Path) -> dict:
+    """A COCO captions file parsed, or a CorpusError naming it and corpus.path."""
+    where = f"corpus.path: {path}"
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise CorpusError(f"{where} is not UTF-8 text (byte {err.start}); a COCO captions file is JSON") from None
+    except json.JSONDecodeError as err:
+        raise CorpusError(f"{where} is not valid JSON: {err}") from None
+    except RecursionError:
+        raise CorpusError(f"{where}: JSON nested too deeply to be a COCO captions file") from None
+    if not isinstance(data, dict):
+        raise CorpusError(f"{where}: a COCO captions file is a JSON object with images and annotations, "
+                          f"not a {type(data).__name__}")
+    for key in ("images", "annotations"):
+        if not isinstance(data.get(key), list):
+            raise CorpusError(f"{where}: {key!r} must be a list (got {type(data.get(key)).__name__})")
+    return data
+
+
+def _is_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _annotation_problem(ann, n: int) -> Optional[str]:
+    if not isinstance(ann, dict):
+        return f"annotation #{n} is a {type(ann).__name__}, not an object"
+    for key in ("id", "image_id"):
+        if not _is_id(ann.get(key)):
+            return f"annotation #{n}: {key} must be a whole number (got {ann.get(key)!r:.40})"
+    if not isinstance(ann.get("caption"), str):
+        return f"annotation {ann['id']}: caption must be text (got {type(ann.get('caption')).__name__})"
+    return None
 
 
 # -- a folder of images with .txt captions -----------------------------------------------------
@@ -418,6 +575,10 @@ def read_corpus(manifest) -> pa.Table:
     elif path is None or not path.exists():
         raise FileNotFoundError(f"corpus.path: {corpus.path!r} does not exist; point it at the "
                                 f"{corpus.format} input (see README, 'Plugging in real data')")
+    else:
+        _refuse_run_folder_inside(manifest, path)
+    if corpus.format == "synthetic":
+        pass
     elif corpus.format == "cc3m_tsv":
         rows = read_caption_table(path, images_root, corpus.caption_column, corpus.url_column)
     elif corpus.format == "img2dataset":
@@ -429,25 +590,25 @@ def read_corpus(manifest) -> pa.Table:
     # Rows become Arrow in batches and images and captions are known by 16-byte digests, so the reading
     # holds the table (about 1 GB for CC3M's 3.3M rows) rather than a Python dict per row and every
     # caption twice; one chunk in the end, as the corpus fingerprint's bytes depend on the chunking.
+    # Every lookup is a dict's: the time per row does not grow with the rows already read (100,000
+    # captions of one image are as fast as 100,000 images; bench/linear_rows.py).
     batches, pending, written, count, refused = [], [], 0, 0, Counter()
-    images: dict[bytes, tuple] = {}   # image digest -> (its row's index, (caption digest, source_id), ...)
-    merged: dict[int, list] = {}      # row index -> captions of later rows of the same image
+    images: dict[bytes, int] = {}       # image digest -> the index of its row
+    pairs: dict[bytes, str] = {}        # image digest + caption digest -> the source_id that had them
+    merged: dict[int, list] = {}        # row index -> captions of later rows of the same image
     for row in rows:
         count += 1
         if row["error"] is None:
             image = _digest(row["image_ref"])
-            caption = _digest(row["captions"])
-            first = images.get(image)
-            if first is None:
-                images[image] = (written, (caption, row["source_id"]))
-            else:
-                same = next((sid for digest, sid in first[1:] if digest == caption), None)
-                if same is not None:
-                    row["error"] = f"duplicate_row: same image and caption as {same}"
-                else:                 # another caption of an image already read: it joins that row
-                    images[image] = (*first, (caption, row["source_id"]))
-                    merged.setdefault(first[0], []).extend(row["captions"])
-                    row = None
+            pair = image + _digest(row["captions"])
+            first = images.setdefault(image, written)
+            known = len(pairs)
+            same = pairs.setdefault(pair, row["source_id"])
+            if len(pairs) == known:       # this image with this caption was read before
+                row["error"] = f"duplicate_row: same image and caption as {same}"
+            elif first != written:        # another caption of an image already read: it joins that row
+                merged.setdefault(first, []).extend(row["captions"])
+                row = None
         if row is not None:
             if row["error"] is not None:
                 refused[row["error"].split(":")[0]] += 1
@@ -471,15 +632,32 @@ def read_corpus(manifest) -> pa.Table:
 BATCH_ROWS = 65536
 
 
+def _refuse_run_folder_inside(manifest, corpus_path: Path) -> None:
+    """A CorpusError when the run folder lies inside (or is) the folder a folder or img2dataset corpus is
+    read from: the reader, which takes every tar or picture under it, would read the run's own shards and
+    pictures as corpus, and every rerun would find more rows."""
+    if manifest.corpus.format not in ("folder", "img2dataset"):
+        return                  # these name their files row by row
+    folder = os.path.realpath(corpus_path)
+    run = os.path.realpath(manifest.output_path)
+    if run == folder or run.startswith(folder.rstrip(os.sep) + os.sep):
+        raise CorpusError(f"output_dir {manifest.output_dir!r} ({run}) is inside corpus.path {manifest.corpus.path!r} "
+                          f"({folder}): the {manifest.corpus.format} reader would read the run's own files as "
+                          "corpus; put output_dir outside the corpus folder")
+
+
 def _digest(value) -> bytes:
     return hashlib.blake2b(repr(value).encode(), digest_size=16).digest()
 
 
 def _with_merged_captions(batches: list, merged: dict[int, list]) -> list:
     """The batches (BATCH_ROWS rows each) with each row's merged captions appended to its own."""
+    by_batch: dict[int, dict[int, list]] = {}
+    for i, extra in merged.items():
+        by_batch.setdefault(i // BATCH_ROWS, {})[i % BATCH_ROWS] = extra
     out = []
     for b, batch in enumerate(batches):
-        rows = {i - b * BATCH_ROWS: extra for i, extra in merged.items() if i // BATCH_ROWS == b}
+        rows = by_batch.get(b)
         if rows:
             captions = batch.column("captions").to_pylist()
             for i, extra in rows.items():
@@ -531,10 +709,11 @@ def read_image_bytes(image_ref: str, files: CorpusFiles) -> bytes:
     if image_ref.startswith("tar://"):
         tar_path, _, span = image_ref[len("tar://"):].rpartition("#")
         offset, size = (int(x) for x in span.split(":"))
-        return files.read(tar_path, offset=offset, length=size)
+        return files.read(ref_path(tar_path), offset=offset, length=size)
     if image_ref.startswith("parquet://"):
         path, _, place = image_ref[len("parquet://"):].rpartition("#")
         group, row = (int(x) for x in place.split(":"))
+        path = ref_path(path)
         real = files.regular(path)
         try:
             value = _parquet_images(real, group, os.stat(real).st_mtime_ns)[row].as_py()
@@ -548,7 +727,7 @@ def read_image_bytes(image_ref: str, files: CorpusFiles) -> bytes:
         return value
     if not image_ref:
         raise FileNotFoundError("no image reference")
-    return files.read(image_ref)
+    return files.read(ref_path(image_ref))
 
 
 @functools.lru_cache(maxsize=1)
