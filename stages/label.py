@@ -33,7 +33,7 @@ def teacher_and_codec(run: StageRun) -> dict:
     """The teacher (checked against the concept embeddings' width), its scale, and the codec's build
     settings. Loads the teacher once, before anything is written."""
     from pipeline.io import sha256_file
-    from stages.resolve import load_model_ref
+    from stages.resolve import actor_precision, load_model_ref
     from trainer.models.clip import check_embedding_dim, embedding_dim
     from trainer.offline.text_embed import load_concept_embeddings
 
@@ -46,17 +46,20 @@ def teacher_and_codec(run: StageRun) -> dict:
     checkpoint = manifest.resolve(manifest.teacher.checkpoint) or layout.teacher_checkpoint
     teacher = {"arch": manifest.teacher.arch, "sha256": sha256_file(checkpoint)}
     scale = teacher_scale(manifest)
+    # `precision` as the actors will run it (auto: bf16 on GPUs, fp32 on CPUs), in place of the setting.
+    precision = run.memo["precision"] = actor_precision(manifest, "label")
     codec = {"codec": cfg.codec, "dim": dim, "seed": manifest.seed}
     if cfg.codec == "pq":
         codec.update(subquantizers=cfg.pq_subquantizers, bits=cfg.pq_bits, train_regions=cfg.pq_train_regions,
                      teacher=teacher, proposals=run.upstream["proposals"]["fingerprint"],
-                     batch_size=cfg.batch_size, precision=cfg.precision, sample="images drawn across all shards",
+                     batch_size=cfg.batch_size, precision=precision, sample="images drawn across all shards",
                      **scale)
     elif cfg.codec == "topk":
         codec.update(k=cfg.topk, temperature=cfg.temperature,
                      concepts=sha256_file(layout.concept_embeddings))
     return {"teacher": teacher, "scale": scale, "codec": codec,
-            "concept_embeddings": sha256_file(layout.concept_embeddings)}
+            "concept_embeddings": sha256_file(layout.concept_embeddings),
+            "label": {**run.settings["label"], "precision": precision}}
 
 
 def marker_fingerprint(run: StageRun, codec: dict) -> str:
@@ -77,8 +80,9 @@ def _build_key(run: StageRun) -> str:
     return fingerprint_of("label-codec", run.settings["codec"], {})
 
 
-def label_job(manifest, decode_threads: int = 1) -> "LabelJob":  # noqa: F821
-    """What a label worker needs, from the manifest (the marker fingerprint is set once the codec is known)."""
+def label_job(manifest, decode_threads: int = 1, precision: str | None = None) -> "LabelJob":  # noqa: F821
+    """What a label worker needs, from the manifest (the marker fingerprint is set once the codec is known;
+    `precision`: the resolved one the stage fingerprinted, default the section's)."""
     from trainer.offline.labels import LabelJob
 
     layout, cfg, scale = RunLayout.of(manifest), manifest.label, teacher_scale(manifest)
@@ -89,7 +93,7 @@ def label_job(manifest, decode_threads: int = 1) -> "LabelJob":  # noqa: F821
                     concept_embeddings=str(layout.concept_embeddings), codec_json=str(layout.labels_codec),
                     min_size=scale["min_size"], max_size=scale["max_size"], temperature=cfg.temperature,
                     faiss_threshold=cfg.faiss_threshold, batch_size=cfg.batch_size,
-                    store_flipped=cfg.store_flipped, fingerprint="", precision=cfg.precision,
+                    store_flipped=cfg.store_flipped, fingerprint="", precision=precision or cfg.precision,
                     decode_threads=decode_threads)
 
 
@@ -102,7 +106,7 @@ def label(run: StageRun) -> dict:
     shard_ids = run.shard_ids("proposals")
     init_ray(manifest.ray)
     plan = plan_actor_pool("label", cfg, manifest.ray)
-    job = label_job(manifest, decode_threads=plan.decode_threads)
+    job = label_job(manifest, decode_threads=plan.decode_threads, precision=run.memo["precision"])
     codec = ensure_codec(run, job, shard_ids, plan)
     markers = run.markers(fingerprint=marker_fingerprint(run, codec))
     job.fingerprint = markers.fingerprint

@@ -30,13 +30,24 @@ def rpn_checksum(run: StageRun) -> dict:
     return {"checkpoint": {"sha256": sha256_file(checkpoint)}}  # content, not path: runs move
 
 
+def rpn_and_precision(run: StageRun) -> dict:
+    """What the section's settings do not say: the RPN's checksum, and `precision` as the actors will run
+    it (`auto` resolved: bf16 on GPUs, fp32 on CPUs)."""
+    from stages.resolve import actor_precision
+
+    precision = run.memo["precision"] = actor_precision(run.manifest, "proposals")
+    return {**rpn_checksum(run), "proposals": {**run.settings["proposals"], "precision": precision}}
+
+
 def shards_done(run: StageRun) -> bool:
     return not run.markers().pending(run.shard_ids())
 
 
 def proposal_job(manifest, checkpoint, *, fingerprint: str = "", rpn_loader: str | None = None,
-                 decode_threads: int = 1, device: str = "auto") -> "ProposalJob":  # noqa: F821
-    """What a proposal worker needs, from the manifest's `proposals` section."""
+                 decode_threads: int = 1, device: str = "auto",
+                 precision: str | None = None) -> "ProposalJob":  # noqa: F821
+    """What a proposal worker needs, from the manifest's `proposals` section (`precision`: the resolved
+    one the stage fingerprinted; default the section's)."""
     from trainer.offline.proposals import DEFAULT_RPN_LOADER, ProposalJob
 
     cfg = manifest.proposals
@@ -44,7 +55,7 @@ def proposal_job(manifest, checkpoint, *, fingerprint: str = "", rpn_loader: str
                        min_size=cfg.min_size, max_size=cfg.max_size, pre_nms_top_n=cfg.pre_nms_top_n,
                        post_nms_top_n=cfg.post_nms_top_n, nms_thresh=cfg.nms_thresh, batch_size=cfg.batch_size,
                        fingerprint=fingerprint, rpn_loader=rpn_loader or DEFAULT_RPN_LOADER, device=device,
-                       precision=cfg.precision, decode_threads=decode_threads)
+                       precision=precision or cfg.precision, decode_threads=decode_threads)
 
 
 def propose(run: StageRun) -> dict:
@@ -60,7 +71,7 @@ def propose(run: StageRun) -> dict:
         plan = plan_actor_pool("proposals", cfg, run.manifest.ray)
         job = proposal_job(run.manifest, checkpoint, fingerprint=run.fingerprint,
                            rpn_loader=run.options.get("rpn_loader", DEFAULT_RPN_LOADER),
-                           decode_threads=plan.decode_threads)
+                           decode_threads=plan.decode_threads, precision=run.memo["precision"])
         for row in map_with_actor_pool(ProposalShardWorker, [{"shard": s} for s in pending], plan,
                                        constructor_args=(job,), desc="proposals"):
             nodes.add(str(row["node"]))
@@ -69,7 +80,7 @@ def propose(run: StageRun) -> dict:
 
 STAGE = Stage(
     name="proposals", help="class-agnostic RPN boxes (top 300 after NMS) per shard image -> proposals/ (Ray actors)",
-    reads=reads, sections=("proposals",), identify=rpn_checksum, current=shards_done, work=propose)
+    reads=reads, sections=("proposals",), identify=rpn_and_precision, current=shards_done, work=propose)
 run = STAGE.run
 
 

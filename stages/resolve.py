@@ -98,6 +98,23 @@ def rpn_inference(manifest: RunManifest, purpose: str, training: bool = False) -
             "post_nms_top_n": post, "nms_thresh": nms}
 
 
+def actor_precision(manifest: RunManifest, section: str) -> str:
+    """The precision the actors of GPU stage `section` (proposals, label) run their model in: the
+    section's `precision` with `auto` resolved (trainer/offline/streaming.py resolved_precision) by the
+    stage's actor plan, GPUs or CPUs (pipeline/ray_runtime.py plan_actor_pool, which starts or joins
+    Ray for it). The stage fingerprints this value: outputs made in bf16 on GPUs and in fp32 on CPUs
+    never share a fingerprint, and `auto` on CPUs is the same run as `fp32`."""
+    from trainer.offline.streaming import resolved_precision
+
+    cfg = getattr(manifest, section)
+    if cfg.precision != "auto":
+        return resolved_precision(cfg.precision, uses_gpu=False)
+    from pipeline.ray_runtime import init_ray, plan_actor_pool
+
+    init_ray(manifest.ray)
+    return resolved_precision("auto", uses_gpu=plan_actor_pool(section, cfg, manifest.ray).num_gpus > 0)
+
+
 def annotation_file(manifest, which: str) -> Path:
     """transfer.annotations (which='train') or transfer.val_annotations ('val'); default: the
     synthetic world's instances_train.json / instances_val.json."""

@@ -285,6 +285,23 @@ def test_resume_redoes_only_a_missing_shard_and_writes_a_region_index(run):
     assert found.shape == (1, 3) and (found >= 0).all()
 
 
+def test_auto_precision_on_cpus_is_the_same_run_as_fp32(run):
+    """precision auto (the fixture's) on a Ray without GPUs means fp32, and is fingerprinted so (the stage
+    and the PQ codebook's build both record fp32): the same run with precision fp32 is up to date."""
+    manifest, layout, _, _ = run
+    recorded = json.loads(layout.stage("label").manifest.read_text())
+    assert manifest.label.precision == "auto" and recorded["settings"]["label"]["precision"] == "fp32"
+    assert recorded["settings"]["codec"]["precision"] == "fp32"
+    before = {p.name: p.stat().st_mtime_ns for p in layout.labels.root.glob("*") if p.is_file()}
+    manifest.label.precision = "fp32"
+    try:
+        again = label.run(manifest)
+    finally:
+        manifest.label.precision = "auto"
+    assert again["fingerprint"] == recorded["fingerprint"] and again["work"] is label.STAGE.nothing_done
+    assert {p.name: p.stat().st_mtime_ns for p in layout.labels.root.glob("*") if p.is_file()} == before
+
+
 def test_dimension_mismatch_is_refused_before_any_work(run, tmp_path):
     manifest, layout, _, _ = run
     good = np.load(layout.concept_embeddings)

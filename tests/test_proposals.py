@@ -1,6 +1,8 @@
 """The proposals stage: the sidecar contract, equality with the RPN run by hand, box cleaning, resume."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -189,6 +191,22 @@ def test_rerun_is_a_no_op_and_a_missing_marker_redoes_only_that_shard(run):
     assert after["00002.parquet"] != before["00002.parquet"]
     assert after["00000.parquet"] == before["00000.parquet"] and after["00001.parquet"] == before["00001.parquet"]
     assert read_rows(layout.proposals) == rows
+
+
+def test_auto_precision_on_cpus_is_the_same_run_as_fp32(run):
+    """precision auto (the fixture's) on a Ray without GPUs means fp32, and is fingerprinted so: the stage
+    records fp32, and the same run with precision fp32 is up to date (no shard redone)."""
+    manifest, layout, result = run
+    assert manifest.proposals.precision == "auto" and result["settings"]["proposals"]["precision"] == "fp32"
+    before = {p.name: p.stat().st_mtime_ns for p in layout.proposals.root.glob("[0-9]*.parquet")}
+    recorded = json.loads(layout.stage("proposals").manifest.read_text())["fingerprint"]
+    manifest.proposals.precision = "fp32"
+    try:
+        again = proposals.run(manifest, rpn_loader=rpn_loader())
+    finally:
+        manifest.proposals.precision = "auto"
+    assert again["fingerprint"] == recorded and again["work"] is proposals.STAGE.nothing_done
+    assert {p.name: p.stat().st_mtime_ns for p in layout.proposals.root.glob("[0-9]*.parquet")} == before
 
 
 def test_missing_checkpoint_is_a_clear_error(run):

@@ -179,7 +179,8 @@ def _sample_regions(proposals: Proposals, labels: RegionLabels, opts: DataOption
 
 
 def collate(samples: list[dict], regions: int, online: bool) -> dict:
-    """Pad images to a common size (a multiple of 32) and regions to `regions` per image."""
+    """Pad images to a common size (a multiple of 32) and regions to `regions` per image: an image's k
+    regions are the first k of its row (`valid` marks them), the trainer slices them on the device."""
     b = len(samples)
     hmax = max(s["size"][0] for s in samples)
     wmax = max(s["size"][1] for s in samples)
@@ -359,11 +360,12 @@ class DataPosition:
 def make_loader(sources: Sequence[ShardSource], opts: DataOptions, rank: int = 0, world_size: int = 1,
                 num_workers: int = 0, position: Optional[DataPosition] = None,
                 pin_memory: bool = False) -> Iterator[dict]:
-    """An endless iterator of this rank's batches, starting at `position`."""
+    """An endless iterator of this rank's batches, starting at `position`; `pin_memory`: each batch's
+    tensors in pinned memory (for asynchronous copies to the GPU), with worker processes or without."""
     stream = PretrainStream(sources, opts, rank, world_size, num_workers,
                             position.state_dict() if position else None)
     if num_workers == 0:
-        return iter(stream)
+        return iter(DataLoader(stream, batch_size=None, pin_memory=True)) if pin_memory else iter(stream)
     loader = DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                         prefetch_factor=4, persistent_workers=False, multiprocessing_context="fork"
                         if torch.multiprocessing.get_start_method(allow_none=True) in (None, "fork") else None)

@@ -2,7 +2,8 @@
 how the trainer turns the stored codes back into concept logits on the device.
 
     codec = load_codec(layout.labels.root)                      # reads labels/codec.json (+ files)
-    codes = codec.encode(embeddings)                            # [N, D] float32 L2-normalized -> [N, code_size] uint8
+    codes = codec.encode(embeddings)                            # [N, D] float32 L2-normalized (a tensor on
+                                                                # any device, or an array) -> [N, code_size] uint8
     logits = codec.decode_logits(codes_u8_on_device, concept_emb_on_device, temperature=0.01)  # [N, C]
 
 `decode_logits` is the single entry point for the trainer; softmax(logits) is the teacher's
@@ -17,7 +18,7 @@ Codecs (label.codec):
 - `topk`: the k most probable concepts: ids (uint16 when the pool has at most 65536 concepts, else
   uint32) and their log-probabilities log p_t (float16), k*(id bytes + 2) bytes. It is computed
   against the concept embeddings and temperature of the label run (a copy of the embeddings is
-  saved beside codec.json). decode: the k stored log-probabilities are scattered into a full row;
+  saved beside codec.json), on the device the embeddings are on: only the top k leave a GPU. decode: the k stored log-probabilities are scattered into a full row;
   the remaining mass 1 - sum_k p is spread evenly over the other C-k concepts (their logit is
   log((1 - sum_k p) / (C - k)), floored at 1e-12), so softmax(decoded) is a proper distribution
   that equals p_t on the top k. A different temperature T' scales the decoded row by T/T'
@@ -27,8 +28,6 @@ Codecs (label.codec):
 from __future__ import annotations
 
 import abc
-import functools
-
 import hashlib
 import json
 import math
@@ -41,33 +40,9 @@ import torch.nn.functional as F
 
 from pipeline.io import atomic_path, read_json, sha256_file, write_json
 from pipeline.layout import RunLayout, inside
+from trainer.offline.faiss_gpu import faiss_gpus
 
 CODECS = ("pq", "topk", "fp16")
-
-
-@functools.lru_cache(maxsize=None)
-def faiss_gpus() -> int:
-    """GPUs the installed FAISS build can use (0 for faiss-cpu, or faiss-gpu on a machine without one).
-
-    faiss-cpu and faiss-gpu-cu12 both install the `faiss` module; with both installed the module is a
-    mix of the two, which is refused here (pyproject.toml: the `cpu` or the `gpu` extra, not both)."""
-    from importlib.metadata import distributions
-
-    import faiss
-
-    builds = sorted({(d.metadata["Name"] or "").lower() for d in distributions()}
-                    & {"faiss-cpu", "faiss-gpu", "faiss-gpu-cu11", "faiss-gpu-cu12"})
-    if len(builds) > 1:
-        raise RuntimeError(f"both {' and '.join(builds)} are installed and overwrite each other's `faiss` "
-                           "module; uninstall all of them and install one (pip install '.[cpu]' or '.[gpu]')")
-    return int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
-
-
-def on_faiss_gpus(index):
-    """A flat index copied onto all of FAISS's GPUs for search, or the index itself without them."""
-    import faiss
-
-    return faiss.index_cpu_to_all_gpus(index) if faiss_gpus() > 0 else index
 
 
 def _codec_json(labels_dir: str | Path) -> Path:
@@ -88,8 +63,8 @@ class TeacherCodec(abc.ABC):
     dim: int = 0
 
     @abc.abstractmethod
-    def encode(self, embeddings: np.ndarray) -> np.ndarray:
-        """L2-normalized float32 [N, D] -> uint8 codes [N, code_size]."""
+    def encode(self, embeddings: torch.Tensor | np.ndarray) -> np.ndarray:
+        """L2-normalized float32 [N, D] (a tensor on any device, or an array) -> uint8 codes [N, code_size]."""
 
     @abc.abstractmethod
     def decode_logits(self, codes: torch.Tensor, concept_embeddings: torch.Tensor,
@@ -123,6 +98,8 @@ class TeacherCodec(abc.ABC):
 
 
 def _as_float32(embeddings) -> np.ndarray:
+    if torch.is_tensor(embeddings):
+        embeddings = embeddings.detach().float().cpu().numpy()
     return np.ascontiguousarray(np.asarray(embeddings, dtype=np.float32))
 
 
@@ -145,8 +122,11 @@ class FP16Codec(TeacherCodec):
         return {**super().describe(), "params": {}}
 
     def encode(self, embeddings):
-        x = _as_float32(embeddings)
-        return np.ascontiguousarray(x.astype("<f2")).view(np.uint8).reshape(len(x), self.code_size)
+        if torch.is_tensor(embeddings):  # rounded to half where it is (half the bytes leave a GPU)
+            x = embeddings.detach().to(torch.float16).cpu().numpy()
+        else:
+            x = _as_float32(embeddings).astype("<f2")
+        return np.ascontiguousarray(x).view(np.uint8).reshape(len(x), self.code_size)
 
     def decode_embeddings(self, codes):
         codes = _check_codes(codes, self.code_size).contiguous()
@@ -185,8 +165,9 @@ class PQCodec(TeacherCodec):
         pq.cp.max_points_per_centroid = max(256, math.ceil(len(sample) / (1 << nbits)))
         # All cores: faiss's k-means gives the same centroids on any thread count (each centroid sums its
         # points in one order), so the codebook does not depend on the machine (tests/test_label.py).
-        # With a GPU FAISS build the k-means assignment step runs on the GPU (the codebook is then equal
-        # to the CPU one up to float rounding in the distances).
+        # With a GPU FAISS build that supports this GPU (trainer/offline/faiss_gpu.py) the k-means
+        # assignment step runs on the GPU (the codebook is then equal to the CPU one up to float rounding
+        # in the distances).
         gpu_index = None
         if faiss_gpus() > 0:
             gpu_index = faiss.GpuIndexFlatL2(faiss.StandardGpuResources(), pq.dsub)
@@ -254,6 +235,7 @@ class TopKCodec(TeacherCodec):
         self.temperature = float(temperature)
         self.id_dtype = np.dtype("<u2") if self.num_concepts <= 65536 else np.dtype("<u4")
         self.code_size = self.k * (self.id_dtype.itemsize + 2)
+        self._concepts_on: dict[str, torch.Tensor] = {}
 
     def describe(self) -> dict:
         return {**super().describe(), "params": {"k": self.k, "temperature": self.temperature,
@@ -267,13 +249,22 @@ class TopKCodec(TeacherCodec):
                 np.save(f, self.concepts)
         return {"concepts": path}
 
+    def concepts_on(self, device) -> torch.Tensor:
+        """The label run's concept embeddings on `device` (copied there once)."""
+        key = str(device)
+        if key not in self._concepts_on:
+            self._concepts_on[key] = torch.from_numpy(self.concepts).to(device)
+        return self._concepts_on[key]
+
     def encode(self, embeddings):
-        x = torch.from_numpy(_as_float32(embeddings))
-        logp = torch.log_softmax(x @ torch.from_numpy(self.concepts).t() / self.temperature, dim=-1)
+        # Logits, log-softmax and top-k on the embeddings' device (the teacher's GPU in the label stage):
+        # [N, k] ids and values come back, not the [N, num_concepts] scores.
+        x = embeddings.detach().float() if torch.is_tensor(embeddings) else torch.from_numpy(_as_float32(embeddings))
+        logp = torch.log_softmax(x @ self.concepts_on(x.device).t() / self.temperature, dim=-1)
         values, ids = torch.topk(logp, self.k, dim=-1)           # sorted, most probable first
-        n = len(x)
-        ids_b = ids.numpy().astype(self.id_dtype).view(np.uint8).reshape(n, -1)
-        val_b = values.numpy().astype("<f2").view(np.uint8).reshape(n, -1)
+        n = len(x)   # the widths spelled out: a batch of images without proposals has n = 0
+        ids_b = ids.cpu().numpy().astype(self.id_dtype).view(np.uint8).reshape(n, self.k * self.id_dtype.itemsize)
+        val_b = values.cpu().numpy().astype("<f2").view(np.uint8).reshape(n, 2 * self.k)
         return np.ascontiguousarray(np.concatenate([ids_b, val_b], axis=1))
 
     def split(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

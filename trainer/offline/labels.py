@@ -82,11 +82,11 @@ class Teacher:
         if len(concepts) > faiss_threshold:
             import faiss
 
-            from trainer.offline.codecs import on_faiss_gpus
+            from trainer.offline.faiss_gpu import index_on_gpus
 
             index = faiss.IndexFlatIP(concepts.shape[1])
             index.add(concepts)
-            self._faiss = on_faiss_gpus(index)  # searched on the GPUs with a GPU FAISS build
+            self._faiss = index_on_gpus(index, self.device)  # on the teacher's GPU where FAISS supports it
 
     @property
     def uses_faiss(self) -> bool:
@@ -193,13 +193,14 @@ def label_batch(teacher: Teacher, codec, pixels: Sequence[torch.Tensor], origina
     flat = torch.cat(out.regions) if sum(counts) else out.images.new_zeros((0, out.images.shape[1]))
     labels, probs = teacher.score(flat)
     image_labels, _ = teacher.score(out.images)
-    codes = codec.encode(flat.cpu().numpy())
-    image_codes = codec.encode(out.images.cpu().numpy())
+    # The codec encodes on the teacher's device (the topk codec's scores stay there); codes come back.
+    codes = codec.encode(flat)
+    image_codes = codec.encode(out.images)
     if store_flipped:
         fout = teacher.embed_pixels(pixels, original_sizes, bxs, flip=True)
         fflat = torch.cat(fout.regions) if sum(counts) else flat
-        fcodes = codec.encode(fflat.cpu().numpy())
-        fimage_codes = codec.encode(fout.images.cpu().numpy())
+        fcodes = codec.encode(fflat)
+        fimage_codes = codec.encode(fout.images)
     at = 0
     for j, n in enumerate(counts):
         cols["num_regions"].append(n)

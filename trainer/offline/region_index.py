@@ -8,8 +8,10 @@ fp16: a flat index). Row i is described by row i of `labels/regions.parquet` (pi
     index, ids = read_region_index(layout)
     sims, rows = index.search(query_embeddings, 10)      # ids.slice(rows[0][0], 1) -> key, region
 
-With a GPU build of FAISS (`pip install .[gpu]`) a flat (fp16-codec) index is searched on all GPUs;
-FAISS has no GPU form of IndexPQ, so a pq index is searched on the CPU (its codes are what is stored).
+With a GPU build of FAISS (`pip install .[gpu]`) that supports the machine's GPUs
+(trainer/offline/faiss_gpu.py) a flat (fp16-codec) index is searched on them, sharded (each GPU holds a
+part); FAISS has no GPU form of IndexPQ, so a pq index is searched on the CPU (its codes are what is
+stored).
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ import torch
 
 from pipeline.io import atomic_path
 from pipeline.sidecars import read_labels, read_region_ids, write_region_ids
-from trainer.offline.codecs import PQCodec, load_codec, on_faiss_gpus
+from trainer.offline.codecs import PQCodec, load_codec
+from trainer.offline.faiss_gpu import index_on_gpus
 
 
 def write_region_index(layout, shard_ids: list[int]) -> list[Path]:
@@ -60,5 +63,5 @@ def read_region_index(layout):
 
     index = faiss.read_index(str(layout.labels_region_index))
     if isinstance(index, faiss.IndexFlat):
-        index = on_faiss_gpus(index)
+        index = index_on_gpus(index)
     return index, read_region_ids(layout.labels_region_ids)

@@ -1,10 +1,10 @@
 """How a proposal or label actor feeds its model: the shard streamed through a pool of decode threads
 in fixed batches, uint8 pixels handed to the device through pinned memory, and the model's precision.
 
-    dtype = configure_precision(device, "auto")            # bf16 on CUDA (TF32 allowed), None = fp32
+    dtype = configure_precision(device, "auto")            # bf16 on CUDA, None = fp32
     for batch in shard_batches(tar, items, batch_size=8, threads=8, pin=device.type == "cuda"):
         pixels = [p.to(device, non_blocking=True) for p in batch.pixels]
-        with autocast(device, dtype):
+        with autocast(device, dtype):                       # bf16, and TF32 for what stays fp32 in it
             ...                                             # the model; boxes and logits stay fp32
 
 Decoding (PIL releases the GIL while it decodes and resizes) runs in `threads` threads while the model
@@ -15,7 +15,6 @@ outputs of a shard do not depend on thread timing or on which worker computes th
 from __future__ import annotations
 
 import contextlib
-import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,32 +32,60 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 # -- precision --------------------------------------------------------------------------------------------
 
-def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype of a precision setting: auto = bf16 on CUDA, fp32 (None) elsewhere."""
+def resolved_precision(precision: str, uses_gpu: bool) -> str:
+    """What a precision setting means where the model runs: `auto` is bf16 on a GPU and fp32 elsewhere.
+    A GPU stage fingerprints this (from whether its plan gives its actors GPUs), so that outputs made
+    in bf16 and in fp32 never share a fingerprint."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: expected one of {PRECISIONS}")
     if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return torch.bfloat16 if precision == "bf16" else None
+        return "bf16" if uses_gpu else "fp32"
+    return precision
+
+
+def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of a precision setting on `device`: bf16, or None for fp32."""
+    return torch.bfloat16 if resolved_precision(precision, device.type == "cuda") == "bf16" else None
 
 
 def configure_precision(device: torch.device, precision: str = "fp32") -> Optional[torch.dtype]:
-    """Deterministic kernels, and TF32 only when the model runs in bf16 anyway (fp32 outputs stay
-    reproducible bit for bit). Returns the autocast dtype (None: fp32)."""
+    """Set up an inference process (a proposals or label actor) and return the autocast dtype (None:
+    fp32). Reproducible where it costs nothing: cuDNN chooses its convolution algorithms by fixed
+    rules, not by timing them (benchmark off), and only deterministic ones. fp32 stays IEEE fp32 on
+    CUDA (no TF32; `autocast` allows TF32 inside a bf16 region only). No process-wide
+    `torch.use_deterministic_algorithms`: with it torchvision's RoIAlign leaves its CUDA kernel for a
+    pure-Python version compiled by torch.compile (slow, and it needs a C compiler at run time)."""
     dtype = autocast_dtype(precision, device)
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
     if device.type == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cuda.matmul.allow_tf32 = dtype is not None
-        torch.backends.cudnn.allow_tf32 = dtype is not None
-    torch.use_deterministic_algorithms(True, warn_only=True)
+        _set_tf32(False)
     return dtype
 
 
+def _set_tf32(allowed: bool) -> tuple[bool, bool]:
+    """Allow TF32 in CUDA's fp32 matmuls and convolutions (or not); returns the previous settings."""
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allowed
+    return previous
+
+
+@contextlib.contextmanager
 def autocast(device: torch.device, dtype: Optional[torch.dtype]):
-    """Autocast to `dtype` on the device (CPU autocast works too); a no-op for fp32."""
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    """Autocast to `dtype` on the device (CPU autocast works too); a no-op for fp32. In a bf16 region
+    on CUDA the fp32 matmuls and convolutions left in it may use TF32 (its model runs in bf16 anyway);
+    the flags are restored on leaving it, so what runs outside (the logits) stays IEEE fp32."""
+    if dtype is None:
+        yield
+        return
+    tf32 = dtype == torch.bfloat16 and device.type == "cuda"
+    previous = _set_tf32(True) if tf32 else None
+    try:
+        with torch.autocast(device.type, dtype=dtype):
+            yield
+    finally:
+        if previous is not None:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
 
 
 # -- the streamed shard -----------------------------------------------------------------------------------

@@ -180,26 +180,26 @@ class PretrainTrainer(TrainLoop):
     def _autocast(self):
         return autocast(self.device, self.autocast_dtype)
 
-    def prepare_images(self, batch: dict) -> torch.Tensor:
-        """uint8 padded batch -> CLIP-normalised float, padding zero (detectron2 pads after normalising)."""
-        images = batch["images"].to(self.device, non_blocking=True)
-        x = (images.float() - self._norm[0]) / self._norm[1]
-        sizes = batch["image_sizes"]
+    def prepare_images(self, pixels: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+        """uint8 padded batch on the device -> CLIP-normalised float, padding zero (detectron2 pads after
+        normalising); `sizes`: each image's (height, width), on the host."""
+        x = (pixels.float() - self._norm[0]) / self._norm[1]
         if any(int(h) != x.shape[2] or int(w) != x.shape[3] for h, w in sizes.tolist()):
             h_idx = torch.arange(x.shape[2], device=self.device)
             w_idx = torch.arange(x.shape[3], device=self.device)
-            sz = sizes.to(self.device)
+            sz = sizes.to(self.device, non_blocking=True)
             inside = (h_idx[None, :, None] < sz[:, 0, None, None]) & (w_idx[None, None, :] < sz[:, 1, None, None])
             x = x * inside[:, None].to(x.dtype)
         return x
 
     @torch.no_grad()
-    def online_targets(self, x: torch.Tensor, batch: dict):
-        """(boxes per image, teacher logits, pseudo labels, teacher max probs) from the RPN and the teacher."""
+    def online_targets(self, x: torch.Tensor, pixels: torch.Tensor, sizes: torch.Tensor):
+        """(boxes per image, teacher logits, pseudo labels, teacher max probs) from the RPN and the teacher;
+        `pixels`: the uint8 padded batch on the device, `sizes` each image's (height, width)."""
         o = self.online
         images01 = []
-        for i, (h, w) in enumerate(batch["image_sizes"].tolist()):
-            images01.append(batch["images"][i, :, :h, :w].to(self.device).float() / 255.0)
+        for i, (h, w) in enumerate(sizes.tolist()):
+            images01.append(pixels[i, :, :h, :w].float() / 255.0)
         with self._autocast():
             proposals = o.rpn.propose(images01, min_size=self.cfg.min_size, max_size=self.cfg.max_size,
                                       pre_nms_top_n=o.pre_nms_top_n, post_nms_top_n=o.post_nms_top_n,
@@ -218,17 +218,25 @@ class PretrainTrainer(TrainLoop):
 
     def compute_losses(self, batch: dict) -> dict[str, torch.Tensor]:
         cfg = self.cfg
-        x = self.prepare_images(batch)
+        # Every host tensor goes to the device whole, as the loader pinned it (an asynchronous copy), and is
+        # sliced there: a slice or mask taken on the host would be a pageable copy, copied synchronously.
+        pixels = batch["images"].to(self.device, non_blocking=True)
+        x = self.prepare_images(pixels, batch["image_sizes"])
         b, _, hp, wp = x.shape
         if self.online is not None:
-            boxes, t_logits, labels, probs = self.online_targets(x, batch)
+            boxes, t_logits, labels, probs = self.online_targets(x, pixels, batch["image_sizes"])
         else:
-            valid = batch["valid"]
-            boxes = [batch["boxes"][i][valid[i]].to(self.device, non_blocking=True) for i in range(b)]
-            codes = batch["codes"][valid].to(self.device, non_blocking=True)
-            t_logits = self.codec.decode_logits(codes, self.concepts, cfg.temperature).float()
-            labels = batch["pseudo_labels"][valid].to(self.device, non_blocking=True)
-            probs = batch["pseudo_probs"][valid].to(self.device, non_blocking=True)
+            # An image's regions are the first `count` of its row (the rest is padding; see collate).
+            counts = batch["valid"].sum(1).tolist()
+
+            def regions(name: str) -> torch.Tensor:
+                padded = batch[name].to(self.device, non_blocking=True)
+                return torch.cat([padded[i, :n] for i, n in enumerate(counts)])
+
+            all_boxes = batch["boxes"].to(self.device, non_blocking=True)
+            boxes = [all_boxes[i, :n] for i, n in enumerate(counts)]
+            t_logits = self.codec.decode_logits(regions("codes"), self.concepts, cfg.temperature).float()
+            labels, probs = regions("pseudo_labels"), regions("pseudo_probs")
         counts = [len(bx) for bx in boxes]
         # One pass through res5 for the regions and the whole-image boxes (the padded image, §4).
         whole = torch.tensor([[0.0, 0.0, float(wp), float(hp)]], device=self.device)
