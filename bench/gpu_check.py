@@ -88,9 +88,10 @@ def top1_agreement(labels_a, labels_b) -> float:
     return float((a == b).double().mean()) if a.numel() else 1.0
 
 
-def compare_cuda_with_cpu(manifest, images: int = COMPARE_IMAGES) -> dict:
+def compare_cuda_with_cpu(manifest, images: int = COMPARE_IMAGES, cuda: str = "cuda") -> dict:
     """The first `images` images of shard 0 through the RPN and the teacher on CUDA and on the CPU (fp32
-    on both), built as the stages build them; and the stage's own outputs against the CPU's."""
+    on both), built as the stages build them; and the stage's own outputs against the CPU's. (`cuda`:
+    the device in CUDA's place, for a dry run of this function on a CPU.)"""
     import numpy as np
 
     from pipeline.layout import RunLayout
@@ -107,7 +108,7 @@ def compare_cuda_with_cpu(manifest, images: int = COMPARE_IMAGES) -> dict:
     stage_proposals = list(itertools.islice(iter_proposals(layout.proposals, 0), images))
     stage_labels = read_region_labels(layout.labels, 0)
     tar = layout.shard_tar(0)
-    devices = {"cuda": torch.device("cuda"), "cpu": torch.device("cpu")}
+    devices = {"cuda": torch.device(cuda), "cpu": torch.device("cpu")}
 
     boxes = {}
     checkpoint = rpn_checkpoint_path(manifest, "proposals")
@@ -158,26 +159,29 @@ def comparison_failures(figures: dict) -> list[str]:
 # -- NCCL: one process of a torchrun ---------------------------------------------------------------------------
 
 def nccl_probe() -> dict:
-    """Under torchrun: an NCCL process group on this rank's GPU, an all-reduce, one DDP step, a teardown."""
+    """Under torchrun: an NCCL process group on this rank's GPU (the trainer's choice of it), even for one
+    process (the trainer forms one only from two ranks on), an all-reduce, one DDP step, the trainer's
+    teardown."""
     import torch.distributed as dist
     from torch import nn
 
-    local_rank = int(os.environ["LOCAL_RANK"])
-    device = torch.device("cuda", local_rank)
+    from trainer.engine.device import distributed_timeout, end_distributed, rank_gpu
+
+    device = rank_gpu()
     torch.cuda.set_device(device)
-    dist.init_process_group("nccl", device_id=device)
+    dist.init_process_group("nccl", device_id=device, timeout=distributed_timeout())
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
         value = torch.full((4,), float(rank + 1), device=device)
         dist.all_reduce(value)
         all_reduce_ok = bool(torch.all(value == world * (world + 1) / 2))
-        model = nn.parallel.DistributedDataParallel(nn.Linear(8, 2).to(device), device_ids=[local_rank])
+        model = nn.parallel.DistributedDataParallel(nn.Linear(8, 2).to(device), device_ids=[device.index])
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         model(torch.randn(4, 8, device=device)).square().mean().backward()
         optimizer.step()
         dist.barrier()
     finally:
-        dist.destroy_process_group()
+        end_distributed()
     return {"nccl_version": ".".join(map(str, torch.cuda.nccl.version())), "world_size": world,
             "all_reduce_ok": all_reduce_ok}
 

@@ -144,15 +144,17 @@ def test_bench_gpu_runs_each_bench_in_a_process_of_its_own():
 
 
 @pytest.mark.slow
-def test_bench_gpu_measures_every_bench_on_tiny_models_on_the_cpu():
-    """The same code as on a GPU, on demo-small's settings: each bench built by its stage's builder (the
-    label figure with the codec) in a process of its own."""
-    done = subprocess.run([sys.executable, str(REPO / "bench" / "gpu.py"), "--device", "cpu", "--tiny"],
-                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
-                          timeout=600)
+def test_bench_gpu_measures_label_and_pretrain_on_tiny_models_on_the_cpu():
+    """The same code as on a GPU, on demo-small's settings: the label figure with the codec and the
+    trainer's step, each built by its stage's builder in a process of its own (proposals' bench, the
+    RPN's `Proposer.propose`, is left out to keep the suite short; make gpu-check runs all three)."""
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "gpu.py"), "--device", "cpu", "--tiny",
+                           "--only", "label,pretrain"], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     figures = json.loads(done.stdout.strip().splitlines()[-1])
-    for name in bench_gpu.BENCHES:
+    for name in ("label", "pretrain"):
         assert figures[f"{name}_images_per_s"] > 0
-        assert figures[f"{name}_precision"] == "fp32"    # auto on a CPU
+        assert figures[f"{name}_precision"] == "fp32"    # auto on a CPU, fp32 as demo-small sets it
+    assert "proposals_images_per_s" not in figures
     assert figures["manifest"] == "demo-small.yaml" and figures["arch"] == "RN50-tiny"
