@@ -21,6 +21,7 @@ rest of the page is kept), with the machine (CPU model, cores), the commit of ev
     python bench/demo_seeds.py --write-results            # seeds 0 1 2 x threads 1 2 (6 demo runs, ~1.5 h quiet)
     python bench/demo_seeds.py --quick                    # manifests/demo-small.yaml, seeds 0 1 2, default threads
     python bench/demo_seeds.py --seeds 3 4 --threads 2 --out /tmp/seeds --set pretrain.steps=600
+    python bench/demo_seeds.py --report-only --write-results --out /tmp/seeds   # the runs finished so far
 
 The last line is one JSON object (the project's convention for bench figures).
 """
@@ -61,7 +62,8 @@ COLUMNS = {
     "transfer_ap50_base_teacher": "det base T", "transfer_ap50_base_pretrain": "det base S",
     "transfer_ap50_all_teacher": "det all T", "transfer_ap50_all_pretrain": "det all S",
     "margin_region_top1_novel": "margin top1 nov", "margin_region_top1_base": "margin top1 base",
-    "margin_gt_ap50_novel": "margin GT AP50 nov", "margin_transfer_ap50_novel": "margin det nov",
+    "margin_gt_ap50_novel": "margin GT AP50 nov", "margin_gt_ap50_base": "margin GT AP50 base",
+    "margin_transfer_ap50_novel": "margin det nov",
     "margin_transfer_ap50_base": "margin det base", "margin_transfer_ap50_all": "margin det all",
 }
 MARGINS = ("margin_region_top1_novel", "margin_region_top1_base", "margin_gt_ap50_novel",
@@ -71,10 +73,13 @@ CLAIMS = {"margin_region_top1_novel": 10.0, "margin_transfer_ap50_novel": 3.0}
 
 
 def git_commit() -> str:
+    """The commit of the code that made the figures, `+changes` when the pipeline's code or manifests
+    differ from it (bench/ and docs/ do not change a figure)."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=REPO, capture_output=True,
                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "pipeline",
+                                "stages", "trainer", "manifests", "pyproject.toml"], cwd=REPO,
                                capture_output=True, text=True).stdout.strip()
         return out + ("+changes" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
@@ -244,6 +249,8 @@ def main() -> None:
                         help="extra manifest overrides for every run")
     parser.add_argument("--write-results", action="store_true",
                         help="write the table into docs/results.md (after every run: a long grid shows progress)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: report the finished runs of the grid (their records in --out)")
     args = parser.parse_args()
     manifest = Path(args.manifest or REPO / "manifests" / ("demo-small.yaml" if args.quick else "demo.yaml"))
     out = Path(args.out or REPO / "runs" / ("bench-demo-seeds-quick" if args.quick else "bench-demo-seeds"))
@@ -255,7 +262,13 @@ def main() -> None:
     claims: dict = {}
     for seed, t in grid:
         name = f"seed{seed}" + ("" if t is None else f"-threads{t}")
-        row = run_one(manifest.resolve(), seed, t, out.resolve() / name, args.overrides)
+        if args.report_only:
+            record = out.resolve() / f"{name}.json"
+            if not record.is_file():
+                continue
+            row = json.loads(record.read_text())
+        else:
+            row = run_one(manifest.resolve(), seed, t, out.resolve() / name, args.overrides)
         rows.append(row)
         print(f"seed {seed}, threads {t or 'default'}: " + ", ".join(
             f"{COLUMNS[k]} {fmt(row[k], row.get(k + '_ci95'))}" for k in COLUMNS if k.startswith("margin"))
@@ -265,6 +278,8 @@ def main() -> None:
         if args.write_results:
             write_results(results_markdown(manifest, rows, stats, claims, len(rows) == len(grid), len(grid)))
 
+    if not rows:
+        raise SystemExit(f"no finished runs in {out}")
     print(f"\n{manifest.name}, seeds {args.seeds} x threads {threads}: mean [95% interval] (sd between runs)")
     for key in MARGINS:
         s = stats[key]
