@@ -74,7 +74,7 @@ def prepare(root: Path, *, images: int, per_shard: int, size: tuple[int, int], m
     from stages import shard
     from tests.labelkit import make_concepts
     from trainer.models.clip import create_clip, embedding_dim, our_model_configs, save_clip_checkpoint
-    from trainer.models.rpn import build_rpn, save_rpn_checkpoint
+    from trainer.models.rpn import RpnConfig, build_rpn, save_rpn_checkpoint
 
     root.mkdir(parents=True, exist_ok=True)
     if photos is None:
@@ -89,8 +89,8 @@ def prepare(root: Path, *, images: int, per_shard: int, size: tuple[int, int], m
     dim = embedding_dim(teacher)
     rpn_args = {"clip_arch": models.teacher_arch, "anchor_sizes": (32, 64, 128, 256)} \
         if models.rpn_backbone == "clip_res4" else {}
-    save_rpn_checkpoint(build_rpn(models.rpn_backbone, min_size=models.min_size, max_size=models.max_size,
-                                  **rpn_args), weights / "rpn.pt")
+    save_rpn_checkpoint(build_rpn(RpnConfig(models.rpn_backbone, min_size=models.min_size,
+                                            max_size=models.max_size, **rpn_args)), weights / "rpn.pt")
     (root / "manifest.yaml").write_text(f"""
 name: bench
 output_dir: run

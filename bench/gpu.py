@@ -75,7 +75,7 @@ def make_world(args, work: Path) -> None:
     and a random RPN checkpoint: what the stages' builders load."""
     from pipeline.layout import RunLayout
     from trainer.models.clip import create_clip, embedding_dim, save_clip_checkpoint
-    from trainer.models.rpn import build_rpn, save_rpn_checkpoint
+    from trainer.models.rpn import RpnConfig, build_rpn, save_rpn_checkpoint
     from trainer.offline.codecs import codec_from_settings
 
     s = settings(args)
@@ -95,7 +95,8 @@ def make_world(args, work: Path) -> None:
     codec_from_settings(cfg, dim, concept_embeddings=concepts, sample=sample, seed=manifest.seed) \
         .save(layout.labels_codec)
     p = manifest.proposals
-    save_rpn_checkpoint(build_rpn(s["rpn_backbone"], min_size=p.min_size, max_size=p.max_size), work / "rpn.pt")
+    save_rpn_checkpoint(build_rpn(RpnConfig(s["rpn_backbone"], min_size=p.min_size, max_size=p.max_size)),
+                        work / "rpn.pt")
 
 
 def unit_rows(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
@@ -209,7 +210,10 @@ def bench_pretrain(args, manifest, device: torch.device, work: Path) -> dict:
         batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
 
     class StepClock(HookBase):
-        times: list[float] = []
+        """The time after each step, with the device synchronised."""
+
+        def __init__(self):
+            self.times: list[float] = []
 
         def after_step(self, loop):
             synchronize(loop.device)

@@ -113,9 +113,10 @@ def build_rpn(kind: str, arch: str, min_size: int, max_size: int, device):
         from tests.rpn_standin import StandInRPN
 
         return StandInRPN().to(device).eval()
-    from trainer.models.rpn import build_rpn as build
+    from trainer.models.rpn import RpnConfig, build_rpn as build
 
-    rpn = build(kind, clip_arch=arch if kind == "clip_res4" else None, min_size=min_size, max_size=max_size)
+    rpn = build(RpnConfig(kind, clip_arch=arch if kind == "clip_res4" else None, min_size=min_size,
+                          max_size=max_size))
     return rpn.to(device).eval()
 
 

@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(manifest: RunManifest, args: argparse.Namespace) -> dict:
     # Imported here so that `regionclip --help` does not import torch.
     from pipeline.io import sha256_file
-    from trainer.models.clip import convert_torchscript, load_clip
+    from trainer.models.checkpoint import convert_torchscript
+    from trainer.models.clip import load_clip
 
     source = Path(args.checkpoint).expanduser() if args.checkpoint else manifest.resolve(manifest.teacher.checkpoint)
     if source is None:

@@ -76,7 +76,8 @@ def run(manifest: RunManifest, args: argparse.Namespace) -> dict:
     from pipeline.concepts import read_vocabulary
     from pipeline.images import open_rgb
     from trainer.data.images import image_tensor
-    from trainer.models.clip import embedding_dim, load_checkpoint_file, load_clip
+    from trainer.models.checkpoint import load_checkpoint_file
+    from trainer.models.clip import embedding_dim, load_clip
     from trainer.models.detector import build_detector, read_checkpoint_kind
     from trainer.evaluation import draw_detections, zero_shot_detect
     from trainer.models.region_encoder import RegionEncoder

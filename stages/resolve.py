@@ -29,7 +29,8 @@ def load_model_ref(ref: ModelRef, manifest: Optional[RunManifest] = None, fallba
     """load_clip for a manifest's ModelRef: `ref.checkpoint` resolved against the manifest's folder;
     when it is null, `fallback` (e.g. train-teacher's output). A TorchScript file loads only with
     `ref.trust_torchscript`."""
-    from trainer.models.clip import CheckpointNotFoundError, load_clip
+    from trainer.models.checkpoint import CheckpointNotFoundError
+    from trainer.models.clip import load_clip
 
     checkpoint = ref.checkpoint
     if checkpoint is not None and manifest is not None:
@@ -149,7 +150,7 @@ def detection_images(manifest, which: str, section: str = "transfer") -> dict:
 def clip_checkpoint(manifest, which: str) -> Path:
     """The CLIP checkpoint of `teacher` (teacher.checkpoint or train-teacher's output) or `pretrain`
     (the exported student); a missing file is an error naming the stage that makes it."""
-    from trainer.models.clip import CheckpointNotFoundError
+    from trainer.models.checkpoint import CheckpointNotFoundError
 
     if which == "teacher":
         path = Path(teacher_checkpoint_path(manifest))

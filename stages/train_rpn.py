@@ -62,7 +62,7 @@ def data_and_weights(run: StageRun) -> dict:
 def train(run: StageRun) -> dict:
     import torch
 
-    from trainer.models.rpn import build_rpn, save_rpn_checkpoint
+    from trainer.models.rpn import RpnConfig, build_rpn, save_rpn_checkpoint
     from trainer.engine.loop import TrainFiles
     from trainer.tasks.rpn import evaluate_recall, read_coco_boxes, train_rpn
     from stages.resolve import detection_images
@@ -78,8 +78,9 @@ def train(run: StageRun) -> dict:
     val = read_coco_boxes(val_file, **detection_images(manifest, "val", "train_rpn"))
 
     torch.manual_seed(manifest.seed)  # the random init too: a rerun (after a kill) trains the same RPN
-    model = build_rpn(cfg.backbone, weights, clip_arch, cfg.anchor_sizes, min_size=cfg.min_size,
-                      max_size=cfg.max_size, trust_torchscript=manifest.teacher.trust_torchscript)
+    config = RpnConfig(cfg.backbone, clip_arch=clip_arch, anchor_sizes=cfg.anchor_sizes, min_size=cfg.min_size,
+                       max_size=cfg.max_size)
+    model = build_rpn(config, weights, trust_torchscript=manifest.teacher.trust_torchscript)
     print(f"train-rpn: {cfg.backbone}{f' ({clip_arch})' if clip_arch else ''}, "
           f"{'weights ' + str(weights) if weights else 'from scratch'}; {len(train.images)} images, "
           f"{train.num_boxes} boxes, {cfg.epochs} epochs")

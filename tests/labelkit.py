@@ -66,9 +66,9 @@ def make_rpn(layout: RunLayout) -> Path:
     if rpn_loader() == RPN_LOADER:
         path.write_bytes(b"stand-in rpn (weights are seeded)")
     else:
-        from trainer.models.rpn import build_rpn, save_rpn_checkpoint  # the real one, random weights
+        from trainer.models.rpn import RpnConfig, build_rpn, save_rpn_checkpoint  # the real one, random weights
         torch.manual_seed(0)
-        save_rpn_checkpoint(build_rpn("clip_res4", clip_arch="RN50-tiny", anchor_sizes=(16, 32, 64)), path)
+        save_rpn_checkpoint(build_rpn(RpnConfig("clip_res4", clip_arch="RN50-tiny", anchor_sizes=(16, 32, 64))), path)
     return path
 
 

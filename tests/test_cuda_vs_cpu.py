@@ -29,11 +29,12 @@ def uint8_images(count: int, width: int, height: int, seed: int = 0) -> list[tor
 
 
 def test_the_proposals_rpn_gives_the_same_boxes_on_cuda_as_on_the_cpu(tmp_path):
-    from trainer.models.rpn import build_rpn, save_rpn_checkpoint
+    from trainer.models.rpn import RpnConfig, build_rpn, save_rpn_checkpoint
     from trainer.offline.proposals import ProposalJob, Proposer
 
     torch.manual_seed(0)
-    checkpoint = save_rpn_checkpoint(build_rpn("resnet18_fpn", min_size=128, max_size=192), tmp_path / "rpn.pt")
+    checkpoint = save_rpn_checkpoint(build_rpn(RpnConfig("resnet18_fpn", min_size=128, max_size=192)),
+                                     tmp_path / "rpn.pt")
     images = uint8_images(4, 160, 120)
     boxes = {}
     for device in DEVICES:

@@ -13,7 +13,8 @@ import torch
 from torchvision.ops import box_iou
 
 from tests.detection_helpers import StandInRPN, save_tiny_clip, text_embeddings, tiny_clip
-from trainer.models.clip import CheckpointError, EmbeddingDimError
+from trainer.models.checkpoint import CheckpointError
+from trainer.models.clip import EmbeddingDimError
 from trainer.models.detector import (DetectorSettings, OpenVocabDetector, build_detector, rpn_weighted_scores,
                                      save_detector, select_detections, soft_nms)
 

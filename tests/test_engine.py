@@ -543,11 +543,12 @@ def detection_world(tmp_path_factory):
 
 def rpn_run(world: Path, out: Path, kill_at=None) -> dict:
     from pipeline.config import TrainRpnConfig
-    from trainer.models.rpn import build_rpn
+    from trainer.models.rpn import RpnConfig, build_rpn
     from trainer.tasks.rpn import RpnTrainer, read_coco_boxes
 
     torch.manual_seed(0)
-    model = build_rpn("clip_res4", clip_arch="RN50-tiny", anchor_sizes=(16, 32, 64), min_size=64, max_size=96)
+    model = build_rpn(RpnConfig("clip_res4", clip_arch="RN50-tiny", anchor_sizes=(16, 32, 64), min_size=64,
+                                max_size=96))
     cfg = TrainRpnConfig(enabled=True, epochs=2, batch_size=3, lr=0.01, warmup_steps=2, min_size=64, max_size=96,
                          device="cpu")
     trainer = RpnTrainer(model, read_coco_boxes(world / "instances_train.json"), cfg, seed=0,

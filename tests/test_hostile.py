@@ -104,7 +104,8 @@ def test_every_checkpoint_loader_refuses_files_that_pickle_code(tmp_path):
 @pytest.mark.parametrize("error", [MemoryError, KeyboardInterrupt])
 def test_running_out_of_memory_or_an_interrupt_while_loading_a_checkpoint_is_no_damaged_file(
         tmp_path, monkeypatch, error):
-    from trainer.models.clip import CheckpointError, load_clip
+    from trainer.models.checkpoint import CheckpointError
+    from trainer.models.clip import load_clip
     from trainer.models.detector import build_detector, read_checkpoint_kind
     from trainer.models.reference_weights import read_reference_checkpoint
     from trainer.models.rpn import load_rpn

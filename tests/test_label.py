@@ -14,7 +14,8 @@ from pipeline.images import load_rgb
 from pipeline.sidecars import read_labels, read_proposals, read_shard_images
 from stages import label, proposals
 from tests.labelkit import concepts_from_regions, manifest_body, prepare_run, read_rows, rpn_loader
-from trainer.models.clip import CLIP_MEAN, CLIP_STD, load_clip
+from trainer.models.clip import load_clip
+from trainer.models.constants import CLIP_MEAN, CLIP_STD
 from trainer.offline.codecs import FP16Codec, PQCodec, TopKCodec, load_codec
 from trainer.models.region_encoder import RegionEncoder
 from trainer.offline.labels import Teacher

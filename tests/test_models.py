@@ -12,10 +12,11 @@ from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
 from pipeline.config import ModelRef
-from trainer.models.clip import (CLIP_MEAN, CLIP_STD, CheckpointError, CheckpointNotFoundError, EmbeddingDimError,
-                          MODEL_CONFIG_DIR, TorchScriptRefusedError, check_embedding_dim, create_clip, embedding_dim,
-                          load_clip, read_clip_state_dict, read_torchscript_state_dict, save_clip_checkpoint,
-                          uses_quick_gelu)
+from trainer.models.checkpoint import (CheckpointError, CheckpointNotFoundError, TorchScriptRefusedError,
+                                       read_torchscript_state_dict)
+from trainer.models.clip import (MODEL_CONFIG_DIR, EmbeddingDimError, check_embedding_dim, create_clip, embedding_dim,
+                                 load_clip, read_clip_state_dict, save_clip_checkpoint, uses_quick_gelu)
+from trainer.models.constants import CLIP_MEAN, CLIP_STD
 from stages.resolve import load_model_ref
 from trainer.models.region_encoder import RegionEncoder
 

@@ -19,9 +19,11 @@ import torch.nn.functional as F
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.ops import batched_nms, clip_boxes_to_image, roi_align
 
-from trainer.models.clip import CheckpointError, create_clip, load_clip
+from trainer.models.checkpoint import CheckpointError
+from trainer.models.clip import create_clip, load_clip
 from trainer.models.detector import build_detector, read_checkpoint_kind
-from trainer.models.reference_weights import load_reference, reference_kind
+from trainer.models.reference_weights import reference_kind
+from trainer.models.released import load_reference
 from trainer.models.region_encoder import RegionEncoder
 from trainer.models.rpn import load_rpn
 

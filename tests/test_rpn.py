@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from pipeline.layout import RunLayout
-from trainer.models.clip import CheckpointError
-from trainer.models.rpn import build_rpn, load_rpn, proposal_recall, save_rpn_checkpoint
+from trainer.models.checkpoint import CheckpointError
+from trainer.models.rpn import RpnConfig, build_rpn, load_rpn, proposal_recall, save_rpn_checkpoint
 
 
 def _small_rpn(**kwargs):
     torch.manual_seed(0)
-    return build_rpn("clip_res4", clip_arch="RN50-tiny", anchor_sizes=(16, 32, 64, 128), min_size=96,
-                     max_size=160, **kwargs)
+    return build_rpn(RpnConfig("clip_res4", clip_arch="RN50-tiny", anchor_sizes=(16, 32, 64, 128), min_size=96,
+                               max_size=160, **kwargs))
 
 
 def test_recall_on_hand_made_boxes():
@@ -121,15 +121,15 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
 
 
 def test_fpn_backbones_build_and_check_anchor_sizes():
-    model = build_rpn("resnet18_fpn", anchor_sizes=(16, 32, 64, 128, 256), min_size=64, max_size=96)
+    model = build_rpn(RpnConfig("resnet18_fpn", anchor_sizes=(16, 32, 64, 128, 256), min_size=64, max_size=96))
     (boxes, logits), = model.propose([torch.rand(3, 64, 80)], min_size=64, max_size=96, post_nms_top_n=20)
     assert len(boxes) <= 20
     with pytest.raises(ValueError, match="one size per FPN level"):
-        build_rpn("resnet18_fpn", anchor_sizes=(32, 64))
+        build_rpn(RpnConfig("resnet18_fpn", anchor_sizes=(32, 64)))
     with pytest.raises(ValueError, match="clip_arch"):
-        build_rpn("clip_res4")
+        build_rpn(RpnConfig("clip_res4"))
     with pytest.raises(ValueError, match="unknown RPN backbone"):
-        build_rpn("vgg16")
+        build_rpn(RpnConfig("vgg16"))
 
 
 def test_resnet_weights_file_loads_into_backbone(tmp_path):
@@ -138,12 +138,12 @@ def test_resnet_weights_file_loads_into_backbone(tmp_path):
     resnet = torchvision.models.resnet18(weights=None)
     torch.nn.init.constant_(resnet.conv1.weight, 0.125)
     torch.save(resnet.state_dict(), tmp_path / "resnet18.pth")
-    model = build_rpn("resnet18_fpn", backbone_weights=tmp_path / "resnet18.pth", min_size=64, max_size=96)
+    model = build_rpn(RpnConfig("resnet18_fpn", min_size=64, max_size=96), backbone_weights=tmp_path / "resnet18.pth")
     assert torch.all(model.backbone.body.conv1.weight == 0.125)
     assert model.config["frozen_bn"] and not model.backbone.body.conv1.weight.requires_grad
     torch.save({"fc.weight": torch.zeros(3)}, tmp_path / "other.pth")
     with pytest.raises(CheckpointError, match="fit"):
-        build_rpn("resnet18_fpn", backbone_weights=tmp_path / "other.pth")
+        build_rpn(RpnConfig("resnet18_fpn"), backbone_weights=tmp_path / "other.pth")
 
 
 @pytest.mark.slow
@@ -252,7 +252,7 @@ def test_anchors_stay_fp32_under_bf16_autocast():
     """torchvision makes anchors in the feature maps' dtype; under bf16 autocast a 1216-px-wide image's
     anchors would be rounded by up to several pixels. propose() builds them from fp32 features."""
     torch.manual_seed(0)
-    rpn = build_rpn("resnet18_fpn", min_size=256, max_size=1216).eval()
+    rpn = build_rpn(RpnConfig("resnet18_fpn", min_size=256, max_size=1216)).eval()
     made = []
     generate = rpn.rpn.anchor_generator.forward
     rpn.rpn.anchor_generator.forward = lambda images, features: made.append(generate(images, features)) or made[-1]

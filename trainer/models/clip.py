@@ -13,7 +13,7 @@ torch.save files are read with `torch.load(weights_only=True)`: a file that pick
 refused, never executed (safetensors holds tensors only). A TorchScript archive is a program (loading
 it runs its code), so it is read only when the caller says the file is trusted (`trust_torchscript`,
 the manifest's `teacher.trust_torchscript`); `convert_torchscript` turns a trusted one, once, into
-safetensors.
+safetensors. The files are read by trainer/models/checkpoint.py, the checkpoint layer every model shares.
 
     model, tokenizer = load_clip("RN50", "weights/RN50.pt")
     model, tokenizer = create_clip("RN50-tiny")          # random weights, for tests and the demo
@@ -27,12 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import pickle
-import warnings
-import zipfile
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
@@ -41,10 +36,11 @@ import torch
 from torch import nn
 
 from pipeline.io import atomic_path
-
-# CLIP's image normalisation (docs/method.md §3); the same numbers as open_clip's OPENAI_DATASET_MEAN/STD.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from trainer.models.checkpoint import (SAFETENSORS_SOURCE_KEY, CheckpointError, CheckpointNotFoundError,
+                                       LoadReport, PathLike, TorchScriptRefusedError, is_torchscript_archive,
+                                       load_checkpoint_file, load_fitting, read_safetensors,
+                                       read_torchscript_state_dict, reference_state_dict, without_module_prefix)
+from trainer.models.reference_weights import REFERENCE_FORMAT, load_region_encoder_weights
 
 # Our own model configs (tiny ResNet CLIPs for tests and the CPU demo). Registered with open_clip so
 # that `open_clip.create_model("RN50-tiny", pretrained=path)` works too, with no code of ours.
@@ -53,28 +49,6 @@ open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 # Keys in OpenAI's files that are hyperparameters, not weights (open_clip drops them the same way).
 _OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")
-_MAX_LISTED_KEYS = 20
-
-PathLike = Union[str, os.PathLike]
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used as asked; the message says what is wrong and how to fix it."""
-
-
-# What torch.load(weights_only=True) raises for a corrupt, truncated or foreign file (a text file: KeyError,
-# a cut-off zip: OSError, a flipped byte: UnicodeDecodeError, a TorchScript archive: RuntimeError):
-# load_checkpoint_file makes each a CheckpointError. A MemoryError or KeyboardInterrupt is no property
-# of the file and passes through.
-UNREADABLE_CHECKPOINT_ERRORS = (RuntimeError, OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile)
-
-
-class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
-    """The checkpoint file does not exist."""
-
-
-class TorchScriptRefusedError(CheckpointError):
-    """A TorchScript archive read without trust_torchscript."""
 
 
 class EmbeddingDimError(ValueError):
@@ -146,15 +120,6 @@ def create_clip(arch: str, quick_gelu: bool = False, device: Union[str, torch.de
 
 # -- reading checkpoint files -----------------------------------------------------------------------
 
-def _is_torchscript_archive(path: Path) -> bool:
-    # A TorchScript archive is a zip with the module's code; torch.save's zips have no code/ folder.
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any("/code/" in n or n.startswith("code/") or n.endswith("/constants.pkl")
-                   for n in archive.namelist())
-
-
 def _missing_checkpoint_message(path: Path, arch: str) -> str:
     try:
         url = open_clip.pretrained.get_pretrained_url(arch, "openai")  # a table lookup, no download
@@ -175,64 +140,23 @@ def _torchscript_refusal(path: Path) -> str:
             "Or, for a file you trust, set teacher.trust_torchscript: true in the manifest to load it as it is.")
 
 
-def read_torchscript_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of a TorchScript archive. torch.jit.load unpickles the archive's constants and
-    compiles its code, so this is for trusted files only (callers check trust_torchscript)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated; OpenAI's files are not
-        return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
-
-
-# What convert_torchscript records in the safetensors header, so that the file reads back as the
-# format it came from (OpenAI's weights need QuickGELU).
-SAFETENSORS_SOURCE_KEY = "regionclip_source_format"
-
-
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], str]:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            source = (f.metadata() or {}).get(SAFETENSORS_SOURCE_KEY, "")
-            state_dict = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})") from None
-    return state_dict, "openai-state-dict" if source.startswith("openai") else "open_clip-safetensors"
-
-
-def load_checkpoint_file(path: PathLike):
-    """What torch.save wrote at `path`, read with torch.load(weights_only=True): tensors and plain data
-    only. A file that pickles Python objects, or a corrupt, truncated or foreign one, is a CheckpointError
-    saying so; anything else (a MemoryError, a KeyboardInterrupt) passes through."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(
-            f"{path}: refused: the file pickles Python objects, and checkpoints are only read with "
-            f"torch.load(weights_only=True) ({first_line}). Re-save it as plain tensors and plain data, "
-            "e.g. torch.save({'state_dict': model.state_dict()}, path).") from None
-    except UNREADABLE_CHECKPOINT_ERRORS as err:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") \
-            from None
-
-
 def read_clip_state_dict(path: PathLike, trust_torchscript: bool = False) -> tuple[dict[str, torch.Tensor], str, dict]:
     """The tensors of a checkpoint file, its format ('openai-torchscript', 'openai-state-dict',
     'open_clip-checkpoint', 'open_clip-safetensors', 'state-dict' or reference_weights'
     REFERENCE_FORMAT) and the checkpoint's other entries (name, epoch, ...). Keys come back without
     `module.` prefixes; a RegionCLIP file's keys come back as the reference names them. A TorchScript
     archive is refused (TorchScriptRefusedError) unless `trust_torchscript`."""
-    from trainer.models.reference_weights import REFERENCE_FORMAT, reference_state_dict
-
     path = Path(path).expanduser()
     info: dict = {}
-    if _is_torchscript_archive(path):
+    if is_torchscript_archive(path):
         if not trust_torchscript:
             raise TorchScriptRefusedError(_torchscript_refusal(path))
         state_dict, fmt = read_torchscript_state_dict(path), "openai-torchscript"
     elif path.suffix == ".safetensors":
-        state_dict, fmt = _read_safetensors(path)
+        state_dict, metadata = read_safetensors(path)
+        # convert_torchscript records where the tensors came from: OpenAI's weights need QuickGELU.
+        fmt = "openai-state-dict" if metadata.get(SAFETENSORS_SOURCE_KEY, "").startswith("openai") \
+            else "open_clip-safetensors"
     else:
         obj = load_checkpoint_file(path)
         reference = reference_state_dict(obj)
@@ -247,8 +171,7 @@ def read_clip_state_dict(path: PathLike, trust_torchscript: bool = False) -> tup
             top = sorted(map(str, obj))[:10] if isinstance(obj, dict) else type(obj).__name__
             raise CheckpointError(f"{path}: no weights found: expected a state dict or a dict with "
                                   f"'state_dict' (or a detectron2 file with 'model'), got {top}")
-    # DDP wraps the model as `module`; open_clip's trainer saves those prefixes.
-    state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+    state_dict = without_module_prefix(state_dict)    # open_clip's trainer saves DDP's prefixes
     # OpenAI's files carry hyperparameters as tensors and keep most weights in float16.
     conv1 = state_dict.get("visual.conv1.weight")
     if any(k in state_dict for k in _OPENAI_META_KEYS) or (conv1 is not None and conv1.dtype == torch.float16):
@@ -259,54 +182,7 @@ def read_clip_state_dict(path: PathLike, trust_torchscript: bool = False) -> tup
     return state_dict, fmt, info
 
 
-def convert_torchscript(source: PathLike, dest: PathLike) -> Path:
-    """Write the tensors of the trusted TorchScript archive `source` to the safetensors file `dest`
-    (atomically), unchanged: same keys, dtypes and values. The result loads with load_clip without
-    running anything: safetensors holds tensors and a text header only."""
-    from safetensors.torch import save_file
-
-    source, dest = Path(source).expanduser(), Path(dest)
-    if not _is_torchscript_archive(source):
-        raise CheckpointError(f"{source}: not a TorchScript archive; it needs no conversion (it loads with "
-                              "torch.load(weights_only=True) as it is)")
-    if dest.suffix != ".safetensors":
-        raise ValueError(f"{dest}: the converted file is safetensors; name it *.safetensors")
-    # clone: safetensors refuses tensors that share storage, and the archive's may.
-    tensors = {k: v.detach().clone().contiguous() for k, v in read_torchscript_state_dict(source).items()}
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(dest) as tmp:  # a temporary file, fsync, then rename
-        save_file(tensors, str(tmp), metadata={"format": "pt", SAFETENSORS_SOURCE_KEY: "openai-torchscript"})
-    return dest
-
-
 # -- loading weights into a model --------------------------------------------------------------------
-
-@dataclass
-class LoadReport:
-    """What a checkpoint held compared with the model it was loaded into."""
-    source: str
-    format: str
-    missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # key, file shape, model shape
-
-    @property
-    def complete(self) -> bool:
-        return not (self.missing or self.unexpected or self.mismatched)
-
-    def describe(self, arch: str) -> str:
-        def listing(title, items):
-            shown = ", ".join(items[:_MAX_LISTED_KEYS]) + (", ..." if len(items) > _MAX_LISTED_KEYS else "")
-            return [f"  {title} ({len(items)}): {shown}"] if items else []
-        lines = [f"{self.source}: the checkpoint ({self.format}) does not fit the architecture {arch}: "
-                 f"{len(self.missing)} missing, {len(self.unexpected)} unexpected, "
-                 f"{len(self.mismatched)} with other shapes"]
-        lines += listing("missing from the checkpoint", self.missing)
-        lines += listing("unexpected in the checkpoint", self.unexpected)
-        lines += listing("other shape (file vs model)",
-                         [f"{k} {list(a)} vs {list(b)}" for k, a, b in self.mismatched])
-        return "\n".join(lines)
-
 
 def load_clip_state_dict(model: nn.Module, state_dict: dict, *, allow_partial: bool = False,
                          source: str = "<state dict>", fmt: str = "state-dict", arch: str = "") -> LoadReport:
@@ -338,27 +214,6 @@ def load_clip_state_dict(model: nn.Module, state_dict: dict, *, allow_partial: b
                         optional=lambda k: k.endswith("num_batches_tracked"))
 
 
-def load_fitting(model: nn.Module, state_dict: dict, report: LoadReport, name: str, advice: str,
-                 allow_partial: bool, optional=lambda key: False) -> LoadReport:
-    """Load `state_dict` into `model` when every key and shape fits; otherwise a CheckpointError listing
-    the missing, unexpected and reshaped keys (with `advice`), or, with allow_partial, a warning and
-    only the tensors that fit. Keys of the model for which `optional(key)` holds may be absent."""
-    model_state = model.state_dict()
-    report.missing = [k for k in model_state if k not in state_dict and not optional(k)]
-    report.unexpected = [k for k in state_dict if k not in model_state]
-    report.mismatched = [(k, tuple(v.shape), tuple(model_state[k].shape)) for k, v in state_dict.items()
-                         if k in model_state and v.shape != model_state[k].shape]
-    if not report.complete:
-        message = report.describe(name)
-        if not allow_partial:
-            raise CheckpointError(f"{message}\n{advice}")
-        warnings.warn("partial load (allow_partial): " + message, stacklevel=3)
-    skipped = {k for k, _, _ in report.mismatched}
-    model.load_state_dict({k: v for k, v in state_dict.items() if k in model_state and k not in skipped},
-                          strict=False)
-    return report
-
-
 def load_clip(arch: str, checkpoint: PathLike, allow_partial: bool = False,
               device: Union[str, torch.device] = "cpu", quick_gelu: Optional[bool] = None,
               trust_torchscript: bool = False):
@@ -369,8 +224,6 @@ def load_clip(arch: str, checkpoint: PathLike, allow_partial: bool = False,
     path = Path(checkpoint).expanduser()
     if not path.is_file():
         raise CheckpointNotFoundError(_missing_checkpoint_message(path, arch))
-    from trainer.models.reference_weights import REFERENCE_FORMAT, load_region_encoder_weights
-
     state_dict, fmt, info = read_clip_state_dict(path, trust_torchscript=trust_torchscript)
     if quick_gelu is None:   # RegionCLIP keeps OpenAI's text encoder (QuickGELU) frozen
         quick_gelu = fmt.startswith("openai") or fmt == REFERENCE_FORMAT or bool(info.get("quick_gelu", False))

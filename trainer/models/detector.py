@@ -34,9 +34,12 @@ from torchvision.models.detection._utils import BalancedPositiveNegativeSampler,
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image
 
 from pipeline.io import atomic_path
-from trainer.models.clip import (CLIP_MEAN, CLIP_STD, CheckpointError, CheckpointNotFoundError, LoadReport,
-                                 check_embedding_dim, create_clip, load_checkpoint_file, load_clip, load_fitting)
+from trainer.models.checkpoint import (CheckpointError, CheckpointNotFoundError, LoadReport, load_checkpoint_file,
+                                       load_fitting, reference_state_dict)
+from trainer.models.clip import check_embedding_dim, create_clip, load_clip
+from trainer.models.constants import CLIP_MEAN, CLIP_STD
 from trainer.models.geometry import padded, resized_size
+from trainer.models.reference_weights import DETECTOR_MAP, load_by_map, reference_kind, require_kind
 from trainer.models.region_encoder import RegionEncoder
 
 DETECTOR_FORMAT = "regionclip-detector-v1"
@@ -420,8 +423,6 @@ def save_detector(detector: OpenVocabDetector, path: Union[str, os.PathLike], **
 def read_checkpoint_kind(path: Union[str, os.PathLike]) -> str:
     """'detector' for a file written by save_detector or a transferred RegionCLIP detector (detectron2
     file), 'clip' for any CLIP checkpoint (a pretrained RegionCLIP region encoder too)."""
-    from trainer.models.reference_weights import reference_kind, reference_state_dict
-
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointNotFoundError(f"{path}: no such checkpoint file")
@@ -448,6 +449,25 @@ def load_detector_state(detector: OpenVocabDetector, state_dict: dict, source: s
     return load_fitting(detector, state_dict, report, detector.arch or "the detector", advice, allow_partial)
 
 
+def detector_from_reference(state_dict: dict[str, torch.Tensor], *, source: str, arch: str, class_embeddings,
+                            settings: Optional[DetectorSettings] = None,
+                            allow_partial: bool = False) -> OpenVocabDetector:
+    """An OpenVocabDetector with the weights of a transferred RegionCLIP detector (CLIPFastRCNN +
+    CLIPRes5ROIHeads; reference_weights.py maps the keys): backbone -> encoder.visual,
+    box_predictor.bbox_pred -> bbox_pred."""
+    require_kind(state_dict, source, ("detector",), "a transferred detector")
+    background = state_dict.get("roi_heads.box_predictor.cls_bg_score.weight")
+    if background is not None and bool(background.abs().max() > 0):
+        raise CheckpointError(f"{source}: roi_heads.box_predictor.cls_bg_score.weight is not zero; our "
+                              "detector's background logit is a constant 0 (the reference freezes that "
+                              "embedding at zero), so this detector cannot be represented")
+    model, _ = create_clip(arch)
+    detector = OpenVocabDetector(model.visual, class_embeddings, settings, arch=arch)
+    load_by_map(detector, state_dict, DETECTOR_MAP, source=source, name=arch, allow_partial=allow_partial,
+                advice="Check that the architecture (teacher.arch: RN50 or RN50x4) is the detector's.")
+    return detector
+
+
 def build_detector(arch: str, checkpoint: Union[str, os.PathLike], class_embeddings,
                    settings: Optional[DetectorSettings] = None, allow_partial: bool = False,
                    device: Union[str, torch.device] = "cpu",
@@ -459,8 +479,6 @@ def build_detector(arch: str, checkpoint: Union[str, os.PathLike], class_embeddi
 
     `settings` None: the detector checkpoint's own settings (default settings for a CLIP checkpoint or
     a RegionCLIP detector)."""
-    from trainer.models.reference_weights import detector_from_reference, reference_state_dict
-
     path = Path(checkpoint).expanduser()
     if read_checkpoint_kind(path) == "detector":
         payload = load_checkpoint_file(path)

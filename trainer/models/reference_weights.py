@@ -32,6 +32,11 @@ What is transformed, not only renamed:
   - region encoders: the reference does not save CLIP's logit_scale; open_clip's initial value stays
     (only train-teacher uses it). The text tower is OpenAI's (QuickGELU), kept frozen by the reference.
 
+This module holds the key maps and tells the kinds apart; it imports no model. Each model builds
+itself from a reference file beside its own loader: load_clip (clip.py) for a region encoder,
+rpn_from_reference (rpn.py), detector_from_reference (detector.py); load_reference (released.py)
+takes a file of any kind.
+
     model, tokenizer = load_clip("RN50", "regionclip_pretrained-cc_rn50.pth")   # dispatches here
     rpn = load_rpn("rpn_lvis_866.pth")                                        # dispatches here
     detector = build_detector("RN50", "regionclip_finetuned-coco_rn50.pth", class_embeddings)
@@ -39,28 +44,22 @@ What is transformed, not only renamed:
 """
 from __future__ import annotations
 
-import os
 import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
 
-import torch
 from torch import Tensor, nn
 
-from trainer.models.clip import CheckpointError, CheckpointNotFoundError, LoadReport, load_checkpoint_file
+from trainer.models.checkpoint import (CheckpointError, CheckpointNotFoundError, LoadReport, PathLike,
+                                       load_checkpoint_file, reference_state_dict)
 
 REFERENCE_FORMAT = "regionclip-detectron2"
 KINDS = ("region_encoder", "detector", "rpn_c4", "rpn_fpn")
 
-# detectron2's defaults, which every released RPN config keeps (configs/Base-RCNN-C4.yaml, -FPN.yaml):
-# INPUT.FORMAT BGR, PIXEL_MEAN [103.530, 116.280, 123.675] (0..255), PIXEL_STD [1, 1, 1].
-_D2_PIXEL_MEAN_RGB = (123.675 / 255, 116.28 / 255, 103.53 / 255)
-_D2_PIXEL_STD_RGB = (1 / 255, 1 / 255, 1 / 255)
 _BOOKKEEPING = "num_batches_tracked"      # BatchNorm's step counter: no weight, absent from FrozenBN
 
-PathLike = Union[str, os.PathLike]
 Rename = Union[str, Callable[[re.Match], str]]
 
 
@@ -165,17 +164,6 @@ def rpn_key_map(fpn: bool, head_convs: int = 1) -> KeyMap:
 
 # -- reading files -----------------------------------------------------------------------------------
 
-def reference_state_dict(obj) -> Optional[dict[str, Tensor]]:
-    """The state dict of a detectron2 checkpoint (`{"model": {name: tensor}, ...}`) already read with
-    torch.load, or None for anything else."""
-    if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict) or "state_dict" in obj:
-        return None
-    state = obj["model"]
-    if not state or not all(isinstance(v, Tensor) for v in state.values()):
-        return None
-    return dict(state)
-
-
 def read_reference_checkpoint(path: PathLike) -> dict[str, Tensor]:
     """The state dict of a RegionCLIP/detectron2 file; refuses pickled code and other layouts."""
     path = Path(path).expanduser()
@@ -200,6 +188,15 @@ def reference_kind(state_dict: dict) -> str:
             else "region_encoder"
     raise CheckpointError(f"not a RegionCLIP checkpoint of a known kind ({', '.join(KINDS)}): its top-level "
                           f"modules are {sorted(modules)}")
+
+
+def require_kind(state_dict: dict, source: str, kinds: tuple[str, ...], what: str) -> str:
+    """The kind of a reference state dict, which must be one of `kinds` (`what` a loader wants, e.g. "an
+    RPN"); any other is a CheckpointError saying where that file goes instead."""
+    kind = reference_kind(state_dict)
+    if kind not in kinds:
+        raise CheckpointError(f"{source}: a RegionCLIP {kind} file, not {what}; " + _where_it_goes(kind))
+    return kind
 
 
 # -- loading by a key map -----------------------------------------------------------------------------
@@ -241,73 +238,17 @@ def load_by_map(model: nn.Module, state_dict: dict[str, Tensor], key_map: KeyMap
     return report
 
 
-# -- the three models ---------------------------------------------------------------------------------
+# -- the region encoder (the other kinds: rpn.py and detector.py) -------------------------------------
 
 def load_region_encoder_weights(clip_model: nn.Module, state_dict: dict[str, Tensor], *, source: str,
                                 arch: str, allow_partial: bool = False) -> LoadReport:
     """A pretrained RegionCLIP file into an open_clip CLIP of the same architecture (load_clip calls
     this for detectron2 files): backbone -> visual, lang_encoder -> the text tower."""
-    kind = reference_kind(state_dict)
-    if kind != "region_encoder":
-        raise CheckpointError(f"{source}: a RegionCLIP {kind} file, not a pretrained region encoder; "
-                              + _where_it_goes(kind))
+    require_kind(state_dict, source, ("region_encoder",), "a pretrained region encoder")
     return load_by_map(clip_model, state_dict, REGION_ENCODER_MAP, source=source, name=arch,
                        allow_partial=allow_partial,
                        advice="Check that the architecture (e.g. teacher.arch: RN50 or RN50x4) is the one "
                               "of the RegionCLIP file.")
-
-
-def detector_from_reference(state_dict: dict[str, Tensor], *, source: str, arch: str, class_embeddings,
-                            settings=None, allow_partial: bool = False):
-    """An OpenVocabDetector with the weights of a transferred RegionCLIP detector
-    (CLIPFastRCNN + CLIPRes5ROIHeads): backbone -> encoder.visual, box_predictor.bbox_pred -> bbox_pred."""
-    from trainer.models.clip import create_clip
-    from trainer.models.detector import OpenVocabDetector
-
-    kind = reference_kind(state_dict)
-    if kind != "detector":
-        raise CheckpointError(f"{source}: a RegionCLIP {kind} file, not a transferred detector; "
-                              + _where_it_goes(kind))
-    background = state_dict.get("roi_heads.box_predictor.cls_bg_score.weight")
-    if background is not None and bool(background.abs().max() > 0):
-        raise CheckpointError(f"{source}: roi_heads.box_predictor.cls_bg_score.weight is not zero; our "
-                              "detector's background logit is a constant 0 (the reference freezes that "
-                              "embedding at zero), so this detector cannot be represented")
-    model, _ = create_clip(arch)
-    detector = OpenVocabDetector(model.visual, class_embeddings, settings, arch=arch)
-    load_by_map(detector, state_dict, DETECTOR_MAP, source=source, name=arch, allow_partial=allow_partial,
-                advice="Check that the architecture (teacher.arch: RN50 or RN50x4) is the detector's.")
-    return detector
-
-
-def rpn_from_reference(state_dict: dict[str, Tensor], *, source: str, min_size: int = 800,
-                       max_size: int = 1333):
-    """A ProposalNetwork that computes what RegionCLIP's detectron2 RPN (R50-C4 or R50-FPN) computes,
-    as the reference's test scripts run it (its offline RPN config, FrozenBN or, for the LSJ RPN, BN
-    in eval mode: the same thing). Frozen, in eval mode."""
-    from trainer.models.rpn import DEFAULT_C4_ANCHORS, DEFAULT_FPN_ANCHORS, build_rpn
-
-    kind = reference_kind(state_dict)
-    if kind not in ("rpn_c4", "rpn_fpn"):
-        raise CheckpointError(f"{source}: a RegionCLIP {kind} file, not an RPN; " + _where_it_goes(kind))
-    fpn = kind == "rpn_fpn"
-    # The LSJ RPN (OFFLINE_RPN_LSJ_PRETRAINED) normalises its FPN convs and has two head convs.
-    fpn_norm = fpn and any(k.startswith("backbone.fpn_lateral2.norm.") for k in state_dict)
-    head_convs = len({m[1] for k in state_dict
-                      if (m := re.match(r"proposal_generator\.rpn_head\.conv\.conv(\d+)\.", k))}) or 1
-    model = build_rpn("resnet50_fpn" if fpn else "resnet50_c4", None,
-                      anchor_sizes=DEFAULT_FPN_ANCHORS if fpn else DEFAULT_C4_ANCHORS,
-                      min_size=min_size, max_size=max_size, frozen_bn=True, trainable_layers=0,
-                      stride_in_1x1=True, anchor_layout="detectron2", pixel_mean=_D2_PIXEL_MEAN_RGB,
-                      pixel_std=_D2_PIXEL_STD_RGB, fpn_norm=fpn_norm, head_convs=head_convs)
-    load_by_map(model, state_dict, rpn_key_map(fpn, head_convs), source=source,
-                name=f"detectron2 R50-{'FPN' if fpn else 'C4'} RPN",
-                transforms={"backbone.body.conv1.weight": lambda w: w.flip(1)},   # BGR -> RGB input
-                advice="RegionCLIP's RPNs are detectron2 ResNet-50 C4 or FPN RPNs with 15 (C4) or 3 (FPN) "
-                       "anchors per location.")
-    model.config["source"] = REFERENCE_FORMAT
-    model.requires_grad_(False)
-    return model.eval()
 
 
 def _where_it_goes(kind: str) -> str:
@@ -315,28 +256,3 @@ def _where_it_goes(kind: str) -> str:
             "detector": "evaluate it with evaluate.detectors",
             "rpn_c4": "use it as the RPN (proposals.checkpoint)",
             "rpn_fpn": "use it as the RPN (proposals.checkpoint)"}[kind] + "."
-
-
-def load_reference(path: PathLike, kind: Optional[str] = None, *, arch: Optional[str] = None,
-                   class_embeddings=None, device: Union[str, torch.device] = "cpu"):
-    """The model a RegionCLIP file holds, in eval mode: (open_clip model, tokenizer) for a region
-    encoder (needs `arch`), an OpenVocabDetector (needs `arch` and `class_embeddings`) or a
-    ProposalNetwork. `kind`: one of KINDS, or None to tell it by the file's keys."""
-    state = read_reference_checkpoint(path)
-    kind = kind or reference_kind(state)
-    if kind not in KINDS:
-        raise ValueError(f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
-    if kind in ("region_encoder", "detector") and not arch:
-        raise ValueError(f"a RegionCLIP {kind} needs arch (RN50 or RN50x4)")
-    if kind == "region_encoder":
-        from trainer.models.clip import create_clip
-
-        model, tokenizer = create_clip(arch, quick_gelu=True)
-        model.regionclip_load_report = load_region_encoder_weights(model, state, source=str(path), arch=arch)
-        return model.to(device).eval(), tokenizer
-    if kind == "detector":
-        if class_embeddings is None:
-            raise ValueError("a detector needs class_embeddings (the vocabulary's text embeddings)")
-        return detector_from_reference(state, source=str(path), arch=arch,
-                                       class_embeddings=class_embeddings).to(device).eval()
-    return rpn_from_reference(state, source=str(path)).to(device)

@@ -1,7 +1,7 @@
 """A class-agnostic region proposal network from torchvision's detection parts (docs/method.md §2).
 
-    model = build_rpn("resnet50_fpn", backbone_weights="weights/resnet50.pth")   # or None: scratch
-    model = build_rpn("clip_res4", clip_arch="RN50-tiny", backbone_weights="teacher.pt")
+    model = build_rpn(RpnConfig("resnet50_fpn"), backbone_weights="weights/resnet50.pth")   # or None: scratch
+    model = build_rpn(RpnConfig("clip_res4", clip_arch="RN50-tiny"), backbone_weights="teacher.pt")
     losses = model(images, targets)            # train mode: {'loss_objectness', 'loss_rpn_box_reg'}
     [(boxes, objectness)] = model.propose(images, min_size=800, max_size=1333)
     save_rpn_checkpoint(model, path, recall={...});  model = load_rpn(path)
@@ -17,10 +17,10 @@ with one "object" class. Backbones:
 With a weights file the BatchNorms are frozen (torchvision's FrozenBatchNorm2d) and the stem and res2
 do not train, as in detectron2; from scratch every layer trains with ordinary BatchNorm.
 
-RegionCLIP's released RPNs are detectron2 models; `load_rpn` reads them too (reference_weights.py maps
-their keys) and builds the network with the options that make torchvision's parts compute what
-detectron2's do: `stride_in_1x1`, `anchor_layout="detectron2"`, `pixel_mean`/`pixel_std`, `fpn_norm`,
-`head_convs` (see build_rpn).
+RegionCLIP's released RPNs are detectron2 models; `load_rpn` reads them too (rpn_from_reference;
+reference_weights.py maps their keys) and builds the network with the RpnConfig options that make
+torchvision's parts compute what detectron2's do: `stride_in_1x1`, `anchor_layout="detectron2"`,
+`pixel_mean`/`pixel_std`, `fpn_norm`, `head_convs`.
 
 Boxes that `propose` returns are float32 x1,y1,x2,y2 in the *original* input image pixels, ordered by
 objectness (logits, not probabilities). Checkpoints are read with torch.load(weights_only=True).
@@ -28,8 +28,9 @@ objectness (logits, not probabilities). Checkpoints are read with torch.load(wei
 from __future__ import annotations
 
 import math
-import os
+import re
 from collections import OrderedDict
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -44,12 +45,14 @@ from torchvision.ops import FrozenBatchNorm2d, batched_nms, box_iou, clip_boxes_
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
 from pipeline.io import atomic_path
-from trainer.models.clip import (CLIP_MEAN, CLIP_STD, CheckpointError, CheckpointNotFoundError,
-                                 load_checkpoint_file, load_clip)
+from trainer.models.checkpoint import (CheckpointError, CheckpointNotFoundError, PathLike, load_checkpoint_file,
+                                       reference_state_dict, without_module_prefix)
+from trainer.models.clip import create_clip, load_clip
+from trainer.models.constants import (CLIP_MEAN, CLIP_STD, DETECTRON2_PIXEL_MEAN, DETECTRON2_PIXEL_STD,
+                                      IMAGENET_MEAN, IMAGENET_STD)
+from trainer.models.reference_weights import REFERENCE_FORMAT, load_by_map, require_kind, rpn_key_map
 
 BACKBONES = ("resnet50_fpn", "resnet18_fpn", "resnet50_c4", "clip_res4")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 FPN_LEVELS = 5                                   # P2..P5 + the max-pooled P6
 DEFAULT_FPN_ANCHORS = (32, 64, 128, 256, 512)    # one size per FPN level (torchvision, detectron2)
 DEFAULT_C4_ANCHORS = (32, 64, 128, 256, 512)     # all sizes on the single res4 level
@@ -58,11 +61,48 @@ FPN_STRIDES = (4, 8, 16, 32, 64)                 # P2..P6
 C4_STRIDE = 16
 ANCHOR_LAYOUTS = ("torchvision", "detectron2")
 
-PathLike = Union[str, os.PathLike]
-
 
 class RpnCheckpointNotFoundError(CheckpointNotFoundError):
     """No RPN checkpoint at the given path."""
+
+
+@dataclass
+class RpnConfig:
+    """What shapes an RPN: build_rpn builds one from it, and its checkpoint records it (`config`, with
+    the defaults left None resolved). `backbone`: resnet50_fpn, resnet18_fpn, resnet50_c4 or clip_res4
+    (needs `clip_arch`). `anchor_sizes`: for FPN backbones one size per level (5), for one-level
+    backbones any sizes, all on the stride-16 map; 3 aspect ratios each. `frozen_bn` (default: frozen
+    iff backbone weights are given) and `trainable_layers` (default 3 with weights, all without) follow
+    torchvision's resnet_fpn_backbone; the IoU thresholds and sampling are torchvision's RPN training.
+
+    The options from `stride_in_1x1` on reproduce a detectron2 RPN (RegionCLIP's released ones,
+    rpn_from_reference): `stride_in_1x1` (ResNet stages stride in the first block's 1x1 conv),
+    `anchor_layout` "detectron2" (Detectron2AnchorGenerator), `pixel_mean`/`pixel_std` (RGB, for
+    images in 0..1; default ImageNet's, CLIP's for clip_res4), `fpn_norm` (a frozen BatchNorm after
+    every FPN conv) and `head_convs` (3x3 convs in the RPN head before its two predictors)."""
+    backbone: str = "resnet50_fpn"
+    clip_arch: Optional[str] = None
+    anchor_sizes: Optional[Sequence[int]] = None
+    min_size: int = 800
+    max_size: int = 1333
+    frozen_bn: Optional[bool] = None
+    trainable_layers: Optional[int] = None
+    fg_iou_thresh: float = 0.7
+    bg_iou_thresh: float = 0.3
+    batch_size_per_image: int = 256
+    positive_fraction: float = 0.5
+    stride_in_1x1: bool = False
+    anchor_layout: str = "torchvision"
+    pixel_mean: Optional[Sequence[float]] = None
+    pixel_std: Optional[Sequence[float]] = None
+    fpn_norm: bool = False
+    head_convs: int = 1
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RpnConfig":
+        """The config a checkpoint recorded; its other entries (e.g. `source`) are not build options."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 # -- backbones ---------------------------------------------------------------------------------------
@@ -161,8 +201,6 @@ def _freeze_bn(module: nn.Module) -> nn.Module:
 
 def _clip_backbone(clip_arch: str, weights: Optional[PathLike], frozen_bn: bool,
                    trainable_layers: int, trust_torchscript: bool = False) -> ClipRes4Backbone:
-    from trainer.models.clip import create_clip
-
     if weights is not None:
         model, _ = load_clip(clip_arch, weights, trust_torchscript=trust_torchscript)
     else:
@@ -187,7 +225,7 @@ def _torchvision_state_dict(path: Path) -> dict:
             obj = obj[key]
     if not (isinstance(obj, dict) and obj and all(isinstance(v, Tensor) for v in obj.values())):
         raise CheckpointError(f"{path}: no state dict found (expected tensors keyed by parameter names)")
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+    return without_module_prefix(obj)
 
 
 def _resnet_fpn_backbone(name: str, frozen_bn: bool, trainable_layers: int, fpn_norm: bool = False):
@@ -340,36 +378,24 @@ def _filter(boxes: Tensor, logits: Tensor, per_level: list[int], image_size, pre
     return boxes[keep], logits[keep]
 
 
-def build_rpn(backbone: str = "resnet50_fpn", backbone_weights: Optional[PathLike] = None,
-              clip_arch: Optional[str] = None, anchor_sizes: Optional[Sequence[int]] = None, *,
-              min_size: int = 800, max_size: int = 1333, frozen_bn: Optional[bool] = None,
-              trainable_layers: Optional[int] = None, fg_iou_thresh: float = 0.7, bg_iou_thresh: float = 0.3,
-              batch_size_per_image: int = 256, positive_fraction: float = 0.5,
-              stride_in_1x1: bool = False, anchor_layout: str = "torchvision",
-              pixel_mean: Optional[Sequence[float]] = None, pixel_std: Optional[Sequence[float]] = None,
-              fpn_norm: bool = False, head_convs: int = 1, trust_torchscript: bool = False) -> ProposalNetwork:
-    """A class-agnostic RPN. `backbone`: resnet50_fpn, resnet18_fpn, resnet50_c4 or clip_res4 (needs
-    `clip_arch`). `backbone_weights`: a local file (None: random init; a TorchScript CLIP file for
-    clip_res4 only with `trust_torchscript`, see load_clip). `anchor_sizes`: for FPN backbones
-    one size per level (5), for one-level backbones any sizes, all on the stride-16 map; 3 aspect ratios
-    each. `frozen_bn` (default: frozen iff weights are given) and `trainable_layers` (default 3 with
-    weights, all without) follow torchvision's resnet_fpn_backbone.
-
-    The remaining options reproduce a detectron2 RPN (RegionCLIP's released ones, reference_weights.py):
-    `stride_in_1x1` (ResNet stages stride in the first block's 1x1 conv), `anchor_layout` "detectron2"
-    (Detectron2AnchorGenerator), `pixel_mean`/`pixel_std` (RGB, for images in 0..1; default ImageNet's,
-    CLIP's for clip_res4), `fpn_norm` (a frozen BatchNorm after every FPN conv) and `head_convs` (3x3
-    convs in the RPN head before its two predictors)."""
+def build_rpn(config: RpnConfig, backbone_weights: Optional[PathLike] = None,
+              trust_torchscript: bool = False) -> ProposalNetwork:
+    """A class-agnostic RPN shaped by `config` (RpnConfig). `backbone_weights`: a local file (None: random
+    init; a TorchScript CLIP file for clip_res4 only with `trust_torchscript`, see load_clip). The model's
+    `config` is the RpnConfig with its defaults resolved, as a dict (what save_rpn_checkpoint records)."""
+    c = config
+    backbone, anchor_layout, fpn_norm = c.backbone, c.anchor_layout, c.fpn_norm
     if backbone not in BACKBONES:
         raise ValueError(f"unknown RPN backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
     if anchor_layout not in ANCHOR_LAYOUTS:
         raise ValueError(f"unknown anchor_layout {anchor_layout!r}; choose one of {', '.join(ANCHOR_LAYOUTS)}")
-    frozen_bn = backbone_weights is not None if frozen_bn is None else bool(frozen_bn)
+    frozen_bn = backbone_weights is not None if c.frozen_bn is None else bool(c.frozen_bn)
     fpn = backbone.endswith("_fpn")
+    trainable_layers = c.trainable_layers
     if trainable_layers is None:
         trainable_layers = 3 if backbone_weights is not None else (5 if fpn else 4)
     if fpn:
-        sizes = tuple(int(s) for s in (anchor_sizes or DEFAULT_FPN_ANCHORS))
+        sizes = tuple(int(s) for s in (c.anchor_sizes or DEFAULT_FPN_ANCHORS))
         if len(sizes) != FPN_LEVELS:
             raise ValueError(f"{backbone}: anchor_sizes needs one size per FPN level ({FPN_LEVELS}), got "
                              f"{list(sizes)}")
@@ -378,15 +404,15 @@ def build_rpn(backbone: str = "resnet50_fpn", backbone_weights: Optional[PathLik
     else:
         if fpn_norm:
             raise ValueError(f"fpn_norm needs an FPN backbone, not {backbone}")
-        if backbone == "clip_res4" and not clip_arch:
+        if backbone == "clip_res4" and not c.clip_arch:
             raise ValueError("the clip_res4 backbone needs clip_arch (e.g. teacher.arch: RN50)")
-        sizes = tuple(int(s) for s in (anchor_sizes or DEFAULT_C4_ANCHORS))
+        sizes = tuple(int(s) for s in (c.anchor_sizes or DEFAULT_C4_ANCHORS))
         if backbone == "clip_res4":
-            net = _clip_backbone(clip_arch, backbone_weights, frozen_bn, trainable_layers, trust_torchscript)
+            net = _clip_backbone(c.clip_arch, backbone_weights, frozen_bn, trainable_layers, trust_torchscript)
         else:
             net = _resnet_c4_backbone(frozen_bn, trainable_layers)
         level_sizes, strides = (sizes,), (C4_STRIDE,)
-    if stride_in_1x1:
+    if c.stride_in_1x1:
         if backbone == "clip_res4":
             raise ValueError("stride_in_1x1 is a torchvision ResNet option; clip_res4 has its own blocks")
         _move_stride_to_1x1(net.body)
@@ -394,28 +420,52 @@ def build_rpn(backbone: str = "resnet50_fpn", backbone_weights: Optional[PathLik
     generator = (Detectron2AnchorGenerator(level_sizes, ratios, strides) if anchor_layout == "detectron2"
                  else AnchorGenerator(level_sizes, ratios))
     default_mean, default_std = (CLIP_MEAN, CLIP_STD) if backbone == "clip_res4" else (IMAGENET_MEAN, IMAGENET_STD)
-    mean = tuple(float(v) for v in (pixel_mean or default_mean))
-    std = tuple(float(v) for v in (pixel_std or default_std))
-    head = RPNHead(net.out_channels, generator.num_anchors_per_location()[0], conv_depth=int(head_convs))
+    mean = tuple(float(v) for v in (c.pixel_mean or default_mean))
+    std = tuple(float(v) for v in (c.pixel_std or default_std))
+    head = RPNHead(net.out_channels, generator.num_anchors_per_location()[0], conv_depth=int(c.head_convs))
     rpn = RegionProposalNetwork(
-        generator, head, fg_iou_thresh=fg_iou_thresh, bg_iou_thresh=bg_iou_thresh,
-        batch_size_per_image=batch_size_per_image, positive_fraction=positive_fraction,
+        generator, head, fg_iou_thresh=c.fg_iou_thresh, bg_iou_thresh=c.bg_iou_thresh,
+        batch_size_per_image=c.batch_size_per_image, positive_fraction=c.positive_fraction,
         # torchvision's own proposal filtering is never run: training computes only the losses
         # (ProposalNetwork.rpn_losses) and inference filters in propose(); these are its defaults.
         pre_nms_top_n={"training": 2000, "testing": 1000}, post_nms_top_n={"training": 2000, "testing": 1000},
         nms_thresh=0.7)
-    transform = GeneralizedRCNNTransform(min_size, max_size, list(mean), list(std))
-    config = {"backbone": backbone, "clip_arch": clip_arch, "anchor_sizes": list(sizes),
-              "min_size": int(min_size), "max_size": int(max_size), "frozen_bn": frozen_bn,
-              "trainable_layers": int(trainable_layers), "fg_iou_thresh": fg_iou_thresh,
-              "bg_iou_thresh": bg_iou_thresh, "batch_size_per_image": batch_size_per_image,
-              "positive_fraction": positive_fraction, "stride_in_1x1": bool(stride_in_1x1),
-              "anchor_layout": anchor_layout, "pixel_mean": list(mean), "pixel_std": list(std),
-              "fpn_norm": bool(fpn_norm), "head_convs": int(head_convs)}
-    model = ProposalNetwork(transform, net, rpn, config)
+    transform = GeneralizedRCNNTransform(c.min_size, c.max_size, list(mean), list(std))
+    resolved = replace(c, anchor_sizes=list(sizes), min_size=int(c.min_size), max_size=int(c.max_size),
+                       frozen_bn=frozen_bn, trainable_layers=int(trainable_layers),
+                       stride_in_1x1=bool(c.stride_in_1x1), pixel_mean=list(mean), pixel_std=list(std),
+                       fpn_norm=bool(fpn_norm), head_convs=int(c.head_convs))
+    model = ProposalNetwork(transform, net, rpn, asdict(resolved))
     if backbone_weights is not None and backbone != "clip_res4":
         model.weights_report = _load_resnet_weights(model, backbone_weights)
     return model
+
+
+def rpn_from_reference(state_dict: dict[str, Tensor], *, source: str, min_size: int = 800,
+                       max_size: int = 1333) -> ProposalNetwork:
+    """A ProposalNetwork that computes what RegionCLIP's detectron2 RPN (R50-C4 or R50-FPN) computes,
+    as the reference's test scripts run it (its offline RPN config, FrozenBN or, for the LSJ RPN, BN
+    in eval mode: the same thing), from the file's state dict (reference_weights.py maps the keys).
+    Frozen, in eval mode."""
+    kind = require_kind(state_dict, source, ("rpn_c4", "rpn_fpn"), "an RPN")
+    fpn = kind == "rpn_fpn"
+    # The LSJ RPN (OFFLINE_RPN_LSJ_PRETRAINED) normalises its FPN convs and has two head convs.
+    fpn_norm = fpn and any(k.startswith("backbone.fpn_lateral2.norm.") for k in state_dict)
+    head_convs = len({m[1] for k in state_dict
+                      if (m := re.match(r"proposal_generator\.rpn_head\.conv\.conv(\d+)\.", k))}) or 1
+    model = build_rpn(RpnConfig("resnet50_fpn" if fpn else "resnet50_c4",
+                                anchor_sizes=DEFAULT_FPN_ANCHORS if fpn else DEFAULT_C4_ANCHORS,
+                                min_size=min_size, max_size=max_size, frozen_bn=True, trainable_layers=0,
+                                stride_in_1x1=True, anchor_layout="detectron2", pixel_mean=DETECTRON2_PIXEL_MEAN,
+                                pixel_std=DETECTRON2_PIXEL_STD, fpn_norm=fpn_norm, head_convs=head_convs))
+    load_by_map(model, state_dict, rpn_key_map(fpn, head_convs), source=source,
+                name=f"detectron2 R50-{'FPN' if fpn else 'C4'} RPN",
+                transforms={"backbone.body.conv1.weight": lambda w: w.flip(1)},   # BGR -> RGB input
+                advice="RegionCLIP's RPNs are detectron2 ResNet-50 C4 or FPN RPNs with 15 (C4) or 3 (FPN) "
+                       "anchors per location.")
+    model.config["source"] = REFERENCE_FORMAT
+    model.requires_grad_(False)
+    return model.eval()
 
 
 # -- checkpoints -------------------------------------------------------------------------------------
@@ -448,8 +498,6 @@ def load_rpn(path: PathLike, device: Union[str, torch.device] = "cpu") -> Propos
             "(train_rpn.enabled: true), or set proposals.checkpoint to a class-agnostic RPN checkpoint "
             "saved by trainer.models.rpn.save_rpn_checkpoint or released by RegionCLIP (rpn_*.pth).")
     obj = load_checkpoint_file(path)
-    from trainer.models.reference_weights import reference_state_dict, rpn_from_reference
-
     reference = reference_state_dict(obj)
     if reference is not None:      # RegionCLIP's released RPN: a detectron2 {"model": ...} file
         model = rpn_from_reference(reference, source=str(path))
@@ -460,10 +508,7 @@ def load_rpn(path: PathLike, device: Union[str, torch.device] = "cpu") -> Propos
         raise CheckpointError(f"{path}: not an RPN checkpoint (expected 'state_dict' and 'config', or a "
                               "RegionCLIP/detectron2 file with 'model')")
     cfg = dict(obj["config"])
-    known = {"backbone", "clip_arch", "anchor_sizes", "min_size", "max_size", "frozen_bn", "trainable_layers",
-             "fg_iou_thresh", "bg_iou_thresh", "batch_size_per_image", "positive_fraction", "stride_in_1x1",
-             "anchor_layout", "pixel_mean", "pixel_std", "fpn_norm", "head_convs"}
-    model = build_rpn(**{k: v for k, v in cfg.items() if k in known})
+    model = build_rpn(RpnConfig.from_dict(cfg))
     try:
         model.load_state_dict(obj["state_dict"], strict=True)
     except RuntimeError as err:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from trainer.data.images import as_unit_range, image_tensor
-from trainer.models.clip import CLIP_MEAN, CLIP_STD
+from trainer.models.constants import CLIP_MEAN, CLIP_STD
 from trainer.engine.device import resolve_device
 from trainer.models.geometry import padded, resized_size
 from trainer.models.region_encoder import RegionEncoder

@@ -42,7 +42,8 @@ from trainer.engine.loop import HookBase, TrainLoop
 from trainer.engine.schedules import WarmupMultiStep
 from trainer.losses import (concept_logits, distillation_loss, gather_with_grad, image_caption_loss,
                             keep_mask, region_concept_loss)
-from trainer.models.clip import CLIP_MEAN, CLIP_STD, check_embedding_dim, save_clip_checkpoint
+from trainer.models.clip import check_embedding_dim, save_clip_checkpoint
+from trainer.models.constants import CLIP_MEAN, CLIP_STD
 from trainer.models.region_encoder import RegionEncoder
 from trainer.offline.streaming import autocast, autocast_dtype
 
