@@ -20,8 +20,10 @@ $(VENV)/.test-extras: $(BIN)/regionclip
 
 venv: $(BIN)/regionclip
 
+# The run, then its page (report.html: builds the student's and the teacher's region indexes for search).
 demo: venv
 	$(BIN)/regionclip run $(MANIFEST)
+	$(BIN)/regionclip report $(MANIFEST)
 
 test: $(VENV)/.test-extras
 	$(BIN)/python -m pytest -q --durations=15 tests

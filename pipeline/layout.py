@@ -9,6 +9,8 @@
   labels/      00000.parquet  00000_stats.json ...  (codec files)  manifest.json
   checkpoints/ teacher/ rpn/ pretrain/ transfer/
   eval/        metrics json, COCO-format detections, pictures
+  search/      region indexes (index/) and search results (`regionclip search`)
+  report.html  the run's page (`regionclip report`)
 """
 from __future__ import annotations
 
@@ -237,8 +239,13 @@ class RunLayout:
         return self.eval / f"detections_{name}.json"
 
     def eval_picture(self, name: str) -> Path:
-        """evaluate's picture of one model's detections on a val image."""
+        """evaluate's picture of one model's detections on a few val images."""
         return self.eval / f"detections_{name}.png"
+
+    @property
+    def eval_detections_picture(self) -> Path:
+        """evaluate's side-by-side picture: val images (rows) x ground truth and each model (columns)."""
+        return self.eval / "detections.png"
 
     def detect_output(self, stem: str, suffix: str) -> Path:
         """`regionclip detect`'s default outputs (without --out): eval/detect/<stem><suffix>."""
@@ -247,6 +254,33 @@ class RunLayout:
     @property
     def summary_json(self) -> Path:
         return self.eval / "summary.json"
+
+    # -- region search and the run report ----------------------------------------------------------
+    @property
+    def search(self) -> Path:
+        """`regionclip search`'s folder: its region indexes (index/) and each search's contact sheet."""
+        return self.root / "search"
+
+    def search_index(self, which: str) -> Path:
+        """The region index `search` builds over one model's region embeddings (`student`, `teacher`)."""
+        return self.search / "index" / f"{which}.faiss"
+
+    def search_index_ids(self, which: str) -> Path:
+        """Row i of search_index(which) is region `region` of sample `key`."""
+        return self.search / "index" / f"{which}.parquet"
+
+    def search_index_identity(self, which: str) -> Path:
+        """What search_index(which) was built from (model checksum, proposals, scale): a change rebuilds it."""
+        return self.search / "index" / f"{which}.json"
+
+    def search_result(self, name: str, suffix: str) -> Path:
+        """One search's outputs: search/<name>.png (the contact sheet), search/<name>.jsonl (the hits)."""
+        return self.search / f"{name}{suffix}"
+
+    @property
+    def report_html(self) -> Path:
+        """`regionclip report`'s page (pictures inline)."""
+        return self.root / "report.html"
 
     @property
     def tensorboard(self) -> Path:

@@ -44,11 +44,13 @@ def _load(path: str, overrides: list[str]):
 
 
 def run_one(name: str, manifest, args=None) -> dict:
-    """One stage (through the runner) or one other command, timed."""
+    """One stage (through the runner) or one other command, timed. A command whose stdout is its data
+    (PRINTS_DATA, e.g. search's JSON lines) has these lines on stderr."""
     started = time.time()
-    print(f"== {name}", flush=True)
+    out = sys.stderr if getattr(TOOL_MODULES.get(name), "PRINTS_DATA", False) else sys.stdout
+    print(f"== {name}", flush=True, file=out)
     result = STAGES[name].run(manifest) if name in STAGES else TOOL_MODULES[name].run(manifest, args)
-    print(f"== {name} finished in {time.time() - started:.1f}s", flush=True)
+    print(f"== {name} finished in {time.time() - started:.1f}s", flush=True, file=out)
     return result
 
 

@@ -17,6 +17,7 @@ eval/detect/).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from pipeline.config import RunManifest
@@ -36,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="detector or CLIP/student checkpoint (default: the transfer stage's detector)")
     parser.add_argument("--out", default=None, help="output folder (default: <output_dir>/eval/detect)")
     parser.add_argument("--min-score", type=float, default=0.3, help="score threshold for the picture")
+    parser.add_argument("--max-boxes", type=int, default=10, help="detections drawn per picture (highest first)")
     parser.add_argument("--arch", default=None, help="CLIP architecture of a CLIP checkpoint (default "
                         "teacher.arch)")
 
@@ -111,8 +113,6 @@ def run(manifest: RunManifest, args: argparse.Namespace) -> dict:
         model, tokenizer = text_model or load_teacher_clip(manifest, device=device)
         embeddings = torch.from_numpy(embed_names(model, tokenizer, names, manifest.embed.ensemble,
                                                   device=device, progress=False)).to(device)
-    ids = list(range(1, len(names) + 1))
-    labels = dict(zip(ids, names))
 
     purpose = "transfer" if kind == "detector" else "zero_shot"
     rpn = load_frozen_rpn(manifest, purpose, device)
@@ -144,9 +144,10 @@ def run(manifest: RunManifest, args: argparse.Namespace) -> dict:
         detections = [{"box": [round(v, 2) for v in b], "label": names[c], "score": round(float(s), 5)}
                       for b, s, c in zip(found["boxes"].tolist(), found["scores"].tolist(),
                                          found["labels"].tolist())]
-        coco = [{"bbox": [d["box"][0], d["box"][1], d["box"][2] - d["box"][0], d["box"][3] - d["box"][1]],
-                 "category_id": names.index(d["label"]) + 1, "score": d["score"]} for d in detections]
-        picture = draw_detections(rgb, coco, labels, out_dir / f"{path.stem}.png", min_score=args.min_score)
+        panel = Panel(rgb, [LabelledBox(tuple(d["box"]), d["label"], d["score"]) for d in detections])
+        picture = save_png(detection_grid([[panel]], title=path.name, cell=max(512, min(rgb.size)),
+                                          min_score=args.min_score, max_per_panel=args.max_boxes),
+                           out_dir / f"{path.stem}.png")
         report["images"].append({"image": str(path), "width": rgb.width, "height": rgb.height,
                                  "picture": str(picture), "detections": detections})
         shown = [f"{d['label']} {d['score']:.2f}" for d in detections if d["score"] >= args.min_score]

@@ -13,7 +13,9 @@
               evaluation-novel classes gets a logged warning naming them: its novel AP is not an
               open-vocabulary figure
     output    eval/metrics_<name>.json, eval/detections_<name>.json (COCO results),
-              eval/detections_<name>.png, and the `evaluate` section of eval/summary.json: the
+              eval/detections_<name>.png (a few held-out images with that model's detections),
+              eval/detections.png (those images side by side: ground truth, each detector, each
+              zero-shot model on RPN boxes), and the `evaluate` section of eval/summary.json: the
               headline figures, the images and GT regions they rest on, and a 95% interval for every
               student - teacher margin (a paired bootstrap over the images, trainer/evaluation.py)
 
@@ -31,6 +33,8 @@ from stages.embed import teacher_from_train_teacher
 from stages.proposals import rpn_from_train_rpn
 
 SUMMARY_SECTION = "evaluate"
+PICTURE_IMAGES = 4        # held-out images in the detection pictures
+PICTURE_MIN_SCORE = 0.3   # detections drawn: this score or more, the top 6 per image
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +95,7 @@ def evaluate(run: StageRun) -> dict:
     from trainer.data.detection import DetectionSet
     from trainer.models.detector import build_detector
     from trainer.evaluation import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, Ap50Matches, RecognitionTally,
-                                    coco_evaluate, draw_detections, image_features, lvis_evaluate,
+                                    coco_evaluate, image_features, lvis_evaluate,
                                     margin_intervals, merge_summary, results_table, to_coco_results,
                                     zero_shot_detect)
     from trainer.models.region_encoder import RegionEncoder
@@ -125,14 +129,13 @@ def evaluate(run: StageRun) -> dict:
             return {"lvis": lvis_evaluate(val_path, detections, max_dets=max(300, cfg.detections_per_image))}
         return coco_evaluate(data.data, detections, data.category_split, image_ids)
 
-    picture_id = image_ids[min(cfg.picture_image, len(image_ids) - 1)]
-    picture = data.load_image(data.image_by_id[picture_id])
+    picture_ids = picture_image_ids(data, image_ids, novel_ids, cfg.picture_image)
+    pictured: dict[str, list[dict]] = {}     # model name -> its detections on the picture images
 
     def record(name: str, detections: list[dict], metrics: dict) -> dict:
         write_json(layout.eval_detections(name), detections)
         write_json(layout.eval_metrics(name), metrics)
-        draw_detections(picture, [d for d in detections if d["image_id"] == picture_id], names,
-                        layout.eval_picture(name), highlight=novel_ids)
+        pictured[name] = [d for d in detections if d["image_id"] in picture_ids]
         return metrics
 
     rpns, loaded = {}, {}
@@ -221,6 +224,7 @@ def evaluate(run: StageRun) -> dict:
                                 "over": "images", "paired": True}
     if tallies:
         results["regions"] = next(iter(tallies.values())).result()["regions"]
+    draw_pictures(layout, data, names, novel_ids, picture_ids, pictured)
     results["seconds"] = round(time.time() - started, 2)
     merge_summary(layout.summary_json, SUMMARY_SECTION, summarize(results))
     if data.kind != "lvis":    # the demo's headline: teacher vs student (trainer.evaluation.results_table)
@@ -228,6 +232,53 @@ def evaluate(run: StageRun) -> dict:
         merge_summary(layout.summary_json, "results_table", table)
         print(table)
     return {"results": summarize(results)}
+
+
+def picture_image_ids(data, image_ids: list[int], novel_ids: set[int], first: int) -> list[int]:
+    """The held-out images the pictures show: from evaluate.picture_image on, those with a box of a
+    novel class first."""
+    ordered = image_ids[first:] + image_ids[:first]
+    novel = [i for i in ordered if any(a["category_id"] in novel_ids for a in data.annotations_by_image.get(i, []))]
+    return (novel + [i for i in ordered if i not in set(novel)])[:PICTURE_IMAGES]
+
+
+def picture_title(name: str) -> str:
+    """`detector_pretrain` -> "detector from the student", `zeroshot_rpn_teacher` -> "zero-shot teacher, RPN boxes"."""
+    model = {"pretrain": "the student", "teacher": "the teacher"}
+    if name.startswith("detector_"):
+        init = name[len("detector_"):]
+        return f"detector from {model.get(init, init)}"
+    _, boxes, which = name.split("_", 2)
+    return f"zero-shot {model.get(which, which).split()[-1]}, {'RPN' if boxes == 'rpn' else 'GT'} boxes"
+
+
+def draw_pictures(layout: RunLayout, data, names: dict, novel_ids: set[int], picture_ids: list[int],
+                  pictured: dict[str, list[dict]]) -> None:
+    """eval/detections_<name>.png per model (the picture images, ground truth dashed) and
+    eval/detections.png: the images as rows, ground truth then each detector and zero-shot RPN model
+    as columns."""
+    from pipeline.images import open_rgb
+    from pipeline.pictures import LabelledBox, Panel, detection_grid, save_png
+
+    def boxes(records: list[dict], image_id: int, scored: bool) -> list[LabelledBox]:
+        return [LabelledBox((x, y, x + w, y + h), names[r["category_id"]], r["score"] if scored else None)
+                for r in records if r["image_id"] == image_id for x, y, w, h in [r["bbox"]]]
+
+    if not picture_ids:
+        return
+    images = {i: open_rgb(data.image_path(data.image_by_id[i])) for i in picture_ids}
+    truth = {i: boxes(data.annotations_by_image.get(i, []), i, scored=False) for i in picture_ids}
+    novel = [names[c] for c in novel_ids]
+    draw = dict(marked=novel, min_score=PICTURE_MIN_SCORE)
+    for name, records in pictured.items():
+        panels = [Panel(images[i], boxes(records, i, True), truth[i], caption=f"image {i}") for i in picture_ids]
+        rows = [panels[k:k + 2] for k in range(0, len(panels), 2)]
+        save_png(detection_grid(rows, title=picture_title(name), **draw), layout.eval_picture(name))
+    columns = [n for n in pictured if not n.startswith("zeroshot_gt_")]
+    rows = [[Panel(images[i], (), truth[i], caption=f"image {i}", label_truth=True)]
+            + [Panel(images[i], boxes(pictured[n], i, True), truth[i]) for n in columns] for i in picture_ids]
+    save_png(detection_grid(rows, column_titles=["ground truth", *map(picture_title, columns)], **draw),
+             layout.eval_detections_picture)
 
 
 def metrics_files(layout: RunLayout, manifest) -> list:

@@ -7,14 +7,14 @@ module level (torch, Ray, spaCy are imported inside their work), so reading this
 from __future__ import annotations
 
 from stages import (coco_ovd_split, concepts, convert_teacher, detect, embed, evaluate, label, pretrain, proposals,
-                    shard, show, synth, train_rpn, train_teacher, transfer, verify, vocab)
+                    report, search, shard, show, synth, train_rpn, train_teacher, transfer, verify, vocab)
 
 # The pipeline: each a pipeline.runner.Stage; `regionclip run` runs the enabled ones in this order.
 PIPELINE = (synth.STAGE, shard.STAGE, concepts.STAGE, train_teacher.STAGE, embed.STAGE, train_rpn.STAGE,
             proposals.STAGE, label.STAGE, pretrain.STAGE, transfer.STAGE, evaluate.STAGE)
 
 # Commands that are not stages: modules with COMMAND, HELP, add_arguments(parser) and run(manifest, args).
-TOOLS = (verify, vocab, show, detect, coco_ovd_split, convert_teacher)
+TOOLS = (verify, vocab, show, detect, search, report, coco_ovd_split, convert_teacher)
 
 STAGES = {stage.name: stage for stage in PIPELINE}
 TOOL_MODULES = {tool.COMMAND: tool for tool in TOOLS}

@@ -223,3 +223,16 @@ def train_settings(manifest):
                          weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, lr_steps=list(t.lr_steps),
                          repeat_factor_threshold=t.repeat_factor_threshold, flip=t.flip, seed=t.seed,
                          num_workers=t.num_workers)
+
+
+def synthetic_world_note(manifest: RunManifest) -> Optional[str]:
+    """What `detect` and `search` say once when the run's teacher is train-teacher's, trained on the
+    synthetic world: its models know coloured shapes only, so on real photos they give noise."""
+    if manifest.corpus.format != "synthetic" or manifest.teacher.checkpoint is not None \
+            or not manifest.train_teacher.enabled:
+        return None
+    return ("note: this run's models were trained by train-teacher on the synthetic world (24 kinds of drawn "
+            "shapes): its own images are what they know, and on real photos their boxes, labels and matches "
+            "are noise. For real pictures use real weights, as manifests/cc3m-rn50.yaml and coco-ovd.yaml do: "
+            "teacher.checkpoint (OpenAI's RN50.pt after `regionclip convert-teacher`, or RegionCLIP's released "
+            "checkpoints: docs/transfer-evaluate.md) and an RPN trained on real boxes (proposals.checkpoint).")

@@ -31,6 +31,16 @@ def run(manifest: RunManifest, args: argparse.Namespace) -> dict:
     if not shards:
         raise StageInputError("no labels yet; run `regionclip proposals MANIFEST` and `regionclip label MANIFEST`")
     key = args.key or read_labels(layout.labels, shards[0], ["key"]).column("key")[0].as_py()
+    picture, top = pseudo_label_picture(layout, key, args.top)
+    out = Path(args.out) if args.out else layout.show_png(key)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    picture.save(out)
+    print(f"show: {out}")
+    return {"key": key, "path": str(out), "boxes": top}
+
+
+def pseudo_label_picture(layout: RunLayout, key: str, top: int):
+    """(picture, boxes drawn): sample `key` with its `top` proposals and the teacher's pseudo-labels."""
     shard_id = shard_of_key(key)
     props = read_proposals(layout.proposals, shard_id)
     if key not in props:
@@ -40,16 +50,12 @@ def run(manifest: RunManifest, args: argparse.Namespace) -> dict:
     names = read_concept_names(layout.concepts_parquet)
     image = load_rgb(read_shard_images(layout.shard_tar(shard_id), [key])[key])
     p, lab = props[key], labels[key]
-    top = min(args.top, len(p.boxes))
+    top = min(top, len(p.boxes))
     captions = [f"{names[lab['pseudo_label'][i]]}  p={lab['pseudo_prob'][i]:.2f}  (objectness {p.objectness[i]:+.2f})"
                 for i in range(top)]
     title = (f"{key}: {top} of {len(p.boxes)} proposals; whole image: "
              f"{names[lab['image_pseudo_label']]}")
-    out = Path(args.out) if args.out else layout.show_png(key)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    draw_labelled_boxes(image, p.boxes[:top], captions, title=title).save(out)
-    print(f"show: {out}")
-    return {"key": key, "path": str(out), "boxes": top}
+    return draw_labelled_boxes(image, p.boxes[:top], captions, title=title), top
 
 
 if __name__ == "__main__":

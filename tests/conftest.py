@@ -25,7 +25,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 
 
-DEMO_SMALL_TESTS = "tests/test_demo_direction.py"
+DEMO_SMALL_TESTS = ("tests/test_demo_direction.py", "tests/test_demo_tools.py")   # they read its run
 
 
 def pytest_collection_modifyitems(items):

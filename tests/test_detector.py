@@ -347,6 +347,7 @@ def test_transfer_evaluate_detect_on_a_tiny_world(write_manifest, monkeypatch, t
         assert json.loads(layout.eval_metrics(name).read_text())["AP50"]
         assert isinstance(json.loads(layout.eval_detections(name).read_text()), list)
         assert layout.eval_picture(name).read_bytes()[:4] == b"\x89PNG"
+    assert layout.eval_detections_picture.read_bytes()[:4] == b"\x89PNG"   # every model side by side
     # each RPN purpose with its own settings: the detectors' (transfer's) and zero-shot inference's
     assert {(c["pre_nms_top_n"], c["nms_thresh"]) for c in rpn.calls[1:]} == {(600, 0.7), (400, 0.9)}
 

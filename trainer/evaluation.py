@@ -1,6 +1,6 @@
 """Evaluation: COCO-style box AP (pycocotools) split by novel / base / all categories, LVIS AP
 (the LVIS API), zero-shot inference with ground-truth or RPN boxes (docs/method.md §7), zero-shot region
-recognition, and pictures of detections.
+recognition (its pictures: pipeline/pictures.py, drawn by stages/evaluate.py).
 
 Detections everywhere are COCO results: {"image_id", "category_id", "bbox": [x, y, w, h], "score"}.
 
@@ -20,10 +20,8 @@ from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
 from torchvision.ops import batched_nms
 
-from pipeline.io import atomic_path
 from trainer.data.detection import DetectionSet, DetectorClasses
 from trainer.models.detector import class_logits, prepare_images, rpn_weighted_scores, scale_boxes
 from trainer.models.region_encoder import RegionEncoder
@@ -431,40 +429,6 @@ def margin_intervals(split: dict[str, list[int]], num_images: int, *,
             margins = split_mean(ap_a, a.category_ids, members) - split_mean(ap_b, b.category_ids, members)
             out[f"{name}_{group}"] = percentile_interval(margins, level)
     return out
-
-
-# -- pictures --------------------------------------------------------------------------------------------
-
-def draw_detections(image: Union[torch.Tensor, Image.Image], detections: Sequence[dict],
-                    names: dict[int, str], out_png: Union[str, os.PathLike], *, min_score: float = 0.3,
-                    max_boxes: int = 20, highlight: Sequence[int] = (), scale_to: int = 640) -> Path:
-    """A PNG of the image with labelled boxes (COCO result records); categories in `highlight`
-    (e.g. novel ones) in magenta, others in green. Small images are enlarged to `scale_to` px."""
-    if isinstance(image, torch.Tensor):
-        array = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-        picture = Image.fromarray(array)
-    else:
-        picture = image.convert("RGB")
-    factor = max(1.0, scale_to / max(picture.size))
-    if factor > 1:
-        picture = picture.resize((round(picture.width * factor), round(picture.height * factor)),
-                                 Image.BICUBIC)
-    draw = ImageDraw.Draw(picture)
-    font = ImageFont.load_default()
-    shown = sorted((d for d in detections if d["score"] >= min_score), key=lambda d: -d["score"])[:max_boxes]
-    highlight = set(highlight)
-    for d in shown:
-        x, y, w, h = (v * factor for v in d["bbox"])
-        colour = (255, 0, 255) if d["category_id"] in highlight else (0, 255, 0)
-        draw.rectangle([x, y, x + w, y + h], outline=colour, width=3)
-        score = f"{d['score']:.2f}" if d["score"] >= 0.01 else f"{d['score']:.0e}"
-        label = f"{names.get(d['category_id'], d['category_id'])} {score}"
-        draw.text((x + 3, y + 2), label, fill=colour, font=font, stroke_width=2, stroke_fill=(0, 0, 0))
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_png) as tmp:
-        picture.save(tmp, "PNG")
-    return out_png
 
 
 # -- eval/summary.json ---------------------------------------------------------------------------------------
