@@ -133,9 +133,9 @@ def _slots(node: NodeResources, gpus_per_actor: float) -> int:
     return math.floor(node.gpus / gpus_per_actor + 1e-9)
 
 
-def plan_actors(nodes: list[NodeResources], *, num_gpus_per_actor: float, cpus_per_actor: Optional[int] = None,
-                num_actors: Optional[int] = None, section: str = "") -> ActorPlan:
-    """The actor plan of a stage (`section`: its manifest section, for messages) on these nodes.
+def plan_actors(section: str, nodes: list[NodeResources], *, num_gpus_per_actor: float,
+                cpus_per_actor: Optional[int] = None, num_actors: Optional[int] = None) -> ActorPlan:
+    """The actor plan of a GPU stage (`section`: its manifest section, named in messages) on these nodes.
 
     With a GPU on any node (and `num_gpus_per_actor` > 0) each actor asks for `num_gpus_per_actor` GPUs and,
     unless `cpus_per_actor` says otherwise, the CPUs per GPU slot of the GPU nodes (the smallest of them,
@@ -148,23 +148,21 @@ def plan_actors(nodes: list[NodeResources], *, num_gpus_per_actor: float, cpus_p
         hosts = [n for n in nodes if _slots(n, gpus) >= 1]
         per_slot = [int(n.cpus // _slots(n, gpus)) for n in hosts]
         cpus = int(cpus_per_actor or max(1, min([GPU_ACTOR_CPUS, *per_slot])))
-        fits = {n: min(_slots(n, gpus), int(n.cpus // cpus)) for n in hosts}
+        holds = [min(_slots(n, gpus), int(n.cpus // cpus)) for n in hosts]
     else:
+        hosts = list(nodes)
         cpus = int(cpus_per_actor or 1)
-        fits = {n: int(n.cpus // cpus) for n in nodes}
-    capacity = sum(fits.values())
-    if capacity == 0:
-        where = ", ".join(map(str, nodes)) or "none"
-        if gpus and not fits:
-            fix = f"set {section}.num_gpus_per_actor to at most {max(n.gpus for n in nodes):g}"
+        holds = [int(n.cpus // cpus) for n in hosts]
+    if sum(holds) == 0:
+        if not hosts:
+            fix = (f"set {section}.num_gpus_per_actor to at most {max(n.gpus for n in nodes):g}" if gpus else
+                   "start Ray nodes")
         else:
-            largest = max((n.cpus for n in (fits or nodes)), default=0)
-            fix = (f"set {section}.cpus_per_actor to at most {largest:g}" if largest >= 1 else
-                   f"give the {'GPU ' if gpus else ''}nodes CPUs")
+            fix = f"set {section}.cpus_per_actor to at most {max(n.cpus for n in hosts):g}"
         raise ActorShapeError(f"{section}: an actor asks for {{CPU: {cpus}, GPU: {gpus:g}}}, which no alive Ray "
-                              f"node can hold (alive nodes: {where}); {fix}")
+                              f"node can hold (alive nodes: {', '.join(map(str, nodes)) or 'none'}); {fix}")
     threads = cpus if gpus else max(1, cpus // CPUS_PER_DECODE_THREAD_WITHOUT_GPU)
-    return ActorPlan(num_actors=int(num_actors or capacity), num_cpus=cpus, num_gpus=gpus, decode_threads=threads)
+    return ActorPlan(num_actors=int(num_actors or sum(holds)), num_cpus=cpus, num_gpus=gpus, decode_threads=threads)
 
 
 def can_grow(ray_cfg) -> bool:
@@ -212,8 +210,8 @@ def plan_actor_pool(section: str, settings, ray_cfg) -> ActorPlan:
     if (settings.num_gpus_per_actor > 0 and not any(n.gpus > 0 for n in nodes) and ray_cfg.gpu_wait_s > 0
             and can_grow(ray_cfg)):
         nodes = wait_for_gpu_nodes(section, settings.num_gpus_per_actor, ray_cfg.gpu_wait_s)
-    plan = plan_actors(nodes, num_gpus_per_actor=settings.num_gpus_per_actor, cpus_per_actor=settings.cpus_per_actor,
-                       num_actors=settings.num_actors, section=section)
+    plan = plan_actors(section, nodes, num_gpus_per_actor=settings.num_gpus_per_actor,
+                       cpus_per_actor=settings.cpus_per_actor, num_actors=settings.num_actors)
     log.info("%s: %s on %d alive node(s)", section, plan, len(nodes))
     return plan
 

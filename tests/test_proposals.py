@@ -235,7 +235,7 @@ def test_actors_of_a_cpu_model_start_with_the_caching_malloc_settings(ray_local)
                                       plan_actors)
 
     # the test cluster has no GPU: a model-holding actor runs its model on the CPU
-    plan = plan_actors(alive_nodes(), num_gpus_per_actor=1.0, cpus_per_actor=1)
+    plan = plan_actors("proposals", alive_nodes(), num_gpus_per_actor=1.0, cpus_per_actor=1)
     assert plan.num_gpus == 0
     rows = list(map_with_actor_pool(_ActorEnvironment, [{"shard": 0}], plan))
     assert [r["env"] for r in rows] == [",".join(f"{k}={v}" for k, v in sorted(CPU_MODEL_ALLOCATOR_ENV.items()))]
