@@ -36,6 +36,7 @@ from typing import Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 # bench/report.py runs this only with --full or --only: it runs whole stages (make gpu-check runs it).
@@ -57,14 +58,21 @@ BF16_AGREEMENT = 0.90
 
 # -- CUDA against the CPU (tested on CPU tensors: tests/test_gpu_check.py) ------------------------------------
 
+def as_tensor(values) -> torch.Tensor:
+    """A CPU tensor of `values` (a tensor on any device, an array, a list); arrays read from Parquet are
+    read-only, so they are copied."""
+    if torch.is_tensor(values):
+        return values.detach().cpu()
+    return torch.from_numpy(np.array(values))
+
+
 def box_agreement(boxes_a, boxes_b) -> float:
     """How well two sets of boxes [N, 4] (x1, y1, x2, y2) cover each other: each box's best IoU with
     the other set, averaged over both sets (1.0 for the same boxes in any order; 1.0 when both are
     empty, 0.0 when only one is)."""
     from torchvision.ops import box_iou
 
-    a = torch.as_tensor(boxes_a, dtype=torch.float32).reshape(-1, 4)
-    b = torch.as_tensor(boxes_b, dtype=torch.float32).reshape(-1, 4)
+    a, b = as_tensor(boxes_a).float().reshape(-1, 4), as_tensor(boxes_b).float().reshape(-1, 4)
     if len(a) == 0 or len(b) == 0:
         return float(len(a) == len(b))
     iou = box_iou(a, b)
@@ -81,8 +89,7 @@ def mean_box_agreement(per_image_a, per_image_b) -> float:
 
 def top1_agreement(labels_a, labels_b) -> float:
     """The fraction of regions whose pseudo-labels (argmax concepts) are equal; 1.0 for no region."""
-    a = torch.as_tensor(labels_a).reshape(-1)
-    b = torch.as_tensor(labels_b).reshape(-1)
+    a, b = as_tensor(labels_a).reshape(-1), as_tensor(labels_b).reshape(-1)
     if a.shape != b.shape:
         raise ValueError(f"{a.numel()} pseudo-labels against {b.numel()}: not the same regions")
     return float((a == b).double().mean()) if a.numel() else 1.0
@@ -92,8 +99,6 @@ def compare_cuda_with_cpu(manifest, images: int = COMPARE_IMAGES, cuda: str = "c
     """The first `images` images of shard 0 through the RPN and the teacher on CUDA and on the CPU (fp32
     on both), built as the stages build them; and the stage's own outputs against the CPU's. (`cuda`:
     the device in CUDA's place, for a dry run of this function on a CPU.)"""
-    import numpy as np
-
     from pipeline.layout import RunLayout
     from pipeline.sidecars import iter_proposals, read_region_labels
     from stages.label import label_job
@@ -238,7 +243,7 @@ def plan(steps: list[str], run_dir: Path, cpus: int) -> list[Step]:
     if "pipeline" in steps:
         for stage in pipeline_stages(overrides):
             if stage == "pretrain":
-                command = [*torchrun, "-m", "stages.pretrain", str(MANIFEST), *sets]
+                command = [*torchrun, "-m", "stages.cli", "pretrain", str(MANIFEST), *sets]
             else:
                 command = [python, "-m", "stages.cli", stage, str(MANIFEST), *sets]
             planned.append(Step(f"pipeline:{stage}", "pipeline", command, 240, needs=("pipeline",)))
