@@ -30,8 +30,7 @@ from pipeline.config import load_manifest  # noqa: E402
 from pipeline.images import load_rgb  # noqa: E402
 from pipeline.layout import RunLayout  # noqa: E402
 from pipeline.sidecars import read_proposals, read_shard_images, sidecar_shards  # noqa: E402
-from stages.label import teacher_scale  # noqa: E402
-from stages.resolve import load_model_ref  # noqa: E402
+from stages.resolve import load_model_ref, teacher_scale  # noqa: E402
 from trainer.offline.codecs import build_codec  # noqa: E402
 from trainer.offline.labels import Teacher, chunks  # noqa: E402
 

@@ -4,14 +4,14 @@
     regionclip run MANIFEST                                     run every stage in order, resuming
     regionclip status MANIFEST                                  what is done
 
-The stages and the other commands are those of stages/registry.py; each also runs as
-`python -m stages.<name> MANIFEST`. One run at a time per output_dir: a second is refused.
+The stages and the other commands are those of stages/registry.py. This module is the one entry point:
+`python -m stages.cli <name> MANIFEST` is `regionclip <name> MANIFEST` (and `torchrun ... -m stages.cli
+pretrain MANIFEST` trains with DDP). One run at a time per output_dir: a second is refused.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import signal
 import subprocess
@@ -22,9 +22,10 @@ from pathlib import Path
 
 from pipeline.config import ManifestError, load_manifest
 from pipeline.layout import RunLayout
-from pipeline.runner import RunFolderBusy, run_in_progress, run_lock, stage_status
-from pipeline.stage import StageInputError, read_stage_manifest
+from pipeline.runner import RunFolderBusy, run_lock
+from pipeline.stage import StageInputError
 from stages.registry import PIPELINE, STAGES, TOOL_MODULES, TOOLS
+from stages.status import print_status
 
 COMMANDS = {"run": "run every enabled stage in order, each in its own process, resuming where outputs are complete",
             "status": "show which stages and shards are done, and the results table"}
@@ -33,6 +34,14 @@ COMMANDS = {"run": "run every enabled stage in order, each in its own process, r
 # it could not load as a `ModuleNotFoundError(...)` line, which reads like a failure).
 # numexpr (pulled in by some installs) announces its thread count the same way.
 QUIET_LOGGERS = ("faiss", "numexpr")
+
+# A command's shorthands for one of its settings: `regionclip pretrain MANIFEST --resume never` is
+# `--set pretrain.resume=never`. flag -> (setting, metavar, help)
+SETTING_SHORTHANDS = {
+    "pretrain": {"--resume": ("pretrain.resume", "auto|never|PATH",
+                              "pretrain.resume: auto (this run's saved state, if any), never (start fresh), or a "
+                              "trainer state file")},
+}
 
 
 def _load(path: str, overrides: list[str]):
@@ -89,54 +98,15 @@ def run_child(command: list[str]) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
-def status(manifest) -> list[dict]:
-    """One row per stage: its status (done, running, damaged, out of date, not run, disabled), done
-    shards, rows in / out / rejected, from the stage manifests."""
-    layout = RunLayout.of(manifest)
-    rows = []
-    for stage in PIPELINE:
-        stage_dir = layout.stage(stage.name)
-        m = read_stage_manifest(stage_dir) or {}
-        word, _ = stage_status(layout, stage.name)
-        if not stage.is_enabled(manifest) and not m:
-            word = "disabled"
-        counts = m.get("counts", {}) if m.get("status") != "running" else {}
-        shards = m.get("shards", {}) if m.get("status") != "running" else {}
-        if m.get("status") == "running":  # running or interrupted: count the markers so far
-            done = len(list(stage_dir.root.rglob("*_stats.json")))
-            shard_text = f"{done} done" if done else "-"
-        else:
-            shard_text = f"{len(shards)}/{len(shards)}" if shards else "-"
-        rows.append({"stage": stage.name, "status": word, "shards": shard_text,
-                     "in": counts.get("in", ""), "out": counts.get("written", counts.get("out", "")),
-                     "rejected": counts.get("rejected", ""), "seconds": m.get("seconds", "")})
-    return rows
+class SettingShorthand(argparse.Action):
+    """An option that adds `--set <setting>=VALUE` to the overrides, in its place among the --set options."""
 
+    def __init__(self, option_strings, dest, setting: str, **kwargs):
+        self.setting = setting
+        super().__init__(option_strings, dest, **kwargs)
 
-def print_status(manifest) -> None:
-    rows = status(manifest)
-    cols = ["stage", "status", "shards", "in", "out", "rejected", "seconds"]
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
-    print("  ".join(c.ljust(widths[c]) for c in cols))
-    for r in rows:
-        print("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
-    layout = RunLayout.of(manifest)
-    for r in rows:
-        if r["status"] == "out of date":
-            print(f"\n{stage_status(layout, r['stage'])[1]}")
-            break
-    holder = run_in_progress(layout)
-    if holder:
-        print(f"\nin use by {holder}")
-    summary = layout.summary_json
-    if summary.exists():
-        content = json.loads(summary.read_text())
-        table = content.get("results_table") if isinstance(content, dict) else None
-        if isinstance(table, str):     # the headline figures (stages/evaluate.py), readable
-            print(f"\n{table}")
-        print(f"\nresults: {summary}")
-        if not isinstance(table, str):
-            print(summary.read_text())
+    def __call__(self, parser, namespace, value, option_string=None):
+        setattr(namespace, self.dest, [*getattr(namespace, self.dest), f"{self.setting}={value}"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a manifest setting (YAML value), e.g. --set shard.max_side=640")
         if name in TOOL_MODULES:
             TOOL_MODULES[name].add_arguments(p)
+        for flag, (setting, metavar, text) in SETTING_SHORTHANDS.get(name, {}).items():
+            p.add_argument(flag, dest="overrides", action=SettingShorthand, setting=setting, metavar=metavar,
+                           help=text)
     return parser
 
 
@@ -195,11 +168,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
-
-
-def stage_main(name: str) -> None:
-    """Entry point for `python -m stages.<name> MANIFEST`."""
-    raise SystemExit(main([name, *sys.argv[1:]]))
 
 
 if __name__ == "__main__":

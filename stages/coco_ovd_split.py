@@ -41,9 +41,3 @@ def run(manifest: RunManifest, args: argparse.Namespace) -> dict:
           f"-> {result['train']}; val {result['val_images']} images / {result['val_annotations']} boxes "
           f"-> {result['val']}")
     return result
-
-
-if __name__ == "__main__":
-    from stages.cli import stage_main
-
-    stage_main(COMMAND)

@@ -101,9 +101,3 @@ STAGE = Stage(
     reads=("shard",), sections=("concepts",), identify=parser_and_vocabulary, outputs=pool_file,
     current=sidecars_done, work=build_concepts, nothing_done={"extracted": 0, "assigned": 0, "pool": False})
 run = STAGE.run
-
-
-if __name__ == "__main__":
-    from stages.cli import stage_main
-
-    stage_main(STAGE.name)

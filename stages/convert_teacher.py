@@ -51,9 +51,3 @@ def run(manifest: RunManifest, args: argparse.Namespace) -> dict:
           f"{manifest.teacher.arch} ({tensors} tensors). Set teacher.checkpoint: {out} and "
           "teacher.trust_torchscript: false.")
     return {"source": str(source), "source_sha256": digest, "out": str(out), "arch": manifest.teacher.arch}
-
-
-if __name__ == "__main__":
-    from stages.cli import stage_main
-
-    stage_main(COMMAND)

@@ -164,9 +164,3 @@ def _default_checkpoint(manifest: RunManifest, layout: RunLayout) -> Path:
             return layout.transfer_checkpoint(init)
     raise FileNotFoundError("no detector checkpoint: run `regionclip transfer MANIFEST`, or pass --checkpoint "
                             "(a detector, or a CLIP/student checkpoint for zero-shot detection)")
-
-
-if __name__ == "__main__":
-    from stages.cli import stage_main
-
-    stage_main(COMMAND)

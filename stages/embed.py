@@ -14,11 +14,7 @@ import time
 from pipeline.layout import RunLayout, shard_name
 from pipeline.runner import Stage, StageRun
 from pipeline.stage import fingerprint_of
-
-
-def teacher_from_train_teacher(manifest) -> bool:
-    """Whether the teacher CLIP is train-teacher's output (teacher.checkpoint null, train-teacher on)."""
-    return manifest.teacher.checkpoint is None and manifest.train_teacher.enabled
+from stages.resolve import teacher_from_train_teacher
 
 
 def reads(manifest) -> tuple[str, ...]:
@@ -114,9 +110,3 @@ STAGE = Stage(
     reads=reads, sections=("embed",), identify=teacher_identity, outputs=embedding_files, current=parts_done,
     work=embed_texts, nothing_done={"concepts": False, "caption_shards": 0})
 run = STAGE.run
-
-
-if __name__ == "__main__":
-    from stages.cli import stage_main
-
-    stage_main(STAGE.name)

@@ -29,8 +29,7 @@ import time
 
 from pipeline.layout import RunLayout
 from pipeline.runner import Stage, StageRun
-from stages.embed import teacher_from_train_teacher
-from stages.proposals import rpn_from_train_rpn
+from stages.resolve import rpn_from_train_rpn, teacher_from_train_teacher
 
 SUMMARY_SECTION = "evaluate"
 PICTURE_IMAGES = 4        # held-out images in the detection pictures
@@ -316,9 +315,3 @@ STAGE = Stage(
     name="evaluate", help="detector AP50 novel/base/all, zero-shot (GT / RPN boxes), region top-1 -> eval/",
     reads=reads, sections=("evaluate", "teacher"), identify=data_and_models, outputs=metrics_files, work=evaluate)
 run = STAGE.run
-
-
-if __name__ == "__main__":
-    from stages.cli import stage_main
-
-    stage_main(STAGE.name)

@@ -16,17 +16,11 @@ from __future__ import annotations
 from pipeline.layout import RunLayout, UnsafeName, inside, shard_name
 from pipeline.runner import Stage, StageRun
 from pipeline.stage import fingerprint_of
-from stages.embed import teacher_from_train_teacher
+from stages.resolve import teacher_from_train_teacher, teacher_scale
 
 
 def reads(manifest) -> tuple[str, ...]:
     return ("proposals", "embed") + (("train-teacher",) if teacher_from_train_teacher(manifest) else ())
-
-
-def teacher_scale(manifest) -> dict:
-    """The teacher's input scale: label.min_size / max_size, each defaulting to the proposals' scale."""
-    return {"min_size": manifest.label.min_size or manifest.proposals.min_size,
-            "max_size": manifest.label.max_size or manifest.proposals.max_size}
 
 
 def teacher_and_codec(run: StageRun) -> dict:
@@ -174,9 +168,3 @@ STAGE = Stage(
     reads=reads, sections=("label",), identify=teacher_and_codec, outputs=label_files, current=shards_done,
     work=label)
 run = STAGE.run
-
-
-if __name__ == "__main__":
-    from stages.cli import stage_main
-
-    stage_main(STAGE.name)

@@ -6,17 +6,14 @@
                    checkpoints/pretrain/student.pt   the student as an open_clip checkpoint (load_clip)
                    checkpoints/pretrain/last.png     training curve;  tensorboard/pretrain/  scalars
 
-One process by default; under torchrun every rank runs this same recipe:
-    torchrun --nproc_per_node 8 -m stages.pretrain MANIFEST [--resume auto|never|PATH]
+One process by default; under torchrun every rank runs this same recipe through the one entry point:
+    torchrun --nproc_per_node 8 -m stages.cli pretrain MANIFEST [--resume auto|never|PATH]
 """
 from __future__ import annotations
 
-import sys
-
 from pipeline.layout import RunLayout
 from pipeline.runner import Stage, StageRun
-from stages.embed import teacher_from_train_teacher
-from stages.proposals import rpn_from_train_rpn
+from stages.resolve import rpn_from_train_rpn, teacher_from_train_teacher
 
 
 def reads(manifest) -> tuple[str, ...]:
@@ -79,22 +76,3 @@ STAGE = Stage(
     name="pretrain", help="streaming region-concept pretraining of the student (tars + sidecars; torchrun for DDP) "
     "-> checkpoints/pretrain/", reads=reads, sections=("pretrain", "teacher"), outputs=student_file, work=train)
 run = STAGE.run
-
-
-def _main(argv: list[str]) -> None:
-    """`python -m stages.pretrain MANIFEST [--resume auto|never|PATH] [--set ...]`."""
-    args = list(argv)
-    if "--resume" in args:
-        i = args.index("--resume")
-        if i + 1 >= len(args):
-            raise SystemExit("--resume needs a value: auto, never or a path")
-        value = args[i + 1]
-        del args[i:i + 2]
-        args += ["--set", f"pretrain.resume={value}"]
-    from stages.cli import main
-
-    raise SystemExit(main([STAGE.name, *args]))
-
-
-if __name__ == "__main__":
-    _main(sys.argv[1:])

@@ -10,12 +10,7 @@ from __future__ import annotations
 
 from pipeline.layout import RunLayout
 from pipeline.runner import Stage, StageRun
-
-
-def rpn_from_train_rpn(manifest, purpose: str) -> bool:
-    """Whether the RPN of `purpose` (pipeline.config.RPN_PURPOSES) is train-rpn's output (no checkpoint
-    set for it, train-rpn on)."""
-    return manifest.rpn_checkpoint(purpose) is None and manifest.train_rpn.enabled
+from stages.resolve import rpn_from_train_rpn
 
 
 def reads(manifest) -> tuple[str, ...]:
@@ -82,9 +77,3 @@ STAGE = Stage(
     name="proposals", help="class-agnostic RPN boxes (top 300 after NMS) per shard image -> proposals/ (Ray actors)",
     reads=reads, sections=("proposals",), identify=rpn_and_precision, current=shards_done, work=propose)
 run = STAGE.run
-
-
-if __name__ == "__main__":
-    from stages.cli import stage_main
-
-    stage_main(STAGE.name)

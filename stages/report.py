@@ -47,7 +47,7 @@ def run(manifest: RunManifest, args: argparse.Namespace) -> dict:
 
 def stages_section(manifest: RunManifest, layout: RunLayout):
     from pipeline.report import Section, shard_rejects, table
-    from stages.cli import status
+    from stages.status import status
 
     rows = status(manifest)
     columns = ["stage", "status", "shards", "in", "out", "rejected", "seconds"]
@@ -180,9 +180,3 @@ def _model_exists(manifest: RunManifest, which: str) -> bool:
         return index_model_files(manifest, which)[0].is_file()
     except FileNotFoundError:
         return False
-
-
-if __name__ == "__main__":
-    from stages.cli import stage_main
-
-    stage_main(COMMAND)

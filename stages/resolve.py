@@ -2,18 +2,32 @@
 
 trainer/ knows nothing of manifests; the stage recipes call these. Every default that points into the
 run folder (train-teacher's teacher, train-rpn's RPN, the synthetic world's annotations) is chosen here,
-and a missing file is an error that names the command that makes it.
+and a missing file is an error that names the command that makes it. Stage modules import it at module
+level (to name their upstream stages), so torch is imported only inside the functions that use it.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence, Union
-
-import torch
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 from pipeline.config import ModelRef, RunManifest
 from pipeline.layout import RunLayout, synthetic_world
 from pipeline.stage import StageInputError
+
+if TYPE_CHECKING:
+    import torch
+
+
+def teacher_from_train_teacher(manifest: RunManifest) -> bool:
+    """Whether the teacher CLIP is train-teacher's output (teacher.checkpoint null, train-teacher on):
+    then the stages that load the teacher read train-teacher."""
+    return manifest.teacher.checkpoint is None and manifest.train_teacher.enabled
+
+
+def rpn_from_train_rpn(manifest: RunManifest, purpose: str) -> bool:
+    """Whether the RPN of `purpose` (pipeline.config.RPN_PURPOSES) is train-rpn's output (no checkpoint
+    set for it, train-rpn on): then the stages that load that RPN read train-rpn."""
+    return manifest.rpn_checkpoint(purpose) is None and manifest.train_rpn.enabled
 
 
 def teacher_checkpoint_path(manifest: RunManifest) -> Path:
@@ -70,6 +84,13 @@ def rpn_checkpoint_path(manifest: RunManifest, purpose: str) -> Path:
                                 "class-agnostic RPN (trainer/models/rpn.py), or enable train_rpn and run "
                                 "`regionclip train-rpn MANIFEST`")
     return path
+
+
+def teacher_scale(manifest: RunManifest) -> dict:
+    """The teacher's input scale when it labels regions: label.min_size / max_size, each defaulting to the
+    proposals' scale."""
+    return {"min_size": manifest.label.min_size or manifest.proposals.min_size,
+            "max_size": manifest.label.max_size or manifest.proposals.max_size}
 
 
 def rpn_inference(manifest: RunManifest, purpose: str, training: bool = False) -> dict:
@@ -168,6 +189,8 @@ def clip_checkpoint(manifest, which: str) -> Path:
 def class_embeddings(manifest, names: Sequence[str], device="cpu", text_model=None) -> torch.Tensor:
     """Class text embeddings [C, D] (L2-normalized) from the teacher's text encoder over the 81
     templates (embed.ensemble), checked against the teacher's width."""
+    import torch
+
     from trainer.models.clip import check_embedding_dim, embedding_dim
     from trainer.offline.text_embed import embed_names
 

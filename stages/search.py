@@ -145,8 +145,7 @@ def region_index(manifest: RunManifest, which: str, device, need_model: bool = F
 
 def index_model_files(manifest: RunManifest, which: str) -> tuple[Path, dict]:
     """The checkpoint and the scale (min_size, max_size) of the model behind index `which`."""
-    from stages.label import teacher_scale
-    from stages.resolve import clip_checkpoint
+    from stages.resolve import clip_checkpoint, teacher_scale
 
     if which not in INDEXES:
         raise ValueError(f"unknown index {which!r}; use {' or '.join(INDEXES)}")
@@ -206,9 +205,3 @@ def write_results(manifest: RunManifest, name: str, title: str, records: list[di
                         None if good is None else good[i]) for i, r in enumerate(records)]
     write_bytes(layout.search_result(name, ".jsonl"), "".join(json.dumps(r) + "\n" for r in records).encode())
     return save_png(contact_sheet(tiles, title), layout.search_result(name, ".png"))
-
-
-if __name__ == "__main__":
-    from stages.cli import stage_main
-
-    stage_main(COMMAND)

@@ -123,9 +123,3 @@ STAGE = Stage(
     reads=reads, sections=("shard",), identify=corpus_identity, outputs=sizes_file, current=shards_done,
     work=write_shards)
 run = STAGE.run
-
-
-if __name__ == "__main__":
-    from stages.cli import stage_main
-
-    stage_main(STAGE.name)

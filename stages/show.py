@@ -56,9 +56,3 @@ def pseudo_label_picture(layout: RunLayout, key: str, top: int):
     title = (f"{key}: {top} of {len(p.boxes)} proposals; whole image: "
              f"{names[lab['image_pseudo_label']]}")
     return draw_labelled_boxes(image, p.boxes[:top], captions, title=title), top
-
-
-if __name__ == "__main__":
-    from stages.cli import stage_main
-
-    stage_main(COMMAND)

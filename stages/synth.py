@@ -49,9 +49,3 @@ STAGE = Stage(
     name="synth", help="the synthetic world (images, captions, base/novel boxes) for corpus.format: synthetic",
     sections=("synth",), identify=generator, outputs=world_files, enabled=enabled, work=generate)
 run = STAGE.run
-
-
-if __name__ == "__main__":
-    from stages.cli import stage_main
-
-    stage_main(STAGE.name)

@@ -111,9 +111,3 @@ STAGE = Stage(
     reads=reads, sections=("train_rpn",), identify=data_and_weights, outputs=checkpoint_and_curve,
     enabled=enabled, work=train)
 run = STAGE.run
-
-
-if __name__ == "__main__":
-    from stages.cli import stage_main
-
-    stage_main(STAGE.name)

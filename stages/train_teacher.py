@@ -97,9 +97,3 @@ STAGE = Stage(
     reads=("shard", "concepts"), sections=("train_teacher",), identify=arch_seed_and_init,
     outputs=checkpoint_and_curve, enabled=enabled, work=train)
 run = STAGE.run
-
-
-if __name__ == "__main__":
-    from stages.cli import stage_main
-
-    stage_main(STAGE.name)

@@ -20,8 +20,7 @@ import time
 from pipeline.layout import RunLayout
 from pipeline.runner import Stage, StageRun
 from pipeline.stage import fingerprint_of
-from stages.embed import teacher_from_train_teacher
-from stages.proposals import rpn_from_train_rpn
+from stages.resolve import rpn_from_train_rpn, teacher_from_train_teacher
 
 
 def reads(manifest) -> tuple[str, ...]:
@@ -163,9 +162,3 @@ STAGE = Stage(
     reads=reads, sections=("transfer", "teacher"), identify=data_models_and_tests, outputs=detector_files,
     current=detectors_done, work=transfer, nothing_done={"trained": []})
 run = STAGE.run
-
-
-if __name__ == "__main__":
-    from stages.cli import stage_main
-
-    stage_main(STAGE.name)

@@ -29,7 +29,7 @@ def add_arguments(parser) -> None:
 
 
 def run(manifest: RunManifest, args=None) -> dict:
-    from stages.registry import stage_names
+    from stages.stage_list import stage_names
 
     repair = bool(getattr(args, "repair", False))
     damages = verify_run(manifest, stage_names(), full=not getattr(args, "quick", False))
@@ -51,9 +51,3 @@ def run(manifest: RunManifest, args=None) -> dict:
     else:
         print("verify: run again with --repair so that the next run redoes the damaged shards")
     raise SystemExit(1)
-
-
-if __name__ == "__main__":
-    from stages.cli import stage_main
-
-    stage_main(COMMAND)

@@ -47,9 +47,3 @@ def run(manifest: RunManifest, args: argparse.Namespace) -> dict:
     print(f"vocab: {len(vocab.names)} classes from {vocab.source} -> {out} "
           f"(float32 [{emb.shape[0]}, {emb.shape[1]}], {manifest.teacher.arch})")
     return {"out": str(out), "classes": len(vocab.names), "dim": int(emb.shape[1])}
-
-
-if __name__ == "__main__":
-    from stages.cli import stage_main
-
-    stage_main(COMMAND)

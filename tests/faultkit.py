@@ -5,7 +5,7 @@ The shard stage's harness (tests/test_shard_faults.py) generalised to every stag
     report = kill_and_resume("concepts", manifest_path, kills=5, seed=0)
     assert report["matched"], report["differences"]
 
-1. The stage runs uninterrupted (`python -m stages.<stage> MANIFEST`, its own process and local Ray);
+1. The stage runs uninterrupted (`python -m stages.cli <stage> MANIFEST`, its own process and local Ray);
    the files it created or changed are its outputs (the reference). Their rows (Parquet) and bytes
    (other files) are kept, then exactly those files are removed, so the stage starts from scratch.
 2. `kills` times: the stage starts again and is killed with SIGKILL (its whole process group: the
@@ -96,7 +96,7 @@ def kill_process_tree(proc: subprocess.Popen) -> None:
 
 
 def stage_command(stage: str, manifest_path: Path) -> list[str]:
-    return [sys.executable, "-m", f"stages.{stage.replace('-', '_')}", str(manifest_path)]
+    return [sys.executable, "-m", "stages.cli", stage, str(manifest_path)]
 
 
 def _run_root(manifest_path: Path) -> Path:
@@ -221,12 +221,11 @@ def kill_and_resume(stage: str, manifest_path: str | os.PathLike, kills: int = 5
     rng = random.Random(f"{stage}-{seed}")
 
     def run_inline() -> float:
-        import importlib
-
         from pipeline.config import load_manifest
+        from stages.registry import STAGES
 
         started = time.time()
-        importlib.import_module(f"stages.{stage.replace('-', '_')}").run(load_manifest(manifest_path))
+        STAGES[stage].run(load_manifest(manifest_path))
         return time.time() - started
 
     before = _files(root)
@@ -328,6 +327,6 @@ evaluate: {{min_size: 96, max_size: 160, proposals_per_image: 48, device: cpu}}
 def all_stages() -> list[str]:
     """Every stage after synth, in order, optional ones included (train-teacher / train-rpn make the
     weights that the synthetic world has no download for)."""
-    from stages.registry import stage_names
+    from stages.stage_list import stage_names
 
     return [name for name in stage_names() if name != "synth"]

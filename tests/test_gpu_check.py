@@ -81,7 +81,7 @@ def test_the_plan_runs_demo_small_on_the_gpu_through_transfer_then_the_checks(tm
     # pretrain under a one-process torchrun, the NCCL probe too
     pretrain = by_name["pipeline:pretrain"].command
     assert pretrain[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
-    assert pretrain[5:7] == ["-m", "stages.pretrain"]
+    assert pretrain[5:8] == ["-m", "stages.cli", "pretrain"]
     assert by_name["nccl"].command[1:5] == pretrain[1:5] and by_name["nccl"].command[-2:] == ["--child", "nccl"]
     assert by_name["pytest"].command[-5:-2] == ["-m", "gpu", "-p"]
     assert by_name["bench"].command[-2:] == ["--work-dir", str(run_dir / "bench-gpu")]

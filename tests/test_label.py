@@ -13,6 +13,7 @@ from PIL import Image
 from pipeline.images import load_rgb
 from pipeline.sidecars import read_labels, read_proposals, read_shard_images
 from stages import label, proposals
+from stages.resolve import teacher_scale
 from tests.labelkit import concepts_from_regions, manifest_body, prepare_run, read_rows, rpn_loader
 from trainer.models.clip import load_clip
 from trainer.models.constants import CLIP_MEAN, CLIP_STD
@@ -336,9 +337,9 @@ def test_teacher_scale_of_its_own_labels_the_same_boxes(run):
     here): the boxes stay the proposals', the embeddings are the teacher's at 96 / 144. Runs last: it
     relabels the module's run."""
     manifest, layout, concepts, _ = run
-    assert label.teacher_scale(manifest) == {"min_size": 128, "max_size": 192}
+    assert teacher_scale(manifest) == {"min_size": 128, "max_size": 192}
     small = manifest.model_copy(update={"label": manifest.label.model_copy(update={"min_size": 96, "max_size": 144})})
-    assert label.teacher_scale(small) == {"min_size": 96, "max_size": 144}
+    assert teacher_scale(small) == {"min_size": 96, "max_size": 144}
     label.run(small)
     rows = read_labels(layout.labels, 0).to_pylist()
     expected = direct(layout, concepts, 0, scale=(96, 144))

@@ -53,7 +53,7 @@ def _label_files(layout: RunLayout) -> dict[str, bytes]:
 def test_sigkill_mid_stage_then_rerun_gives_the_uninterrupted_rows(runs, ray_local, capsys):
     root, _, reference = runs
     layout = RunLayout(root / "killed" / "out")
-    cmd = [sys.executable, "-m", "stages.label", str(root / "killed" / "m.yaml")]
+    cmd = [sys.executable, "-m", "stages.cli", "label", str(root / "killed" / "m.yaml")]
     # The killed run joins the session's Ray (its actors die with its driver): no Ray start of its own.
     env = {**ENV, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     log = root / "killed.log"

@@ -99,8 +99,8 @@ def test_a_runtime_only_change_reruns_nothing_and_any_other_reruns_the_stage_and
     chain = [synth.STAGE, shard.STAGE, concepts.STAGE]
     first = write_manifest(WORLD)
     layout = RunLayout.of(first)
-    # synth as a script (`python -m stages.synth MANIFEST`), the others in this process
-    subprocess.run([sys.executable, "-m", "stages.synth", first.source_path], env=ENV, cwd=REPO, check=True,
+    # synth as a script (`python -m stages.cli synth MANIFEST`), the others in this process
+    subprocess.run([sys.executable, "-m", "stages.cli", "synth", first.source_path], env=ENV, cwd=REPO, check=True,
                    capture_output=True)
     for stage in chain[1:]:
         stage.run(first)
@@ -186,7 +186,7 @@ def test_a_shard_rerun_killed_midway_leaves_every_stage_after_it_refusing(ray_lo
 
     # The rerun with other settings, SIGKILLed once it is under way (its own process joins this Ray).
     changed = write_manifest(WORLD + "shard: {samples_per_shard: 4, jpeg_quality: 70}\n")
-    proc = subprocess.Popen([sys.executable, "-m", "stages.shard", changed.source_path], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "stages.cli", "shard", changed.source_path], cwd=REPO,
                             env={**ENV, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -246,7 +246,7 @@ def test_a_label_rerun_killed_midway_leaves_pretrain_and_after_refusing(ray_loca
 
 def test_status_names_each_stage_from_the_registry_and_what_is_out_of_date(write_manifest, capsys):
     from pipeline.io import write_json
-    from stages.cli import print_status
+    from stages.status import print_status
     from stages.registry import PIPELINE
 
     manifest = write_manifest(WORLD)
@@ -297,7 +297,7 @@ def test_a_second_run_on_one_output_dir_is_refused_naming_the_first(write_manife
         assert f"pid {first.pid}" in run_in_progress(layout)        # what `regionclip status` shows
 
         # A stage process that `regionclip run` starts works under the run's lock (no refusal, no wait).
-        child = subprocess.run([sys.executable, "-m", "stages.synth", manifest.source_path], cwd=REPO,
+        child = subprocess.run([sys.executable, "-m", "stages.cli", "synth", manifest.source_path], cwd=REPO,
                                env={**ENV, LOCK_HELD_ENV: str(layout.run_lock.resolve())}, capture_output=True,
                                text=True, timeout=120)
         assert child.returncode == 0, child.stderr[-2000:]
@@ -333,13 +333,27 @@ def test_help_lists_every_stage_of_the_registry_without_importing_torch():
     assert {"run", "status", *(t.COMMAND for t in TOOLS)} <= set(listed)
 
 
-def test_each_stage_module_runs_its_registered_stage():
-    import importlib
-
+def test_one_entry_point_runs_every_command_and_no_stage_module_runs_as_a_script(write_manifest, capsys):
+    from pipeline.config import load_manifest
+    from stages.cli import build_parser, main
     from stages.registry import PIPELINE, TOOLS
 
-    for stage in PIPELINE:            # `python -m stages.<name>` is the module of the stage's name
-        module = importlib.import_module(f"stages.{stage.name.replace('-', '_')}")
-        assert module.STAGE is stage and module.run == stage.run
-    for tool in TOOLS:
-        assert tool.__name__ == f"stages.{tool.COMMAND.replace('-', '_')}"
+    manifest = write_manifest(WORLD)
+    # every stage and command of the registry is a command of `python -m stages.cli` (`regionclip`)
+    for name in [*(s.name for s in PIPELINE), *(t.COMMAND for t in TOOLS)]:
+        with pytest.raises(SystemExit) as done:
+            main([name, "--help"])
+        assert done.value.code == 0 and capsys.readouterr().out.startswith(f"usage: regionclip {name} [-h]")
+    # pretrain's --resume (`torchrun -m stages.cli pretrain MANIFEST --resume never`) is its setting,
+    # in its place among the --set options
+    args = build_parser().parse_args(["pretrain", manifest.source_path, "--set", "pretrain.resume=auto",
+                                      "--resume", "never"])
+    assert load_manifest(args.manifest, args.overrides).pretrain.resume == "never"
+    args = build_parser().parse_args(["pretrain", manifest.source_path, "--resume", "never", "--set",
+                                      "pretrain.resume=auto"])
+    assert load_manifest(args.manifest, args.overrides).pretrain.resume == "auto"
+    # a stage module run as a script runs nothing: its one way in is the entry point, which loads it once
+    child = subprocess.run([sys.executable, "-m", "stages.synth", manifest.source_path], cwd=REPO, env=ENV,
+                           capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0 and child.stdout == "", child.stderr[-2000:]
+    assert not RunLayout.of(manifest).stage("synth").manifest.exists()

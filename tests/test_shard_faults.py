@@ -62,7 +62,7 @@ def test_sigkill_at_random_moments_then_rerun_is_exact(ray_local, tmp_path):
            "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     done_after_kill = []
     for _ in range(3):
-        proc = subprocess.Popen([sys.executable, "-m", "stages.shard", str(manifest_path)], env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "stages.cli", "shard", str(manifest_path)], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         # Kill once a seeded number of further shards is done, plus a seeded fraction of a shard:
         # the moments spread over the run whatever the machine's speed.

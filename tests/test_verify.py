@@ -12,7 +12,7 @@ from pipeline.io import sha256_file
 from pipeline.layout import RunLayout
 from pipeline.verify import CHECKSUM, MISSING, SIZE, UNREADABLE
 from pipeline.verify import verify_run as verify_stages
-from stages.registry import stage_names
+from stages.stage_list import stage_names
 from tests.corpora import jpeg_bytes
 
 CAPTIONS = ["two dogs and a red kite on the beach", "a cat sleeping on a sofa", "a boat near a bridge",
