@@ -294,7 +294,8 @@ class LookupsTagger:
         if w.unknown:                                     # "a smartphone", "her new hoodie"
             placed = prev is not None and (prev.text in _DETERMINERS or prev.text.isdigit()
                                            or prev_tag in ("mod", "adj"))
-            return "noun" if placed else "other"
+            ends = i + 1 >= len(words) or words[i + 1].function
+            return ("noun" if ends else "mod") if placed else "other"   # "a crunchy carrot": a modifier
         if w.noun is None:
             return "adj" if w.adj else "other"
         if not (w.verb or w.adj or w.adv):
@@ -340,8 +341,10 @@ class LookupsTagger:
                 return "other"
             if prev.inflected and w.text == w.noun:
                 return "other"                            # a plural subject and a bare verb: "waves crash"
-            if w.inflected and w.text.endswith("s") and (before in _SINGULAR_DETERMINERS or w.prior == "verb"):
-                return "other"                            # "a man rides", "actor poses"
+            if w.inflected and w.text.endswith("s") and (
+                    before in _SINGULAR_DETERMINERS
+                    or (w.prior == "verb" and (i < 2 or tags[i - 2] not in ("mod", "adj")))):
+                return "other"                            # "a man rides", "actor poses"; not "soft cartoon clouds"
             return "noun"
         if w.participle and (w.text != w.noun or w.prior != "noun"):
             return "other"                                # "while walking", "and looking"
