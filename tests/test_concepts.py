@@ -51,9 +51,10 @@ def test_verbs_are_not_nouns_where_the_neighbours_do_not_say(parser):
     got = parser.extract_nouns(["a dog looking at a ball", "walking along the beach at sunset",
                                 "actor poses on the red carpet", "dogs run through the field",
                                 "a woman smiles while holding a cup of tea", "a bride and groom cutting their wedding cake",
-                                "a person holding a smartphone"])
+                                "a person holding a smartphone", "a crunchy carrot", "two soft cartoon clouds"])
     assert got == [["dog", "ball"], ["beach", "sunset"], ["actor", "carpet"], ["dog", "field"],
-                   ["woman", "cup", "tea"], ["bride", "groom", "wedding", "cake"], ["person", "smartphone"]]
+                   ["woman", "cup", "tea"], ["bride", "groom", "wedding", "cake"], ["person", "smartphone"],
+                   ["carrot"], ["cartoon", "cloud"]]
 
 
 LABELLED_CAPTIONS = Path(__file__).with_name("data") / "captions_nouns.tsv"
