@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
@@ -21,9 +21,33 @@ class ManifestError(ValueError):
     """A run manifest that cannot be used; the message names the field and the fix."""
 
 
+# Whole numbers beyond this are refused in every field (2**53: exact as a float, far inside int64, so that
+# nothing overflows in numpy, torch or Arrow); a seed is at most MAX_SEED (numpy's seed range).
+MAX_NUMBER = 2 ** 53
+MAX_SEED = 2 ** 32 - 1
+# Processes and CPUs a setting may ask for (DataLoader workers per rank, Ray actors, a local Ray's CPUs).
+MAX_WORKERS = 64
+MAX_CPUS = 1024
+
+
 class Section(BaseModel):
-    # extra="forbid" turns a typo ("max_sied") into an error that names the field.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # extra="forbid" turns a typo ("max_sied") into an error that names the field; allow_inf_nan=False
+    # refuses nan and inf in every float.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(),
+                              allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _plain_numbers(cls, value):
+        """Every number of every field (lists included): not negative (no setting takes one) and at most
+        MAX_NUMBER; fields add their own ranges."""
+        for number in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(number, (int, float)) and not isinstance(number, bool):
+                if number < 0:
+                    raise ValueError(f"{number} is negative; no setting takes a negative number")
+                if number > MAX_NUMBER:
+                    raise ValueError(f"{number} is larger than {MAX_NUMBER}")
+        return value
 
 
 # The mark of a setting that changes how a stage runs but never what it writes (where it runs, how
@@ -48,7 +72,7 @@ def fingerprinted_settings(section: BaseModel) -> dict:
 
 class SynthConfig(Section):
     """The synthetic open-vocabulary world (tests, the demo, the quality benchmark)."""
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     num_images: int = Field(400, ge=1, description="captioned training images (the caption corpus)")
     num_val_images: int = Field(100, ge=0, description="held-out images with all categories boxed")
     min_side: int = Field(160, ge=32)
@@ -83,7 +107,7 @@ class RayConfig(Section):
     address: Optional[str] = Field(
         None, description="null: start a local Ray in this process; 'auto' or host:port: an existing "
         "cluster (RAY_ADDRESS is honoured too)", json_schema_extra=RUNTIME_ONLY)
-    num_cpus: Optional[int] = Field(None, ge=1, description="CPUs for a local Ray (default: all)",
+    num_cpus: Optional[int] = Field(None, ge=1, le=MAX_CPUS, description="CPUs for a local Ray (default: all)",
                                     json_schema_extra=RUNTIME_ONLY)
     include_dashboard: bool = Field(False, json_schema_extra=RUNTIME_ONLY)
     dashboard_host: str = Field("127.0.0.1", json_schema_extra=RUNTIME_ONLY)
@@ -180,7 +204,7 @@ class TrainTeacherConfig(Section):
     init_checkpoint: Optional[str] = Field(None, description="start from these CLIP weights (a new "
                                            "domain) instead of random ones")
     device: str = Field("auto", json_schema_extra=RUNTIME_ONLY)
-    num_workers: int = Field(0, ge=0, description="data loader processes (they split the shards, so the "
+    num_workers: int = Field(0, ge=0, le=MAX_WORKERS, description="data loader processes (they split the shards, so the "
                              "order of the samples depends on it)")
     checkpoint_every: int = Field(500, ge=1, json_schema_extra=RUNTIME_ONLY, description="steps between training states (resumed after a kill)")
 
@@ -204,8 +228,8 @@ class TrainRpnConfig(Section):
                                             "ResNet / Faster R-CNN state dict, or CLIP weights for "
                                             "clip_res4; null: train from scratch")
     clip_arch: Optional[str] = Field(None, description="clip_res4's CLIP architecture (default: teacher.arch)")
-    anchor_sizes: Optional[list[int]] = Field(None, description="FPN: one per level (5); clip_res4: all on "
-                                              "res4; default 32..512")
+    anchor_sizes: Optional[list[Annotated[int, Field(ge=1, le=8192)]]] = Field(
+        None, description="FPN: one per level (5); clip_res4: all on res4; default 32..512 (pixels, 1-8192)")
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(4, ge=1)
     lr: float = Field(0.01, gt=0)
@@ -221,9 +245,9 @@ class GpuActorSettings(Section):
     """How a GPU stage's Ray actors run (proposals, label): each holds the model on a GPU when the cluster
     has them and decodes images in cpus_per_actor threads ahead of it (one per 8 CPUs when the model
     runs on the CPU, whose threads take the rest)."""
-    num_gpus_per_actor: float = Field(1.0, ge=0, json_schema_extra=RUNTIME_ONLY)
-    num_actors: Optional[int] = Field(None, ge=1, json_schema_extra=RUNTIME_ONLY)
-    cpus_per_actor: Optional[int] = Field(None, ge=1, json_schema_extra=RUNTIME_ONLY,
+    num_gpus_per_actor: float = Field(1.0, ge=0, le=16, json_schema_extra=RUNTIME_ONLY)
+    num_actors: Optional[int] = Field(None, ge=1, le=MAX_CPUS, json_schema_extra=RUNTIME_ONLY)
+    cpus_per_actor: Optional[int] = Field(None, ge=1, le=MAX_CPUS, json_schema_extra=RUNTIME_ONLY,
                                           description="CPUs each actor asks Ray for; with a GPU they "
                                           "all decode; null: 8 when the cluster has GPUs (at most the GPU "
                                           "nodes' CPUs per GPU), else 1")
@@ -274,11 +298,11 @@ class PretrainConfig(Section):
     regions_per_image: int = Field(100, ge=1)
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.002, gt=0)
-    momentum: float = 0.9
+    momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)
     warmup_steps: int = Field(100, ge=0)
     lr_steps: list[int] = Field(default_factory=list)
-    grad_clip: Optional[float] = 5.0
+    grad_clip: Optional[float] = Field(5.0, gt=0)
     loss_region_concept: float = 1.0
     loss_distill: float = 1.0
     loss_image_caption: float = 1.0
@@ -287,9 +311,9 @@ class PretrainConfig(Section):
     online_teacher: bool = False
     checkpoint_every: int = Field(500, ge=1, description="steps between trainer states (a resume is exact "
                                   "whichever step it starts from)", json_schema_extra=RUNTIME_ONLY)
-    num_workers: int = Field(0, ge=0, description="data loader processes per rank (each is a data slot: "
+    num_workers: int = Field(0, ge=0, le=MAX_WORKERS, description="data loader processes per rank (each is a data slot: "
                              "the order of the samples depends on it)")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     device: str = Field("auto", json_schema_extra=RUNTIME_ONLY)
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "fp32", description="fp32 (the reference's; bf16 lowered the demo's transfer novel AP50, "
@@ -327,13 +351,13 @@ class TransferConfig(Section):
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(4, ge=1)
     lr: float = Field(0.002, gt=0)
-    momentum: float = 0.9
+    momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)
     warmup_steps: int = Field(100, ge=0)
     lr_steps: list[int] = Field(default_factory=list)
-    focal_gamma: Optional[float] = Field(0.5, description="COCO 0.5; LVIS null (weighted CE)")
+    focal_gamma: Optional[float] = Field(0.5, ge=0, description="COCO 0.5; LVIS null (weighted CE)")
     background_weight: float = Field(0.2, ge=0, description="COCO 0.2; LVIS 0.8")
-    repeat_factor_threshold: Optional[float] = Field(None, description="LVIS: 0.001")
+    repeat_factor_threshold: Optional[float] = Field(None, gt=0, le=1, description="LVIS: 0.001")
     rois_per_image: int = Field(512, ge=1)
     positive_fraction: float = Field(0.25, gt=0, le=1)
     only_sample_fg_proposals: bool = Field(False, description="RegionCLIP's ONLY_SAMPLE_FG_PROPOSALS: "
@@ -341,8 +365,9 @@ class TransferConfig(Section):
                                            "objects are never taught as background); pair with "
                                            "evaluate.multiply_rpn_score")
     iou_threshold: float = Field(0.5, gt=0, lt=1)
-    min_sizes: list[int] = Field(default_factory=lambda: [640, 672, 704, 736, 768, 800])
-    max_size: int = 1333
+    min_sizes: list[Annotated[int, Field(ge=32)]] = Field(default_factory=lambda: [640, 672, 704, 736, 768, 800],
+                                                          min_length=1)
+    max_size: int = Field(1333, ge=32)
     flip: bool = True
     rpn_checkpoint: Optional[str] = Field(None, description="the RPN that proposes the detector's boxes, "
                                           "in training and in testing (evaluate, detect): one trained on "
@@ -355,10 +380,10 @@ class TransferConfig(Section):
     proposals_per_image: int = Field(1000, ge=1, description="RPN post-NMS top-n for training images")
     rpn_nms_thresh: float = Field(0.7, gt=0, le=1)
     allow_partial: bool = False
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     device: str = Field("auto", json_schema_extra=RUNTIME_ONLY)
     checkpoint_every: int = Field(1000, ge=1, json_schema_extra=RUNTIME_ONLY, description="steps between training states (resumed after a kill)")
-    num_workers: int = Field(2, ge=0, description="processes reading training images ahead of the step (0: "
+    num_workers: int = Field(2, ge=0, le=MAX_WORKERS, description="processes reading training images ahead of the step (0: "
                              "read in the training process); the trained detector does not depend on it",
                              json_schema_extra=RUNTIME_ONLY)
 
@@ -370,8 +395,8 @@ class TransferConfig(Section):
 
 class EvaluateConfig(Section):
     """Evaluation of the transferred detectors and zero-shot inference (docs/method.md §6-7)."""
-    score_threshold: float = 0.001
-    detections_per_image: int = 100
+    score_threshold: float = Field(0.001, ge=0, le=1)
+    detections_per_image: int = Field(100, ge=1)
     objectness: Literal["sigmoid", "raw"] = Field("sigmoid", description="how the RPN's objectness enters "
                                                   "a score (zero-shot RPN boxes, multiply_rpn_score): "
                                                   "sqrt(p * sigmoid(logit)); raw: sqrt(p * logit), the "
@@ -432,7 +457,7 @@ RPN_PURPOSES = ("proposals", "transfer", "zero_shot")
 class RunManifest(Section):
     name: str = Field(..., min_length=1)
     output_dir: str
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)
     synth: SynthConfig = Field(default_factory=SynthConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -494,7 +519,8 @@ def _format_errors(err: ValidationError, origin: str) -> str:
         elif e["type"] == "missing":
             lines.append(f"  {field}: required; add it to the manifest")
         else:
-            lines.append(f"  {field}: {e['msg']} (got {e.get('input')!r})")
+            got = repr(e.get("input"))
+            lines.append(f"  {field}: {e['msg']} (got {got if len(got) <= 200 else got[:200] + ' ...'})")
     return "\n".join(lines)
 
 
@@ -515,15 +541,74 @@ def load_manifest(path: str | os.PathLike, overrides: Optional[list[str]] = None
     if not path.is_file():
         raise ManifestError(f"{path}: no such manifest file")
     try:
-        # safe_load: a manifest can never construct Python objects (!!python/object tags are refused).
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise ManifestError(f"{path}: not valid YAML (only plain YAML is accepted, no object tags): "
-                            f"{err}") from None
-    data = data or {}
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ManifestError(f"{path}: cannot be read as UTF-8 text ({err})") from None
+    data = plain_yaml(text, str(path)) or {}
     for item in overrides or []:
         apply_override(data, item)
     return parse_manifest(data, str(path), source_path=str(path.resolve()))
+
+
+def plain_yaml(text: str, origin: str):
+    """YAML text as plain data: safe_load (a manifest can never construct Python objects; !!python/object
+    tags are refused), and a key written twice in one mapping is refused naming it (YAML itself keeps
+    the last one silently, so a section written twice would lose the first)."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        values = _expanded_values(node, {})
+        if values == float("inf"):
+            raise ManifestError("a value holds itself through an alias (*name); write it out")
+        if values > MAX_YAML_VALUES:
+            raise ManifestError(f"holds {values} values once its aliases (*name) are expanded; a run manifest "
+                                f"holds far fewer (at most {MAX_YAML_VALUES})")
+        _refuse_duplicate_keys(node, "", set())
+        return yaml.safe_load(text)
+    except ManifestError as err:
+        raise ManifestError(f"{origin}: {err}") from None
+    except (yaml.YAMLError, RecursionError) as err:
+        raise ManifestError(f"{origin}: not valid YAML (only plain YAML is accepted, no object tags): "
+                            f"{err}") from None
+
+
+# The most values a manifest may expand to through YAML aliases (a few `&defaults` are fine; aliases of
+# aliases grow exponentially, the "billion laughs", and validating them would never end).
+MAX_YAML_VALUES = 100_000
+
+
+def _expanded_values(node, memo: dict) -> float:
+    """How many values `node` holds with every alias expanded, counting each node once (memo by id); an
+    alias to a node that holds it counts as infinitely many."""
+    if id(node) in memo:
+        return memo[id(node)] if memo[id(node)] is not None else float("inf")
+    memo[id(node)] = None
+    children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else \
+        node.value if isinstance(node, yaml.SequenceNode) else []
+    memo[id(node)] = 1 + sum(_expanded_values(child, memo) for child in children)
+    return memo[id(node)]
+
+
+def _refuse_duplicate_keys(node, path: str, seen_nodes: set) -> None:
+    """ManifestError naming the first key written twice in a mapping of the composed YAML `node`. A node
+    reached again through an alias is not walked again (aliases of aliases would take exponential time)."""
+    if id(node) in seen_nodes:
+        return
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        seen: dict = {}
+        for key, value in node.value:
+            if key.tag == "tag:yaml.org,2002:merge" or not isinstance(key, yaml.ScalarNode):
+                _refuse_duplicate_keys(value, path, seen_nodes)
+                continue
+            name = f"{path}.{key.value}" if path else key.value
+            if key.value in seen:
+                raise ManifestError(f"{name} is written twice (lines {seen[key.value]} and {key.start_mark.line + 1}); "
+                                    "YAML would keep only the last: write it once (one section, each key once)")
+            seen[key.value] = key.start_mark.line + 1
+            _refuse_duplicate_keys(value, name, seen_nodes)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicate_keys(item, f"{path}[{i}]", seen_nodes)
 
 
 def apply_override(data: dict, item: str) -> None:
@@ -531,10 +616,7 @@ def apply_override(data: dict, item: str) -> None:
     if "=" not in item:
         raise ManifestError(f"override {item!r}: expected section.key=value")
     key, raw = item.split("=", 1)
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError as err:
-        raise ManifestError(f"override {item!r}: value is not valid YAML: {err}") from None
+    value = plain_yaml(raw, f"override {item!r}")
     node = data
     parts = key.strip().split(".")
     for part in parts[:-1]:

@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Iterator
@@ -25,6 +26,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{path.name}")
+    if os.path.lexists(tmp):
+        os.unlink(tmp)      # a leftover, or a link planted there: writing would follow it
     try:
         yield tmp
         with open(tmp, "rb") as f:
@@ -123,14 +126,20 @@ def file_record(path: str | os.PathLike) -> dict:
     return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
+# The names atomic_path gives its temporaries: `.tmp-<pid>-<name>`.
+TMP_NAME = re.compile(rf"{re.escape(TMP_PREFIX)}\d+-.")
+
+
 def remove_stale_temporaries(folder: str | os.PathLike) -> int:
-    """Delete `.tmp-*` leftovers of a killed run; returns how many were removed."""
-    folder = Path(folder)
-    if not folder.is_dir():
+    """Delete the temporaries a killed run left in `folder` and below (files named as atomic_path names
+    them); returns how many were removed. Links are never followed: a linked folder is not entered (nor
+    is `folder` itself when it is a link), and a link named like a temporary is removed as a link."""
+    if os.path.islink(folder) or not os.path.isdir(folder):
         return 0
     removed = 0
-    for p in folder.rglob(f"{TMP_PREFIX}*"):
-        if p.is_file():
-            p.unlink(missing_ok=True)
-            removed += 1
+    for parent, _, names in os.walk(folder):        # followlinks=False
+        for name in names:
+            if TMP_NAME.match(name):
+                os.unlink(os.path.join(parent, name))
+                removed += 1
     return removed

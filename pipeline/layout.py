@@ -46,6 +46,19 @@ def inside(folder: str | os.PathLike, name, *, entry_only: bool = False) -> Path
     return path
 
 
+class LinkedFolder(ValueError):
+    """A folder inside a run folder that is a symbolic link: a stage would write through it, and the
+    cleanup of temporaries would delete files wherever it leads."""
+
+
+def linked_folders(root: str | os.PathLike) -> list[Path]:
+    """Every symbolic link to a folder inside `root`, at any depth (never followed while looking)."""
+    found = []
+    for parent, dirnames, _ in os.walk(root):          # followlinks=False: a linked folder is listed, not entered
+        found += [Path(parent) / name for name in dirnames if os.path.islink(os.path.join(parent, name))]
+    return sorted(found)
+
+
 def shard_name(shard_id: int) -> str:
     return f"{shard_id:0{SHARD_ID_DIGITS}d}"
 
@@ -83,6 +96,21 @@ class RunLayout:
     @classmethod
     def of(cls, manifest) -> "RunLayout":
         return cls(Path(manifest.output_path))
+
+    def refuse_links(self, *folders: Path) -> None:
+        """LinkedFolder unless every folder inside the run folder is a real one: no link to a folder at any
+        depth, and none of `folders` (those about to be written), nor a folder on the way to one, is a link
+        (leading anywhere or nowhere). The run folder itself may be a link: output_dir is the user's choice."""
+        links = linked_folders(self.root) if self.root.is_dir() else []
+        for folder in folders:
+            relative = Path(folder).relative_to(self.root)
+            links += [self.root.joinpath(*relative.parts[:i]) for i in range(1, len(relative.parts) + 1)
+                      if os.path.islink(self.root.joinpath(*relative.parts[:i]))]
+        if links:
+            shown = ", ".join(f"{link} -> {os.readlink(link)}" for link in sorted(set(links))[:5])
+            raise LinkedFolder(f"{self.root}: a folder of the run folder is a symbolic link ({shown}); a run "
+                               "writes and removes files only in real folders inside it, never through a link. "
+                               "Remove the link (to keep a run on another disk, point output_dir there)")
 
     # -- the run lock ----------------------------------------------------------------------------
     @property

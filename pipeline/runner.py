@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ from pipeline import __version__
 from pipeline.config import fingerprinted_settings
 from pipeline.io import file_record, read_json, remove_stale_temporaries, write_json
 from pipeline.layout import RunLayout, StageDir
-from pipeline.stage import ShardMarkers, StageInputError, fingerprint_of, read_stage_manifest
+from pipeline.stage import UNREADABLE, ShardMarkers, StageInputError, fingerprint_of, read_stage_manifest
 
 RUNNING, DONE, DAMAGED = "running", "done", "damaged"   # a stage manifest's status (DAMAGED: verify --repair)
 
@@ -103,15 +104,21 @@ def require_current(layout: RunLayout, names: Iterable[str]) -> dict[str, dict]:
     return {name: _current_manifest(layout, name, checked) for name in names}
 
 
-def _current_manifest(layout: RunLayout, name: str, checked: dict[str, dict]) -> dict:
+def _current_manifest(layout: RunLayout, name: str, checked: dict[str, Optional[dict]]) -> dict:
+    rerun = f"run `regionclip {name} MANIFEST`"
     if name in checked:
+        if checked[name] is None:       # still being checked: a manifest that names itself upstream
+            raise StageInputError(f"stage '{name}': its manifest names itself upstream (damaged); {rerun}")
         return checked[name]
+    checked[name] = None
     stage_dir = layout.stage(name)
     manifest = read_stage_manifest(stage_dir)
-    rerun = f"run `regionclip {name} MANIFEST`"
     status = (manifest or {}).get("status")
     if manifest is None:
         raise StageInputError(f"stage '{name}' has not run (no {stage_dir.manifest}); {rerun} first")
+    if status == UNREADABLE:
+        raise StageInputError(f"stage '{name}': {stage_dir.manifest} is not a stage manifest "
+                              f"({manifest['problem']}); {rerun}")
     if status == RUNNING:
         raise StageInputError(f"stage '{name}' is running or was interrupted; {rerun}")
     if status == DAMAGED:
@@ -175,6 +182,8 @@ def run_stage(stage: Stage, manifest, **options) -> dict:
     primary = is_primary_process()
     started = time.time()
     if primary:
+        # Nothing is written through a link: not the stage's files, not the cleanup of temporaries.
+        layout.refuse_links(stage_dir.root)
         # Before any output changes: from here until "done" the stage reads as interrupted.
         stage_dir.root.mkdir(parents=True, exist_ok=True)
         write_json(stage_dir.manifest, {
@@ -230,6 +239,15 @@ class RunFolderBusy(RuntimeError):
     """Another run is using the run folder; the message names it."""
 
 
+class ForeignLockFile(RuntimeError):
+    """A file named like the lock's side file (run.lock.json) that this tool did not write."""
+
+
+# The mark of a run.lock.json this tool wrote: a user's file of that name is never overwritten or removed.
+LOCK_HOLDER_MARK = "regionclip run lock"
+PLAIN_HOLDER_KEYS = {"pid", "command", "started_at", "host"}
+
+
 @contextlib.contextmanager
 def run_lock(layout: RunLayout, command: str) -> Iterator[None]:
     """Hold the run folder's lock while the block runs; a second run is refused with RunFolderBusy naming
@@ -250,9 +268,15 @@ def run_lock(layout: RunLayout, command: str) -> Iterator[None]:
         raise RunFolderBusy(f"{layout.root} is in use by another run: {_holder(layout)}; wait for it to "
                             "finish or stop it") from None
     previous = os.environ.get(LOCK_HELD_ENV)
+    holder = {"written_by": LOCK_HOLDER_MARK, "pid": os.getpid(), "command": command, "started_at": _now(),
+              "host": socket.gethostname(), "token": os.urandom(8).hex()}
     try:
-        write_json(layout.run_lock_holder, {"pid": os.getpid(), "command": command, "started_at": _now(),
-                                            "host": socket.gethostname()})
+        if _foreign_holder_file(layout):
+            raise ForeignLockFile(f"{layout.run_lock_holder} was not written by regionclip, and the run folder's "
+                                  "lock writes that name while a run holds it; move the file out of "
+                                  f"{layout.root} (or choose another output_dir)")
+        layout.refuse_links()
+        write_json(layout.run_lock_holder, holder)
         os.environ[LOCK_HELD_ENV] = str(path.resolve())
         yield
     finally:
@@ -260,8 +284,28 @@ def run_lock(layout: RunLayout, command: str) -> Iterator[None]:
             os.environ.pop(LOCK_HELD_ENV, None)
         else:
             os.environ[LOCK_HELD_ENV] = previous
-        layout.run_lock_holder.unlink(missing_ok=True)
+        if _read_holder(layout).get("token") == holder["token"]:      # ours: remove it, and only it
+            layout.run_lock_holder.unlink(missing_ok=True)
         lock.release()
+
+
+def _read_holder(layout: RunLayout) -> dict:
+    """run.lock.json as written by a run lock, or {} (absent, a link, not a regular file, not ours)."""
+    try:
+        if not stat.S_ISREG(os.lstat(layout.run_lock_holder).st_mode):
+            return {}
+        holder = read_json(layout.run_lock_holder)
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(holder, dict):
+        return {}
+    # (the keys alone: what a run lock wrote before it marked its file)
+    return holder if holder.get("written_by") == LOCK_HOLDER_MARK or set(holder) == PLAIN_HOLDER_KEYS else {}
+
+
+def _foreign_holder_file(layout: RunLayout) -> bool:
+    """Whether run.lock.json exists and is not a run lock's (a stale one of a killed run is ours)."""
+    return os.path.lexists(layout.run_lock_holder) and not _read_holder(layout)
 
 
 def run_in_progress(layout: RunLayout) -> Optional[str]:
@@ -281,9 +325,9 @@ def run_in_progress(layout: RunLayout) -> Optional[str]:
 
 
 def _holder(layout: RunLayout) -> str:
+    holder = _read_holder(layout)
     try:
-        holder = read_json(layout.run_lock_holder)
         return (f"pid {holder['pid']} on {holder.get('host', '?')}, `{holder['command']}`, "
                 f"started {holder['started_at']}")
-    except (FileNotFoundError, ValueError, KeyError, TypeError):
+    except KeyError:
         return f"a process holding {layout.run_lock} (starting up)"

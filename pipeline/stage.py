@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
@@ -39,12 +40,53 @@ def fingerprint_of(stage: str, settings: dict, inputs: dict[str, str]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+# The status of a stage manifest that exists but cannot be used (not JSON, or fields of the wrong shape).
+UNREADABLE = "unreadable"
+STAGE_NAME = re.compile(r"[a-z][a-z0-9-]*")
+
+
 def read_stage_manifest(stage_dir: StageDir) -> Optional[dict]:
+    """The stage manifest, None when there is none, or {"status": "unreadable", "problem": ...} when the
+    file is not a stage manifest (not JSON, or a field of the wrong shape, e.g. crafted): every reader
+    (the runner, `status`, `verify`) then sees a stage that is not done, never a field it cannot use."""
     try:
         manifest = read_json(stage_dir.manifest)
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+    except FileNotFoundError:
         return None
-    return manifest if isinstance(manifest, dict) else None
+    except (OSError, ValueError) as err:        # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return {"status": UNREADABLE, "problem": f"{type(err).__name__}: {err}"}
+    problem = stage_manifest_problem(manifest)
+    return manifest if problem is None else {"status": UNREADABLE, "problem": problem}
+
+
+def stage_manifest_problem(manifest) -> Optional[str]:
+    """What makes `manifest` unusable as a stage manifest (the fields every reader relies on), or None."""
+    if not isinstance(manifest, dict):
+        return f"not a JSON object but a {type(manifest).__name__}"
+    if not isinstance(manifest.get("status"), str) or not isinstance(manifest.get("fingerprint", ""), str):
+        return "status and fingerprint must be text"
+    for key in ("upstream", "outputs", "shards", "counts", "settings"):
+        if not isinstance(manifest.get(key, {}), dict):
+            return f"{key} must be an object, not {type(manifest[key]).__name__}"
+    if not isinstance(manifest.get("last_complete") or {}, dict):
+        return "last_complete must be an object"
+    for name, fingerprint in manifest.get("upstream", {}).items():
+        if not STAGE_NAME.fullmatch(name) or not isinstance(fingerprint, str):
+            return f"upstream names a stage {name!r} with fingerprint {fingerprint!r}"
+    for name, record in manifest.get("outputs", {}).items():
+        if not _file_record_ok(record):
+            return f"outputs: {name!r} has no size and checksum record"
+    for name, entry in manifest.get("shards", {}).items():
+        if not (name.isascii() and name.isdigit()) or not isinstance(entry, dict) \
+                or not isinstance(entry.get("files", {}), dict) or not isinstance(entry.get("counts", {}), dict) \
+                or not all(_file_record_ok(r) for r in entry.get("files", {}).values()):
+            return f"shards: entry {name!r} is not a shard's record"
+    return None
+
+
+def _file_record_ok(record) -> bool:
+    return (isinstance(record, dict) and isinstance(record.get("bytes", 0), int) and record.get("bytes", 0) >= 0
+            and isinstance(record.get("sha256", ""), str))
 
 
 @dataclass(frozen=True)
@@ -59,7 +101,8 @@ class ShardMarkers:
             stats = read_json(self.stage_dir.stats(shard_id))
         except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
             return None
-        if not isinstance(stats, dict) or stats.get("fingerprint") != self.fingerprint:
+        if not isinstance(stats, dict) or stats.get("fingerprint") != self.fingerprint \
+                or not isinstance(stats.get("counts"), dict) or not isinstance(stats.get("files", {}), dict):
             return None
         # A marker vouches for its files: one whose files are gone or changed size (a truncated tar,
         # a deleted sidecar) is not done. Sizes only (a stat per file); `regionclip verify` hashes.

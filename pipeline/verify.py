@@ -33,6 +33,7 @@ from typing import Iterable, Optional
 
 from pipeline.io import read_json, sha256_file, write_json
 from pipeline.layout import RunLayout, StageDir, UnsafeName, inside, shard_name, synthetic_world
+from pipeline.stage import UNREADABLE as STAGE_UNREADABLE, read_stage_manifest
 
 DAMAGED_SUFFIX = ".damaged"
 
@@ -120,12 +121,12 @@ def verify_stage(layout: RunLayout, stage: str, full: bool = True, roots: tuple[
     stage_dir = layout.stage(stage)
     if not stage_dir.manifest.exists():
         return []
-    try:
-        manifest = read_json(stage_dir.manifest)
-        if not isinstance(manifest, dict):
-            raise ValueError("not an object")
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as err:
-        return [Damage(stage, None, _rel(layout, stage_dir.manifest), f"{UNREADABLE}: {err}")]
+    manifest = read_stage_manifest(stage_dir)
+    if manifest is not None and manifest.get("status") == STAGE_UNREADABLE:
+        # not JSON, or fields of the wrong shape: never "intact"
+        return [Damage(stage, None, _rel(layout, stage_dir.manifest), f"{UNREADABLE}: {manifest['problem']}")]
+    if manifest is None:
+        return []
     found: dict[str, Damage] = {}
 
     def add(shard, path, problem, marker=None):

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from pipeline.config import ManifestError, load_manifest
 from pipeline.layout import RunLayout
-from pipeline.runner import RunFolderBusy, run_lock
-from pipeline.stage import StageInputError
+from pipeline.runner import run_lock
+from stages.errors import debug_requested, exit_code_for
 from stages.registry import PIPELINE, STAGES, TOOL_MODULES, TOOLS
 from stages.status import print_status
 
@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("manifest", help="run manifest (YAML), e.g. manifests/demo.yaml")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a manifest setting (YAML value), e.g. --set shard.max_side=640")
+        p.add_argument("--debug", action="store_true", help="print the traceback of an error")
         if name in TOOL_MODULES:
             TOOL_MODULES[name].add_arguments(p)
         for flag, (setting, metavar, text) in SETTING_SHORTHANDS.get(name, {}).items():
@@ -148,10 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    manifest = _load(args.manifest, args.overrides)
+    debug = debug_requested(args.debug)
     holds_lock = (args.command == "run" or args.command in STAGES
                   or getattr(TOOL_MODULES.get(args.command), "HOLDS_RUN_LOCK", False))
     try:
+        manifest = _load(args.manifest, args.overrides)
         lock = run_lock(RunLayout.of(manifest), " ".join(["regionclip", *argv])) if holds_lock else \
             contextlib.nullcontext()
         with lock:
@@ -164,9 +166,8 @@ def main(argv: list[str] | None = None) -> int:
                 print_status(manifest)
             else:
                 run_one(args.command, manifest, args)
-    except (StageInputError, RunFolderBusy, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - the boundary: one line (stages/errors.py)
+        return exit_code_for(err, debug)
     return 0
 
 

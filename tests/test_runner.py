@@ -29,6 +29,16 @@ shard: {samples_per_shard: 4}
 concepts: {parser: lookups, min_count: 1}
 """
 
+def with_sections(body: str, *lines: str) -> str:
+    """`body` with each `section: {...}` line of `lines` in place of the line of that section (a manifest
+    writes each section once)."""
+    for line in lines:
+        section = line.split(":")[0]
+        kept = [old for old in body.splitlines(keepends=True) if not old.startswith(f"{section}:")]
+        body = "".join(kept) + line
+    return body
+
+
 # Every setting marked runtime-only on the schema (pipeline/config.py): a new mark must be argued for.
 RUNTIME_ONLY = {
     "ray.address", "ray.num_cpus", "ray.include_dashboard", "ray.dashboard_host",
@@ -115,8 +125,8 @@ def test_a_runtime_only_change_reruns_nothing_and_any_other_reruns_the_stage_and
                 and not p.name.endswith("manifest.json")}
 
     before, files = books(), data_files()
-    runtime = write_manifest(WORLD + "concepts: {parser: lookups, min_count: 1, batch_size: 3}\n"
-                             "ray: {num_cpus: 1}\n")
+    runtime = write_manifest(with_sections(WORLD, "concepts: {parser: lookups, min_count: 1, batch_size: 3}\n"))
+    runtime.ray.num_cpus = 1
     for stage in chain:
         assert stage.run(runtime)["work"] == stage.nothing_done, stage.name
     assert books() == before and data_files() == files
@@ -126,7 +136,7 @@ def test_a_runtime_only_change_reruns_nothing_and_any_other_reruns_the_stage_and
                ("concepts", "concepts: {parser: lookups, min_count: 2}\n")]
     body = WORLD
     for changed, setting in changes:
-        body += setting
+        body = with_sections(body, setting)
         manifest = write_manifest(body)
         before = books()
         for stage in chain:
@@ -185,7 +195,7 @@ def test_a_shard_rerun_killed_midway_leaves_every_stage_after_it_refusing(ray_lo
         require_current(layout, stage.upstream(manifest))
 
     # The rerun with other settings, SIGKILLed once it is under way (its own process joins this Ray).
-    changed = write_manifest(WORLD + "shard: {samples_per_shard: 4, jpeg_quality: 70}\n")
+    changed = write_manifest(with_sections(WORLD, "shard: {samples_per_shard: 4, jpeg_quality: 70}\n"))
     proc = subprocess.Popen([sys.executable, "-m", "stages.cli", "shard", changed.source_path], cwd=REPO,
                             env={**ENV, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
