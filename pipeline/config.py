@@ -223,6 +223,11 @@ class TrainRpnConfig(Section):
         False, json_schema_extra=RUNTIME_ONLY, description="read train and val images whose file_name leads "
         "outside images_root / val_images_root (an absolute path, `..`, a link leading out); by default such "
         "an annotation file is refused before training, naming the first few")
+    strict_annotations: StrictBool = Field(
+        False, json_schema_extra=RUNTIME_ONLY, description="refuse an annotation file (train and val) that "
+        "would lose annotations (an unknown image or category, zero or negative size, outside the image, "
+        "a repeated id) or have boxes clipped to the image, instead of dropping (clipping) them with a "
+        "count per reason (also `--strict`)")
     backbone: Literal["resnet50_fpn", "resnet18_fpn", "clip_res4"] = "resnet50_fpn"
     backbone_weights: Optional[str] = Field(None, description="local weights file: torchvision ImageNet "
                                             "ResNet / Faster R-CNN state dict, or CLIP weights for "
@@ -348,6 +353,11 @@ class TransferConfig(Section):
         "val set) whose file_name or coco_url leads outside images_root / val_images_root (an absolute "
         "path, `..`, a link leading out); by default such an annotation file is refused before any work, "
         "naming the first few")
+    strict_annotations: StrictBool = Field(
+        False, json_schema_extra=RUNTIME_ONLY, description="refuse an annotation file (transfer's train set, "
+        "evaluate's val set) that would lose annotations (an unknown image or category, zero or negative "
+        "size, outside the image, a repeated id) or have boxes clipped to the image, instead of dropping "
+        "(clipping) them with a count per reason (also `--strict`)")
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(4, ge=1)
     lr: float = Field(0.002, gt=0)

@@ -43,6 +43,10 @@ SETTING_SHORTHANDS = {
                               "trainer state file")},
 }
 
+# `--strict`: an annotation file that would lose (or clip) annotations is refused rather than cleaned.
+STRICT_COMMANDS = ("run", "train-rpn", "transfer", "evaluate")
+STRICT_SETTINGS = ("train_rpn.strict_annotations=true", "transfer.strict_annotations=true")
+
 
 def _load(path: str, overrides: list[str]):
     try:
@@ -109,6 +113,17 @@ class SettingShorthand(argparse.Action):
         setattr(namespace, self.dest, [*getattr(namespace, self.dest), f"{self.setting}={value}"])
 
 
+class AppendSettings(argparse.Action):
+    """A flag without a value that adds fixed `--set` overrides (--strict)."""
+
+    def __init__(self, option_strings, dest, settings: tuple, **kwargs):
+        self.settings = settings
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, [*getattr(namespace, self.dest), *self.settings])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="regionclip", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -120,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a manifest setting (YAML value), e.g. --set shard.max_side=640")
         p.add_argument("--debug", action="store_true", help="print the traceback of an error")
+        if name in STRICT_COMMANDS:
+            p.add_argument("--strict", dest="overrides", action=AppendSettings, settings=STRICT_SETTINGS,
+                           help="refuse an annotation file that would lose annotations or clip boxes, instead "
+                           "of dropping them with a count per reason (train_rpn/transfer.strict_annotations)")
         if name in TOOL_MODULES:
             TOOL_MODULES[name].add_arguments(p)
         for flag, (setting, metavar, text) in SETTING_SHORTHANDS.get(name, {}).items():

@@ -125,7 +125,7 @@ def evaluate(run: StageRun) -> dict:
 
     def score(detections: list[dict]) -> dict:
         if data.kind == "lvis":
-            return {"lvis": lvis_evaluate(val_path, detections, max_dets=max(300, cfg.detections_per_image))}
+            return {"lvis": lvis_evaluate(data.data, detections, max_dets=max(300, cfg.detections_per_image))}
         return coco_evaluate(data.data, detections, data.category_split, image_ids)
 
     picture_ids = picture_image_ids(data, image_ids, novel_ids, cfg.picture_image)

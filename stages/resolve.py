@@ -159,13 +159,17 @@ def annotation_file(manifest, which: str) -> Path:
 
 
 def detection_images(manifest, which: str, section: str = "transfer") -> dict:
-    """Where `section`'s (transfer, train_rpn) `which` (train, val) detection set reads its images, as
-    DetectionSet's and read_coco_boxes' keywords: the images root (None: the annotation file's folder),
-    and whether file names may lead outside it (the setting named in the refusal)."""
+    """How `section`'s (transfer, train_rpn) `which` (train, val) detection set is read, as DetectionSet's
+    and read_coco_boxes' keywords: the images root (None: the annotation file's folder), whether file
+    names may lead outside it (the setting named in the refusal), whether boxes are clipped to their
+    image (training sets; an evaluation set keeps its boxes as given) and whether a file that would lose
+    annotations is refused (`strict_annotations`, or --strict)."""
     cfg = getattr(manifest, section)
     root = cfg.images_root if which == "train" else cfg.val_images_root
     return {"images_root": manifest.resolve(root) if root else None,
-            "allow_outside_root": cfg.allow_outside_root, "setting": f"{section}.allow_outside_root"}
+            "allow_outside_root": cfg.allow_outside_root, "setting": f"{section}.allow_outside_root",
+            "clip_boxes": which == "train", "strict": cfg.strict_annotations,
+            "strict_setting": f"{section}.strict_annotations"}
 
 
 def clip_checkpoint(manifest, which: str) -> Path:

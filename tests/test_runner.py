@@ -51,6 +51,9 @@ RUNTIME_ONLY = {
     # only whether an annotation file naming images outside its images root is refused or read: a run
     # that finished read the same images either way
     "train_rpn.allow_outside_root", "transfer.allow_outside_root",
+    # only whether a file that would lose (or clip) annotations is refused: a run that finished read the
+    # same annotations either way
+    "train_rpn.strict_annotations", "transfer.strict_annotations",
 }
 
 

@@ -15,6 +15,7 @@ import contextlib
 import io
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
@@ -134,15 +135,20 @@ def _numpy_float_alias():
             del np.float
 
 
-def lvis_evaluate(gt_path: Union[str, os.PathLike], detections: list[dict], max_dets: int = 300) -> dict:
-    """LVIS API box evaluation: {"AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf"} in percent."""
+def lvis_evaluate(gt_path: Union[dict, str, os.PathLike], detections: list[dict], max_dets: int = 300) -> dict:
+    """LVIS API box evaluation: {"AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf"} in percent.
+    `gt_path`: the LVIS file, or its content as loaded (DetectionSet.data: validated), which the LVIS API
+    reads from a temporary file."""
     try:
         from lvis import LVIS, LVISEval, LVISResults
     except ImportError as err:
         raise LvisNotInstalledError(
             "LVIS evaluation needs the LVIS API: pip install 'regionclip-pipeline[lvis]' (or pip install "
             f"lvis) ({err})") from None
-    with contextlib.redirect_stdout(io.StringIO()), _numpy_float_alias():
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()), _numpy_float_alias():
+        if isinstance(gt_path, dict):
+            content, gt_path = gt_path, Path(tmp) / "gt.json"
+            gt_path.write_text(json.dumps(content))
         gt = LVIS(str(gt_path))
         if not detections:
             return {k: 0.0 for k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")}

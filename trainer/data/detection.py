@@ -21,10 +21,11 @@ and a training set that silently shrinks is another experiment.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
@@ -36,6 +37,7 @@ from pipeline.layout import UnsafeName, inside
 from trainer.data.images import as_unit_range, read_image_tensor
 
 MAX_LISTED_NAMES = 5
+log = logging.getLogger(__name__)
 
 
 # docs/method.md §6 (OVR-CNN's split), COCO 2017 category names.
@@ -124,21 +126,184 @@ def image_files(images: Sequence[dict], root: Union[str, os.PathLike], *, allow_
     return files
 
 
+# -- the one COCO-format loader -----------------------------------------------------------------------------
+
+class AnnotationError(ValueError):
+    """A COCO-format file that cannot be used (or, with strict, one that would lose annotations); the
+    message names the file and the records."""
+
+
+# Why an annotation (or image record) is dropped; each is counted and reported, or refused with strict.
+UNKNOWN_IMAGE, UNKNOWN_CATEGORY = "unknown image_id", "unknown category_id"
+NOT_A_BOX, OUTSIDE = "zero or negative width or height", "entirely outside its image"
+REPEATED_ANNOTATION, REPEATED_IMAGE = "annotation id listed twice (the first kept)", "image id listed twice (the first kept)"
+CLIPPED = "clipped to the image"
+
+
+def load_coco(source: Union[str, os.PathLike, dict], *, clip_boxes: bool = False, strict: bool = False,
+              strict_setting: str = "strict_annotations") -> dict:
+    """A COCO-format detection set (COCO, LVIS, the synthetic world), validated; every reader of one
+    (train-rpn, transfer, evaluate) loads it here.
+
+    Refused with AnnotationError (naming the file and the first few records): what cannot be used (not
+    a JSON object of lists; an image without a whole-number id, a file name or positive width/height; a
+    category without an id and a name; an annotation without a whole-number id, image_id or category_id,
+    or whose bbox is not 4 finite numbers). Dropped and counted per reason (one warning), or refused when
+    `strict`: annotations of an unknown image or category, of zero or negative size, entirely outside
+    their image or repeating an id, and image records repeating an id. `clip_boxes` (training sets):
+    boxes are clipped to their image (counted too); evaluation sets keep the boxes as given. Returns the
+    content with images and annotations replaced by the usable ones."""
+    name = "the annotations" if isinstance(source, dict) else str(source)
+    data = source if isinstance(source, dict) else _read_annotation_json(Path(source))
+    if not isinstance(data, dict):
+        raise AnnotationError(f"{name}: a COCO-format file is a JSON object with images, annotations and "
+                              f"categories, not a {type(data).__name__}")
+    for key, default in (("images", None), ("annotations", []), ("categories", None)):
+        if not isinstance(data.get(key, default), list):
+            raise AnnotationError(f"{name}: {key!r} must be a list (got {type(data.get(key)).__name__})")
+    problems: list[str] = []
+    dropped: Counter = Counter()
+    categories = _usable_categories(data["categories"], problems)
+    images, sizes = _usable_images(data["images"], clip_boxes, problems, dropped)
+    annotations, seen = [], set()
+    for n, ann in enumerate(data.get("annotations", [])):
+        box = _usable_annotation(ann, n, problems)
+        if box is None:
+            continue
+        if ann["id"] in seen:
+            dropped[REPEATED_ANNOTATION] += 1
+            continue
+        seen.add(ann["id"])
+        reason, clipped = _box_reason(ann, box, sizes, categories, clip_boxes)
+        if reason:
+            dropped[reason] += 1
+            continue
+        if clipped is not None:
+            dropped[CLIPPED] += 1
+            ann = {**ann, "bbox": clipped, "area": clipped[2] * clipped[3]}
+        annotations.append(ann)
+    if problems:
+        shown = "; ".join(problems[:MAX_LISTED_NAMES]) + ("; ..." if len(problems) > MAX_LISTED_NAMES else "")
+        raise AnnotationError(f"{name}: {len(problems)} record(s) cannot be used: {shown}")
+    if dropped:
+        counts = ", ".join(f"{reason} {count}" for reason, count in dropped.most_common())
+        if strict:
+            raise AnnotationError(f"{name}: {counts} (of {len(data.get('annotations', []))} annotations); "
+                                  f"refused because of {strict_setting}: true (--strict): fix the file, or "
+                                  "run without it to drop them")
+        log.warning("%s: %s (of %d annotations, %d images); %s: true (--strict) refuses such a file instead",
+                    name, counts, len(data.get("annotations", [])), len(images), strict_setting)
+    return {**data, "images": images, "annotations": annotations, "categories": list(categories.values())}
+
+
+def _read_annotation_json(path: Path):
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such annotation file")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise AnnotationError(f"{path}: not UTF-8 text (byte {err.start}); a COCO-format file is JSON") from None
+    except json.JSONDecodeError as err:
+        raise AnnotationError(f"{path}: not valid JSON: {err}") from None
+    except RecursionError:
+        raise AnnotationError(f"{path}: JSON nested too deeply to be a COCO-format file") from None
+
+
+def _is_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _usable_categories(records: list, problems: list) -> dict[int, dict]:
+    categories: dict[int, dict] = {}
+    for n, cat in enumerate(records):
+        if not isinstance(cat, dict) or not _is_id(cat.get("id")) or not isinstance(cat.get("name"), str):
+            problems.append(f"category #{n} needs a whole-number id and a name")
+        elif cat["id"] in categories:
+            problems.append(f"category id {cat['id']} is listed twice")
+        else:
+            categories[cat["id"]] = cat
+    return categories
+
+
+def _usable_images(records: list, need_size: bool, problems: list, dropped: Counter) -> tuple[list, dict]:
+    """The image records (first of each id) and their (width, height); None where a set that keeps its
+    boxes as given has no size."""
+    images, sizes = [], {}
+    for n, im in enumerate(records):
+        if not isinstance(im, dict) or not _is_id(im.get("id")):
+            problems.append(f"image #{n} has no whole-number id")
+            continue
+        if im["id"] in sizes:
+            dropped[REPEATED_IMAGE] += 1
+            continue
+        width, height = im.get("width"), im.get("height")
+        if (width is not None or height is not None or need_size) and not (
+                _is_number(width) and _is_number(height) and width > 0 and height > 0):
+            problems.append(f"image {im['id']}: width and height must be positive numbers (got {width!r:.20}, "
+                            f"{height!r:.20})")
+            continue
+        if not any(isinstance(im.get(key), str) and im.get(key) for key in ("file_name", "coco_url", "flickr_url")):
+            problems.append(f"image {im['id']}: no file_name (or LVIS coco_url) text")
+            continue
+        sizes[im["id"]] = (width, height) if width is not None else None
+        images.append(im)
+    return images, sizes
+
+
+def _usable_annotation(ann, n: int, problems: list) -> Optional[list]:
+    """The annotation's bbox [x, y, w, h] when its fields can be used, else None (the problem noted)."""
+    if not isinstance(ann, dict):
+        problems.append(f"annotation #{n} is a {type(ann).__name__}, not an object")
+        return None
+    label = f"annotation {ann['id']}" if _is_id(ann.get("id")) else f"annotation #{n}"
+    for key in ("id", "image_id", "category_id"):
+        if not _is_id(ann.get(key)):
+            problems.append(f"{label}: {key} must be a whole number (got {ann.get(key)!r:.40})")
+            return None
+    box = ann.get("bbox")
+    if not isinstance(box, (list, tuple)) or len(box) != 4 or not all(map(_is_number, box)):
+        problems.append(f"{label}: bbox must be 4 finite numbers [x, y, width, height] (got {box!r:.60})")
+        return None
+    return list(box)
+
+
+def _box_reason(ann: dict, box: list, sizes: dict, categories: dict,
+                clip_boxes: bool) -> tuple[Optional[str], Optional[list]]:
+    """(why the annotation is dropped or None, its box clipped to the image when that changed it)."""
+    if ann["image_id"] not in sizes:
+        return UNKNOWN_IMAGE, None
+    if ann["category_id"] not in categories:
+        return UNKNOWN_CATEGORY, None
+    x, y, w, h = box
+    if w <= 0 or h <= 0:
+        return NOT_A_BOX, None
+    size = sizes[ann["image_id"]]
+    if size is None:
+        return None, None
+    x1, y1, x2, y2 = max(x, 0), max(y, 0), min(x + w, size[0]), min(y + h, size[1])
+    if x2 <= x1 or y2 <= y1:
+        return OUTSIDE, None
+    if clip_boxes and (x1, y1, x2, y2) != (x, y, x + w, y + h):
+        return None, [x1, y1, x2 - x1, y2 - y1]
+    return None, None
+
+
 class DetectionSet:
-    """A COCO-format detection set (COCO, LVIS v1, the synthetic world). Its images must lie inside
-    `images_root` unless `allow_outside_root` (see the module doc); `setting` names that switch in the
-    error."""
+    """A COCO-format detection set (COCO, LVIS v1, the synthetic world), loaded by `load_coco` (validated;
+    `clip_boxes` for a training set, `strict` to refuse a file that loses annotations). Its images must
+    lie inside `images_root` unless `allow_outside_root` (see the module doc); `setting` names that
+    switch in the error."""
 
     def __init__(self, annotations: Union[str, os.PathLike, dict], images_root: Union[str, os.PathLike, None] = None,
                  cache_images: bool = False, *, allow_outside_root: bool = False,
-                 setting: str = "allow_outside_root"):
-        if isinstance(annotations, dict):
-            data, self.path = annotations, None
-        else:
-            self.path = Path(annotations)
-            if not self.path.is_file():
-                raise FileNotFoundError(f"{self.path}: no such annotation file")
-            data = json.loads(self.path.read_text(encoding="utf-8"))
+                 setting: str = "allow_outside_root", clip_boxes: bool = False, strict: bool = False,
+                 strict_setting: str = "strict_annotations"):
+        self.path = None if isinstance(annotations, dict) else Path(annotations)
+        data = load_coco(annotations, clip_boxes=clip_boxes, strict=strict, strict_setting=strict_setting)
         self.data = data
         self.kind = dataset_kind(data)
         self.images_root = Path(images_root) if images_root else (self.path.parent if self.path else Path("."))

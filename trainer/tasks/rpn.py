@@ -13,7 +13,6 @@ frequency-based splits) groups the recall figures.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -26,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.concepts import normalize_concept
-from trainer.data.detection import image_files
+from trainer.data.detection import image_files, load_coco
 from trainer.data.images import read_image_tensor
 from trainer.engine.checkpoint import seed_all
 from trainer.engine.device import resolve_device
@@ -63,14 +62,14 @@ class CocoBoxes:
 
 
 def read_coco_boxes(annotations: Path, images_root: Optional[Path] = None, *, allow_outside_root: bool = False,
-                    setting: str = "allow_outside_root") -> CocoBoxes:
-    """Read a COCO instances file; image paths are `images_root / file_name` (default: the JSON's folder),
-    each inside it unless `allow_outside_root` (trainer.data.detection.image_files: ImagesOutsideRoot
-    naming `setting` otherwise)."""
+                    setting: str = "allow_outside_root", clip_boxes: bool = False, strict: bool = False,
+                    strict_setting: str = "strict_annotations") -> CocoBoxes:
+    """Read a COCO instances file through the one loader (trainer.data.detection.load_coco: validated,
+    boxes clipped to the image with `clip_boxes`, `strict` refuses a file that loses annotations); image
+    paths are `images_root / file_name` (default: the JSON's folder), each inside it unless
+    `allow_outside_root` (trainer.data.detection.image_files: ImagesOutsideRoot naming `setting` otherwise)."""
     annotations = Path(annotations)
-    if not annotations.is_file():
-        raise FileNotFoundError(f"{annotations}: no such COCO annotations file")
-    data = json.loads(annotations.read_text(encoding="utf-8"))
+    data = load_coco(annotations, clip_boxes=clip_boxes, strict=strict, strict_setting=strict_setting)
     root = Path(images_root) if images_root else annotations.parent
     files = image_files(data["images"], root, allow_outside_root=allow_outside_root, setting=setting,
                         source=str(annotations))
