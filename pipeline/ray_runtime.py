@@ -2,7 +2,8 @@
 
 Without an address a local Ray starts inside this process (the embedded default); with
 `ray.address` in the manifest (or RAY_ADDRESS) the same stage runs on an existing cluster, e.g.
-under `ray job submit`. A dashboard, when asked for, binds to localhost only.
+under `ray job submit`. The embedded local Ray listens on loopback only (its servers and, when asked for,
+its dashboard); a cluster is joined only through `ray.address` or RAY_ADDRESS.
 """
 from __future__ import annotations
 
@@ -26,14 +27,30 @@ def init_ray(cfg) -> None:
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     common = dict(log_to_driver=True, logging_level=logging.WARNING, configure_logging=True)
-    if address:
+    if address and address != "local":
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address, **common)
     else:
         # address="local": always a new local instance, even when a `ray start` cluster on this machine
         # left /tmp/ray/ray_current_cluster (plain ray.init() would join it and reject num_cpus).
+        _local_ray_on_loopback()
         ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=cfg.include_dashboard,
-                 dashboard_host=cfg.dashboard_host, **common)
+                 dashboard_host=cfg.dashboard_host, _node_ip_address=LOOPBACK, **common)
+
+
+# The embedded local Ray serves this machine alone, so nothing of it listens on the network: its node
+# address is the loopback one, and Ray binds each server (GCS, raylet, object manager, workers, agents) to
+# the node address. Ray itself takes loopback when clusters are off (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0,
+# its switch on macOS and Windows, read when ray is imported; otherwise it turns 127.0.0.1 into the
+# machine's network address). A cluster is joined only through ray.address / RAY_ADDRESS.
+LOOPBACK = "127.0.0.1"
+
+
+def _local_ray_on_loopback() -> None:
+    from ray._private import ray_constants
+
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"     # the processes the local Ray starts
+    ray_constants.ENABLE_RAY_CLUSTER = False                         # this one, which imported ray already
 
 
 def cluster_resources() -> dict:
