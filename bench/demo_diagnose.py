@@ -32,6 +32,7 @@ REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 
 IOU_MATCH = 0.5
+LOSS_TAGS = ("loss_region_concept", "loss_distill", "loss_image_caption", "loss_total")   # pretrain/<name>
 
 
 def load_run(manifest_path: Path, run_dir: Path):
@@ -189,7 +190,7 @@ def student_losses(layout, last: int = 50) -> dict:
     events.Reload()
     out = {}
     for tag in events.Tags().get("scalars", []):
-        if "loss" not in tag:
+        if tag.rsplit("/", 1)[-1] not in LOSS_TAGS:
             continue
         points = events.Scalars(tag)
         steps = np.array([p.step for p in points], dtype=float)
