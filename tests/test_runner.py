@@ -42,6 +42,7 @@ def with_sections(body: str, *lines: str) -> str:
 # Every setting marked runtime-only on the schema (pipeline/config.py): a new mark must be argued for.
 RUNTIME_ONLY = {
     "ray.address", "ray.num_cpus", "ray.include_dashboard", "ray.dashboard_host",
+    "ray.gpu_wait_s",          # how long a GPU stage waits for a GPU node: where it runs, not what it writes
     "concepts.batch_size", "embed.batch_size", "embed.device", "train_teacher.device", "train_rpn.device",
     "proposals.num_gpus_per_actor", "proposals.num_actors", "proposals.cpus_per_actor", "label.cpus_per_actor",
     "label.num_gpus_per_actor", "label.num_actors", "label.region_index",
