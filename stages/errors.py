@@ -54,7 +54,8 @@ def innermost(err: BaseException) -> BaseException:
 
 # The line of the remote traceback that ends the actor's own error, in a Ray Data error's text.
 CAUSE_SEPARATOR = "The above exception was the direct cause of the following exception:"
-ERROR_LINE = re.compile(r"(?P<type>[A-Za-z_][\w.]*)(?:\((?P<inner>[\w.]+)\))?: (?P<message>.*)")
+ERROR_LINE = re.compile(r"(?P<type>[A-Za-z_][\w.]*): (?P<message>.*)")
+ERRNO = re.compile(r"\[Errno (\d+)\]")
 
 
 def remote_error(err: BaseException) -> Optional[str]:
@@ -74,10 +75,11 @@ def error_line(err: BaseException) -> str:
     """One line that says what went wrong (see the module doc)."""
     remote = remote_error(err)
     if remote is not None:
-        match = ERROR_LINE.fullmatch(remote)
-        ours = match["type"].split(".")[0] in OURS
-        hint = OS_HINTS[errno.ENOSPC] if "[Errno 28]" in remote else ""
-        return _clip(match["message"] if ours else remote + (f"; {hint}" if hint else ""))
+        match, number = ERROR_LINE.fullmatch(remote), ERRNO.search(remote)
+        if match["type"].split(".")[0] in OURS:
+            return _clip(match["message"])
+        hint = OS_HINTS.get(int(number[1])) if number else None
+        return _clip(remote + (f"; {hint}" if hint else ""))
     err = innermost(err)
     if is_ours(err):
         return _clip(str(err))
@@ -109,7 +111,7 @@ def _clip(text: str) -> str:
     return text if len(text) <= MAX_CHARS else text[:MAX_CHARS] + " ..."
 
 
-def exit_code_for(err: BaseException, debug: bool = False, prefix: str = "error: ") -> int:
+def exit_code_for(err: BaseException, debug: bool = False) -> int:
     """Print the error (one line; the traceback too under --debug) and return the exit status."""
     if isinstance(err, KeyboardInterrupt):
         print("interrupted", file=sys.stderr)
@@ -119,5 +121,5 @@ def exit_code_for(err: BaseException, debug: bool = False, prefix: str = "error:
     line = error_line(err)
     if not is_ours(innermost(err)) or remote_error(err) is not None:
         line = " ".join(line.split())
-    print(f"{prefix}{line}", file=sys.stderr, flush=True)
+    print(f"error: {line}", file=sys.stderr, flush=True)
     return 1
