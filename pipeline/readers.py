@@ -433,15 +433,15 @@ def _read_parquet_output(path: Path, folder: Path, files: CorpusFiles) -> Iterat
         for group in range(source.num_row_groups):
             table = source.read_row_group(group, columns=wanted + ["jpg"])
             lengths = pc.binary_length(table["jpg"]).to_pylist()
-            columns = {c: table[c].to_pylist() for c in wanted}
+            # every column once per row group (a missing one: nulls), so each row costs the same
+            absent = [None] * len(lengths)
+            keys, captions, statuses, messages = (table[c].to_pylist() if c in wanted else absent
+                                                  for c in ("key", caption_column, "status", "error_message"))
             for i, length in enumerate(lengths):
-                key = (columns.get("key") or [None] * len(lengths))[i]
-                caption = (columns.get(caption_column) or [None] * len(lengths))[i] if caption_column else None
-                status = (columns.get("status") or [None] * len(lengths))[i]
+                key, caption, status = keys[i], captions[i], statuses[i]
                 error = None
                 if status not in (None, "success"):
-                    message = (columns.get("error_message") or [None] * len(lengths))[i]
-                    error = f"input_failed: img2dataset status {status}: {message}"
+                    error = f"input_failed: img2dataset status {status}: {messages[i]}"
                 elif not length:
                     error = "missing_image: no jpg value"
                 elif caption is None:
@@ -633,17 +633,20 @@ BATCH_ROWS = 65536
 
 
 def _refuse_run_folder_inside(manifest, corpus_path: Path) -> None:
-    """A CorpusError when the run folder lies inside (or is) the folder a folder or img2dataset corpus is
-    read from: the reader, which takes every tar or picture under it, would read the run's own shards and
-    pictures as corpus, and every rerun would find more rows."""
+    """A CorpusError when the run folder and the folder a folder or img2dataset corpus is read from overlap:
+    the reader, which takes every tar or picture under its folder, would read the run's own shards and
+    pictures as corpus (every rerun finding more rows), or the shard stage would rewrite the tars it reads."""
     if manifest.corpus.format not in ("folder", "img2dataset"):
         return                  # these name their files row by row
     folder = os.path.realpath(corpus_path)
     run = os.path.realpath(manifest.output_path)
+    where = (f"output_dir {manifest.output_dir!r} ({run}) and corpus.path {manifest.corpus.path!r} ({folder})")
     if run == folder or run.startswith(folder.rstrip(os.sep) + os.sep):
-        raise CorpusError(f"output_dir {manifest.output_dir!r} ({run}) is inside corpus.path {manifest.corpus.path!r} "
-                          f"({folder}): the {manifest.corpus.format} reader would read the run's own files as "
-                          "corpus; put output_dir outside the corpus folder")
+        raise CorpusError(f"{where}: the run folder is inside the corpus folder, so the {manifest.corpus.format} "
+                          "reader would read the run's own files as corpus; put output_dir outside the corpus folder")
+    if folder.startswith(run.rstrip(os.sep) + os.sep):
+        raise CorpusError(f"{where}: the corpus folder is inside the run folder, whose files the run rewrites; "
+                          "keep the corpus outside output_dir")
 
 
 def _digest(value) -> bytes:

@@ -150,18 +150,22 @@ def test_coco_records_of_the_wrong_type_are_rejected_rows(tmp_path, write_manife
 # -- the run folder is never corpus ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("corpus_format", ["folder", "img2dataset"])
-def test_an_output_dir_inside_the_corpus_folder_is_refused(tmp_path, write_manifest, corpus_format):
+def test_an_output_dir_and_a_corpus_folder_that_overlap_are_refused(tmp_path, write_manifest, corpus_format):
     corpus = tmp_path / "corpus"
     picture(corpus, "a.jpg")
     (corpus / "a.txt").write_text("a picture")
     for output_dir in (corpus / "run", corpus):
         manifest = write_manifest(f"corpus: {{format: {corpus_format}, path: {corpus}}}\n")
         manifest.output_dir = str(output_dir)
-        with pytest.raises(CorpusError, match="is inside corpus.path .* put output_dir outside the corpus folder"):
+        with pytest.raises(CorpusError, match="the run folder is inside the corpus folder, .* put output_dir outside"):
             read_corpus(manifest)
     beside = write_manifest(f"corpus: {{format: {corpus_format}, path: {corpus}}}\n")
     beside.output_dir = str(tmp_path / "corpus-run")          # a sibling whose name starts the same
     assert read_corpus(beside).num_rows == 1
+    around = write_manifest(f"corpus: {{format: {corpus_format}, path: {corpus}}}\n")
+    around.output_dir = str(tmp_path)                          # e.g. corpus.path: <output_dir>/shards
+    with pytest.raises(CorpusError, match="the corpus folder is inside the run folder"):
+        read_corpus(around)
 
 
 # -- linear per-row paths ---------------------------------------------------------------------------------------
