@@ -52,10 +52,15 @@ def print_status(manifest) -> None:
         print(f"\nin use by {holder}")
     summary = layout.summary_json
     if summary.exists():
-        content = json.loads(summary.read_text())
+        try:
+            text = summary.read_text(encoding="utf-8")
+            content = json.loads(text)
+        except (OSError, ValueError) as err:     # damaged or crafted: the status above still stands
+            print(f"\nresults: {summary} cannot be read ({type(err).__name__}: {err})")
+            return
         table = content.get("results_table") if isinstance(content, dict) else None
         if isinstance(table, str):     # the headline figures (stages/evaluate.py), readable
             print(f"\n{table}")
         print(f"\nresults: {summary}")
         if not isinstance(table, str):
-            print(summary.read_text())
+            print(text)

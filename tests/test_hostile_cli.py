@@ -205,3 +205,15 @@ def _full_disk(x):
 class _FullDiskActor:
     def __call__(self, batch):
         raise OSError(errno.ENOSPC, "No space left on device", "/runs/demo/labels/00000.parquet")
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe", b"[1, 2]", b'{"results_table": 5}'])
+def test_status_reads_past_a_damaged_summary(manifest_path, capsys, content):
+    from pipeline.config import load_manifest
+
+    layout = RunLayout.of(load_manifest(manifest_path))
+    layout.summary_json.parent.mkdir(parents=True)
+    layout.summary_json.write_bytes(content)
+    code = main(["status", str(manifest_path)])
+    out = capsys.readouterr()
+    assert code == 0 and "Traceback" not in out.err and "stage" in out.out and str(layout.summary_json) in out.out
