@@ -48,7 +48,12 @@ def write_json(path: str | os.PathLike, obj) -> None:
 
 
 def read_json(path: str | os.PathLike):
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """A JSON file's content; a JSONDecodeError names the file (the message a user sees)."""
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise json.JSONDecodeError(f"{path}: {err.msg}", err.doc, err.pos) from None
 
 
 def write_parquet(path: str | os.PathLike, table: pa.Table, row_group_rows: int | None = None) -> None:
