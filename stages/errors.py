@@ -89,20 +89,25 @@ def error_line(err: BaseException) -> str:
         return _clip(f"{err.strerror or os.strerror(err.errno)}{where}" + (f"; {hint}" if hint else ""))
     if isinstance(err, json.JSONDecodeError):
         return _clip(f"not valid JSON: {err}")
+    if _is_arrow(err):
+        return _clip(f"{type(err).__name__}: {err} (a damaged Parquet file? `regionclip verify MANIFEST` names "
+                     "the damaged files of a run)")
     if _user_caused(err):
         return _clip(f"{type(err).__name__}: {err}")
     return _clip(f"unexpected {type(err).__name__}: {err} (a bug: run again with --debug and report the traceback)")
 
 
-def _user_caused(err: BaseException) -> bool:
-    """Errors of files and settings: the others are bugs."""
+def _is_arrow(err: BaseException) -> bool:
     try:
         import pyarrow as pa
-
-        arrow = (pa.ArrowException,)
     except ImportError:
-        arrow = ()
-    return isinstance(err, (ValueError, OSError, EOFError, ImportError, *arrow))
+        return False
+    return isinstance(err, pa.ArrowException)
+
+
+def _user_caused(err: BaseException) -> bool:
+    """Errors of files and settings: the others are bugs."""
+    return isinstance(err, (ValueError, OSError, EOFError, ImportError))
 
 
 def _clip(text: str) -> str:
