@@ -90,7 +90,7 @@ def test_the_demo_writes_into_the_mounted_folder():
     # the non-root user can write there, and the documented command mounts it
     assert any(c[:3] == ["mkdir", "-p", str(volume)] for c in run_commands())
     assert any(c[0] == "chown" and c[-1] == str(volume) for c in run_commands())
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    readme = (REPO / "docs" / "running.md").read_text(encoding="utf-8")  # its Docker section
     assert f'-v "$PWD/runs:{volume}"' in readme and "regionclip-pipeline run manifests/demo.yaml" in readme
 
 
