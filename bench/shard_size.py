@@ -14,7 +14,11 @@ weighs on both sides alike; the ratios are of the summed times of the two sides.
     goal >= 0.9;
   - busy: the actors' seconds inside their shards (`NNNNN_stats.json`) over actors x the stage's seconds;
     where shards are large, one actor working while another idles shows here first;
-  - timeline: when each shard ran, from its marker (written as the shard ends) and its seconds;
+  - actor seconds per image: those seconds over the images; a per-shard cost that grows with the shard's
+    size (reading the tar, writing sidecars and markers) would raise the large side's;
+  - timeline: when each shard ran, from its marker (written as the shard ends) and its seconds; the work
+    span (first shard's start to last shard's end) leaves the actors' start-up out, which a busy host
+    stretches a lot; its ratio is reported too;
   - memory (bench/memory.py's reading of the child's process tree, Ray's daemons and actors included):
     largest process (an actor) and tree, large / small; goal <= 1.15.
 Prints readable lines, then (last line) one JSON object. Figures, never pass/fail.
@@ -72,7 +76,8 @@ def run_child(stage: str, root: Path, shards_in_flight: int | None) -> dict:
     timeline = shard_timeline(folder, started)
     actors = getattr(manifest, stage).num_actors
     inside = sum(r["end"] - r["start"] for r in timeline)
-    return {"seconds": round(seconds, 2), "busy": round(inside / (actors * seconds), 3), "timeline": timeline}
+    return {"seconds": round(seconds, 2), "inside_shards_seconds": round(inside, 2),
+            "busy": round(inside / (actors * seconds), 3), "timeline": timeline}
 
 
 def prepare_runs(tmp: Path, args, models) -> dict[str, Path]:
@@ -142,23 +147,30 @@ def main() -> None:
                 runs[name].append(run)
                 rep = run["report"]
                 print(f"{stage:9s} {name:5s}: {args.images / rep['seconds']:6.2f} images/s ({rep['seconds']:6.1f} s), "
-                      f"actors busy {rep['busy']:.2f}, largest process {run['largest_process_mib']:7.1f} MiB, "
-                      f"tree {run['tree_mib']:7.1f} MiB; shards start-end s: {describe(rep['timeline'])}", flush=True)
+                      f"actors busy {rep['busy']:.2f} ({rep['inside_shards_seconds'] / args.images:.2f} actor s "
+                      f"per image), largest process {run['largest_process_mib']:7.1f} MiB, tree "
+                      f"{run['tree_mib']:7.1f} MiB; shards start-end s: {describe(rep['timeline'])}", flush=True)
             seconds = {n: sum(r["report"]["seconds"] for r in v) for n, v in runs.items()}
             peak = {n: {w: max(r[f"{w}_mib"] for r in v) for w in ("largest_process", "tree")} for n, v in runs.items()}
             speed = seconds["small"] / seconds["large"]
+            span = {n: sum(max(t["end"] for t in r["report"]["timeline"]) - r["report"]["timeline"][0]["start"]
+                           for r in v) for n, v in runs.items()}
             memory = {w: peak["large"][w] / peak["small"][w] for w in ("largest_process", "tree")}
             figures[stage] = {
                 "small_images_per_s": round(args.images * repeats / seconds["small"], 3),
                 "large_images_per_s": round(args.images * repeats / seconds["large"], 3),
                 "ratio_speed_large_vs_small": round(speed, 3),
+                "ratio_work_span_large_vs_small": round(span["small"] / span["large"], 3),
+                **{f"actor_seconds_per_image_{n}": round(sum(r["report"]["inside_shards_seconds"] for r in v)
+                                                         / (args.images * repeats), 3) for n, v in runs.items()},
                 "busy_small": [r["report"]["busy"] for r in runs["small"]],
                 "busy_large": [r["report"]["busy"] for r in runs["large"]],
                 "ratio_largest_process_memory_large_vs_small": round(memory["largest_process"], 3),
                 "ratio_tree_memory_large_vs_small": round(memory["tree"], 3),
                 "largest_process_mib_small": peak["small"]["largest_process"],
                 "largest_process_mib_large": peak["large"]["largest_process"]}
-            print(f"{stage:9s} large/small: speed {speed:.3f} (goal >= 0.9), memory: largest process "
+            print(f"{stage:9s} large/small: speed {speed:.3f} (goal >= 0.9; work span only "
+                  f"{span['small'] / span['large']:.3f}), memory: largest process "
                   f"{memory['largest_process']:.3f}, tree {memory['tree']:.3f} (goal <= 1.15)", flush=True)
     load_end = open("/proc/loadavg").read().strip()
     print(f"load average at end: {load_end}")
