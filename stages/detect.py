@@ -81,14 +81,19 @@ def run(manifest: RunManifest, args: argparse.Namespace) -> dict:
     from trainer.models.checkpoint import load_checkpoint_file
     from trainer.models.clip import embedding_dim, load_clip
     from trainer.models.detector import build_detector, read_checkpoint_kind
-    from trainer.evaluation import draw_detections, zero_shot_detect
+    from pipeline.pictures import LabelledBox, Panel, detection_grid, save_png
+    from trainer.evaluation import zero_shot_detect
     from trainer.models.region_encoder import RegionEncoder
     from trainer.engine.device import resolve_device
-    from stages.resolve import apply_test_settings, load_frozen_rpn, load_teacher_clip, rpn_inference
+    from stages.resolve import (apply_test_settings, load_frozen_rpn, load_teacher_clip, rpn_inference,
+                                synthetic_world_note)
     from trainer.offline.text_embed import embed_names, load_vocabulary
 
     images = image_files(args.images)
     check_images(images)  # a non-image or a decompression bomb is a clear error, before any model loads
+    note = synthetic_world_note(manifest)
+    if note:
+        print(note, file=sys.stderr)
     layout = RunLayout.of(manifest)
     cfg = manifest.evaluate
     device = resolve_device(cfg.device)
