@@ -12,7 +12,7 @@ import os
 import re
 import stat
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -148,3 +148,20 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> int:
                 os.unlink(os.path.join(parent, name))
                 removed += 1
     return removed
+
+
+# What a file can be found to be, against its record (file_record).
+MISSING, SIZE, CHECKSUM = "missing", "size mismatch", "checksum mismatch"
+
+
+def check_file(path: Path, record: dict, full: bool = True) -> Optional[str]:
+    """None if `path` matches its record {bytes, sha256}; else the problem."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return MISSING
+    if record.get("bytes") is not None and size != record["bytes"]:
+        return f"{SIZE}: {size} bytes, recorded {record['bytes']}"
+    if full and record.get("sha256") and sha256_file(path) != record["sha256"]:
+        return CHECKSUM
+    return None

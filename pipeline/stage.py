@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
-from pipeline.io import file_record, read_json, write_json
-from pipeline.layout import StageDir, shard_name
+from pipeline.io import check_file, file_record, read_json, write_json
+from pipeline.layout import StageDir, UnsafeName, inside, shard_name
 
 # Bump when a stage's output format changes incompatibly, so old outputs are recomputed.
 # 2: fingerprints are the runner's (sections without runtime-only fields, derived settings, upstream).
@@ -106,8 +106,6 @@ class ShardMarkers:
             return None
         # A marker vouches for its files: one whose files are gone or changed size (a truncated tar,
         # a deleted sidecar) is not done. Sizes only (a stat per file); `regionclip verify` hashes.
-        from pipeline.verify import files_intact
-
         files = stats.get("files")
         if isinstance(files, dict) and not files_intact(self.stage_dir.root, files):
             return None
@@ -160,3 +158,13 @@ def write_shard_stats(stage_dir: StageDir, shard_id: int, fingerprint: str, coun
         stats.update(extra)
     write_json(stage_dir.stats(shard_id), stats)
     return stats
+
+
+def files_intact(folder: Path, files: dict) -> bool:
+    """Cheap check (sizes only, one stat per file) that a marker's files are all still in place; a marker
+    naming a file outside its folder vouches for nothing."""
+    try:
+        return all(isinstance(rec, dict) and check_file(inside(folder, name), rec, full=False) is None
+                   for name, rec in files.items())
+    except UnsafeName:
+        return False

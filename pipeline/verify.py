@@ -31,13 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
-from pipeline.io import read_json, sha256_file, write_json
+from pipeline.io import CHECKSUM, MISSING, SIZE, check_file, read_json, sha256_file, write_json
 from pipeline.layout import RunLayout, StageDir, UnsafeName, inside, shard_name, synthetic_world
 from pipeline.stage import UNREADABLE as STAGE_UNREADABLE, read_stage_manifest
 
 DAMAGED_SUFFIX = ".damaged"
 
-MISSING, SIZE, CHECKSUM, UNREADABLE = "missing", "size mismatch", "checksum mismatch", "unreadable marker"
+UNREADABLE = "unreadable marker"
 UNSAFE = "unsafe name"
 
 
@@ -58,29 +58,6 @@ def marker_dirs(layout: RunLayout, stage: str) -> list[StageDir]:
     return {"shard": [layout.shards], "concepts": [layout.caption_concepts],
             "embed": [layout.caption_embeddings], "proposals": [layout.proposals],
             "label": [layout.labels]}.get(stage, [layout.stage(stage)])
-
-
-def check_file(path: Path, record: dict, full: bool = True) -> Optional[str]:
-    """None if `path` matches its record {bytes, sha256}; else the problem."""
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        return MISSING
-    if record.get("bytes") is not None and size != record["bytes"]:
-        return f"{SIZE}: {size} bytes, recorded {record['bytes']}"
-    if full and record.get("sha256") and sha256_file(path) != record["sha256"]:
-        return CHECKSUM
-    return None
-
-
-def files_intact(folder: Path, files: dict) -> bool:
-    """Cheap check (sizes only, one stat per file) that a marker's files are all still in place; a marker
-    naming a file outside its folder vouches for nothing."""
-    try:
-        return all(isinstance(rec, dict) and check_file(inside(folder, name), rec, full=False) is None
-                   for name, rec in files.items())
-    except UnsafeName:
-        return False
 
 
 def run_roots(manifest) -> tuple[Path, ...]:

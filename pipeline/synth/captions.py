@@ -5,12 +5,7 @@ word), dropped articles, left-out objects and distractor words (backgrounds, sty
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from pipeline.synth.shapes import CATEGORIES
-
-if TYPE_CHECKING:
-    from pipeline.synth.scene import SceneObject
+from pipeline.synth.shapes import CATEGORIES, SceneObject
 
 # Plurals as a caption writes them; all are plurals that spaCy's English lookup lemmatizer maps back.
 PLURALS: dict[str, str] = {name: name + "s" for name in CATEGORIES}

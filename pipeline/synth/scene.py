@@ -14,19 +14,12 @@ from PIL import Image, ImageDraw
 
 from pipeline.config import SynthConfig
 from pipeline.synth.captions import make_caption
-from pipeline.synth.shapes import CATEGORIES, CATEGORY_ASPECT, draw_object
+from pipeline.synth.shapes import CATEGORIES, CATEGORY_ASPECT, SceneObject, draw_object
 
 SPLIT_CODES = {"train": 0, "val": 1}
 MIN_OBJECT_SIDE = 20    # px; objects are drawn at least this big on both sides ...
 MIN_BOX_SHORT, MIN_BOX_LONG = 16, 24   # ... and every box keeps at least these sides after rotation
 MAX_OVERLAP = 0.12      # a new object may cover at most this share of an existing one (and vice versa)
-
-
-@dataclass
-class SceneObject:
-    name: str
-    box: tuple[int, int, int, int]      # x, y, w, h in pixels
-    area: int                           # opaque pixels
 
 
 @dataclass

@@ -9,6 +9,7 @@ colour cast) and rotation; `draw_object` returns it cropped to its opaque pixels
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -371,3 +372,10 @@ def draw_object(name: str, size: tuple[int, int], rng: np.random.Generator,
     solid = picture.getchannel("A").point(lambda a: 255 if a >= 128 else 0)
     return picture.crop(solid.getbbox())
 
+
+@dataclass
+class SceneObject:
+    """One object drawn into a scene (the generator's truth; captions and boxes are made from it)."""
+    name: str
+    box: tuple[int, int, int, int]      # x, y, w, h in pixels
+    area: int                           # opaque pixels
