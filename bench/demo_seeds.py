@@ -32,7 +32,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -46,6 +45,8 @@ LONG = True     # an hour or more: bench/report.py runs it only with --full or -
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
+
+from bench._machine import cpu_model  # noqa: E402
 
 from trainer.evaluation import headline_figures  # noqa: E402
 
@@ -84,16 +85,6 @@ def git_commit() -> str:
         return out + ("+changes" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run_one(manifest: Path, seed: int, threads: Optional[int], out: Path, extra: list[str]) -> dict:

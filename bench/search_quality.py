@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -32,6 +31,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench._machine import cpu_model  # noqa: E402
 
 from pipeline.config import load_manifest  # noqa: E402
 from pipeline.io import read_parquet  # noqa: E402
@@ -130,16 +131,6 @@ def commit() -> str:
         return out.stdout.strip() + (" (with local changes)" if dirty else "")
     except OSError:
         return "?"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def markdown(result: dict, manifest_path: str) -> str:
