@@ -33,7 +33,8 @@ from stages.resolve import rpn_from_train_rpn, teacher_from_train_teacher
 
 SUMMARY_SECTION = "evaluate"
 PICTURE_IMAGES = 4        # held-out images in the detection pictures
-PICTURE_MIN_SCORE = 0.3   # detections drawn: this score or more, the top 6 per image
+PICTURE_MIN_SCORE = 0.15  # detections drawn: this score or more (a softmax over every class and the
+PICTURE_MAX_BOXES = 4     # background rarely gives more), the top 4 per image
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +269,7 @@ def draw_pictures(layout: RunLayout, data, names: dict, novel_ids: set[int], pic
     images = {i: open_rgb(data.image_path(data.image_by_id[i])) for i in picture_ids}
     truth = {i: boxes(data.annotations_by_image.get(i, []), i, scored=False) for i in picture_ids}
     novel = [names[c] for c in novel_ids]
-    draw = dict(marked=novel, min_score=PICTURE_MIN_SCORE)
+    draw = dict(marked=novel, min_score=PICTURE_MIN_SCORE, max_per_panel=PICTURE_MAX_BOXES)
     for name, records in pictured.items():
         panels = [Panel(images[i], boxes(records, i, True), truth[i], caption=f"image {i}") for i in picture_ids]
         rows = [panels[k:k + 2] for k in range(0, len(panels), 2)]
