@@ -162,11 +162,12 @@ def _draw_panel(panel: Panel, colours: dict[str, tuple], cell: int, height: int,
 
 def detection_grid(rows: Sequence[Sequence[Panel]], *, column_titles: Sequence[str] = (), title: str = "",
                    cell: int = 256, min_score: float = 0.3, max_per_panel: int = 6,
-                   marked: Iterable[str] = (), mark: str = "novel") -> Image.Image:
+                   marked: Iterable[str] = (), mark: str = "novel", classes: Sequence[str] = ()) -> Image.Image:
     """Panels in a grid (rows of columns, e.g. images x models), each image fitted into a `cell` px
     square with its top `max_per_panel` detections scoring >= `min_score` (solid boxes, labels placed
     so they do not overlap) and its ground truth (dashed boxes); one colour per class, the same in every
-    panel, named in a legend under the grid (classes in `marked` carry `(mark)`)."""
+    panel, named in a legend under the grid (classes in `marked` carry `(mark)`). `classes`: the order
+    colours are given in (the same colours across several pictures); default: the classes shown."""
     rows = [list(r) for r in rows if r]
     columns = max((len(r) for r in rows), default=1)
     font, title_font = _font(max(11, cell // 20)), _font(max(13, cell // 16))
@@ -174,7 +175,8 @@ def detection_grid(rows: Sequence[Sequence[Panel]], *, column_titles: Sequence[s
     present = sorted({b.label for r in rows for p in r for b in p.truth}
                      | {d.label for r in rows for p in r for d in shown_detections(p.detections, min_score,
                                                                                    max_per_panel)})
-    colours = {label: CLASS_COLOURS[i % len(CLASS_COLOURS)] for i, label in enumerate(present)}
+    order = list(dict.fromkeys([*classes, *present]))
+    colours = {label: CLASS_COLOURS[order.index(label) % len(CLASS_COLOURS)] for label in present}
     marked = set(marked)
     gap, caption_h = 6, (font.getbbox("Ag")[3] + 6 if any(p.caption for r in rows for p in r) else 0)
     width = columns * (cell + gap) + gap

@@ -258,7 +258,7 @@ def draw_pictures(layout: RunLayout, data, names: dict, novel_ids: set[int], pic
     eval/detections.png: the images as rows, ground truth then each detector and zero-shot RPN model
     as columns."""
     from pipeline.images import open_rgb
-    from pipeline.pictures import LabelledBox, Panel, detection_grid, save_png
+    from pipeline.pictures import LabelledBox, Panel, detection_grid, save_png, shown_detections
 
     def boxes(records: list[dict], image_id: int, scored: bool) -> list[LabelledBox]:
         return [LabelledBox((x, y, x + w, y + h), names[r["category_id"]], r["score"] if scored else None)
@@ -269,7 +269,10 @@ def draw_pictures(layout: RunLayout, data, names: dict, novel_ids: set[int], pic
     images = {i: open_rgb(data.image_path(data.image_by_id[i])) for i in picture_ids}
     truth = {i: boxes(data.annotations_by_image.get(i, []), i, scored=False) for i in picture_ids}
     novel = [names[c] for c in novel_ids]
-    draw = dict(marked=novel, min_score=PICTURE_MIN_SCORE, max_per_panel=PICTURE_MAX_BOXES)
+    shown = {b.label for i in picture_ids for records in pictured.values()
+             for b in shown_detections(boxes(records, i, True), PICTURE_MIN_SCORE, PICTURE_MAX_BOXES)}
+    classes = sorted(shown | {b.label for t in truth.values() for b in t})     # one colour per class in every picture
+    draw = dict(marked=novel, min_score=PICTURE_MIN_SCORE, max_per_panel=PICTURE_MAX_BOXES, classes=classes)
     for name, records in pictured.items():
         panels = [Panel(images[i], boxes(records, i, True), truth[i], caption=f"image {i}") for i in picture_ids]
         rows = [panels[k:k + 2] for k in range(0, len(panels), 2)]

@@ -47,11 +47,15 @@ def run(manifest: RunManifest, args: argparse.Namespace) -> dict:
 
 def stages_section(manifest: RunManifest, layout: RunLayout):
     from pipeline.report import Section, shard_rejects, table
+    from pipeline.stage import read_stage_manifest
     from stages.status import status
 
-    rows = status(manifest)
-    columns = ["stage", "status", "shards", "in", "out", "rejected", "seconds"]
-    body = table(columns, [[r[c] for c in columns] for r in rows])
+    def counts(stage: str) -> str:
+        found = (read_stage_manifest(layout.stage(stage)) or {}).get("counts") or {}
+        return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in found.items() if not isinstance(v, (dict, list)))
+
+    columns = ["stage", "status", "shards", "seconds"]
+    body = table([*columns, "counts"], [[r[c] for c in columns] + [counts(r["stage"])] for r in status(manifest)])
     rejects = shard_rejects(layout)
     if rejects:
         body += "<p>Rejected input rows (shard stage) by reason:</p>" + table(
@@ -83,7 +87,7 @@ def pseudo_labels_section(layout: RunLayout, examples: int):
     if not shards or examples < 1:
         return Section("Pseudo-labels", '<p class="note">The label stage has not run.</p>')
     keys = read_labels(layout.labels, shards[0], ["key"]).column("key").to_pylist()[:examples]
-    pictures = [figure(pseudo_label_picture(layout, key, 5)[0], width=420) for key in keys]
+    pictures = [figure(pseudo_label_picture(layout, key, 5, min_side=360)[0]) for key in keys]
     return Section("Pseudo-labels", "<p>The teacher's concept for the top proposals of a few images "
                    "(its probability, and the proposal's objectness).</p>"
                    f'<div class="row">{"".join(pictures)}</div>')
@@ -108,7 +112,7 @@ def results_section(layout: RunLayout):
     body = markdown_tables(summary["results_table"]) if isinstance(summary.get("results_table"), str) else ""
     evaluation = summary.get("evaluate") or {}
     figures = headline_figures(evaluation) if evaluation else {}
-    margins = [[name[len("margin_"):], value, _interval(figures.get(f"{name}_ci95"))]
+    margins = [[name[len("margin_"):], f"{value:+.1f}", _interval(figures.get(f"{name}_ci95"))]
                for name, value in figures.items()
                if name.startswith("margin_") and not name.endswith("_ci95") and value is not None]
     if margins:

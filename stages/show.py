@@ -39,8 +39,9 @@ def run(manifest: RunManifest, args: argparse.Namespace) -> dict:
     return {"key": key, "path": str(out), "boxes": top}
 
 
-def pseudo_label_picture(layout: RunLayout, key: str, top: int):
-    """(picture, boxes drawn): sample `key` with its `top` proposals and the teacher's pseudo-labels."""
+def pseudo_label_picture(layout: RunLayout, key: str, top: int, min_side: int = 640):
+    """(picture, boxes drawn): sample `key` (enlarged to `min_side` px) with its `top` proposals and the
+    teacher's pseudo-labels."""
     shard_id = shard_of_key(key)
     props = read_proposals(layout.proposals, shard_id)
     if key not in props:
@@ -55,4 +56,4 @@ def pseudo_label_picture(layout: RunLayout, key: str, top: int):
                 for i in range(top)]
     title = (f"{key}: {top} of {len(p.boxes)} proposals; whole image: "
              f"{names[lab['image_pseudo_label']]}")
-    return draw_labelled_boxes(image, p.boxes[:top], captions, title=title), top
+    return draw_labelled_boxes(image, p.boxes[:top], captions, min_side=min_side, title=title), top
