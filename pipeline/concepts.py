@@ -146,7 +146,8 @@ def build_word_priors(out: Path = WORD_PRIORS) -> dict[str, str]:
     (gzipped TSV `word<TAB>noun|verb|adj`). A cluster's vote: the class of its members that WordNet
     gives one reading only (noun, verb or adjective), a noun at >= 70% nouns, else the larger of verb
     and adjective at <= 30% nouns, else none. Written for each word with a noun reading and another
-    one ("walking", "poses", "wedding"). Rebuild with `python -c "from pipeline.concepts import build_word_priors as b; b()"`."""
+    one ("walking", "poses", "wedding"). Rebuild with
+    `python -c "from pipeline.concepts import build_word_priors as b; b()"`."""
     import spacy_lookups_data
 
     from pipeline.io import write_bytes
